@@ -1,0 +1,233 @@
+"""The cachebus wire format: framing, signing, versioning and message types.
+
+Every message, in either direction, is four ZeroMQ frames::
+
+    [kind, version, signature, body]
+
+* ``kind`` names the message type (``b"clear"``, ``b"ack"``, ...). On the PUB
+  socket it is also the subscription topic, so a subscriber can filter by prefix.
+* ``version`` is :data:`VERSION`. A peer speaking another version is rejected
+  before its body is parsed.
+* ``signature`` is the hex HMAC-SHA256 of kind, version and body under the
+  shared bus key, or empty when no key is configured.
+* ``body`` is a compact UTF-8 JSON object holding the message's fields.
+
+A ROUTER socket prepends the peer's routing id; callers strip it before
+:meth:`Codec.decode`. Both the service and the workers import this module, so
+the format has exactly one definition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+#: Protocol version carried in every message's second frame.
+VERSION = b"1"
+
+#: Sockets refuse larger messages, so garbage cannot grow a peer's memory.
+MAX_MESSAGE_SIZE = 64 * 1024
+
+#: Purge causes a worker reports: a clear command, a sequence gap, a new
+#: service epoch, or coming back after losing contact with the service.
+PURGE_CAUSES = ("clear", "gap", "epoch", "reconnect")
+
+
+class ProtocolError(ValueError):
+    """A frame set that is not a valid cachebus message."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every wire message. Subclasses set :attr:`KIND`."""
+
+    KIND: ClassVar[bytes] = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Message":
+        """Build the message from decoded JSON, checking every field's type."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is not dataclasses.MISSING:
+                    continue
+                if f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise ProtocolError(f"{cls.KIND.decode()}: missing field {f.name!r}")
+            values[f.name] = _check_field(cls.KIND, f.name, f.type, data[f.name])
+        return cls(**values)
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+
+
+def _check_field(kind: bytes, name: str, type_name: Any, value: Any) -> Any:
+    expected = _SIMPLE_TYPES.get(str(type_name))
+    if expected is not None:
+        # bool is an int in Python, but never a valid count or sequence number.
+        if isinstance(value, bool) and bool not in expected:
+            raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
+        if not isinstance(value, expected):
+            raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
+        return float(value) if type_name == "float" else value
+    raise TypeError(f"unsupported field type {type_name!r}")  # pragma: no cover
+
+
+# --- Service to workers, on the PUB socket -------------------------------------
+
+
+@dataclass(frozen=True)
+class Clear(Message):
+    """Purge everything. ``seq`` rises by one per command within an ``epoch``."""
+
+    KIND: ClassVar[bytes] = b"clear"
+    epoch: str
+    seq: int
+    id: str
+    ts: float
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Sent every heartbeat interval: the last ``seq`` published in ``epoch``.
+
+    A worker compares it with the last command it saw to detect losses.
+    """
+
+    KIND: ClassVar[bytes] = b"heartbeat"
+    epoch: str
+    seq: int
+    ts: float
+
+
+# --- Workers to service, on the DEALER -> ROUTER back channel ------------------
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """A worker announces itself once it is subscribed and in sync.
+
+    ``instance`` is unique per process start, so the service can tell a
+    restarted worker from the one it replaces under the same ``name``.
+    """
+
+    KIND: ClassVar[bytes] = b"hello"
+    name: str
+    instance: str
+    host: str
+    pid: int
+    endpoint: str
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """A worker purged after it had seen every command up to ``seq`` of ``epoch``.
+
+    One purge covers every clear published up to that point: the clears that
+    arrived together and were coalesced, and after a gap the ones that never
+    arrived. ``clear_id`` is the newest clear the worker received (empty when a
+    heartbeat revealed the gap); ``cause`` is one of :data:`PURGE_CAUSES`.
+    """
+
+    KIND: ClassVar[bytes] = b"ack"
+    name: str
+    instance: str
+    epoch: str
+    seq: int
+    clear_id: str
+    dropped: int
+    purge_ms: float
+    cause: str
+
+    def __post_init__(self) -> None:
+        if self.cause not in PURGE_CAUSES:
+            raise ProtocolError(f"ack: cause must be one of {', '.join(PURGE_CAUSES)}")
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """A worker is shutting down cleanly and should no longer be expected."""
+
+    KIND: ClassVar[bytes] = b"bye"
+    name: str
+    instance: str
+
+
+# --- Service to one worker, on the ROUTER -> DEALER back channel ---------------
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """The service's answer to :class:`Hello`: its epoch and current seq."""
+
+    KIND: ClassVar[bytes] = b"welcome"
+    epoch: str
+    seq: int
+
+
+MESSAGE_TYPES: dict[bytes, type[Message]] = {
+    cls.KIND: cls for cls in (Clear, Heartbeat, Hello, Ack, Bye, Welcome)
+}
+
+
+@dataclass
+class Codec:
+    """Encodes and decodes messages, signing them when a key is set.
+
+    With an empty ``key`` messages carry an empty signature frame and any
+    signature is ignored; with a key, unsigned or wrongly signed messages are
+    rejected.
+    """
+
+    key: bytes = b""
+
+    def sign(self, kind: bytes, version: bytes, body: bytes) -> bytes:
+        if not self.key:
+            return b""
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        for part in (kind, version, body):
+            mac.update(part)
+        return mac.hexdigest().encode()
+
+    def encode(self, msg: Message) -> list[bytes]:
+        body = json.dumps(msg.to_dict(), separators=(",", ":")).encode()
+        return [msg.KIND, VERSION, self.sign(msg.KIND, VERSION, body), body]
+
+    def decode(self, frames: Sequence[bytes]) -> Message:
+        """Turn frames back into a message, or raise :class:`ProtocolError`."""
+        if len(frames) != 4:
+            raise ProtocolError(f"expected 4 frames, got {len(frames)}")
+        kind, version, signature, body = (bytes(f) for f in frames)
+        if version != VERSION:
+            raise ProtocolError(f"unsupported protocol version {version[:16]!r}")
+        cls = MESSAGE_TYPES.get(kind)
+        if cls is None:
+            raise ProtocolError(f"unknown message kind {kind[:32]!r}")
+        if self.key and not hmac.compare_digest(signature, self.sign(kind, version, body)):
+            raise ProtocolError("bad signature")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProtocolError("body is not a JSON object")
+        return cls.from_dict(data)
+
+
+def now() -> float:
+    """Wall-clock timestamp used in messages (seconds since the epoch)."""
+    return time.time()
