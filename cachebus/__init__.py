@@ -1,0 +1,1 @@
+"""The ``cachebus`` command line and the settings every process shares."""

@@ -1,0 +1,207 @@
+"""Settings for every cachebus process, read from one YAML file.
+
+The defaults live here, in typed dataclasses; ``config/settings.yaml`` repeats
+them with comments. A process reads ``config/settings.yaml`` (or the file named
+by ``--config`` / ``CACHEBUS_CONFIG``), overlays command-line flags, and fails
+at start with a one-line :class:`SettingsError` naming the file, the key and
+what was expected, so a typo never surfaces later as a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+
+#: Where a process looks for its settings when neither flag nor env names one.
+DEFAULT_CONFIG_PATH = Path("config/settings.yaml")
+CONFIG_ENV = "CACHEBUS_CONFIG"
+
+
+class SettingsError(Exception):
+    """A settings file or flag that cannot be used. ``str()`` is one line."""
+
+
+def _check(predicate: Callable[[Any], bool], expected: str) -> dict[str, Any]:
+    return {"check": predicate, "expected": expected}
+
+
+def _port(value: int) -> bool:
+    return 0 <= value <= 65535
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _endpoint(value: str) -> bool:
+    return value.startswith(("tcp://", "ipc://", "inproc://"))
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_check(_port, "a port number 0-65535"))
+    tokens_dir: str = "var/tokens"
+    max_body_size: int = field(default=64 * 1024, metadata=_check(_positive, "a positive byte count"))
+    auth_threads: int = field(default=4, metadata=_check(_positive, "a positive thread count"))
+
+
+@dataclass(frozen=True)
+class CacheApiSettings:
+    enabled: bool = True
+    methods: list[str] = field(
+        default_factory=lambda: ["POST"],
+        metadata=_check(lambda v: bool(v) and set(v) <= {"POST", "GET"}, "a non-empty list of POST and/or GET"),
+    )
+    success_status: int = field(default=204, metadata=_check(lambda v: v in (200, 204), "200 or 204"))
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    cache: CacheApiSettings = field(default_factory=CacheApiSettings)
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    enabled: bool = True
+    origin: str = "*"
+    headers: list[str] = field(
+        default_factory=lambda: ["X-Requested-With", "Content-Type", "Accept", "Origin", "Authorization"])
+    methods: list[str] = field(
+        default_factory=lambda: ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    max_clears: int = field(default=1000, metadata=_check(_positive, "a positive count"))
+    list_limit: int = field(default=50, metadata=_check(_positive, "a positive count"))
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    publish: str = field(default=DEFAULT_PUBLISH, metadata=_check(_endpoint, "a ZeroMQ endpoint like tcp://host:port"))
+    acks: str = field(default=DEFAULT_ACKS, metadata=_check(_endpoint, "a ZeroMQ endpoint like tcp://host:port"))
+    heartbeat_interval: float = field(default=0.5, metadata=_check(_positive, "a positive number of seconds"))
+    liveness: int = field(default=3, metadata=_check(_positive, "a positive count of heartbeats"))
+    send_hwm: int = field(default=10_000, metadata=_check(_positive, "a positive message count"))
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    name: str = ""
+    host: str = "127.0.0.1"
+    http_port: int = field(default=8081, metadata=_check(_port, "a port number 0-65535"))
+    content_dir: str = "var/content"
+    cache_max_entries: int = field(default=10_000, metadata=_check(_positive, "a positive count"))
+    cache_ttl: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "seconds >= 0 (0 means no TTL)"))
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = field(default="INFO", metadata=_check(
+        lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "one of DEBUG, INFO, WARNING, ERROR"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    cors: CorsSettings = field(default_factory=CorsSettings)
+    record: RecordSettings = field(default_factory=RecordSettings)
+    bus: BusSettings = field(default_factory=BusSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def replace(self, overrides: dict[str, Any], source: str = "command line") -> "Settings":
+        """Return a copy with dotted-key ``overrides`` (``{"service.port": 9000}``) applied."""
+        nested: dict[str, Any] = {}
+        for dotted, value in overrides.items():
+            node = nested
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return _build(type(self), nested, source, "", base=self)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise SettingsError(f"{source}: {key}: expected a list of {_TYPE_NAMES[item]}s, got {value!r}")
+        return list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise SettingsError(f"{source}: {key}: expected an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise SettingsError(f"{source}: {key}: expected {_TYPE_NAMES[hint]}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, source: str, prefix: str, base: Any = None) -> Any:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "top level"
+        raise SettingsError(f"{source}: {where}: expected a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in known:
+            raise SettingsError(f"{source}: {prefix}{name}: unknown setting")
+    values = {}
+    for name, f in known.items():
+        key = prefix + name
+        hint = hints[name]
+        current = getattr(base, name) if base is not None else None
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data.get(name, {}), source, key + ".", base=current)
+            continue
+        if name not in data:
+            if base is not None:
+                values[name] = current
+            continue
+        value = _coerce(source, key, hint, data[name])
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            raise SettingsError(f"{source}: {key}: expected {f.metadata['expected']}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def load(path: str | os.PathLike | None = None) -> Settings:
+    """Read settings from ``path``, ``$CACHEBUS_CONFIG`` or the default file.
+
+    A missing default file means "use the built-in defaults"; a missing file
+    that was asked for by name is an error.
+    """
+    explicit = path or os.environ.get(CONFIG_ENV)
+    config = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    try:
+        text = config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise SettingsError(f"{config}: settings file not found") from None
+        return Settings()
+    except OSError as exc:
+        raise SettingsError(f"{config}: cannot read settings file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SettingsError(f"{config}: not valid YAML{where}: {problem}") from None
+    return _build(Settings, data if data is not None else {}, str(config), "")
