@@ -1,0 +1,1 @@
+"""The cachebus HTTP service: Flextype's cache API, the publisher, and the record of acks."""

@@ -1,0 +1,75 @@
+"""The back channel: a ROUTER socket where workers say hello, ack and leave.
+
+Workers connect a DEALER; the ROUTER's routing id lets the service answer a
+hello with a :class:`~bus.protocol.Welcome` addressed to that worker alone.
+Frames that do not decode are logged once per peer and dropped, so a
+misbehaving peer can neither crash the service nor flood its log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from bus.peers import BadFrames, peer_address
+from bus.protocol import MAX_MESSAGE_SIZE, Ack, Bye, Codec, Hello, ProtocolError, Welcome
+
+from .record import Record
+
+log = logging.getLogger("cachebus.acks")
+
+
+class AckListener:
+    """Receives worker messages and writes them into the record."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec, record: Record,
+                 position: Callable[[], tuple[str, int]], send_hwm: int) -> None:
+        self.endpoint = endpoint
+        self.codec = codec
+        self.record = record
+        #: Returns the publisher's (epoch, seq) for welcoming a worker.
+        self.position = position
+        self.bad_frames = BadFrames(log)
+        self._socket = ctx.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, send_hwm)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+
+    def bind(self) -> None:
+        self._socket.bind(self.endpoint)
+        log.info("receiving acks on %s", self.endpoint)
+
+    async def run(self) -> None:
+        """Handle worker messages until cancelled."""
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            await self._handle(frames)
+
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        peer = frames[0].bytes
+        try:
+            msg = self.codec.decode([f.bytes for f in frames[1:]])
+        except ProtocolError as exc:
+            self._bad_frame(peer, frames[0], str(exc))
+            return
+        if isinstance(msg, Hello):
+            self.record.hello(msg)
+            epoch, seq = self.position()
+            await self._socket.send_multipart([peer, *self.codec.encode(Welcome(epoch=epoch, seq=seq))])
+        elif isinstance(msg, Ack):
+            self.record.acked(msg)
+        elif isinstance(msg, Bye):
+            self.record.bye(msg)
+        else:
+            self._bad_frame(peer, frames[0], f"unexpected {msg.KIND.decode()} message on the ack channel")
+
+    def _bad_frame(self, peer: bytes, frame: zmq.Frame, reason: str) -> None:
+        self.bad_frames.report(f"{peer_address(frame)} (routing id {peer[:16].hex()})", reason)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+

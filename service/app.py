@@ -1,0 +1,113 @@
+"""Wiring of the service: sockets, record, token store and HTTP routes.
+
+Data flows one way: a request is authenticated by the :class:`TokenStore`,
+published by the :class:`Publisher`, purged and acked by workers, received by
+the :class:`AckListener`, written into the :class:`Record`, and read back by
+the HTTP read endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import tornado.httpserver
+import tornado.web
+import zmq
+import zmq.asyncio
+
+from bus.protocol import Codec
+from cachebus.settings import Settings
+
+from .accesslog import log_request
+from .acks import AckListener
+from .handlers import (ClearHandler, ClearRecordHandler, ClearsHandler, NotFoundHandler,
+                       WorkersHandler)
+from .publisher import Publisher
+from .record import Record
+from .tokens import TokenStore
+
+log = logging.getLogger("cachebus.service")
+
+
+@dataclass
+class Service:
+    """The running parts a request handler may use."""
+
+    settings: Settings
+    tokens: TokenStore
+    publisher: Publisher
+    record: Record
+    acks: AckListener
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, settings: Settings, ctx: zmq.asyncio.Context) -> "Service":
+        """Build every part from ``settings``; nothing is bound yet."""
+        bus = settings.bus
+        codec = Codec(bus.key.encode())
+        record = Record(settings.record.max_clears)
+        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm)
+        publisher.on_publish.append(record.published)
+        acks = AckListener(ctx, bus.acks, codec, record,
+                           position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm)
+        executor = ThreadPoolExecutor(settings.service.auth_threads, thread_name_prefix="cachebus-auth")
+        tokens = TokenStore(settings.service.tokens_dir, executor=executor)
+        return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks)
+
+    def start(self) -> None:
+        """Bind both bus sockets and start the heartbeat and ack loops."""
+        self.publisher.bind()
+        self.acks.bind()
+        self.tasks = [
+            asyncio.create_task(self.publisher.run_heartbeats(), name="heartbeats"),
+            asyncio.create_task(self.acks.run(), name="acks"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.publisher.close()
+        self.acks.close()
+        self.tokens.close()
+
+
+def make_app(service: Service) -> tornado.web.Application:
+    """The Tornado application serving the Flextype API and the record."""
+    args = {"service": service}
+    return tornado.web.Application(
+        [
+            (r"/api/v1/cache/clear", ClearHandler, args),
+            (r"/api/v1/cache/clears", ClearsHandler, args),
+            (r"/api/v1/cache/clears/([^/]+)", ClearRecordHandler, args),
+            (r"/api/v1/cache/workers", WorkersHandler, args),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=args,
+        log_function=log_request,
+        cors=service.settings.cors,
+    )
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the service until ``stop`` is set. Raises ``OSError``/``ZMQError`` on bind failure."""
+    ctx = zmq.asyncio.Context()
+    service = Service.create(settings, ctx)
+    server: tornado.httpserver.HTTPServer | None = None
+    try:
+        service.start()
+        server = make_app(service).listen(settings.service.port, address=settings.service.host)
+        log.info("cachebus service ready on http://%s:%d", settings.service.host, settings.service.port)
+        await stop.wait()
+    finally:
+        if server is not None:
+            server.stop()
+        await service.stop()
+        ctx.term()
+        log.info("cachebus service stopped")

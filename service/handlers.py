@@ -1,0 +1,209 @@
+"""HTTP handlers: Flextype's cache clear endpoint and the record of acks.
+
+Every response carries the CORS headers Flextype sends, every failure gets a
+Flextype-shaped JSON body, and no credential reaches a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable
+
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from .accesslog import redact_uri
+from .errors import CONTENT_TYPE, ApiError, error_body
+from .params import credentials, request_params
+from .tokens import TokenError
+
+if TYPE_CHECKING:
+    from .app import Service
+
+log = logging.getLogger("cachebus.api")
+
+
+@stream_request_body
+class BaseHandler(RequestHandler):
+    """CORS, Flextype error bodies, a bounded body and credential-free logging.
+
+    Bodies are streamed so that one over ``service.max_body_size`` is answered
+    with 413 as soon as it is known to be too large, without buffering it.
+    """
+
+    service: "Service"
+
+    def initialize(self, service: "Service") -> None:
+        self.service = service
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+
+    @property
+    def _limit(self) -> int:
+        return self.service.settings.service.max_body_size
+
+    async def prepare(self) -> None:
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self._limit:
+            self._reject_too_large()
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._reject_too_large()
+            return
+        self._chunks.append(chunk)
+
+    def _reject_too_large(self) -> None:
+        self._too_large = True
+        self._chunks.clear()
+        if not self._finished:
+            self.fail(ApiError(413, "body_too_large"))
+
+    def params(self) -> dict[str, Any]:
+        """Query and body parameters, merged the Flextype way."""
+        self.request.body = b"".join(self._chunks)
+        return request_params(self.request)
+
+    def set_default_headers(self) -> None:
+        # Runs before initialize(), so the settings come from the application.
+        cors = self.application.settings["cors"]
+        if cors.enabled:
+            self.set_header("Access-Control-Allow-Origin", cors.origin)
+            self.set_header("Access-Control-Allow-Headers", ", ".join(cors.headers))
+            self.set_header("Access-Control-Allow-Methods", ", ".join(cors.methods))
+
+    def options(self, *args: str) -> None:
+        """Flextype answers OPTIONS on any route with an empty response."""
+        self.finish()
+
+    def allowed_methods(self) -> list[str]:
+        return [m for m in ("GET", "POST") if self._implements(m)] + ["OPTIONS"]
+
+    def _implements(self, method: str) -> bool:
+        return getattr(type(self), method.lower()) is not getattr(RequestHandler, method.lower())
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(json.dumps(data, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(error_body(status_code))
+
+    def fail(self, error: ApiError | TokenError) -> None:
+        """Answer with ``error``'s Flextype body and log why, without credentials."""
+        log.warning("%s %s -> %d (%s) from %s", self.request.method, self.request.path,
+                    error.status, error.reason, self.request.remote_ip)
+        self.send_error(error.status)
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {redact_uri(self.request.uri or '')} ({self.request.remote_ip})"
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Tornado's default prints repr(request), which includes the raw URI.
+        if isinstance(value, HTTPError):
+            if value.log_message:
+                log.warning("%d %s: %s", value.status_code, self._request_summary(),
+                            value.log_message % value.args)
+        else:
+            log.error("uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
+
+    async def authorize(self, params: dict[str, Any], *, consume: bool) -> None:
+        """Flextype's validation steps 1 to 6; raises :class:`ApiError`."""
+        token, access_token = credentials(params)
+        if not self.service.settings.api.cache.enabled:
+            raise ApiError(400, "api_disabled")
+        try:
+            await self.service.tokens.authorize(token, access_token, consume=consume)
+        except TokenError as exc:
+            raise ApiError(exc.status, exc.reason) from None
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown routes: Flextype's 404 body."""
+
+    async def prepare(self) -> None:
+        if self.request.method != "OPTIONS":
+            raise HTTPError(404)
+
+
+class ClearHandler(BaseHandler):
+    """``POST /api/v1/cache/clear``: authenticate, then publish a clear."""
+
+    def allowed_methods(self) -> list[str]:
+        return [*self.service.settings.api.cache.methods, "OPTIONS"]
+
+    async def prepare(self) -> None:
+        method = self.request.method or ""
+        if method != "OPTIONS" and method not in self.service.settings.api.cache.methods:
+            raise HTTPError(405)
+        await super().prepare()
+
+    async def post(self) -> None:
+        if self._too_large:
+            return
+        try:
+            await self.authorize(self.params(), consume=True)
+        except ApiError as exc:
+            self.fail(exc)
+            return
+        clear = await self.service.publisher.publish_clear()
+        entry = self.service.record.clear(clear.id)
+        log.info("clear %s published: seq %d, %d workers expected", clear.id, clear.seq,
+                 len(entry.expected) if entry else 0)
+        self.set_header("Cache-Clear-Id", clear.id)
+        if self.service.settings.api.cache.success_status == 200:
+            self.write_json({})
+        else:
+            self.set_status(204)
+            self.finish()
+
+    def get(self) -> Awaitable[None]:
+        return self.post()
+
+
+class RecordHandler(BaseHandler):
+    """Base of the read endpoints: Flextype's token check, without consuming a call."""
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self._finished or self.request.method == "OPTIONS":
+            return
+        try:
+            # The body has not arrived yet: read endpoints take credentials from the query.
+            await self.authorize(self.params(), consume=False)
+        except ApiError as exc:
+            self.fail(exc)
+
+
+class ClearsHandler(RecordHandler):
+    """``GET /api/v1/cache/clears``: the most recent clears, newest first."""
+
+    def get(self) -> None:
+        limit = self.service.settings.record.list_limit
+        self.write_json({"clears": [c.to_json() for c in self.service.record.recent(limit)]})
+
+
+class ClearRecordHandler(RecordHandler):
+    """``GET /api/v1/cache/clears/<id>``: one clear and every worker's ack."""
+
+    def get(self, clear_id: str) -> None:
+        entry = self.service.record.clear(clear_id)
+        if entry is None:
+            self.send_error(404)
+            return
+        self.write_json(entry.to_json())
+
+
+class WorkersHandler(RecordHandler):
+    """``GET /api/v1/cache/workers``: every known worker and its last ack."""
+
+    def get(self) -> None:
+        self.write_json({"workers": [w.to_json() for w in self.service.record.workers()]})

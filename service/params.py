@@ -1,0 +1,60 @@
+"""Request parameters the way Flextype reads them.
+
+Flextype merges the parsed body over the query string, so a body value wins.
+The body may be JSON or form-encoded (urlencoded or multipart). Anything that
+does not parse is an :class:`~service.errors.ApiError` 400, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tornado.httputil import HTTPServerRequest, parse_body_arguments
+
+from .errors import ApiError
+
+
+def _last_values(arguments: dict[str, list[bytes]]) -> dict[str, Any]:
+    # PHP keeps the last of repeated parameters; so do we.
+    try:
+        return {name: values[-1].decode("utf-8") for name, values in arguments.items() if values}
+    except UnicodeDecodeError:
+        raise ApiError(400, "parameter_not_utf8") from None
+
+
+def body_params(request: HTTPServerRequest) -> dict[str, Any]:
+    """The parsed body: a JSON object's members, or form fields."""
+    body = request.body
+    if not body:
+        return {}
+    content_type = request.headers.get("Content-Type", "")
+    if content_type.split(";")[0].strip().lower() in ("application/json", "text/json") or (
+            not content_type and body.lstrip()[:1] == b"{"):
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "malformed_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "json_not_object")
+        return data
+    arguments: dict[str, list[bytes]] = {}
+    files: dict[str, Any] = {}
+    parse_body_arguments(content_type, body, arguments, files, request.headers)
+    return _last_values(arguments)
+
+
+def request_params(request: HTTPServerRequest) -> dict[str, Any]:
+    """Query parameters with the body's parameters merged over them."""
+    return {**_last_values(request.query_arguments), **body_params(request)}
+
+
+def credentials(params: dict[str, Any]) -> tuple[str, str]:
+    """``token`` and ``access_token``, both required strings (Flextype step 1)."""
+    token = params.get("token")
+    access_token = params.get("access_token")
+    if token is None or access_token is None:
+        raise ApiError(400, "missing_credentials")
+    if not isinstance(token, str) or not isinstance(access_token, str):
+        raise ApiError(400, "credentials_not_strings")
+    return token, access_token

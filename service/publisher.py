@@ -1,0 +1,67 @@
+"""The service's PUB socket: clear commands and heartbeats to every worker.
+
+Each service start picks a fresh random ``epoch``; ``seq`` counts commands
+within it. Heartbeats repeat the last ``seq`` so a worker that lost a command
+can tell, and a new epoch tells it the service restarted. PUB never blocks:
+a subscriber that falls more than ``send_hwm`` messages behind loses messages
+and detects the gap instead of slowing everyone else down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from bus.protocol import MAX_MESSAGE_SIZE, Clear, Codec, Heartbeat, Message, now
+
+log = logging.getLogger("cachebus.publisher")
+
+
+class Publisher:
+    """Owns the PUB socket, the epoch and the sequence counter."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec,
+                 heartbeat_interval: float, send_hwm: int) -> None:
+        self.endpoint = endpoint
+        self.codec = codec
+        self.heartbeat_interval = heartbeat_interval
+        self.epoch = secrets.token_hex(8)
+        self.seq = 0
+        #: Called with each clear just before it is sent, so the record exists
+        #: before any ack for it can arrive.
+        self.on_publish: list[Callable[[Clear], None]] = []
+        self._socket = ctx.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, send_hwm)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+
+    def bind(self) -> None:
+        self._socket.bind(self.endpoint)
+        log.info("publishing on %s (epoch %s)", self.endpoint, self.epoch)
+
+    async def publish_clear(self) -> Clear:
+        """Publish one clear-all command and return it."""
+        self.seq += 1
+        clear = Clear(epoch=self.epoch, seq=self.seq, id=uuid.uuid4().hex, ts=now())
+        for listener in self.on_publish:
+            listener(clear)
+        await self._send(clear)
+        return clear
+
+    async def run_heartbeats(self) -> None:
+        """Publish a heartbeat every interval until cancelled."""
+        while True:
+            await self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now()))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _send(self, msg: Message) -> None:
+        await self._socket.send_multipart(self.codec.encode(msg))
+
+    def close(self) -> None:
+        self._socket.close(linger=0)

@@ -1,0 +1,260 @@
+"""The in-memory cache a worker holds, and the purge-target protocol.
+
+:class:`Cache` is a bounded LRU with an optional TTL. Every operation is short,
+holds one :class:`threading.Lock` and never awaits, so one cache can be shared
+by threads (a :class:`~workers.subscriber.ThreadedSubscriber`, a WSGI app) and
+by asyncio code alike.
+
+Besides ``get``/``set``/``delete``/``clear`` it has two ways to avoid serving
+data that a clear should have removed:
+
+* *bypass*: while on, ``get`` always misses and ``set`` keeps nothing. A worker
+  turns it on while it cannot be sure it has seen every clear.
+* a *generation*, bumped by every clear and by entering bypass. A caller that
+  reads the generation before fetching a value from its source passes it to
+  ``set``; if a clear ran in between, the value may predate it and is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Purgeable(Protocol):
+    """A purge target: anything the subscriber can tell to drop what it holds.
+
+    An in-memory :class:`Cache` is one; a directory of cached files on disk
+    could be another. Give any object with this ``clear`` method to the
+    subscriber and it will be cleared on every clear command (and on a missed
+    command or a service restart), so the subscriber needs to know nothing
+    else about it.
+    """
+
+    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
+        """Drop everything and return how many entries were dropped.
+
+        ``clear_id`` and ``seq`` identify the clear being applied; both are
+        ``None`` when the purge has no single clear behind it.
+        """
+        ...
+
+
+class Cache:
+    """A thread-safe LRU cache with optional TTL, hit/miss stats and bypass.
+
+    ``clock`` measures TTLs and time spent in bypass; it must never go
+    backwards (the default, :func:`time.monotonic`, does not). Tests inject a
+    fake one.
+
+    Expired entries are removed as soon as any operation notices them, so
+    ``len()``, ``in``, ``stats()["entries"]`` and the count ``clear`` returns
+    include only entries that have not expired. Removing an expired entry is
+    not an eviction; ``evictions`` counts only entries pushed out by
+    ``max_entries``.
+    """
+
+    def __init__(self, max_entries: int = 10_000, ttl: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries!r}")
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"ttl must be None or a positive number of seconds, not {ttl!r}")
+        self._max_entries = max_entries
+        self._ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Least recently used first.
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        # Expiry times, earliest first. Every set gets the latest expiry so far
+        # (fixed TTL, clock never goes back), so moving the key to the end keeps
+        # this sorted and expired entries can be popped from the front.
+        self._expires: OrderedDict[Hashable, float] = OrderedDict()
+        self._generation = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._purges = 0
+        self._last_clear_id: str | None = None
+        self._last_clear_seq: int | None = None
+        self._last_purge_at: float | None = None
+        self._bypass = False
+        self._bypass_since = 0.0
+        self._bypass_total = 0.0
+        self._bypass_misses = 0
+
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
+
+    @property
+    def ttl(self) -> float | None:
+        return self._ttl
+
+    @property
+    def generation(self) -> int:
+        """Changes on every clear and on entering bypass; see :meth:`set`."""
+        with self._lock:
+            return self._generation
+
+    @property
+    def bypass(self) -> bool:
+        """Whether the cache is bypassed: ``get`` misses and ``set`` keeps nothing."""
+        with self._lock:
+            return self._bypass
+
+    @property
+    def bypass_misses(self) -> int:
+        """How many ``get`` calls missed because the cache was bypassed."""
+        with self._lock:
+            return self._bypass_misses
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """The value for ``key``, or ``default``; a hit makes it most recently used."""
+        with self._lock:
+            if self._bypass:
+                self._misses += 1
+                self._bypass_misses += 1
+                return default
+            self._expire()
+            try:
+                value = self._data[key]
+            except KeyError:
+                self._misses += 1
+                return default
+            self._data.move_to_end(key)
+            self._hits += 1
+            return value
+
+    def set(self, key: Hashable, value: Any, *, generation: int | None = None) -> None:
+        """Store ``value`` as the most recently used entry, evicting the least.
+
+        While bypassed the value is not kept, and any older value for ``key``
+        is dropped, since it is older than one the caller has since seen.
+
+        ``generation``, when given, is :attr:`generation` as read before
+        ``value`` was fetched from its source. If it has changed since, a clear
+        ran (or bypass began) meanwhile, ``value`` may be older than that clear,
+        and it is not stored.
+        """
+        with self._lock:
+            if self._bypass:
+                self._remove(key)
+                return
+            if generation is not None and generation != self._generation:
+                return
+            now = self._clock()
+            self._expire(now)
+            self._data[key] = value
+            self._data.move_to_end(key)
+            if self._ttl is not None:
+                self._expires[key] = now + self._ttl
+                self._expires.move_to_end(key)
+            while len(self._data) > self._max_entries:
+                oldest, _ = self._data.popitem(last=False)
+                self._expires.pop(oldest, None)
+                self._evictions += 1
+
+    def delete(self, key: Hashable) -> bool:
+        """Remove ``key``; return whether it was there (and not expired)."""
+        with self._lock:
+            self._expire()
+            return self._remove(key)
+
+    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
+        """Drop every entry and return how many there were (see :class:`Purgeable`).
+
+        ``clear_id`` and ``seq`` are recorded for :meth:`stats`; ``None``
+        leaves the previous value.
+        """
+        with self._lock:
+            self._expire()
+            dropped = len(self._data)
+            self._data.clear()
+            self._expires.clear()
+            self._generation += 1
+            self._purges += 1
+            if clear_id is not None:
+                self._last_clear_id = clear_id
+            if seq is not None:
+                self._last_clear_seq = seq
+            self._last_purge_at = time.time()
+            return dropped
+
+    def set_bypass(self, on: bool) -> None:
+        """Turn bypass on or off. Entering bypass keeps the entries; clear them separately."""
+        with self._lock:
+            on = bool(on)
+            if on == self._bypass:
+                return
+            now = self._clock()
+            if on:
+                self._bypass_since = now
+                # A value fetched before bypass began may predate a clear
+                # missed meanwhile: don't let set() store it afterwards.
+                self._generation += 1
+            else:
+                self._bypass_total += now - self._bypass_since
+            self._bypass = on
+
+    def __len__(self) -> int:
+        """The number of entries stored and not expired, bypassed or not."""
+        with self._lock:
+            self._expire()
+            return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is stored and not expired. Counts no hit or miss, ignores bypass."""
+        with self._lock:
+            self._expire()
+            return key in self._data
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``GET /stats`` and metrics, JSON-serialisable."""
+        with self._lock:
+            self._expire()
+            lookups = self._hits + self._misses
+            bypass_seconds = self._bypass_total
+            if self._bypass:
+                bypass_seconds += self._clock() - self._bypass_since
+            return {
+                "entries": len(self._data),
+                "max_entries": self._max_entries,
+                "ttl": self._ttl,
+                "hits": self._hits,
+                "misses": self._misses,
+                "hit_ratio": self._hits / lookups if lookups else 0.0,
+                "evictions": self._evictions,
+                "purges": self._purges,
+                "last_clear_id": self._last_clear_id,
+                "last_clear_seq": self._last_clear_seq,
+                "last_purge_at": self._last_purge_at,
+                "bypass": self._bypass,
+                "bypass_seconds": bypass_seconds,
+            }
+
+    # --- helpers; the caller holds the lock ----------------------------------
+
+    def _remove(self, key: Hashable) -> bool:
+        self._expires.pop(key, None)
+        try:
+            del self._data[key]
+        except KeyError:
+            return False
+        return True
+
+    def _expire(self, now: float | None = None) -> None:
+        """Remove expired entries: amortised O(1), as each expires only once."""
+        if not self._expires:
+            return
+        if now is None:
+            now = self._clock()
+        while self._expires:
+            key, expires = next(iter(self._expires.items()))
+            if expires > now:
+                break
+            del self._expires[key]
+            del self._data[key]
