@@ -1,0 +1,1 @@
+"""Cache-holding workers: the cache, the embeddable bus subscriber, and the reference worker."""

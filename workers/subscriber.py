@@ -1,0 +1,292 @@
+"""The bus subscriber any Python process can embed to have its caches cleared.
+
+Asyncio applications use :class:`Subscriber`; threaded ones (a WSGI app, a
+Celery worker) use :class:`ThreadedSubscriber`, which runs the same code on
+its own event loop in a background thread::
+
+    cache = Cache()
+    subscriber = ThreadedSubscriber([cache], name="web-1")
+    subscriber.start()
+
+The subscriber connects a SUB socket to the service's commands and a DEALER to
+its ack channel. It says hello once its subscription has delivered a first
+message (so the service never expects it before it can hear), purges its
+targets on every clear, and acks each purge. Clears that arrive together are
+coalesced into one purge. It watches the sequence numbers in commands and
+heartbeats: a gap or a new epoch means it may have missed a clear, and it
+purges everything, because a clear-all is idempotent and always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Iterable
+
+import zmq
+import zmq.asyncio
+
+from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from bus.peers import BadFrames, peer_address
+from bus.protocol import (MAX_MESSAGE_SIZE, Ack, Bye, Clear, Codec, Heartbeat, Hello, Message,
+                          ProtocolError, Welcome)
+
+from .cache import Purgeable
+
+log = logging.getLogger("cachebus.subscriber")
+
+#: Most commands handled in one batch; the batch is purged once.
+_MAX_BATCH = 1000
+
+# The worse cause wins when several apply to one purge.
+_CAUSE_RANK = {"clear": 0, "gap": 1, "reconnect": 2, "epoch": 3}
+
+
+def default_name() -> str:
+    """``<hostname>-<pid>``: unique enough when no name is configured."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Subscriber:
+    """Purges ``targets`` when the service says so, and acks each purge.
+
+    ``targets`` are objects with ``clear(*, clear_id, seq) -> int`` (see
+    :class:`~workers.cache.Purgeable`); ``clear`` may also be a coroutine
+    function, for targets that do I/O.
+    """
+
+    def __init__(
+        self,
+        targets: Iterable[Purgeable],
+        *,
+        name: str | None = None,
+        publish: str = DEFAULT_PUBLISH,
+        acks: str = DEFAULT_ACKS,
+        endpoint: str = "",
+        key: str | bytes = b"",
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.targets = list(targets)
+        self.name = name or default_name()
+        self.instance = uuid.uuid4().hex
+        self.publish = publish
+        self.acks = acks
+        self.endpoint = endpoint
+        self.codec = Codec(key.encode() if isinstance(key, str) else key)
+        #: The service epoch and last command seq this subscriber has seen.
+        self.epoch: str | None = None
+        self.seq = 0
+        self.purges = 0
+        self.bad_frames = BadFrames(log)
+        self._synced = asyncio.Event()
+        self._own_context = context is None
+        self._ctx = context or zmq.asyncio.Context()
+        self._sub: zmq.asyncio.Socket | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def synced(self) -> bool:
+        """True once the subscription is proven and the service welcomed us."""
+        return self._synced.is_set()
+
+    async def start(self) -> None:
+        """Connect both sockets and start listening."""
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(self.publish)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        self._dealer.connect(self.acks)
+        self._tasks = [
+            asyncio.create_task(self._commands(), name=f"{self.name}-commands"),
+            asyncio.create_task(self._replies(), name=f"{self.name}-replies"),
+        ]
+        log.info("subscriber %s listening to %s, acking to %s", self.name, self.publish, self.acks)
+
+    async def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until :attr:`synced`; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Say bye, stop listening and close the sockets."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._dealer is not None:
+            self._send(Bye(name=self.name, instance=self.instance))
+            self._dealer.close(linger=500)
+        if self._sub is not None:
+            self._sub.close(linger=0)
+        if self._own_context:
+            self._ctx.term()
+
+    async def __aenter__(self) -> "Subscriber":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    # --- commands from the PUB socket ---------------------------------------
+
+    async def _commands(self) -> None:
+        assert self._sub is not None
+        while True:
+            batch = [await self._sub.recv_multipart(copy=False)]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    batch.append(await self._sub.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            messages = []
+            for frames in batch:
+                try:
+                    messages.append(self.codec.decode([f.bytes for f in frames]))
+                except ProtocolError as exc:
+                    self.bad_frames.report(peer_address(frames[0]), str(exc))
+            await self._handle(messages)
+
+    async def _handle(self, messages: list[Message]) -> None:
+        """Apply a batch of commands: at most one purge and one ack for all of them."""
+        cause: str | None = None
+        newest_clear: Clear | None = None
+        announce = False
+        for msg in messages:
+            if not isinstance(msg, (Clear, Heartbeat)):
+                continue
+            if msg.epoch != self.epoch:
+                if self.epoch is not None:
+                    log.warning("service epoch changed from %s to %s: purging", self.epoch, msg.epoch)
+                    cause = _worse(cause, "epoch")
+                announce = True
+                self.epoch = msg.epoch
+                self.seq = msg.seq - 1 if isinstance(msg, Clear) else msg.seq
+            if isinstance(msg, Clear):
+                if msg.seq <= self.seq:
+                    continue
+                cause = _worse(cause, "clear")
+                newest_clear = msg
+            if msg.seq > self.seq + (1 if isinstance(msg, Clear) else 0):
+                log.warning("missed commands %d..%d: purging", self.seq + 1, msg.seq)
+                cause = _worse(cause, "gap")
+            self.seq = max(self.seq, msg.seq)
+        if cause is not None:
+            await self._purge(cause, newest_clear)
+        if announce:
+            self._synced.clear()
+            self._send(Hello(name=self.name, instance=self.instance, host=socket.gethostname(),
+                             pid=os.getpid(), endpoint=self.endpoint, epoch=self.epoch or "",
+                             seq=self.seq))
+
+    async def _purge(self, cause: str, clear: Clear | None) -> None:
+        started = time.perf_counter()
+        dropped = 0
+        for target in self.targets:
+            result = target.clear(clear_id=clear.id if clear else None, seq=self.seq)
+            if inspect.isawaitable(result):
+                result = await result
+            dropped += int(result or 0)
+        purge_ms = (time.perf_counter() - started) * 1000
+        self.purges += 1
+        log.info("purged %d entries in %.2f ms (cause: %s, seq %d)", dropped, purge_ms, cause, self.seq)
+        self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,
+                       clear_id=clear.id if clear else "", dropped=dropped, purge_ms=purge_ms,
+                       cause=cause))
+
+    # --- replies on the DEALER socket ---------------------------------------
+
+    async def _replies(self) -> None:
+        assert self._dealer is not None
+        while True:
+            frames = await self._dealer.recv_multipart(copy=False)
+            try:
+                msg = self.codec.decode([f.bytes for f in frames])
+            except ProtocolError as exc:
+                self.bad_frames.report(peer_address(frames[0]), str(exc))
+                continue
+            if isinstance(msg, Welcome):
+                log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
+                self._synced.set()
+
+    def _send(self, msg: Message) -> None:
+        """Send on the back channel without ever blocking the worker.
+
+        With no service connected the message is dropped: acks for an epoch
+        the service no longer has would be ignored anyway.
+        """
+        assert self._dealer is not None
+        try:
+            self._dealer.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("back channel unavailable; %s dropped", msg.KIND.decode())
+
+
+def _worse(current: str | None, new: str) -> str:
+    if current is None or _CAUSE_RANK[new] > _CAUSE_RANK[current]:
+        return new
+    return current
+
+
+class ThreadedSubscriber:
+    """A :class:`Subscriber` on its own event loop in a daemon thread.
+
+    For applications without asyncio. Targets must be thread-safe, as
+    :class:`~workers.cache.Cache` is.
+    """
+
+    def __init__(self, targets: Iterable[Purgeable], **options: Any) -> None:
+        self._targets = list(targets)
+        self._options = options
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.subscriber: Subscriber | None = None
+
+    def start(self) -> None:
+        """Start the background thread; returns once the sockets are connected."""
+        self._thread = threading.Thread(target=self._run, name="cachebus-subscriber", daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self.subscriber = Subscriber(self._targets, **self._options)
+            await self.subscriber.start()
+            self._started.set()
+
+        self._loop.run_until_complete(main())
+        self._loop.run_forever()
+        self._loop.close()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Block until the service has welcomed this subscriber."""
+        assert self._loop is not None and self.subscriber is not None
+        future = asyncio.run_coroutine_threadsafe(self.subscriber.wait_synced(timeout), self._loop)
+        return future.result()
+
+    def stop(self) -> None:
+        """Say bye, close the sockets and end the thread."""
+        if self._loop is None or self.subscriber is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.subscriber.stop(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join()

@@ -1,0 +1,110 @@
+"""The reference worker: a small replica of a content API with an in-memory cache.
+
+``GET /entries/<id>`` serves ``<content_dir>/<id>/entry.yaml`` as JSON through
+the cache, with ``X-Cache: HIT`` or ``MISS``; ``GET /stats`` shows the cache
+and bus state. Edit an entry and the worker keeps serving the old value until
+the service publishes a clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+
+from cachebus.settings import Settings
+
+from .cache import Cache
+from .content import EntryError, load_entry
+from .subscriber import Subscriber, default_name
+
+log = logging.getLogger("cachebus.worker")
+
+_MISSING = object()
+
+
+class WorkerHandler(tornado.web.RequestHandler):
+    def initialize(self, cache: Cache, subscriber: Subscriber, content_dir: Path) -> None:
+        self.cache = cache
+        self.subscriber = subscriber
+        self.content_dir = content_dir
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json;charset=UTF-8")
+        self.finish(json.dumps(data, separators=(",", ":"), default=str))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.write_json({"error": self._reason, "status": status_code}, status_code)
+
+
+class EntryHandler(WorkerHandler):
+    """``GET /entries/<id>``: the entry's fields, from the cache when it has them."""
+
+    async def get(self, entry_id: str) -> None:
+        entry = self.cache.get(entry_id, _MISSING)
+        if entry is not _MISSING:
+            self.set_header("X-Cache", "HIT")
+            self.write_json(entry)
+            return
+        generation = self.cache.generation
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(
+                None, load_entry, self.content_dir, entry_id)
+        except EntryError as exc:
+            self.set_header("X-Cache", "MISS")
+            self.write_json({"error": str(exc), "id": entry_id}, exc.status)
+            return
+        # A clear that ran while the file was read must win over what was read.
+        self.cache.set(entry_id, entry, generation=generation)
+        self.set_header("X-Cache", "MISS")
+        self.write_json(entry)
+
+
+class StatsHandler(WorkerHandler):
+    """``GET /stats``: cache counters and where this worker stands on the bus."""
+
+    def get(self) -> None:
+        sub = self.subscriber
+        self.write_json({
+            "name": sub.name,
+            "instance": sub.instance,
+            "cache": self.cache.stats(),
+            "bus": {"epoch": sub.epoch, "seq": sub.seq, "synced": sub.synced, "purges": sub.purges},
+        })
+
+
+def make_app(cache: Cache, subscriber: Subscriber, content_dir: Path) -> tornado.web.Application:
+    args = {"cache": cache, "subscriber": subscriber, "content_dir": content_dir}
+    return tornado.web.Application([
+        (r"/entries/(.+)", EntryHandler, args),
+        (r"/stats", StatsHandler, args),
+    ])
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a reference worker until ``stop`` is set."""
+    cfg = settings.worker
+    content_dir = Path(cfg.content_dir)
+    cache = Cache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl or None)
+    subscriber = Subscriber(
+        [cache],
+        name=cfg.name or default_name(),
+        publish=settings.bus.publish,
+        acks=settings.bus.acks,
+        endpoint=f"http://{cfg.host}:{cfg.http_port}",
+        key=settings.bus.key,
+    )
+    server = make_app(cache, subscriber, content_dir).listen(cfg.http_port, address=cfg.host)
+    await subscriber.start()
+    log.info("worker %s serving %s on http://%s:%d", subscriber.name, content_dir, cfg.host, cfg.http_port)
+    try:
+        await stop.wait()
+    finally:
+        server.stop()
+        await subscriber.stop()
+        log.info("worker %s stopped", subscriber.name)
