@@ -134,6 +134,7 @@ class Settings:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
 def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
@@ -141,7 +142,7 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
-            raise SettingsError(f"{source}: {key}: expected a list of {_TYPE_NAMES[item]}s, got {value!r}")
+            raise SettingsError(f"{source}: {key}: expected a list of {_PLURALS[item]}, got {value!r}")
         return list(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -1,0 +1,294 @@
+"""The ``cachebus`` command: one entry point for the service, workers and tokens.
+
+Each subcommand is a small :class:`Command` class. Errors a user can fix (a bad
+flag, a bad settings file, a port in use) end the process with one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence
+
+import zmq
+
+from . import settings as settings_mod
+from .settings import Settings, SettingsError
+
+
+class UsageError(Exception):
+    """Something the user can fix; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+class Command:
+    """One subcommand: its flags, and what it does with them."""
+
+    name = ""
+    help = ""
+    #: Flags that override a setting: (flag, dotted setting key, type).
+    setting_flags: tuple[tuple[str, str, type], ...] = ()
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        for flag, key, kind in self.setting_flags:
+            parser.add_argument(flag, type=kind, metavar=key.rsplit(".", 1)[-1].upper(),
+                                help=f"overrides the setting {key}")
+
+    def settings(self, args: argparse.Namespace) -> Settings:
+        loaded = settings_mod.load(args.config)
+        for flag, key, _ in self.setting_flags:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if value is not None:
+                loaded = loaded.replace({key: value}, source=f"command line {flag}")
+        return loaded
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+_BUS_FLAGS = (("--bus-publish", "bus.publish", str), ("--bus-acks", "bus.acks", str))
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``main(stop)`` on a fresh event loop; SIGINT or SIGTERM sets ``stop``."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except zmq.ZMQError as exc:
+        raise UsageError(f"cannot use bus endpoint: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot listen: {exc.strerror or exc}") from None
+    return 0
+
+
+class Serve(Command):
+    name = "serve"
+    help = "start the HTTP service and the bus"
+    setting_flags = (("--port", "service.port", int), ("--tokens-dir", "service.tokens_dir", str),
+                     *_BUS_FLAGS)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from service.app import serve
+
+        settings = self.settings(args)
+        _setup_logging(settings)
+        return _run_until_signalled(lambda stop: serve(settings, stop))
+
+
+class Worker(Command):
+    name = "worker"
+    help = "start a reference worker (a cached content API)"
+    setting_flags = (("--http-port", "worker.http_port", int), ("--content-dir", "worker.content_dir", str),
+                     ("--name", "worker.name", str), *_BUS_FLAGS)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from workers.worker import run
+
+        settings = self.settings(args)
+        if not Path(settings.worker.content_dir).is_dir():
+            raise UsageError(f"worker.content_dir: {settings.worker.content_dir} is not a directory")
+        _setup_logging(settings)
+        return _run_until_signalled(lambda stop: run(settings, stop))
+
+
+class TokensCreate(Command):
+    name = "create"
+    help = "create a token; the access token is shown once and stored only as a bcrypt hash"
+    setting_flags = (("--tokens-dir", "service.tokens_dir", str),)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--limit-calls", type=int, default=0, metavar="N",
+                            help="calls allowed before the token stops working (0: unlimited)")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from service.tokens import TokenStore
+
+        if args.limit_calls < 0:
+            raise UsageError("--limit-calls: expected a count >= 0")
+        store = TokenStore(self.settings(args).service.tokens_dir)
+        created = store.create(limit_calls=args.limit_calls)
+        store.close()
+        if args.json:
+            print(json.dumps({"token": created.token, "access_token": created.access_token,
+                              "path": str(created.path)}))
+        else:
+            print(f"token:        {created.token}\naccess_token: {created.access_token}\n"
+                  f"written to:   {created.path}\n"
+                  "The access token is not stored anywhere: keep it now.")
+        return 0
+
+
+class TokensList(Command):
+    name = "list"
+    help = "list tokens with their state and call counts"
+    setting_flags = (("--tokens-dir", "service.tokens_dir", str),)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from service.tokens import TokenStore
+
+        store = TokenStore(self.settings(args).service.tokens_dir)
+        rows = store.list()
+        store.close()
+        print(f"{'TOKEN':34} {'STATE':9} {'CALLS':>7} {'LIMIT':>7}  CREATED BY")
+        for t in rows:
+            print(f"{t.token:34} {t.state:9} {t.calls:>7} {t.limit_calls or '-':>7}  {t.created_by}")
+        return 0
+
+
+class TokensDisable(Command):
+    name = "disable"
+    help = "disable a token; Flextype then answers its calls with 400"
+    setting_flags = (("--tokens-dir", "service.tokens_dir", str),)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("token")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from service.tokens import TokenStore
+
+        store = TokenStore(self.settings(args).service.tokens_dir)
+        try:
+            store.disable(args.token)
+        except KeyError:
+            raise UsageError("no such token") from None
+        finally:
+            store.close()
+        print("disabled")
+        return 0
+
+
+class Demo(Command):
+    name = "demo"
+    help = "prepare the demo (`make run`): a token, demo content, and what to try"
+    setting_flags = (("--tokens-dir", "service.tokens_dir", str),
+                     ("--content-dir", "worker.content_dir", str))
+    credentials_file = Path("var/demo-credentials.json")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from service.tokens import TokenStore
+
+        settings = self.settings(args)
+        content = Path(settings.worker.content_dir)
+        if not content.exists():
+            shutil.copytree(Path(__file__).resolve().parent.parent / "workers" / "demo_content", content)
+        store = TokenStore(settings.service.tokens_dir)
+        creds = None
+        if not store.list():
+            created = store.create(created_by="cachebus demo")
+            creds = {"token": created.token, "access_token": created.access_token}
+            # A local convenience so every `make run` can print a working command;
+            # never done for tokens made with `cachebus tokens create`.
+            self.credentials_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(creds, f)
+        elif self.credentials_file.exists():
+            creds = json.loads(self.credentials_file.read_text())
+        store.close()
+        print(self.banner(settings, content, creds))
+        return 0
+
+    @staticmethod
+    def banner(settings: Settings, content: Path, creds: dict[str, str] | None) -> str:
+        api = f"http://{settings.service.host}:{settings.service.port}"
+        token = creds["token"] if creds else "$TOKEN"
+        access = creds["access_token"] if creds else "$ACCESS_TOKEN"
+        lines = [
+            "",
+            "cachebus: starting the service and two workers. Then try:",
+            "",
+            "  # read an entry from each worker (first a MISS, then a HIT)",
+            "  curl -i http://127.0.0.1:8081/entries/hello",
+            "  curl -i http://127.0.0.1:8082/entries/hello",
+            "",
+            f"  # edit {content / 'hello' / 'entry.yaml'}, then clear every worker's cache",
+            f"  curl -i -X POST {api}/api/v1/cache/clear -d token={token} -d access_token={access}",
+            "",
+            "  # see which worker acked which clear",
+            f"  curl '{api}/api/v1/cache/clears?token={token}&access_token={access}'",
+            f"  curl '{api}/api/v1/cache/workers?token={token}&access_token={access}'",
+            "",
+        ]
+        if creds is None:
+            lines.append("  (set TOKEN and ACCESS_TOKEN, or run: .venv/bin/cachebus tokens create)")
+        lines.append("Press Ctrl-C to stop everything.")
+        return "\n".join(lines)
+
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "serve": Serve(),
+    "worker": Worker(),
+    "tokens": {"create": TokensCreate(), "list": TokensList(), "disable": TokensDisable()},
+    "demo": Demo(),
+}
+
+
+def _add_command(subparsers: Any, command: Command) -> None:
+    parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"settings file (default: ${settings_mod.CONFIG_ENV} or {settings_mod.DEFAULT_CONFIG_PATH})")
+    command.add_arguments(parser)
+    parser.set_defaults(command=command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cachebus", description="Clear every process's cache at once, and prove it.")
+    subparsers = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=_Parser)
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, Command):
+            _add_command(subparsers, entry)
+        else:
+            group = subparsers.add_parser(name, help=f"manage {name}")
+            nested = group.add_subparsers(metavar="ACTION", required=True, parser_class=_Parser)
+            for command in entry.values():
+                _add_command(nested, command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> int:
+    """Console entry point. ``prog_command`` lets ``python -m service`` mean ``serve``."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if prog_command is not None:
+        args_list.insert(0, prog_command)
+    try:
+        args = build_parser().parse_args(args_list)
+        return args.command.run(args)
+    except (UsageError, SettingsError) as exc:
+        print(f"cachebus: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
