@@ -1,0 +1,260 @@
+"""Shared fixtures: real services and workers on free loopback ports.
+
+Nothing here mocks a cachebus component. In-process fixtures run the real
+Tornado application with real ZeroMQ sockets; :class:`Proc` runs the real
+``cachebus`` processes. Every wait polls a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import zmq.asyncio
+from tornado.testing import bind_unused_port
+
+from cachebus.settings import Settings
+from service.app import Service, make_app
+from service.tokens import TokenStore
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONTENT = ROOT / "workers" / "demo_content"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+#: Generous: a loaded 2-core CI machine can be slow, and waits end as soon as
+#: their condition holds.
+DEADLINE = 30.0
+
+
+def free_port() -> int:
+    sock, port = bind_unused_port()
+    sock.close()
+    return port
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """A blocking HTTP call that returns (status, headers, body) for any status."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def http_json(url: str) -> Any:
+    status, _, body = http("GET", url)
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+class Proc:
+    """A cachebus process started with ``python -m``, its output in a file."""
+
+    def __init__(self, module: str, args: list[str], log_path: Path, cwd: Path = ROOT) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("CACHEBUS_CONFIG", None)
+        self.popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd,
+                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = DEADLINE) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+
+
+class Cluster:
+    """A service process and any number of worker processes on free ports."""
+
+    def __init__(self, tmp: Path, tokens_dir: Path, content_dir: Path) -> None:
+        self.tmp = tmp
+        self.tokens_dir = tokens_dir
+        self.content_dir = content_dir
+        self.port = free_port()
+        self.publish = f"tcp://127.0.0.1:{free_port()}"
+        self.acks = f"tcp://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.service: Proc | None = None
+        self.workers: dict[str, tuple[Proc, str]] = {}
+        self.token, self.access_token = create_token(tokens_dir)
+
+    def bus_args(self) -> list[str]:
+        return ["--bus-publish", self.publish, "--bus-acks", self.acks]
+
+    def start_service(self, *extra: str) -> Proc:
+        self.service = Proc("service", ["--port", str(self.port), "--tokens-dir", str(self.tokens_dir),
+                                        *self.bus_args(), *extra], self.tmp / f"service-{time.monotonic_ns()}.log")
+        wait_for(lambda: self._answers(self.url + "/"), what="the service to answer HTTP")
+        return self.service
+
+    def start_worker(self, name: str, wait: bool = True) -> str:
+        port = free_port()
+        proc = Proc("workers", ["--name", name, "--http-port", str(port), "--content-dir",
+                                str(self.content_dir), *self.bus_args()], self.tmp / f"{name}.log")
+        url = f"http://127.0.0.1:{port}"
+        self.workers[name] = (proc, url)
+        if wait:
+            self.wait_worker_live(name)
+        return url
+
+    def wait_worker_live(self, name: str) -> None:
+        """Wait until the worker process started as ``name`` is live in the record."""
+        pid = self.workers[name][0].pid
+        wait_for(lambda: any(w["name"] == name and w["state"] == "live" and w["pid"] == pid
+                             for w in self.worker_list()), what=f"worker {name} to join")
+
+    def wait_worker_live_named(self, name: str) -> None:
+        """Wait until some worker called ``name`` (an embedded one, say) is live."""
+        wait_for(lambda: any(w["name"] == name and w["state"] == "live" for w in self.worker_list()),
+                 what=f"worker {name} to join")
+
+    def _answers(self, url: str) -> bool:
+        try:
+            http("GET", url, timeout=2)
+            return True
+        except OSError:
+            return False
+
+    def creds(self) -> str:
+        return urllib.parse.urlencode({"token": self.token, "access_token": self.access_token})
+
+    def clear(self, **extra: str) -> tuple[int, dict[str, str], bytes]:
+        body = urllib.parse.urlencode({"token": self.token, "access_token": self.access_token, **extra})
+        return http("POST", self.url + "/api/v1/cache/clear", body.encode(),
+                    {"Content-Type": "application/x-www-form-urlencoded"})
+
+    def worker_list(self) -> list[dict[str, Any]]:
+        try:
+            return http_json(f"{self.url}/api/v1/cache/workers?{self.creds()}")["workers"]
+        except OSError:
+            return []
+
+    def clear_record(self, clear_id: str) -> dict[str, Any]:
+        return http_json(f"{self.url}/api/v1/cache/clears/{clear_id}?{self.creds()}")
+
+    def stop(self) -> None:
+        for proc, _ in self.workers.values():
+            proc.stop()
+        if self.service is not None:
+            self.service.stop()
+
+
+def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:
+    store = TokenStore(tokens_dir)
+    try:
+        created = store.create(limit_calls=limit_calls)
+    finally:
+        store.close()
+    return created.token, created.access_token
+
+
+@pytest.fixture
+def content_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "content"
+    shutil.copytree(DEMO_CONTENT, target)
+    return target
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, content_dir: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, tmp_path / "tokens", content_dir)
+    yield c
+    c.stop()
+
+
+# --- in-process service, for pytest-tornado's http_server / http_client ----
+
+
+@pytest.fixture
+def tokens_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def credentials(tokens_dir: Path) -> tuple[str, str]:
+    return create_token(tokens_dir)
+
+
+@pytest.fixture
+def overrides() -> dict[str, Any]:
+    """Settings a test module may override for the in-process service."""
+    return {}
+
+
+@pytest.fixture
+def settings(tokens_dir: Path, overrides: dict[str, Any]) -> Settings:
+    return Settings().replace({
+        "service.tokens_dir": str(tokens_dir),
+        "bus.publish": f"tcp://127.0.0.1:{free_port()}",
+        "bus.acks": f"tcp://127.0.0.1:{free_port()}",
+        **overrides,
+    })
+
+
+@pytest.fixture
+def service(io_loop: Any, settings: Settings) -> Iterator[Service]:
+    ctx = zmq.asyncio.Context()
+    svc = Service.create(settings, ctx)
+
+    async def start() -> None:
+        svc.start()
+
+    io_loop.run_sync(start)
+    yield svc
+    io_loop.run_sync(svc.stop)
+    ctx.term()
+
+
+@pytest.fixture
+def app(service: Service) -> Any:
+    return make_app(service)
