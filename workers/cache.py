@@ -10,9 +10,14 @@ data that a clear should have removed:
 
 * *bypass*: while on, ``get`` always misses and ``set`` keeps nothing. A worker
   turns it on while it cannot be sure it has seen every clear.
-* a *generation*, bumped by every clear and by entering bypass. A caller that
-  reads the generation before fetching a value from its source passes it to
-  ``set``; if a clear ran in between, the value may predate it and is dropped.
+* a *lease*, held by the bus subscriber: the cache trusts its entries only
+  until the lease runs out, and behaves as bypassed from then on. The check
+  happens inside ``get`` itself, so a stale entry is never served after the
+  lease ends, even if the process was frozen or its event loop is busy.
+* a *generation*, bumped by every clear, by entering bypass and by a lease
+  that lapsed. A caller that reads the generation before fetching a value from
+  its source passes it to ``set``; if a clear ran in between, the value may
+  predate it and is dropped.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ class Cache:
         self._bypass_since = 0.0
         self._bypass_total = 0.0
         self._bypass_misses = 0
+        # None: no lease is held, and the cache trusts its entries (standalone use).
+        self._lease: float | None = None
+        self._lapsed_total = 0.0
 
     @property
     def max_entries(self) -> int:
@@ -102,9 +110,32 @@ class Cache:
 
     @property
     def bypass(self) -> bool:
-        """Whether the cache is bypassed: ``get`` misses and ``set`` keeps nothing."""
+        """Whether the cache is bypassed (by :meth:`set_bypass` or a lapsed lease):
+        ``get`` misses and ``set`` keeps nothing."""
         with self._lock:
-            return self._bypass
+            return self._untrusted(self._clock())
+
+    def hold_lease(self, until: float) -> None:
+        """Trust the entries until ``until`` (on this cache's clock).
+
+        The bus subscriber renews the lease each time it hears the service. If
+        the previous lease had lapsed, entries may have missed a clear; the
+        caller must have cleared them before renewing.
+        """
+        with self._lock:
+            now = self._clock()
+            if self._lease is not None and now >= self._lease:
+                self._lapsed_total += now - self._lease
+                self._generation += 1
+            self._lease = until
+
+    def revoke_lease(self) -> None:
+        """Stop trusting the entries now, until :meth:`hold_lease` is called."""
+        with self._lock:
+            now = self._clock()
+            if self._lease is None or self._lease > now:
+                self._lease = now
+                self._generation += 1
 
     @property
     def bypass_misses(self) -> int:
@@ -115,11 +146,12 @@ class Cache:
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value for ``key``, or ``default``; a hit makes it most recently used."""
         with self._lock:
-            if self._bypass:
+            now = self._clock()
+            if self._untrusted(now):
                 self._misses += 1
                 self._bypass_misses += 1
                 return default
-            self._expire()
+            self._expire(now)
             try:
                 value = self._data[key]
             except KeyError:
@@ -141,12 +173,12 @@ class Cache:
         and it is not stored.
         """
         with self._lock:
-            if self._bypass:
+            now = self._clock()
+            if self._untrusted(now):
                 self._remove(key)
                 return
             if generation is not None and generation != self._generation:
                 return
-            now = self._clock()
             self._expire(now)
             self._data[key] = value
             self._data.move_to_end(key)
@@ -217,9 +249,12 @@ class Cache:
         with self._lock:
             self._expire()
             lookups = self._hits + self._misses
-            bypass_seconds = self._bypass_total
+            now = self._clock()
+            bypass_seconds = self._bypass_total + self._lapsed_total
             if self._bypass:
-                bypass_seconds += self._clock() - self._bypass_since
+                bypass_seconds += now - self._bypass_since
+            if self._lease is not None and now >= self._lease:
+                bypass_seconds += now - self._lease
             return {
                 "entries": len(self._data),
                 "max_entries": self._max_entries,
@@ -232,11 +267,14 @@ class Cache:
                 "last_clear_id": self._last_clear_id,
                 "last_clear_seq": self._last_clear_seq,
                 "last_purge_at": self._last_purge_at,
-                "bypass": self._bypass,
+                "bypass": self._untrusted(now),
                 "bypass_seconds": bypass_seconds,
             }
 
     # --- helpers; the caller holds the lock ----------------------------------
+
+    def _untrusted(self, now: float) -> bool:
+        return self._bypass or (self._lease is not None and now >= self._lease)
 
     def _remove(self, key: Hashable) -> bool:
         self._expires.pop(key, None)

@@ -1,0 +1,414 @@
+"""The worker's in-memory cache: LRU, TTL, stats, clears, bypass and threads."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from workers.cache import Cache, Purgeable
+
+STATS_KEYS = {"entries", "max_entries", "ttl", "hits", "misses", "hit_ratio", "evictions", "purges",
+              "last_clear_id", "last_clear_seq", "last_purge_at", "bypass", "bypass_seconds"}
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_get_set_delete():
+    cache = Cache()
+    assert cache.get("a") is None
+    assert cache.get("a", "fallback") == "fallback"
+    cache.set("a", 1)
+    cache.set(("tuple", "key"), {"x": 1})
+    assert cache.get("a") == 1
+    assert cache.get(("tuple", "key")) == {"x": 1}
+    cache.set("a", 2)
+    assert cache.get("a") == 2
+    assert len(cache) == 2
+    assert "a" in cache and "b" not in cache
+    assert cache.delete("a") is True
+    assert cache.delete("a") is False
+    assert "a" not in cache
+    assert len(cache) == 1
+
+
+def test_none_and_falsy_values_are_cached():
+    cache = Cache()
+    sentinel = object()
+    cache.set("none", None)
+    cache.set("zero", 0)
+    assert cache.get("none", sentinel) is None
+    assert cache.get("zero", sentinel) == 0
+    assert cache.delete("none") is True
+    assert cache.stats()["hits"] == 2
+
+
+def test_clear_drops_everything_and_records_the_clear():
+    cache = Cache()
+    for i in range(5):
+        cache.set(i, i)
+    before = time.time()
+    assert cache.clear(clear_id="c-1", seq=7) == 5
+    assert len(cache) == 0 and cache.get(0) is None
+    stats = cache.stats()
+    assert stats["purges"] == 1
+    assert stats["last_clear_id"] == "c-1"
+    assert stats["last_clear_seq"] == 7
+    assert before <= stats["last_purge_at"] <= time.time()
+
+    # A purge with no clear behind it keeps the last id and seq.
+    cache.set("x", 1)
+    assert cache.clear() == 1
+    assert cache.clear(seq=9) == 0
+    stats = cache.stats()
+    assert stats["purges"] == 3
+    assert stats["last_clear_id"] == "c-1"
+    assert stats["last_clear_seq"] == 9
+
+
+def test_lru_evicts_least_recently_used():
+    cache = Cache(max_entries=3)
+    for key in "abc":
+        cache.set(key, key.upper())
+    cache.set("d", "D")
+    assert "a" not in cache
+    assert [k for k in "abcd" if k in cache] == ["b", "c", "d"]
+    assert cache.stats()["evictions"] == 1
+    assert len(cache) == 3
+
+
+def test_get_refreshes_recency():
+    cache = Cache(max_entries=3)
+    for key in "abc":
+        cache.set(key, key)
+    assert cache.get("a") == "a"
+    cache.set("d", "d")
+    assert "b" not in cache
+    assert {k for k in "abcd" if k in cache} == {"a", "c", "d"}
+
+
+def test_set_replacing_refreshes_recency_without_evicting():
+    cache = Cache(max_entries=2)
+    cache.set("a", 1)
+    cache.set("b", 2)
+    cache.set("a", 10)
+    assert cache.stats()["evictions"] == 0
+    cache.set("c", 3)
+    assert "b" not in cache
+    assert cache.get("a") == 10
+
+
+def test_contains_counts_no_hit_or_miss_and_keeps_recency():
+    cache = Cache(max_entries=2)
+    cache.set("a", 1)
+    cache.set("b", 2)
+    assert "a" in cache and "z" not in cache
+    cache.set("c", 3)
+    assert "a" not in cache
+    stats = cache.stats()
+    assert stats["hits"] == stats["misses"] == 0
+
+
+def test_ttl_expiry():
+    clock = FakeClock()
+    cache = Cache(ttl=10, clock=clock)
+    cache.set("a", 1)
+    clock.advance(5)
+    cache.set("b", 2)
+    clock.advance(4.9)
+    assert cache.get("a") == 1
+    assert "a" in cache and len(cache) == 2
+    clock.advance(0.1)
+    # a (set at t=0) has expired; b (set at t=5) has not.
+    assert "a" not in cache
+    assert len(cache) == cache.stats()["entries"] == 1
+    assert cache.get("a", "gone") == "gone"
+    assert cache.get("b") == 2
+    clock.advance(5)
+    assert cache.get("b") is None
+    assert len(cache) == 0
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"]) == (2, 2)
+    assert stats["evictions"] == 0
+
+
+def test_ttl_restarts_when_a_key_is_set_again_but_not_when_read():
+    clock = FakeClock()
+    cache = Cache(ttl=10, clock=clock)
+    cache.set("a", 1)
+    cache.set("b", 1)
+    clock.advance(8)
+    cache.set("a", 2)
+    assert cache.get("b") == 1
+    clock.advance(2)
+    assert "b" not in cache
+    assert cache.get("a") == 2
+    clock.advance(8)
+    assert "a" not in cache
+
+
+def test_expired_entries_are_not_counted_by_delete_or_clear():
+    clock = FakeClock()
+    cache = Cache(ttl=1, clock=clock)
+    cache.set("old", 1)
+    cache.set("older", 1)
+    clock.advance(1)
+    cache.set("new", 1)
+    assert cache.delete("old") is False
+    assert cache.clear() == 1
+
+
+def test_expired_entries_make_room_before_live_ones_are_evicted():
+    clock = FakeClock()
+    cache = Cache(max_entries=2, ttl=1, clock=clock)
+    cache.set("a", 1)
+    clock.advance(0.5)
+    cache.set("b", 2)
+    clock.advance(0.5)
+    cache.set("c", 3)
+    assert {k for k in "abc" if k in cache} == {"b", "c"}
+    assert cache.stats()["evictions"] == 0
+
+
+def test_hit_miss_accounting():
+    cache = Cache()
+    assert cache.stats()["hit_ratio"] == 0.0
+    cache.set("a", 1)
+    cache.get("a")
+    cache.get("a")
+    cache.get("a")
+    cache.get("missing")
+    stats = cache.stats()
+    assert stats["hits"] == 3
+    assert stats["misses"] == 1
+    assert stats["hit_ratio"] == 0.75
+
+
+def test_stats_keys_and_json():
+    cache = Cache(max_entries=5, ttl=30, clock=FakeClock())
+    cache.set("a", 1)
+    stats = cache.stats()
+    assert set(stats) == STATS_KEYS
+    assert json.loads(json.dumps(stats)) == stats
+    assert stats["entries"] == len(cache) == 1
+    assert stats["max_entries"] == 5
+    assert stats["ttl"] == 30
+    assert stats["last_clear_id"] is None
+    assert stats["last_clear_seq"] is None
+    assert stats["last_purge_at"] is None
+    assert stats["bypass"] is False
+    assert stats["bypass_seconds"] == 0.0
+
+
+def test_bypass_get_misses_and_set_is_not_kept():
+    cache = Cache()
+    cache.set("a", 1)
+    cache.set_bypass(True)
+    assert cache.bypass is True
+    assert cache.get("a") is None
+    assert cache.get("a", "default") == "default"
+    cache.set("b", 2)
+    assert "b" not in cache
+    stats = cache.stats()
+    assert stats["bypass"] is True
+    assert (stats["hits"], stats["misses"]) == (0, 2)
+    assert cache.bypass_misses == 2
+
+    cache.set_bypass(False)
+    assert cache.bypass is False
+    assert cache.get("a") == 1
+    assert cache.get("b") is None
+    assert cache.bypass_misses == 2
+    assert cache.stats()["misses"] == 3
+
+
+def test_entering_bypass_keeps_entries():
+    cache = Cache()
+    cache.set("a", 1)
+    cache.set("b", 2)
+    cache.set_bypass(True)
+    assert len(cache) == cache.stats()["entries"] == 2
+    assert "a" in cache
+    cache.set_bypass(False)
+    assert cache.get("a") == 1 and cache.get("b") == 2
+
+
+def test_set_while_bypassed_drops_the_older_value():
+    cache = Cache()
+    cache.set("a", "old")
+    cache.set_bypass(True)
+    cache.set("a", "new")
+    cache.set_bypass(False)
+    assert cache.get("a") is None
+
+
+def test_clear_works_while_bypassed():
+    cache = Cache()
+    cache.set("a", 1)
+    cache.set_bypass(True)
+    assert cache.clear(clear_id="c", seq=1) == 1
+    assert cache.bypass is True
+    cache.set_bypass(False)
+    assert len(cache) == 0
+
+
+def test_bypass_seconds_accumulates():
+    clock = FakeClock()
+    cache = Cache(clock=clock)
+    clock.advance(100)
+    assert cache.stats()["bypass_seconds"] == 0.0
+    cache.set_bypass(True)
+    clock.advance(3)
+    assert cache.stats()["bypass_seconds"] == 3.0  # the current stretch counts
+    cache.set_bypass(True)  # no-op: does not restart the stretch
+    clock.advance(2)
+    cache.set_bypass(False)
+    assert cache.stats()["bypass_seconds"] == 5.0
+    clock.advance(50)
+    cache.set_bypass(False)
+    assert cache.stats()["bypass_seconds"] == 5.0
+    cache.set_bypass(True)
+    clock.advance(1.5)
+    assert cache.stats()["bypass_seconds"] == 6.5
+    cache.set_bypass(False)
+    clock.advance(10)
+    assert cache.stats()["bypass_seconds"] == 6.5
+
+
+def test_generation_guards_against_values_read_before_a_clear():
+    cache = Cache()
+    generation = cache.generation
+    cache.clear()
+    cache.set("a", "read before the clear", generation=generation)
+    assert "a" not in cache
+    cache.set("a", "fresh", generation=cache.generation)
+    assert cache.get("a") == "fresh"
+
+    generation = cache.generation
+    cache.set_bypass(True)
+    cache.set_bypass(False)
+    cache.set("b", "read before bypass", generation=generation)
+    assert "b" not in cache
+
+
+@pytest.mark.parametrize("max_entries", [0, -1])
+def test_max_entries_must_be_positive(max_entries: int):
+    with pytest.raises(ValueError):
+        Cache(max_entries=max_entries)
+
+
+@pytest.mark.parametrize("ttl", [0, -1, -0.5, float("nan")])
+def test_ttl_must_be_none_or_positive(ttl: float):
+    with pytest.raises(ValueError):
+        Cache(ttl=ttl)
+
+
+def test_smallest_valid_arguments():
+    cache = Cache(max_entries=1, ttl=0.001)
+    cache.set("a", 1)
+    cache.set("b", 2)
+    assert len(cache) <= 1
+
+
+def test_cache_is_a_purge_target():
+    assert isinstance(Cache(), Purgeable)
+    assert not isinstance(object(), Purgeable)
+
+
+def test_thread_safety():
+    threads_n, ops, max_entries = 8, 5_000, 64
+    clock = FakeClock()
+    cache = Cache(max_entries=max_entries, ttl=3600, clock=clock)
+    gets = [0] * threads_n
+    clears = [0] * threads_n
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_n)
+
+    def work(index: int) -> None:
+        rng = random.Random(index)
+        try:
+            start.wait()
+            for n in range(ops):
+                key = rng.randrange(200)
+                op = rng.random()
+                if op < 0.5:
+                    cache.set(key, (index, key))
+                elif op < 0.98:
+                    gets[index] += 1
+                    value = cache.get(key)
+                    assert value is None or value[1] == key
+                else:
+                    clears[index] += 1
+                    cache.clear(seq=index)
+                if n % 64 == 0:
+                    assert len(cache) <= max_entries
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not errors, errors[0]
+    stats = cache.stats()
+    assert stats["hits"] + stats["misses"] == sum(gets)
+    assert stats["purges"] == sum(clears)
+    assert stats["entries"] == len(cache) <= max_entries
+    assert len(cache) == sum(1 for key in range(200) if key in cache)
+    # The LRU order and the expiry order still hold the same keys: once
+    # everything has expired, nothing is left behind.
+    clock.advance(3600)
+    assert len(cache) == 0
+
+
+def test_a_lapsed_lease_bypasses_the_cache_by_itself():
+    clock = FakeClock()
+    cache = Cache(clock=clock)
+    cache.set("a", 1)
+    assert cache.get("a") == 1  # no lease held: a standalone cache trusts itself
+    cache.hold_lease(clock.now + 1.5)
+    clock.advance(1.0)
+    assert cache.get("a") == 1 and not cache.bypass
+    clock.advance(1.0)
+    assert cache.get("a") is None
+    assert cache.bypass and cache.stats()["bypass"]
+    generation = cache.generation
+    cache.set("b", 2, generation=generation)
+    assert "b" not in cache
+    assert cache.clear() == 1
+    cache.hold_lease(clock.now + 1.5)
+    assert cache.generation > generation
+    assert cache.stats()["bypass_seconds"] == pytest.approx(0.5)
+    cache.set("c", 3)
+    assert cache.get("c") == 3
+
+
+def test_revoked_lease_bypasses_until_renewed_and_stale_reads_are_not_stored():
+    clock = FakeClock()
+    cache = Cache(clock=clock)
+    cache.set("a", 1)
+    before = cache.generation
+    cache.revoke_lease()
+    assert cache.get("a") is None and cache.bypass
+    clock.advance(2.0)
+    cache.hold_lease(clock.now + 1.0)
+    assert cache.get("a") == 1  # renewing is the caller's promise that it purged first
+    cache.set("x", "read before the revoke", generation=before)
+    assert "x" not in cache
+    assert cache.stats()["bypass_seconds"] == pytest.approx(2.0)
