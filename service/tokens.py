@@ -1,30 +1,38 @@
-"""Flextype tokens: ``<tokens_dir>/<token>/token.yaml``, checked the Flextype way.
+"""Flextype's API tokens: the on-disk store and the authorization check.
 
-A token file holds ``hashed_access_token`` (bcrypt, ``$2y$`` as PHP writes it),
-``state``, ``calls``, ``limit_calls``, ``uuid`` and ``created_by``. A tokens
-directory copied from a Flextype project works unchanged.
+A token is a directory ``<tokens_dir>/<token>/`` holding ``token.yaml`` with
+``hashed_access_token`` (bcrypt, ``$2y$`` as PHP's ``password_hash`` writes
+it), ``state``, ``calls``, ``limit_calls``, ``uuid`` and ``created_by``, so a
+token directory copied from a Flextype project works unchanged.
 
-bcrypt is slow by design, so checks run on a thread pool, never on the event
-loop, and successful verifications are remembered. Counting a call is a
-read-modify-write under an exclusive file lock, written to a temporary file,
-fsynced and renamed, so the count is exact across threads and processes.
+:meth:`TokenStore.check` runs Flextype's validation steps 3 to 7 in Flextype's
+order. bcrypt is slow by design, so successful verifications are remembered in
+memory until the token file changes. Counting a call is a read-modify-write of
+``token.yaml`` under an exclusive ``flock``, written to a temporary file and
+renamed into place, which keeps ``calls`` exact across threads and across
+service processes sharing the directory.
+
+No token id or access token ever appears in an exception or a log line; a
+failure carries a status and a short reason code only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import errno
 import fcntl
+import functools
 import hashlib
-import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import uuid
-from collections import OrderedDict
-from contextlib import contextmanager
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,17 +40,36 @@ from typing import Any, Iterator
 import bcrypt
 import yaml
 
-log = logging.getLogger("cachebus.tokens")
+#: Token ids the store will look up. Anything else is refused before touching
+#: the disk, which rules out path traversal (no ``.``, no ``/``).
+TOKEN_ID_RE: re.Pattern[str] = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 
-TOKEN_ID_RE = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+TOKEN_FILE = "token.yaml"
+LOCK_FILE = ".token.yaml.lock"
 
-#: PHP's password_verify only looks at the first 72 bytes of the password.
-_BCRYPT_MAX_BYTES = 72
-_MEMO_MAX = 10_000
+#: Memo entries kept at most; the least recently used go first.
+MEMO_SIZE = 10_000
+#: Larger token files are refused as invalid rather than parsed (Flextype's are
+#: a few hundred bytes).
+MAX_TOKEN_FILE = 1 << 20
+#: bcrypt (and PHP's password_verify) only look at the first 72 bytes.
+BCRYPT_MAX_BYTES = 72
+BCRYPT_ROUNDS = 10
+
+# (st_mtime_ns, st_size, st_ino) of a token file: changes whenever it is rewritten.
+_Signature = tuple[int, int, int]
+# (token, sha256(access_token), hashed_access_token)
+_MemoKey = tuple[str, bytes, str]
 
 
 class TokenError(Exception):
-    """A failed check: ``status`` is 400 or 401, ``reason`` a credential-free cause."""
+    """A failed check.
+
+    ``status`` is the HTTP status to answer (400 or 401) and ``reason`` a short
+    machine-readable cause for logs and metrics: ``unknown_token``,
+    ``invalid_token_file``, ``disabled``, ``limit_reached``, ``no_hash`` or
+    ``wrong_access_token``. Neither ever contains a credential.
+    """
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"{status} {reason}")
@@ -52,6 +79,8 @@ class TokenError(Exception):
 
 @dataclass(frozen=True)
 class CreatedToken:
+    """A new token. ``access_token`` exists only here: the file holds its hash."""
+
     token: str
     access_token: str
     path: Path
@@ -59,6 +88,8 @@ class CreatedToken:
 
 @dataclass(frozen=True)
 class TokenSummary:
+    """One row of :meth:`TokenStore.list`; never includes the hash."""
+
     token: str
     state: str
     calls: int
@@ -67,213 +98,319 @@ class TokenSummary:
     created_by: str
 
 
-def _signature(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_mtime_ns, st.st_size, st.st_ino
-
-
-def _validate(data: Any, *, limit: bool = True) -> dict[str, Any]:
-    """Flextype steps 4 and 5: required fields, then state and (with ``limit``) call limit."""
-    if (not isinstance(data, dict) or any(k not in data for k in ("state", "limit_calls", "calls"))
-            or not all(isinstance(data[k], int) and not isinstance(data[k], bool)
-                       for k in ("limit_calls", "calls"))):
-        raise TokenError(400, "invalid_token_file")
-    if data["state"] == "disabled":
-        raise TokenError(400, "disabled")
-    if limit and data["limit_calls"] != 0 and data["calls"] >= data["limit_calls"]:
-        raise TokenError(400, "limit_reached")
-    return data
-
-
-def _dump_atomically(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=".token.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@contextmanager
-def _suppress_os_error() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
-
-
 class TokenStore:
-    """Reads, checks, counts, creates and disables tokens in one directory."""
+    """Flextype tokens under ``tokens_dir``: authorization, creation, listing.
+
+    Blocking methods (:meth:`check`, :meth:`create`, :meth:`list`,
+    :meth:`disable`) are safe to call from several threads. The event loop uses
+    :meth:`authorize`, which runs :meth:`check` on ``executor`` so that neither
+    bcrypt nor file I/O blocks the loop. Without an ``executor`` the store makes
+    a small one of its own, shut down by :meth:`close`.
+    """
 
     def __init__(self, tokens_dir: str | os.PathLike[str],
                  executor: concurrent.futures.Executor | None = None) -> None:
         self.tokens_dir = Path(tokens_dir)
         self._own_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="cachebus-auth")
-        self._memo: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
-        self._signatures: dict[str, tuple[int, int, int]] = {}
+        if executor is None:
+            executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cachebus-auth")
+        self._executor = executor
+        #: Actual ``bcrypt.checkpw`` invocations, memo hits excluded.
+        self.bcrypt_calls: int = 0
         self._lock = threading.Lock()
-        #: How many times bcrypt actually ran; the memo keeps this low.
-        self.bcrypt_calls = 0
+        self._memo: OrderedDict[_MemoKey, None] = OrderedDict()
+        self._memo_by_token: dict[str, set[_MemoKey]] = {}
+        # Per token, the signatures whose content the memo is known to agree
+        # with: the last one read, plus the ones this store wrote since. Several
+        # are kept because a thread may read one of our own earlier writes
+        # after a later one was recorded; that is no change from outside.
+        self._signatures: dict[str, deque[_Signature]] = {}
 
     def close(self) -> None:
+        """Shut down the executor if this store created it."""
         if self._own_executor:
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown(wait=True)
+
+    # --- authorization ------------------------------------------------------
 
     async def authorize(self, token: str, access_token: str, *, consume: bool) -> None:
-        """:meth:`check` on the thread pool; raises :class:`TokenError`."""
+        """:meth:`check` on the executor; raises :class:`TokenError`."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, lambda: self.check(token, access_token, consume=consume))
+        await loop.run_in_executor(
+            self._executor, functools.partial(self.check, token, access_token, consume=consume))
 
     def check(self, token: str, access_token: str, *, consume: bool) -> None:
-        """Flextype's steps 3 to 7 for ``token``; blocking.
+        """Flextype's validation steps 3 to 7; raises :class:`TokenError`.
 
-        ``consume`` counts the call (step 7). Without it, as for reading the
-        record, the call limit is not enforced either: it limits clears.
+        Blocking. With ``consume`` a success also adds one to ``calls`` in the
+        token file, after re-checking the state and limit under the file lock.
+        Without it, as for reading the record, the call limit is not enforced:
+        it limits clears, and reading never counts as one.
         """
-        path = self._path(token)
-        data, signature = self._read(path)
-        self._forget_if_changed(token, signature)
-        _validate(data, limit=consume)
-        self._verify(token, access_token, data)
-        if consume:
-            self._count_call(token, access_token, path)
-
-    def _path(self, token: str) -> Path:
-        # Step 3 for ids that cannot be token directories: never touch the disk.
-        if not isinstance(token, str) or not TOKEN_ID_RE.fullmatch(token):
+        # 3. The id is checked before any path is built from it.
+        if not TOKEN_ID_RE.fullmatch(token):
             raise TokenError(401, "unknown_token")
-        return self.tokens_dir / token / "token.yaml"
+        token_dir = self.tokens_dir / token
+        data, signature = self._read(token_dir / TOKEN_FILE)
+        self._observe(token, signature)
+        self._validate(data, limit=consume)  # 4 and 5
+        # 6. Outside the lock: a slow bcrypt must not hold up other requests.
+        hashed = self._verify(token, access_token, data)
+        if consume:
+            self._consume(token, token_dir, access_token, hashed)
 
-    def _read(self, path: Path) -> tuple[Any, tuple[int, int, int]]:
+    def _consume(self, token: str, token_dir: Path, access_token: str, hashed: str) -> None:
+        """Step 7: add one to ``calls``, exactly once, under the token's file lock."""
+        path = token_dir / TOKEN_FILE
+        with self._locked(token_dir):
+            # Another thread or process may have counted calls, disabled the
+            # token or changed its hash since the unlocked read.
+            data, signature = self._read(path)
+            self._observe(token, signature)
+            self._validate(data)
+            if data.get("hashed_access_token") != hashed:
+                self._verify(token, access_token, data)
+            data["calls"] += 1
+            written = self._write(path, data)
+            self._remember_write(token, written)
+
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, Any], _Signature]:
+        """Steps 3 and 4 on the disk: the parsed token file and its signature."""
         try:
-            with open(path, "rb") as f:
-                signature = _signature(os.fstat(f.fileno()))
-                text = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise TokenError(401, "unknown_token") from None
         try:
-            return yaml.safe_load(text), signature
-        except (yaml.YAMLError, UnicodeDecodeError):
+            # Stat the open file, not the path: a rename between the two would
+            # pair one version's content with another's signature.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TokenError(401, "unknown_token")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_TOKEN_FILE + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > MAX_TOKEN_FILE:
+            raise TokenError(400, "invalid_token_file")
+        try:
+            data = yaml.safe_load(raw)
+        except (yaml.YAMLError, RecursionError):
             raise TokenError(400, "invalid_token_file") from None
+        if not isinstance(data, dict):
+            raise TokenError(400, "invalid_token_file")
+        return data, (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _forget_if_changed(self, token: str, signature: tuple[int, int, int]) -> None:
-        with self._lock:
-            if self._signatures.get(token) != signature:
-                self._signatures[token] = signature
-                for key in [k for k in self._memo if k[0] == token]:
-                    del self._memo[key]
+    @staticmethod
+    def _validate(data: dict[str, Any], *, limit: bool = True) -> None:
+        """Steps 4 and 5: required fields, then state and (with ``limit``) call limit."""
+        # Like PHP's isset(): a key set to null counts as missing.
+        if any(data.get(key) is None for key in ("state", "limit_calls", "calls")):
+            raise TokenError(400, "invalid_token_file")
+        calls = data["calls"]
+        if not _is_int(calls) or not _is_int(data["limit_calls"]):
+            raise TokenError(400, "invalid_token_file")
+        if data["state"] == "disabled":
+            raise TokenError(400, "disabled")
+        if limit and data["limit_calls"] != 0 and calls >= data["limit_calls"]:
+            raise TokenError(400, "limit_reached")
 
-    def _verify(self, token: str, access_token: str, data: dict[str, Any]) -> None:
-        """Step 6: the access token against the stored bcrypt hash."""
+    def _verify(self, token: str, access_token: str, data: dict[str, Any]) -> str:
+        """Step 6: the access token against the stored hash; returns the hash."""
         hashed = data.get("hashed_access_token")
-        if not isinstance(hashed, str) or not hashed:
+        if hashed is None:
             raise TokenError(401, "no_hash")
-        key = (token, hashlib.sha256(access_token.encode("utf-8", "surrogatepass")).digest(), hashed)
+        if not isinstance(hashed, str):
+            raise TokenError(401, "wrong_access_token")
+        # surrogatepass: a lone surrogate (possible from a JSON body) must fail
+        # to verify, not crash the request.
+        secret = access_token.encode("utf-8", "surrogatepass")
+        key = (token, hashlib.sha256(secret).digest(), hashed)
         with self._lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
-                return
+                return hashed
             self.bcrypt_calls += 1
-        password = access_token.encode("utf-8", "surrogatepass")[:_BCRYPT_MAX_BYTES]
         try:
-            ok = bcrypt.checkpw(password, hashed.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
+            # PHP's password_verify ignores bytes past the 72nd; bcrypt 5 raises.
+            ok = bcrypt.checkpw(secret[:BCRYPT_MAX_BYTES], hashed.encode("utf-8", "surrogatepass"))
+        except ValueError:  # a malformed hash
             ok = False
         if not ok:
             raise TokenError(401, "wrong_access_token")
         with self._lock:
             self._memo[key] = None
-            while len(self._memo) > _MEMO_MAX:
-                self._memo.popitem(last=False)
+            self._memo_by_token.setdefault(token, set()).add(key)
+            while len(self._memo) > MEMO_SIZE:
+                old, _ = self._memo.popitem(last=False)
+                self._discard_memo_key(old)
+        return hashed
 
-    @contextmanager
-    def _locked(self, token_dir: Path) -> Iterator[None]:
-        with open(token_dir / ".token.yaml.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _observe(self, token: str, signature: _Signature) -> None:
+        """Forget the token's memo entries if its file changed behind our back."""
+        with self._lock:
+            known = self._signatures.get(token)
+            if known is not None and signature in known:
+                return
+            self._forget_locked(token)
+            self._signatures[token] = deque([signature], maxlen=16)
 
-    def _count_call(self, token: str, access_token: str, path: Path) -> None:
-        """Step 7: ``calls += 1``, re-checking under the lock what may have changed."""
-        with self._locked(path.parent):
-            data, signature = self._read(path)
-            self._forget_if_changed(token, signature)
-            _validate(data)
-            self._verify(token, access_token, data)
-            data["calls"] += 1
-            _dump_atomically(path, data)
-            with self._lock:
-                self._signatures[token] = _signature(os.stat(path))
+    def _remember_write(self, token: str, signature: _Signature) -> None:
+        """Record our own write, so it does not invalidate the memo."""
+        with self._lock:
+            self._signatures.setdefault(token, deque(maxlen=16)).append(signature)
 
-    # --- management, for the CLI ---------------------------------------------
+    def _forget_locked(self, token: str) -> None:
+        for key in self._memo_by_token.pop(token, ()):
+            self._memo.pop(key, None)
+
+    def _discard_memo_key(self, key: _MemoKey) -> None:
+        keys = self._memo_by_token.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._memo_by_token[key[0]]
+
+    # --- administration -----------------------------------------------------
 
     def create(self, *, limit_calls: int = 0, created_by: str = "cachebus") -> CreatedToken:
-        """A new token; the access token is returned once and stored only hashed."""
-        if limit_calls < 0:
-            raise ValueError("limit_calls must be >= 0")
-        token = secrets.token_hex(16)
+        """Write a new enabled token and return it with its only plain access token copy."""
+        if not _is_int(limit_calls) or limit_calls < 0:
+            raise ValueError("limit_calls must be an integer >= 0")
+        self.tokens_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            token = secrets.token_hex(16)
+            token_dir = self.tokens_dir / token
+            try:
+                token_dir.mkdir()
+                break
+            except FileExistsError:  # pragma: no cover - 128 random bits
+                continue
+        _fsync_dir(self.tokens_dir)
         access_token = secrets.token_hex(16)
-        hashed = bcrypt.hashpw(access_token.encode(), bcrypt.gensalt(rounds=10)).decode()
-        # $2b$ and $2y$ are the same algorithm; $2y$ is what PHP writes and reads.
-        hashed = "$2y$" + hashed[4:]
-        path = self.tokens_dir / token / "token.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _dump_atomically(path, {
+        hashed = bcrypt.hashpw(access_token.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode("ascii")
+        # Same algorithm; $2y$ is what PHP's password_hash writes.
+        hashed = "$2y$" + hashed.removeprefix("$2b$")
+        data = {
             "hashed_access_token": hashed,
             "state": "enabled",
             "calls": 0,
             "limit_calls": limit_calls,
             "uuid": str(uuid.uuid4()),
             "created_by": created_by,
-        })
+        }
+        path = token_dir / TOKEN_FILE
+        self._write(path, data)
         return CreatedToken(token=token, access_token=access_token, path=path)
 
     def list(self) -> list[TokenSummary]:
-        """Every readable token, sorted by id."""
-        summaries = []
-        if not self.tokens_dir.is_dir():
-            return summaries
-        for entry in sorted(self.tokens_dir.iterdir()):
-            if not TOKEN_ID_RE.fullmatch(entry.name):
+        """Every token, sorted by id; directories without a readable token file are skipped.
+
+        A token file that fails Flextype's step 4 is listed with state ``invalid``.
+        """
+        try:
+            entries = sorted(os.listdir(self.tokens_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        rows = []
+        for name in entries:
+            if not TOKEN_ID_RE.fullmatch(name):
                 continue
             try:
-                data, _ = self._read(entry / "token.yaml")
-            except TokenError:
+                data, _ = self._read(self.tokens_dir / name / TOKEN_FILE)
+            except (TokenError, OSError):
                 continue
-            if not isinstance(data, dict):
-                continue
-            summaries.append(TokenSummary(
-                token=entry.name, state=str(data.get("state", "")), calls=int(data.get("calls") or 0),
-                limit_calls=int(data.get("limit_calls") or 0), uuid=str(data.get("uuid", "")),
-                created_by=str(data.get("created_by", "")),
+            try:
+                self._validate(data)
+                state = str(data["state"])
+            except TokenError as exc:
+                state = "invalid" if exc.reason == "invalid_token_file" else str(data["state"])
+            rows.append(TokenSummary(
+                token=name,
+                state=state,
+                calls=data["calls"] if _is_int(data.get("calls")) else 0,
+                limit_calls=data["limit_calls"] if _is_int(data.get("limit_calls")) else 0,
+                uuid=str(data.get("uuid") or ""),
+                created_by=str(data.get("created_by") or ""),
             ))
-        return summaries
+        return rows
 
     def disable(self, token: str) -> None:
-        """Set ``state: disabled``; raises KeyError for an unknown token."""
+        """Set the token's state to ``disabled``; raises ``KeyError`` if there is no such token."""
+        if not TOKEN_ID_RE.fullmatch(token):
+            raise KeyError("no such token")
+        token_dir = self.tokens_dir / token
         try:
-            path = self._path(token)
-        except TokenError:
-            raise KeyError(token) from None
-        if not path.is_file():
-            raise KeyError(token)
-        with self._locked(path.parent):
-            data, _ = self._read(path)
-            if not isinstance(data, dict):
-                raise KeyError(token)
-            data["state"] = "disabled"
-            _dump_atomically(path, data)
+            with self._locked(token_dir):
+                data, _ = self._read(token_dir / TOKEN_FILE)
+                data["state"] = "disabled"
+                self._write(token_dir / TOKEN_FILE, data)
+        except TokenError as exc:
+            if exc.reason == "unknown_token":
+                raise KeyError("no such token") from None
+            raise
+        with self._lock:
+            self._forget_locked(token)
+            self._signatures.pop(token, None)
+
+    # --- files --------------------------------------------------------------
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _locked(token_dir: Path) -> Iterator[None]:
+        """An exclusive ``flock`` on the token's lock file, across threads and processes."""
+        try:
+            fd = os.open(token_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileNotFoundError, NotADirectoryError):
+            raise TokenError(401, "unknown_token") from None
+        try:
+            # flock locks belong to the open file description, so this also
+            # excludes other threads of this process, each with its own open().
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _write(path: Path, data: dict[str, Any]) -> _Signature:
+        """Replace ``path`` atomically and durably; returns the new file's signature."""
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o600  # mkstemp's; the file holds a hash
+        fd, tmp = tempfile.mkstemp(prefix=".token.yaml.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+                # rename keeps the inode, size and mtime, so this is the
+                # signature token.yaml will have.
+                st = os.fstat(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _is_int(value: object) -> bool:
+    # YAML's true/false load as bool, a subclass of int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory; the rename still happened.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,599 @@
+"""The token store: Flextype's checks 3 to 7, the memo, and exact call counting.
+
+Everything runs against real token files in ``tmp_path``; the concurrency tests
+use real threads and real processes sharing one directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+import yaml
+
+from service.tokens import TOKEN_ID_RE, TokenError, TokenStore, TokenSummary
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
+PHP_TOKEN = "flextype-php"
+PHP_ACCESS = "rasmuslerdorf"  # the password of PHP's password_hash documentation example
+PHP_HASH = "$2y$10$.vGA1O9wmRjrwAVXD98HNOgsNpDczlqm3Jq7KnEd1rVAGv3Fykk1a"
+
+
+# --- helpers ----------------------------------------------------------------
+
+
+def fast_hash(secret: str) -> str:
+    """A $2y$ hash at bcrypt's lowest cost, for tests that verify many times."""
+    hashed = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return "$2y$" + hashed.removeprefix("$2b$")
+
+
+def write_token(tokens_dir: Path, token: str, **fields: Any) -> Path:
+    """Write a token file with ``fields`` as given (``None`` drops a key)."""
+    data = {"hashed_access_token": fast_hash("secret"), "state": "enabled", "calls": 0,
+            "limit_calls": 0, "uuid": "00000000-0000-4000-8000-000000000000", "created_by": "tests"}
+    data.update(fields)
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tokens_dir / token / "token.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Rewrite ``path`` the way an editor or another tool would: a new file renamed over it."""
+    tmp = path.with_name("edit.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def failure(store: TokenStore, token: str, access_token: str, consume: bool = False) -> tuple[int, str]:
+    with pytest.raises(TokenError) as info:
+        store.check(token, access_token, consume=consume)
+    # The message is the status and reason code, and nothing else.
+    assert str(info.value) == f"{info.value.status} {info.value.reason}"
+    return info.value.status, info.value.reason
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def store(tokens: Path) -> Any:
+    s = TokenStore(tokens)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def php_token(tokens: Path) -> Path:
+    """The PHP-written fixture copied into ``tokens``; returns its token.yaml."""
+    shutil.copytree(FIXTURE, tokens / PHP_TOKEN)
+    return tokens / PHP_TOKEN / "token.yaml"
+
+
+# --- step 3: the token id and the token file --------------------------------
+
+
+def test_token_id_pattern() -> None:
+    assert TOKEN_ID_RE.fullmatch("a" * 128)
+    assert TOKEN_ID_RE.fullmatch("Ab0_-")
+    for bad in ("", "a" * 129, "../x", "a/b", "a.b", ".", "..", "a\n", "a b", "é"):
+        assert not TOKEN_ID_RE.fullmatch(bad), bad
+
+
+@pytest.mark.parametrize("token", ["../x", "a/b", "a" * 129, "", "..", "x/../x", "/abs"])
+def test_bad_ids_are_unknown_without_touching_the_disk(tmp_path: Path, token: str) -> None:
+    store = TokenStore(tmp_path / "does" / "not" / "exist")
+    try:
+        assert failure(store, token, "secret", consume=True) == (401, "unknown_token")
+    finally:
+        store.close()
+    assert not (tmp_path / "does").exists()
+
+
+def test_bad_ids_are_refused_even_where_a_valid_token_file_would_be_found(tmp_path: Path, tokens: Path,
+                                                                            store: TokenStore) -> None:
+    # Each id names a real, valid token file if joined to the path naively.
+    write_token(tmp_path, "x")  # tokens/../x
+    write_token(tokens / "a", "b")  # tokens/a/b
+    write_token(tokens, "a" * 129)
+    (tokens / "token.yaml").write_text((tmp_path / "x" / "token.yaml").read_text())  # tokens//token.yaml
+    for token in ("../x", "a/b", "a" * 129, ""):
+        assert failure(store, token, "secret", consume=True) == (401, "unknown_token"), token
+    assert read(tmp_path / "x" / "token.yaml")["calls"] == 0
+    assert store.bcrypt_calls == 0
+
+
+def test_missing_token_file_is_unknown(tokens: Path, store: TokenStore) -> None:
+    assert failure(store, "nope", "secret") == (401, "unknown_token")
+    (tokens / "empty").mkdir()
+    assert failure(store, "empty", "secret") == (401, "unknown_token")
+    (tokens / "dir" / "token.yaml").mkdir(parents=True)
+    assert failure(store, "dir", "secret") == (401, "unknown_token")
+    (tokens / "file").write_text("not a directory")
+    assert failure(store, "file", "secret") == (401, "unknown_token")
+
+
+def test_missing_tokens_dir_is_unknown(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "missing")
+    try:
+        assert failure(store, "abc", "secret") == (401, "unknown_token")
+    finally:
+        store.close()
+
+
+# --- step 4: the token file's fields ----------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "just a string\n",
+    "- a\n- list\n",
+    "42\n",
+    "state: [unclosed\n",
+    "\xff\xfe not utf-8",
+])
+def test_unparseable_or_non_mapping_file_is_invalid(tokens: Path, store: TokenStore, text: str) -> None:
+    path = tokens / "tok" / "token.yaml"
+    path.parent.mkdir()
+    path.write_bytes(text.encode("latin-1"))
+    assert failure(store, "tok", "secret") == (400, "invalid_token_file")
+
+
+@pytest.mark.parametrize("fields", [
+    {"state": None},
+    {"calls": None},
+    {"limit_calls": None},
+    {"calls": "3"},
+    {"limit_calls": "10"},
+    {"calls": 1.5},
+    {"calls": True},
+    {"limit_calls": [1]},
+])
+def test_missing_or_non_int_fields_are_invalid(tokens: Path, store: TokenStore, fields: dict[str, Any]) -> None:
+    write_token(tokens, "tok", **fields)
+    assert failure(store, "tok", "secret") == (400, "invalid_token_file")
+
+
+def test_null_field_counts_as_missing(tokens: Path, store: TokenStore) -> None:
+    path = tokens / "tok" / "token.yaml"
+    path.parent.mkdir()
+    path.write_text(f"hashed_access_token: {fast_hash('secret')}\nstate: enabled\ncalls: ~\nlimit_calls: 0\n")
+    assert failure(store, "tok", "secret") == (400, "invalid_token_file")
+
+
+def test_invalid_file_is_checked_before_the_access_token(tokens: Path, store: TokenStore) -> None:
+    write_token(tokens, "tok", state=None, hashed_access_token=None)
+    assert failure(store, "tok", "wrong") == (400, "invalid_token_file")
+
+
+# --- step 5: state and call limit --------------------------------------------
+
+
+def test_disabled(tokens: Path, store: TokenStore) -> None:
+    write_token(tokens, "tok", state="disabled")
+    # Step 5 comes before step 6: even a wrong access token gets 400.
+    assert failure(store, "tok", "wrong") == (400, "disabled")
+    assert failure(store, "tok", "secret", consume=True) == (400, "disabled")
+    assert store.bcrypt_calls == 0
+
+
+def test_limit_reached(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", calls=3, limit_calls=3)
+    assert failure(store, "tok", "wrong", consume=True) == (400, "limit_reached")
+    write_token(tokens, "tok", calls=7, limit_calls=3)
+    assert failure(store, "tok", "secret", consume=True) == (400, "limit_reached")
+    assert read(path)["calls"] == 7
+
+
+def test_zero_limit_is_unlimited(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", calls=10**9, limit_calls=0)
+    store.check("tok", "secret", consume=True)
+    assert read(path)["calls"] == 10**9 + 1
+
+
+def test_consume_stops_at_the_limit(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", limit_calls=2)
+    store.check("tok", "secret", consume=True)
+    store.check("tok", "secret", consume=True)
+    assert failure(store, "tok", "secret", consume=True) == (400, "limit_reached")
+    store.check("tok", "secret", consume=False)  # reading the record is not a call
+    assert read(path)["calls"] == 2
+
+
+# --- step 6: the access token ------------------------------------------------
+
+
+def test_php_hash_fixture_verifies(php_token: Path, store: TokenStore) -> None:
+    assert read(php_token)["hashed_access_token"] == PHP_HASH
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert failure(store, PHP_TOKEN, "rasmuslerdorF") == (401, "wrong_access_token")
+    assert bcrypt.checkpw(PHP_ACCESS.encode(), PHP_HASH.encode())  # bcrypt itself takes $2y$
+
+
+def test_no_hash(tokens: Path, store: TokenStore) -> None:
+    write_token(tokens, "tok", hashed_access_token=None)
+    assert failure(store, "tok", "secret") == (401, "no_hash")
+
+
+def test_wrong_access_token(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok")
+    assert failure(store, "tok", "wrong", consume=True) == (401, "wrong_access_token")
+    assert failure(store, "tok", "") == (401, "wrong_access_token")
+    assert read(path)["calls"] == 0
+
+
+@pytest.mark.parametrize("hashed", ["", "not a hash", "$2y$10$short", 12345, ["$2y$"]])
+def test_malformed_hash_is_a_wrong_access_token(tokens: Path, store: TokenStore, hashed: Any) -> None:
+    write_token(tokens, "tok", hashed_access_token=hashed)
+    assert failure(store, "tok", "secret") == (401, "wrong_access_token")
+
+
+def test_long_access_token_is_truncated_to_72_bytes_like_php(tokens: Path, store: TokenStore) -> None:
+    prefix = "p" * 72
+    write_token(tokens, "tok", hashed_access_token=fast_hash(prefix))
+    store.check("tok", prefix + "anything after byte 72", consume=False)
+    assert failure(store, "tok", "x" * 1000) == (401, "wrong_access_token")
+    # Multi-byte characters: 72 bytes, not 72 characters.
+    write_token(tokens, "tok", hashed_access_token=fast_hash("é" * 36))
+    store.check("tok", "é" * 100, consume=False)
+
+
+def test_unencodable_access_token_fails_cleanly(tokens: Path, store: TokenStore) -> None:
+    write_token(tokens, "tok")
+    assert failure(store, "tok", "\ud800") == (401, "wrong_access_token")
+
+
+# --- step 7: counting the call -----------------------------------------------
+
+
+def test_consume_increments_once_and_preserves_the_rest(php_token: Path, store: TokenStore) -> None:
+    before = read(php_token)
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    after = read(php_token)
+    assert after["calls"] == before["calls"] + 1
+    assert list(after) == list(before)
+    assert {k: v for k, v in after.items() if k != "calls"} == {k: v for k, v in before.items() if k != "calls"}
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    assert read(php_token)["calls"] == before["calls"] + 2
+    # Nothing left behind but the lock file.
+    assert sorted(p.name for p in php_token.parent.iterdir()) == [".token.yaml.lock", "token.yaml"]
+
+
+def test_consume_keeps_extra_fields_and_mode(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", title="Test", icon="fas fa-database", created_at=1585312553,
+                       calls=4, note="héllo")
+    path.chmod(0o640)
+    fields = list(read(path))
+    store.check("tok", "secret", consume=True)
+    data = read(path)
+    assert list(data) == fields
+    assert data["calls"] == 5 and data["created_at"] == 1585312553 and data["note"] == "héllo"
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_check_without_consume_does_not_write(php_token: Path, store: TokenStore) -> None:
+    before = php_token.read_bytes()
+    signature = php_token.stat().st_mtime_ns, php_token.stat().st_ino
+    for _ in range(3):
+        store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert php_token.read_bytes() == before
+    assert (php_token.stat().st_mtime_ns, php_token.stat().st_ino) == signature
+
+
+def test_failed_check_does_not_consume(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", calls=1)
+    failure(store, "tok", "wrong", consume=True)
+    assert read(path)["calls"] == 1
+
+
+# --- the memo of successful verifications ------------------------------------
+
+
+def test_memo_skips_bcrypt_on_repeat(php_token: Path, store: TokenStore) -> None:
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 1
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    # Our own increments do not invalidate it either.
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 1
+    assert read(php_token)["calls"] == 2
+    # Failures are not remembered: each wrong guess pays bcrypt.
+    failure(store, PHP_TOKEN, "guess")
+    failure(store, PHP_TOKEN, "guess")
+    assert store.bcrypt_calls == 3
+
+
+def test_memo_never_holds_the_access_token(php_token: Path, store: TokenStore) -> None:
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    assert PHP_ACCESS not in repr(vars(store))
+    assert PHP_ACCESS.encode() not in repr(vars(store)).encode()
+
+
+def test_changed_hash_invalidates_the_memo(php_token: Path, store: TokenStore) -> None:
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 1
+    data = read(php_token)
+    data["hashed_access_token"] = fast_hash("rotated")
+    replace_file(php_token, yaml.safe_dump(data, sort_keys=False))
+    assert failure(store, PHP_TOKEN, PHP_ACCESS) == (401, "wrong_access_token")
+    assert failure(store, PHP_TOKEN, PHP_ACCESS, consume=True) == (401, "wrong_access_token")
+    store.check(PHP_TOKEN, "rotated", consume=True)
+    assert read(php_token)["calls"] == 1
+
+
+def test_any_outside_change_to_the_file_invalidates_the_memo(php_token: Path, store: TokenStore) -> None:
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 1
+    # Same hash, but the file changed behind the store's back: verify again.
+    replace_file(php_token, php_token.read_text() + "title: edited\n")
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 2
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 2
+    # Another store (another process, say) counting a call is a change too.
+    other = TokenStore(php_token.parent.parent)
+    try:
+        other.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    finally:
+        other.close()
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    assert store.bcrypt_calls == 3
+
+
+def test_memo_is_per_token_and_access_token(tokens: Path, store: TokenStore) -> None:
+    write_token(tokens, "one")
+    write_token(tokens, "two")
+    store.check("one", "secret", consume=False)
+    store.check("two", "secret", consume=False)
+    assert store.bcrypt_calls == 2
+    assert failure(store, "one", "secret2") == (401, "wrong_access_token")
+
+
+# --- create, list, disable ---------------------------------------------------
+
+
+def test_create_list_disable_round_trip(tmp_path: Path) -> None:
+    tokens = tmp_path / "nested" / "tokens"  # created with its parents
+    store = TokenStore(tokens)
+    try:
+        created = store.create(limit_calls=5, created_by="ops")
+        assert TOKEN_ID_RE.fullmatch(created.token) and len(created.token) == 32
+        assert len(created.access_token) == 32 and created.access_token != created.token
+        assert created.path == tokens / created.token / "token.yaml"
+
+        text = created.path.read_text()
+        assert created.access_token not in text
+        data = yaml.safe_load(text)
+        assert list(data) == ["hashed_access_token", "state", "calls", "limit_calls", "uuid", "created_by"]
+        assert data["hashed_access_token"].startswith("$2y$10$")
+        assert (data["state"], data["calls"], data["limit_calls"], data["created_by"]) == ("enabled", 0, 5, "ops")
+        assert bcrypt.checkpw(created.access_token.encode(), data["hashed_access_token"].encode())
+        assert not any(created.access_token in p.read_text() for p in tokens.rglob("*") if p.is_file())
+
+        store.check(created.token, created.access_token, consume=True)
+        second = store.create()
+        rows = store.list()
+        assert [r.token for r in rows] == sorted([created.token, second.token])
+        row = next(r for r in rows if r.token == created.token)
+        assert row == TokenSummary(token=created.token, state="enabled", calls=1, limit_calls=5,
+                                   uuid=data["uuid"], created_by="ops")
+        assert next(r for r in rows if r.token == second.token).created_by == "cachebus"
+
+        store.disable(created.token)
+        assert read(created.path)["state"] == "disabled"
+        assert read(created.path)["calls"] == 1
+        assert failure(store, created.token, created.access_token, consume=True) == (400, "disabled")
+        assert [r.state for r in store.list() if r.token == created.token] == ["disabled"]
+        store.check(second.token, second.access_token, consume=False)
+    finally:
+        store.close()
+
+
+def test_create_rejects_a_negative_limit(tokens: Path, store: TokenStore) -> None:
+    with pytest.raises(ValueError):
+        store.create(limit_calls=-1)
+    assert list(tokens.iterdir()) == []
+
+
+def test_disable_unknown_token_is_a_key_error(tokens: Path, store: TokenStore) -> None:
+    for token in ("0" * 32, "../x", ""):
+        with pytest.raises(KeyError):
+            store.disable(token)
+    assert list(tokens.iterdir()) == []
+
+
+def test_disable_invalidates_the_memo(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", title="kept")
+    store.check("tok", "secret", consume=False)
+    store.disable("tok")
+    assert read(path)["title"] == "kept"
+    assert failure(store, "tok", "secret") == (400, "disabled")
+
+
+def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, store: TokenStore, php_token: Path) -> None:
+    (tokens / "no-file").mkdir()
+    (tokens / "stray.txt").write_text("x")
+    (tokens / "garbage").mkdir()
+    (tokens / "garbage" / "token.yaml").write_text("- not\n- a mapping\n")
+    write_token(tokens, "broken", state=None)
+    rows = store.list()
+    assert [r.token for r in rows] == ["broken", PHP_TOKEN]
+    assert rows[0].state == "invalid"
+    assert rows[1] == TokenSummary(PHP_TOKEN, "enabled", 0, 0, read(php_token)["uuid"], "admin")
+    assert TokenStore(tmp_path / "missing").list() == []
+
+
+# --- the executor --------------------------------------------------------------
+
+
+def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path) -> None:
+    threads: list[str] = []
+
+    class Recording(TokenStore):
+        def check(self, token: str, access_token: str, *, consume: bool) -> None:
+            threads.append(threading.current_thread().name)
+            super().check(token, access_token, consume=consume)
+
+    store = Recording(tokens)
+
+    async def main() -> tuple[int, str]:
+        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True)
+        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=False)
+        await asyncio.gather(*(store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True) for _ in range(5)))
+        with pytest.raises(TokenError) as info:
+            await store.authorize(PHP_TOKEN, "wrong", consume=True)
+        return info.value.status, info.value.reason
+
+    try:
+        assert asyncio.run(main()) == (401, "wrong_access_token")
+    finally:
+        store.close()
+    assert read(php_token)["calls"] == 6
+    assert threads and all(name.startswith("cachebus-auth") for name in threads)
+
+
+def test_close_leaves_a_given_executor_running(php_token: Path, tokens: Path) -> None:
+    with ThreadPoolExecutor(1) as executor:
+        store = TokenStore(tokens, executor=executor)
+        store.close()
+        assert executor.submit(lambda: 42).result() == 42
+
+
+# --- exact counts under concurrency --------------------------------------------
+
+
+def test_exact_count_across_threads(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", title="kept")
+    barrier = threading.Barrier(10)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                store.check("tok", "secret", consume=True)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    data = read(path)
+    assert data["calls"] == 50 and data["title"] == "kept"
+
+
+def test_limit_is_exact_across_threads(tokens: Path, store: TokenStore) -> None:
+    path = write_token(tokens, "tok", limit_calls=17)
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(5):
+            try:
+                store.check("tok", "secret", consume=True)
+                outcome = "ok"
+            except TokenError as exc:
+                outcome = exc.reason
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 17
+    assert results.count("limit_reached") == 40 - 17
+    assert read(path)["calls"] == 17
+
+
+CHILD = """
+import json, sys
+from service.tokens import TokenError, TokenStore
+
+tokens_dir, token, access, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+store = TokenStore(tokens_dir)
+print("ready", flush=True)
+sys.stdin.readline()  # start together with the other process
+outcomes = []
+for _ in range(n):
+    try:
+        store.check(token, access, consume=True)
+        outcomes.append("ok")
+    except TokenError as exc:
+        outcomes.append(exc.reason)
+store.close()
+print(json.dumps(outcomes), flush=True)
+"""
+
+
+def run_processes(tokens: Path, token: str, access: str, count: int, per_process: int) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(tokens), token, access, str(per_process)],
+                              cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    outcomes: list[str] = []
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert line.strip() == "ready", (line, p.stderr.read() if p.stderr else "")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            outcomes += json.loads(out.strip().splitlines()[-1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outcomes
+
+
+def test_exact_count_across_processes(tokens: Path) -> None:
+    path = write_token(tokens, "tok", title="kept")
+    outcomes = run_processes(tokens, "tok", "secret", count=2, per_process=25)
+    assert outcomes == ["ok"] * 50
+    data = read(path)
+    assert data["calls"] == 50 and data["title"] == "kept"
+
+
+def test_limit_is_exact_across_processes(tokens: Path) -> None:
+    path = write_token(tokens, "tok", limit_calls=30)
+    outcomes = run_processes(tokens, "tok", "secret", count=2, per_process=25)
+    assert outcomes.count("ok") == 30
+    assert outcomes.count("limit_reached") == 20
+    assert read(path)["calls"] == 30
