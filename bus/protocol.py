@@ -71,6 +71,7 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (int, float),
     "bool": (bool,),
+    "dict": (dict,),
 }
 
 
@@ -159,6 +160,26 @@ class Ack(Message):
             raise ProtocolError(f"ack: cause must be one of {', '.join(PURGE_CAUSES)}")
 
 @dataclass(frozen=True)
+class WorkerHeartbeat(Message):
+    """Sent by a worker every heartbeat interval, so the service knows it is alive.
+
+    It repeats everything a :class:`Hello` says, so a service that lost track
+    of the worker (a restart, a forgotten entry) can list it again at once.
+    ``stats`` holds the worker's cache counters for the record.
+    """
+
+    KIND: ClassVar[bytes] = b"worker_heartbeat"
+    name: str
+    instance: str
+    host: str
+    pid: int
+    endpoint: str
+    epoch: str
+    seq: int
+    stats: dict
+
+
+@dataclass(frozen=True)
 class Bye(Message):
     """A worker is shutting down cleanly and should no longer be expected."""
 
@@ -180,7 +201,7 @@ class Welcome(Message):
 
 
 MESSAGE_TYPES: dict[bytes, type[Message]] = {
-    cls.KIND: cls for cls in (Clear, Heartbeat, Hello, Ack, Bye, Welcome)
+    cls.KIND: cls for cls in (Clear, Heartbeat, Hello, Ack, WorkerHeartbeat, Bye, Welcome)
 }
 
 

@@ -62,6 +62,8 @@ class CacheApiSettings:
         metadata=_check(lambda v: bool(v) and set(v) <= {"POST", "GET"}, "a non-empty list of POST and/or GET"),
     )
     success_status: int = field(default=204, metadata=_check(lambda v: v in (200, 204), "200 or 204"))
+    wait_timeout: float = field(default=5.0, metadata=_check(_positive, "a positive number of seconds"))
+    max_wait_timeout: float = field(default=60.0, metadata=_check(_positive, "a positive number of seconds"))
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class CorsSettings:
 class RecordSettings:
     max_clears: int = field(default=1000, metadata=_check(_positive, "a positive count"))
     list_limit: int = field(default=50, metadata=_check(_positive, "a positive count"))
+    lost_after: float = field(default=5.0, metadata=_check(_positive, "a positive number of seconds"))
+    forget_after: float = field(default=3600.0, metadata=_check(_positive, "a positive number of seconds"))
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class BusSettings:
     heartbeat_interval: float = field(default=0.5, metadata=_check(_positive, "a positive number of seconds"))
     liveness: int = field(default=3, metadata=_check(_positive, "a positive count of heartbeats"))
     send_hwm: int = field(default=10_000, metadata=_check(_positive, "a positive message count"))
+    recv_hwm: int = field(default=10_000, metadata=_check(_positive, "a positive message count"))
+    socket_buffer: int = field(default=0, metadata=_check(lambda v: v >= 0, "bytes >= 0 (0: the OS default)"))
     key: str = ""
 
 

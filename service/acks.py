@@ -15,7 +15,9 @@ import zmq
 import zmq.asyncio
 
 from bus.peers import BadFrames, peer_address
-from bus.protocol import MAX_MESSAGE_SIZE, Ack, Bye, Codec, Hello, ProtocolError, Welcome
+from bus.sockets import configure
+from bus.protocol import (Ack, Bye, Codec, Hello, ProtocolError, Welcome,
+                          WorkerHeartbeat)
 
 from .record import Record
 
@@ -26,7 +28,7 @@ class AckListener:
     """Receives worker messages and writes them into the record."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec, record: Record,
-                 position: Callable[[], tuple[str, int]], send_hwm: int) -> None:
+                 position: Callable[[], tuple[str, int]], send_hwm: int, heartbeat: float) -> None:
         self.endpoint = endpoint
         self.codec = codec
         self.record = record
@@ -34,9 +36,7 @@ class AckListener:
         self.position = position
         self.bad_frames = BadFrames(log)
         self._socket = ctx.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, send_hwm)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
 
     def bind(self) -> None:
@@ -59,7 +59,13 @@ class AckListener:
         if isinstance(msg, Hello):
             self.record.hello(msg)
             epoch, seq = self.position()
-            await self._socket.send_multipart([peer, *self.codec.encode(Welcome(epoch=epoch, seq=seq))])
+            try:
+                await self._socket.send_multipart([peer, *self.codec.encode(Welcome(epoch=epoch, seq=seq))],
+                                                  zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("could not welcome worker %s: its queue is full", msg.name)
+        elif isinstance(msg, WorkerHeartbeat):
+            self.record.heartbeat(msg)
         elif isinstance(msg, Ack):
             self.record.acked(msg)
         elif isinstance(msg, Bye):

@@ -49,11 +49,15 @@ class Service:
         """Build every part from ``settings``; nothing is bound yet."""
         bus = settings.bus
         codec = Codec(bus.key.encode())
-        record = Record(settings.record.max_clears)
-        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm)
+        record = Record(settings.record.max_clears,
+                        suspect_after=bus.heartbeat_interval * bus.liveness,
+                        lost_after=settings.record.lost_after,
+                        forget_after=settings.record.forget_after)
+        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer)
         publisher.on_publish.append(record.published)
         acks = AckListener(ctx, bus.acks, codec, record,
-                           position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm)
+                           position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm,
+                           heartbeat=bus.heartbeat_interval)
         executor = ThreadPoolExecutor(settings.service.auth_threads, thread_name_prefix="cachebus-auth")
         tokens = TokenStore(settings.service.tokens_dir, executor=executor)
         return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks)
@@ -65,7 +69,13 @@ class Service:
         self.tasks = [
             asyncio.create_task(self.publisher.run_heartbeats(), name="heartbeats"),
             asyncio.create_task(self.acks.run(), name="acks"),
+            asyncio.create_task(self._sweep(), name="sweep"),
         ]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.bus.heartbeat_interval)
+            self.record.sweep()
 
     async def stop(self) -> None:
         for task in self.tasks:

@@ -18,7 +18,8 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from bus.protocol import MAX_MESSAGE_SIZE, Clear, Codec, Heartbeat, Message, now
+from bus.protocol import Clear, Codec, Heartbeat, Message, now
+from bus.sockets import configure
 
 log = logging.getLogger("cachebus.publisher")
 
@@ -27,7 +28,7 @@ class Publisher:
     """Owns the PUB socket, the epoch and the sequence counter."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec,
-                 heartbeat_interval: float, send_hwm: int) -> None:
+                 heartbeat_interval: float, send_hwm: int, buffer: int = 0) -> None:
         self.endpoint = endpoint
         self.codec = codec
         self.heartbeat_interval = heartbeat_interval
@@ -37,9 +38,7 @@ class Publisher:
         #: before any ack for it can arrive.
         self.on_publish: list[Callable[[Clear], None]] = []
         self._socket = ctx.socket(zmq.PUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, send_hwm)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        configure(self._socket, send_hwm=send_hwm, buffer=buffer, heartbeat=heartbeat_interval)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)

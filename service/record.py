@@ -8,19 +8,25 @@ locks are needed; memory is bounded by ``max_clears``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.protocol import Ack, Bye, Clear, Hello
+from bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat
 
 log = logging.getLogger("cachebus.record")
 
-#: A worker that said hello and has not left.
+#: A worker heard from within the liveness window. Only live workers are
+#: expected to ack a new clear.
 LIVE = "live"
-#: A worker that said bye.
+#: Silent for longer than the liveness window; may be slow or gone.
+SUSPECT = "suspect"
+#: Silent for longer than ``lost_after``.
+LOST = "lost"
+#: Said bye: stopped cleanly.
 LEFT = "left"
 
 
@@ -56,6 +62,21 @@ class ClearEntry:
     published_at: float
     expected: list[str]
     acks: dict[str, WorkerAck] = field(default_factory=dict)
+    _done: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> asyncio.Event:
+        """Set once every expected worker has acked."""
+        if self._done is None:
+            self._done = asyncio.Event()
+            if self.complete:
+                self._done.set()
+        return self._done
+
+    def add_ack(self, ack: WorkerAck) -> None:
+        self.acks[ack.worker] = ack
+        if self._done is not None and self.complete:
+            self._done.set()
 
     @property
     def missing(self) -> list[str]:
@@ -96,6 +117,10 @@ class WorkerEntry:
     last_acked_clear: str | None = None
     last_purge_cause: str | None = None
     acks: int = 0
+    #: The worker's view of the bus and its cache counters, from its heartbeats.
+    epoch: str = ""
+    seq: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,14 +136,26 @@ class WorkerEntry:
             "last_acked_clear": self.last_acked_clear,
             "last_purge_cause": self.last_purge_cause,
             "acks": self.acks,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "stats": self.stats,
         }
 
 
 class Record:
-    """In-memory record of recent clears and of every known worker."""
+    """In-memory record of recent clears and of every known worker.
 
-    def __init__(self, max_clears: int = 1000) -> None:
+    A worker's state follows its silence: ``live``, then ``suspect`` after
+    ``suspect_after`` seconds, ``lost`` after ``lost_after``, and forgotten
+    after ``forget_after`` (also once it has left).
+    """
+
+    def __init__(self, max_clears: int = 1000, suspect_after: float = 1.5,
+                 lost_after: float = 5.0, forget_after: float = 3600.0) -> None:
         self.max_clears = max_clears
+        self.suspect_after = suspect_after
+        self.lost_after = lost_after
+        self.forget_after = forget_after
         self._clears: OrderedDict[str, ClearEntry] = OrderedDict()
         self._workers: dict[str, WorkerEntry] = {}
 
@@ -138,26 +175,57 @@ class Record:
             self._clears.popitem(last=False)
         return entry
 
-    def hello(self, msg: Hello) -> WorkerEntry:
+    def hello(self, msg: Hello | WorkerHeartbeat) -> WorkerEntry:
         """Register a worker, or refresh it when it reconnects or restarts."""
         now = time.time()
         known = self._workers.get(msg.name)
-        if known is not None and known.instance != msg.instance and known.state == LIVE:
-            log.warning("worker %s (pid %d on %s) replaces instance %s with the same name",
-                        msg.name, msg.pid, msg.host, known.instance)
+        if known is not None and known.instance == msg.instance:
+            self._set_state(known, LIVE, now)
+            known.last_seen = now
+            known.epoch, known.seq = msg.epoch, msg.seq
+            if isinstance(msg, Hello):
+                known.synced_seq = msg.seq
+            return known
+        if known is not None and known.state == LIVE:
+            log.warning("worker %s (pid %d on %s) replaces a live worker of the same name (pid %d on %s)",
+                        msg.name, msg.pid, msg.host, known.pid, known.host)
         worker = WorkerEntry(
             name=msg.name, instance=msg.instance, host=msg.host, pid=msg.pid,
             endpoint=msg.endpoint, joined_at=now, last_seen=now, synced_seq=msg.seq,
+            epoch=msg.epoch, seq=msg.seq,
         )
-        if known is not None and known.instance == msg.instance:
-            worker.joined_at = known.joined_at
-            worker.last_acked_seq = known.last_acked_seq
-            worker.last_acked_clear = known.last_acked_clear
-            worker.last_purge_cause = known.last_purge_cause
-            worker.acks = known.acks
         self._workers[msg.name] = worker
-        log.info("worker %s joined: pid %d on %s, read API %s", msg.name, msg.pid, msg.host, msg.endpoint)
+        log.info("worker %s joined: pid %d on %s, read API %s", msg.name, msg.pid, msg.host,
+                 msg.endpoint or "none")
         return worker
+
+    def heartbeat(self, msg: WorkerHeartbeat) -> WorkerEntry:
+        """A worker is alive; a worker the record does not know joins."""
+        worker = self.hello(msg)
+        worker.stats = msg.stats
+        return worker
+
+    def sweep(self) -> None:
+        """Move silent workers to ``suspect`` or ``lost``, and forget old ones."""
+        now = time.time()
+        for worker in list(self._workers.values()):
+            silent = now - worker.last_seen
+            if silent > self.forget_after and worker.state in (LOST, LEFT):
+                del self._workers[worker.name]
+                log.info("worker %s forgotten after %.0f s", worker.name, silent)
+            elif worker.state == LEFT:
+                continue
+            elif silent > self.lost_after:
+                self._set_state(worker, LOST, now)
+            elif silent > self.suspect_after:
+                self._set_state(worker, SUSPECT, now)
+
+    def _set_state(self, worker: WorkerEntry, state: str, now: float) -> None:
+        if worker.state == state:
+            return
+        log.info("worker %s: %s -> %s (last heard %.1f s ago)", worker.name, worker.state, state,
+                 now - worker.last_seen)
+        worker.state = state
 
     def acked(self, msg: Ack) -> list[ClearEntry]:
         """Credit ``msg`` to every clear its purge covers; return those clears.
@@ -171,6 +239,7 @@ class Record:
         worker = self._workers.get(msg.name)
         current = worker is not None and worker.instance == msg.instance
         if current:
+            self._set_state(worker, LIVE, now)
             worker.last_seen = now
             worker.last_purge_cause = msg.cause
         updated = []
@@ -181,10 +250,10 @@ class Record:
                 break
             if msg.name not in entry.expected and (not current or entry.seq <= worker.synced_seq):
                 continue
-            entry.acks[msg.name] = WorkerAck(
+            entry.add_ack(WorkerAck(
                 worker=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
                 dropped=msg.dropped, purge_ms=msg.purge_ms, cause=msg.cause,
-            )
+            ))
             updated.append(entry)
         if current and updated:
             worker.acks += len(updated)
@@ -198,9 +267,8 @@ class Record:
         """A worker left cleanly: stop expecting it in new clears."""
         worker = self._workers.get(msg.name)
         if worker is not None and worker.instance == msg.instance:
-            worker.state = LEFT
             worker.last_seen = time.time()
-            log.info("worker %s left", msg.name)
+            self._set_state(worker, LEFT, worker.last_seen)
 
     # --- readers: the HTTP API ------------------------------------------------
 
@@ -214,3 +282,14 @@ class Record:
 
     def workers(self) -> list[WorkerEntry]:
         return sorted(self._workers.values(), key=lambda w: w.name)
+
+    def worker(self, name: str) -> WorkerEntry | None:
+        return self._workers.get(name)
+
+    async def wait(self, entry: ClearEntry, timeout: float) -> bool:
+        """Wait until every expected worker acked ``entry``; False on timeout."""
+        try:
+            await asyncio.wait_for(entry.done.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,30 +159,29 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
                               "--bus-publish", f"tcp://127.0.0.1:{pub_port}",
                               "--bus-acks", f"tcp://127.0.0.1:{ack_port}"], tmp_path / "w.log")
     try:
-        def hello_received():
-            pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=0.0)))
-            try:
-                frames = router.recv_multipart()
-            except zmq.Again:
-                return None
-            return codec.decode(frames[1:])
-        hello = wait_for(hello_received, what="the worker's hello")
-        assert hello.KIND == b"hello" and hello.name == "w"
+        def received(kind: bytes, before=None):
+            def check():
+                if before:
+                    before()
+                try:
+                    msg = codec.decode(router.recv_multipart()[1:])
+                except zmq.Again:
+                    return None
+                return msg if msg.KIND == kind else None
+            return wait_for(check, what=f"the worker's {kind.decode()}")
+
+        heartbeat = lambda: pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time())))
+        hello = received(b"hello", before=heartbeat)
+        assert hello.name == "w"
 
         for frames in ([b"clear"], [b"clear", VERSION, b"", b"{"], [b"clear", b"2", b"", b"{}"],
                        [b"clear", VERSION, b"", b'{"epoch": "e1", "seq": "1", "id": "x", "ts": 0}']):
             pub.send_multipart(frames)
         from bus.protocol import Clear
-        pub.send_multipart(codec.encode(Clear(epoch="e1", seq=1, id="c1", ts=0.0)))
-
-        def ack_received():
-            try:
-                frames = router.recv_multipart()
-            except zmq.Again:
-                return None
-            msg = codec.decode(frames[1:])
-            return msg if msg.KIND == b"ack" else None
-        ack = wait_for(ack_received, what="the worker's ack")
+        pub.send_multipart(codec.encode(Clear(epoch="e1", seq=1, id="c1", ts=time.time())))
+        ack = received(b"ack")
+        while ack.clear_id != "c1":
+            ack = received(b"ack")
         assert (ack.clear_id, ack.seq, ack.cause) == ("c1", 1, "clear")
         assert worker.popen.poll() is None
         assert worker.output().count("dropped undecodable message") == 1

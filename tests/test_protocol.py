@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bus.protocol import (VERSION, Ack, Bye, Clear, Codec, Heartbeat, Hello, ProtocolError, Welcome)
+from bus.protocol import (VERSION, Ack, Bye, Clear, Codec, Heartbeat, Hello, ProtocolError, Welcome,
+                          WorkerHeartbeat)
 
 MESSAGES = [
     Clear(epoch="e", seq=1, id="c1", ts=1.5),
     Heartbeat(epoch="e", seq=7, ts=2.0),
     Hello(name="w", instance="i", host="h", pid=42, endpoint="http://127.0.0.1:1", epoch="e", seq=3),
     Ack(name="w", instance="i", epoch="e", seq=3, clear_id="c3", dropped=10, purge_ms=0.25, cause="gap"),
+    WorkerHeartbeat(name="w", instance="i", host="h", pid=42, endpoint="", epoch="e", seq=3,
+                    stats={"entries": 5, "hits": 1}),
     Bye(name="w", instance="i"),
     Welcome(epoch="e", seq=9),
 ]

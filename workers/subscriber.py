@@ -15,6 +15,14 @@ targets on every clear, and acks each purge. Clears that arrive together are
 coalesced into one purge. It watches the sequence numbers in commands and
 heartbeats: a gap or a new epoch means it may have missed a clear, and it
 purges everything, because a clear-all is idempotent and always safe.
+
+Targets that hold a lease (``hold_lease``/``revoke_lease``, as
+:class:`~workers.cache.Cache` does) are trusted only for
+``heartbeat_interval * liveness`` seconds after the service was last heard.
+When the lease lapses they bypass themselves; when the service is heard again
+the subscriber purges once (cause ``reconnect``) before renewing it. A target
+starts without a lease, so nothing cached before the subscriber synced is
+served.
 """
 
 from __future__ import annotations
@@ -27,15 +35,16 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import zmq
 import zmq.asyncio
 
 from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
 from bus.peers import BadFrames, peer_address
-from bus.protocol import (MAX_MESSAGE_SIZE, Ack, Bye, Clear, Codec, Heartbeat, Hello, Message,
-                          ProtocolError, Welcome)
+from bus.protocol import (Ack, Bye, Clear, Codec, Heartbeat, Hello, Message, ProtocolError, Welcome,
+                          WorkerHeartbeat)
+from bus.sockets import configure
 
 from .cache import Purgeable
 
@@ -46,6 +55,15 @@ _MAX_BATCH = 1000
 
 # The worse cause wins when several apply to one purge.
 _CAUSE_RANK = {"clear": 0, "gap": 1, "reconnect": 2, "epoch": 3}
+
+
+@runtime_checkable
+class Leased(Protocol):
+    """A purge target that stops trusting its entries when its lease lapses."""
+
+    def hold_lease(self, until: float) -> None: ...
+
+    def revoke_lease(self) -> None: ...
 
 
 def default_name() -> str:
@@ -70,6 +88,10 @@ class Subscriber:
         acks: str = DEFAULT_ACKS,
         endpoint: str = "",
         key: str | bytes = b"",
+        heartbeat_interval: float = 0.5,
+        liveness: int = 3,
+        recv_hwm: int = 10_000,
+        socket_buffer: int = 0,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.targets = list(targets)
@@ -79,6 +101,14 @@ class Subscriber:
         self.acks = acks
         self.endpoint = endpoint
         self.codec = Codec(key.encode() if isinstance(key, str) else key)
+        self.heartbeat_interval = heartbeat_interval
+        #: How long the service may stay silent before targets stop being trusted.
+        self.lease_seconds = heartbeat_interval * liveness
+        self.recv_hwm = recv_hwm
+        self.socket_buffer = socket_buffer
+        #: time.monotonic() until which leased targets are trusted; None before the first sync.
+        self.lease_until: float | None = None
+        self.last_cause: str | None = None
         #: The service epoch and last command seq this subscriber has seen.
         self.epoch: str | None = None
         self.seq = 0
@@ -96,20 +126,30 @@ class Subscriber:
         """True once the subscription is proven and the service welcomed us."""
         return self._synced.is_set()
 
+    @property
+    def trusted(self) -> bool:
+        """True while the service was heard recently enough to trust the targets."""
+        return self.lease_until is not None and time.monotonic() < self.lease_until
+
+    def _leased(self) -> list[Leased]:
+        return [t for t in self.targets if isinstance(t, Leased)]
+
     async def start(self) -> None:
         """Connect both sockets and start listening."""
+        for target in self._leased():
+            target.revoke_lease()
         self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer,
+                  heartbeat=self.heartbeat_interval)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(self.publish)
         self._dealer = self._ctx.socket(zmq.DEALER)
-        self._dealer.setsockopt(zmq.LINGER, 0)
-        self._dealer.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
+        configure(self._dealer, heartbeat=self.heartbeat_interval)
         self._dealer.connect(self.acks)
         self._tasks = [
             asyncio.create_task(self._commands(), name=f"{self.name}-commands"),
             asyncio.create_task(self._replies(), name=f"{self.name}-replies"),
+            asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeats"),
         ]
         log.info("subscriber %s listening to %s, acking to %s", self.name, self.publish, self.acks)
 
@@ -148,6 +188,7 @@ class Subscriber:
         assert self._sub is not None
         while True:
             batch = [await self._sub.recv_multipart(copy=False)]
+            lapsed = not self.trusted
             while len(batch) < _MAX_BATCH:
                 try:
                     batch.append(await self._sub.recv_multipart(zmq.NOBLOCK, copy=False))
@@ -159,16 +200,28 @@ class Subscriber:
                     messages.append(self.codec.decode([f.bytes for f in frames]))
                 except ProtocolError as exc:
                     self.bad_frames.report(peer_address(frames[0]), str(exc))
-            await self._handle(messages)
+            await self._handle(messages, lapsed)
 
-    async def _handle(self, messages: list[Message]) -> None:
-        """Apply a batch of commands: at most one purge and one ack for all of them."""
+    async def _handle(self, messages: list[Message], lapsed: bool = False) -> None:
+        """Apply a batch of commands: at most one purge and one ack for all of them.
+
+        ``lapsed`` says the lease had run out before the batch arrived: the
+        targets may have missed anything, so they are purged before the lease
+        is renewed.
+        """
+        commands = [m for m in messages if isinstance(m, (Clear, Heartbeat))]
+        if not commands:
+            return
         cause: str | None = None
         newest_clear: Clear | None = None
         announce = False
-        for msg in messages:
-            if not isinstance(msg, (Clear, Heartbeat)):
-                continue
+        if lapsed:
+            cause = "reconnect"
+            announce = True
+            if self.lease_until is not None:
+                log.warning("heard the service again after %.1f s of silence: purging",
+                            time.monotonic() - self.lease_until + self.lease_seconds)
+        for msg in commands:
             if msg.epoch != self.epoch:
                 if self.epoch is not None:
                     log.warning("service epoch changed from %s to %s: purging", self.epoch, msg.epoch)
@@ -187,11 +240,51 @@ class Subscriber:
             self.seq = max(self.seq, msg.seq)
         if cause is not None:
             await self._purge(cause, newest_clear)
+        self._renew_lease(commands[-1])
         if announce:
             self._synced.clear()
             self._send(Hello(name=self.name, instance=self.instance, host=socket.gethostname(),
                              pid=os.getpid(), endpoint=self.endpoint, epoch=self.epoch or "",
                              seq=self.seq))
+
+    def _renew_lease(self, newest: Clear | Heartbeat) -> None:
+        """Trust the targets for one lease from when ``newest`` was sent.
+
+        The message's age (by the wall clocks of service and worker) is taken
+        off, so a backlog of old messages cannot extend trust; clock skew that
+        makes the age look negative counts as zero.
+        """
+        age = max(0.0, time.time() - newest.ts)
+        until = time.monotonic() + self.lease_seconds - age
+        if until <= time.monotonic():
+            log.debug("newest command is %.1f s old: lease not renewed", age)
+            return
+        self.lease_until = until
+        for target in self._leased():
+            target.hold_lease(until)
+
+    async def _heartbeats(self) -> None:
+        """Tell the service we are alive, while we can vouch for our targets."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if self.epoch is not None and self.trusted:
+                self._send(WorkerHeartbeat(
+                    name=self.name, instance=self.instance, host=socket.gethostname(), pid=os.getpid(),
+                    endpoint=self.endpoint, epoch=self.epoch, seq=self.seq, stats=self._stats()))
+
+    def _stats(self) -> dict[str, Any]:
+        totals: dict[str, Any] = {"purges": self.purges, "last_purge_cause": self.last_cause,
+                                  "bypass": not self.trusted}
+        for target in self.targets:
+            stats = getattr(target, "stats", None)
+            if callable(stats):
+                for key, value in stats().items():
+                    if key in ("entries", "hits", "misses", "evictions", "bypass_seconds"):
+                        totals[key] = totals.get(key, 0) + value
+        lookups = totals.get("hits", 0) + totals.get("misses", 0)
+        if lookups:
+            totals["hit_ratio"] = totals["hits"] / lookups
+        return totals
 
     async def _purge(self, cause: str, clear: Clear | None) -> None:
         started = time.perf_counter()
@@ -203,6 +296,7 @@ class Subscriber:
             dropped += int(result or 0)
         purge_ms = (time.perf_counter() - started) * 1000
         self.purges += 1
+        self.last_cause = cause
         log.info("purged %d entries in %.2f ms (cause: %s, seq %d)", dropped, purge_ms, cause, self.seq)
         self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,
                        clear_id=clear.id if clear else "", dropped=dropped, purge_ms=purge_ms,

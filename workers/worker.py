@@ -74,7 +74,8 @@ class StatsHandler(WorkerHandler):
             "name": sub.name,
             "instance": sub.instance,
             "cache": self.cache.stats(),
-            "bus": {"epoch": sub.epoch, "seq": sub.seq, "synced": sub.synced, "purges": sub.purges},
+            "bus": {"epoch": sub.epoch, "seq": sub.seq, "synced": sub.synced, "trusted": sub.trusted,
+                    "purges": sub.purges, "last_purge_cause": sub.last_cause},
         })
 
 
@@ -98,6 +99,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         acks=settings.bus.acks,
         endpoint=f"http://{cfg.host}:{cfg.http_port}",
         key=settings.bus.key,
+        heartbeat_interval=settings.bus.heartbeat_interval,
+        liveness=settings.bus.liveness,
+        recv_hwm=settings.bus.recv_hwm,
+        socket_buffer=settings.bus.socket_buffer,
     )
     server = make_app(cache, subscriber, content_dir).listen(cfg.http_port, address=cfg.host)
     await subscriber.start()
