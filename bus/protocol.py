@@ -118,14 +118,15 @@ class Heartbeat(Message):
 
 
 @dataclass(frozen=True)
-class Hello(Message):
-    """A worker announces itself once it is subscribed and in sync.
+class WorkerIdentity(Message):
+    """Who a worker is and where it stands on the bus; not sent on its own.
 
     ``instance`` is unique per process start, so the service can tell a
-    restarted worker from the one it replaces under the same ``name``.
+    restarted worker from the one it replaces under the same ``name``;
+    ``endpoint`` is its read API, if it has one; ``epoch`` and ``seq`` are the
+    last command it has seen.
     """
 
-    KIND: ClassVar[bytes] = b"hello"
     name: str
     instance: str
     host: str
@@ -133,6 +134,13 @@ class Hello(Message):
     endpoint: str
     epoch: str
     seq: int
+
+
+@dataclass(frozen=True)
+class Hello(WorkerIdentity):
+    """A worker announces itself once it is subscribed and in sync."""
+
+    KIND: ClassVar[bytes] = b"hello"
 
 
 @dataclass(frozen=True)
@@ -159,23 +167,17 @@ class Ack(Message):
         if self.cause not in PURGE_CAUSES:
             raise ProtocolError(f"ack: cause must be one of {', '.join(PURGE_CAUSES)}")
 
+
 @dataclass(frozen=True)
-class WorkerHeartbeat(Message):
+class WorkerHeartbeat(WorkerIdentity):
     """Sent by a worker every heartbeat interval, so the service knows it is alive.
 
-    It repeats everything a :class:`Hello` says, so a service that lost track
-    of the worker (a restart, a forgotten entry) can list it again at once.
+    It carries the worker's whole identity, so a service that lost track of
+    the worker (a restart, a forgotten entry) can list it again at once.
     ``stats`` holds the worker's cache counters for the record.
     """
 
     KIND: ClassVar[bytes] = b"worker_heartbeat"
-    name: str
-    instance: str
-    host: str
-    pid: int
-    endpoint: str
-    epoch: str
-    seq: int
     stats: dict
 
 

@@ -15,9 +15,8 @@ import zmq
 import zmq.asyncio
 
 from bus.peers import BadFrames, peer_address
+from bus.protocol import Ack, Bye, Codec, Hello, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
 from bus.sockets import configure
-from bus.protocol import (Ack, Bye, Codec, Hello, ProtocolError, Welcome,
-                          WorkerHeartbeat)
 
 from .record import Record
 
@@ -56,16 +55,22 @@ class AckListener:
         except ProtocolError as exc:
             self._bad_frame(peer, frames[0], str(exc))
             return
-        if isinstance(msg, Hello):
-            self.record.hello(msg)
+        if isinstance(msg, WorkerIdentity):
             epoch, seq = self.position()
+            if msg.epoch != epoch:
+                # Sent before the worker heard this service (queued across a
+                # restart): it is not in sync yet and will say hello when it is.
+                log.debug("%s from %s for old epoch %s ignored", msg.KIND.decode(), msg.name, msg.epoch)
+                return
+            if isinstance(msg, WorkerHeartbeat):
+                self.record.heartbeat(msg)
+                return
+            self.record.hello(msg)
             try:
                 await self._socket.send_multipart([peer, *self.codec.encode(Welcome(epoch=epoch, seq=seq))],
                                                   zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)
-        elif isinstance(msg, WorkerHeartbeat):
-            self.record.heartbeat(msg)
         elif isinstance(msg, Ack):
             self.record.acked(msg)
         elif isinstance(msg, Bye):

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Awaitable
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from .accesslog import redact_uri
 from .errors import CONTENT_TYPE, ApiError, error_body
-from .params import credentials, request_params
+from .params import credentials, request_params, wait_timeout
 from .tokens import TokenError
 
 if TYPE_CHECKING:
     from .app import Service
+    from .record import ClearEntry
 
 log = logging.getLogger("cachebus.api")
 
@@ -149,17 +151,24 @@ class ClearHandler(BaseHandler):
     async def post(self) -> None:
         if self._too_large:
             return
+        api = self.service.settings.api.cache
         try:
-            await self.authorize(self.params(), consume=True)
+            params = self.params()
+            credentials(params)
+            # Before the token is checked, so a malformed request never counts a call.
+            timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
+            await self.authorize(params, consume=True)
         except ApiError as exc:
             self.fail(exc)
             return
         clear = await self.service.publisher.publish_clear()
         entry = self.service.record.clear(clear.id)
-        log.info("clear %s published: seq %d, %d workers expected", clear.id, clear.seq,
-                 len(entry.expected) if entry else 0)
+        assert entry is not None
+        log.info("clear %s published: seq %d, %d workers expected", clear.id, clear.seq, len(entry.expected))
         self.set_header("Cache-Clear-Id", clear.id)
-        if self.service.settings.api.cache.success_status == 200:
+        if timeout is not None:
+            await self._answer_with_proof(entry, timeout)
+        elif api.success_status == 200:
             self.write_json({})
         else:
             self.set_status(204)
@@ -167,6 +176,27 @@ class ClearHandler(BaseHandler):
 
     def get(self) -> Awaitable[None]:
         return self.post()
+
+    async def _answer_with_proof(self, entry: ClearEntry, timeout: float) -> None:
+        """200 once every worker live at publish time acked; 202 with ``missing`` at the timeout."""
+        record = self.service.record
+        complete = await record.wait(entry, timeout)
+        body = {
+            "id": entry.id,
+            "seq": entry.seq,
+            "published_at": entry.published_at,
+            "elapsed_ms": round((time.time() - entry.published_at) * 1000, 3),
+            "workers": list(entry.expected),
+            "acks": [ack.to_json() for ack in entry.acks.values()],
+        }
+        if not complete:
+            body["missing"] = [{"name": name, "state": worker.state if worker else "forgotten",
+                                "last_seen": worker.last_seen if worker else None}
+                               for name in entry.missing
+                               for worker in (record.worker(name),)]
+        log.info("clear %s: %d of %d workers acked in %.1f ms%s", entry.id, len(entry.expected) - len(entry.missing),
+                 len(entry.expected), body["elapsed_ms"], "" if complete else f"; missing {', '.join(entry.missing)}")
+        self.write_json(body, 200 if complete else 202)
 
 
 class RecordHandler(BaseHandler):

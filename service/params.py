@@ -58,3 +58,28 @@ def credentials(params: dict[str, Any]) -> tuple[str, str]:
     if not isinstance(token, str) or not isinstance(access_token, str):
         raise ApiError(400, "credentials_not_strings")
     return token, access_token
+
+
+def wait_timeout(params: dict[str, Any], default: float, maximum: float) -> float | None:
+    """``wait=all`` and ``timeout=SECONDS``: how long to wait for acks, or None.
+
+    ``timeout`` must be a number of seconds above 0 and at most ``maximum``;
+    ``wait`` accepts only ``all``. Anything else is a 400.
+    """
+    wait = params.get("wait")
+    raw = params.get("timeout")
+    timeout = default
+    if raw is not None:
+        try:
+            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+                raise ValueError
+            timeout = float(raw)
+        except ValueError:
+            raise ApiError(400, "timeout_not_a_number") from None
+        if not 0 < timeout <= maximum:  # also refuses NaN
+            raise ApiError(400, "timeout_out_of_range")
+    if wait is None:
+        return None
+    if wait != "all":
+        raise ApiError(400, "wait_not_all")
+    return timeout

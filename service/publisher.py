@@ -38,7 +38,7 @@ class Publisher:
         #: before any ack for it can arrive.
         self.on_publish: list[Callable[[Clear], None]] = []
         self._socket = ctx.socket(zmq.PUB)
-        configure(self._socket, send_hwm=send_hwm, buffer=buffer, heartbeat=heartbeat_interval)
+        configure(self._socket, send_hwm=send_hwm, buffer=buffer)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat
+from bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat, WorkerIdentity
 
 log = logging.getLogger("cachebus.record")
 
@@ -175,7 +175,7 @@ class Record:
             self._clears.popitem(last=False)
         return entry
 
-    def hello(self, msg: Hello | WorkerHeartbeat) -> WorkerEntry:
+    def hello(self, msg: WorkerIdentity) -> WorkerEntry:
         """Register a worker, or refresh it when it reconnects or restarts."""
         now = time.time()
         known = self._workers.get(msg.name)

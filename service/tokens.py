@@ -40,6 +40,11 @@ from typing import Any, Iterator
 import bcrypt
 import yaml
 
+# libyaml's parser and emitter when PyYAML has them: several times faster, and
+# every clear reads and rewrites a token file.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 #: Token ids the store will look up. Anything else is refused before touching
 #: the disk, which rules out path traversal (no ``.``, no ``/``).
 TOKEN_ID_RE: re.Pattern[str] = re.compile(r"[a-zA-Z0-9_-]{1,128}")
@@ -194,7 +199,7 @@ class TokenStore:
         if len(raw) > MAX_TOKEN_FILE:
             raise TokenError(400, "invalid_token_file")
         try:
-            data = yaml.safe_load(raw)
+            data = yaml.load(raw, Loader=_Loader)
         except (yaml.YAMLError, RecursionError):
             raise TokenError(400, "invalid_token_file") from None
         if not isinstance(data, dict):
@@ -374,7 +379,7 @@ class TokenStore:
     @staticmethod
     def _write(path: Path, data: dict[str, Any]) -> _Signature:
         """Replace ``path`` atomically and durably; returns the new file's signature."""
-        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:

@@ -7,12 +7,14 @@ Tornado application with real ZeroMQ sockets; :class:`Proc` runs the real
 
 from __future__ import annotations
 
+from http.client import HTTPConnection
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import yaml
 import zmq.asyncio
 from tornado.testing import bind_unused_port
 
@@ -77,12 +80,13 @@ def http_json(url: str) -> Any:
 class Proc:
     """A cachebus process started with ``python -m``, its output in a file."""
 
-    def __init__(self, module: str, args: list[str], log_path: Path, cwd: Path = ROOT) -> None:
+    def __init__(self, module: str, args: list[str], log_path: Path, cwd: Path = ROOT,
+                 prefix: list[str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("CACHEBUS_CONFIG", None)
-        self.popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd,
+        self.popen = subprocess.Popen([*(prefix or []), sys.executable, "-m", module, *args], cwd=cwd,
                                       stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     @property
@@ -114,13 +118,13 @@ class Proc:
 class Cluster:
     """A service process and any number of worker processes on free ports."""
 
-    def __init__(self, tmp: Path, tokens_dir: Path, content_dir: Path) -> None:
+    def __init__(self, tmp: Path, tokens_dir: Path, content_dir: Path, bus_host: str = "127.0.0.1") -> None:
         self.tmp = tmp
         self.tokens_dir = tokens_dir
         self.content_dir = content_dir
         self.port = free_port()
-        self.publish = f"tcp://127.0.0.1:{free_port()}"
-        self.acks = f"tcp://127.0.0.1:{free_port()}"
+        self.publish = f"tcp://{bus_host}:{free_port()}"
+        self.acks = f"tcp://{bus_host}:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.service: Proc | None = None
         self.workers: dict[str, tuple[Proc, str]] = {}
@@ -129,17 +133,29 @@ class Cluster:
     def bus_args(self) -> list[str]:
         return ["--bus-publish", self.publish, "--bus-acks", self.acks]
 
-    def start_service(self, *extra: str) -> Proc:
+    def config(self, name: str, settings: dict[str, Any] | None) -> list[str]:
+        """``--config FILE`` for nested ``settings``, or nothing."""
+        if not settings:
+            return []
+        path = self.tmp / f"{name}-settings.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        return ["--config", str(path)]
+
+    def start_service(self, *extra: str, settings: dict[str, Any] | None = None) -> Proc:
         self.service = Proc("service", ["--port", str(self.port), "--tokens-dir", str(self.tokens_dir),
-                                        *self.bus_args(), *extra], self.tmp / f"service-{time.monotonic_ns()}.log")
+                                        *self.bus_args(), *self.config("service", settings), *extra],
+                            self.tmp / f"service-{time.monotonic_ns()}.log")
         wait_for(lambda: self._answers(self.url + "/"), what="the service to answer HTTP")
         return self.service
 
-    def start_worker(self, name: str, wait: bool = True) -> str:
+    def start_worker(self, name: str, wait: bool = True, settings: dict[str, Any] | None = None,
+                     prefix: list[str] | None = None) -> str:
         port = free_port()
         proc = Proc("workers", ["--name", name, "--http-port", str(port), "--content-dir",
-                                str(self.content_dir), *self.bus_args()], self.tmp / f"{name}.log")
-        url = f"http://127.0.0.1:{port}"
+                                str(self.content_dir), *self.bus_args(), *self.config(name, settings)],
+                    self.tmp / f"{name}.log", prefix=prefix)
+        host = (settings or {}).get("worker", {}).get("host", "127.0.0.1")
+        url = f"http://{host}:{port}"
         self.workers[name] = (proc, url)
         if wait:
             self.wait_worker_live(name)
@@ -166,10 +182,36 @@ class Cluster:
     def creds(self) -> str:
         return urllib.parse.urlencode({"token": self.token, "access_token": self.access_token})
 
-    def clear(self, **extra: str) -> tuple[int, dict[str, str], bytes]:
+    def clear(self, **extra: Any) -> tuple[int, dict[str, str], bytes]:
         body = urllib.parse.urlencode({"token": self.token, "access_token": self.access_token, **extra})
         return http("POST", self.url + "/api/v1/cache/clear", body.encode(),
                     {"Content-Type": "application/x-www-form-urlencoded"})
+
+    def flood(self, count: int, connections: int = 2) -> None:
+        """Publish ``count`` clears as fast as keep-alive connections allow."""
+        body = urllib.parse.urlencode({"token": self.token, "access_token": self.access_token})
+        failures: list[int] = []
+
+        def run(n: int) -> None:
+            conn = HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE)
+            try:
+                for _ in range(n):
+                    conn.request("POST", "/api/v1/cache/clear", body,
+                                 {"Content-Type": "application/x-www-form-urlencoded"})
+                    response = conn.getresponse()
+                    response.read()
+                    if response.status != 204:
+                        failures.append(response.status)
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=run, args=(count // connections + (i < count % connections),))
+                   for i in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
 
     def worker_list(self) -> list[dict[str, Any]]:
         try:

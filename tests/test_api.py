@@ -393,3 +393,54 @@ async def test_no_credential_reaches_a_log_line(http_client, base_url, credentia
     assert "/api/v1/cache/clear" in text
     for secret in (token, access, "wrong-secret"):
         assert secret not in text
+
+
+# --- waiting for proof -------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_wait_all_with_no_workers_answers_200_at_once(http_client, base_url, credentials):
+    token, access = credentials
+    response = await fetch(http_client, base_url, CLEAR,
+                           body=form(token=token, access_token=access, wait="all", timeout="3"), headers=FORM)
+    assert response.code == 200
+    body = json.loads(response.body)
+    assert body["id"] == response.headers["Cache-Clear-Id"]
+    assert body["workers"] == [] and body["acks"] == [] and "missing" not in body
+    assert isinstance(body["seq"], int) and body["elapsed_ms"] >= 0
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("extra", [
+    {"wait": "some"}, {"wait": ""}, {"wait": "all", "timeout": "soon"}, {"wait": "all", "timeout": "0"},
+    {"wait": "all", "timeout": "-1"}, {"wait": "all", "timeout": "nan"}, {"wait": "all", "timeout": "61"},
+    {"timeout": "abc"},
+])
+async def test_bad_wait_or_timeout_is_400_and_counts_no_call(http_client, base_url, credentials, tokens_dir, extra):
+    token, access = credentials
+    response = await fetch(http_client, base_url, f"{CLEAR}?{form(**extra)}",
+                           body=form(token=token, access_token=access), headers=FORM)
+    assert_error(response, 400, BAD_REQUEST)
+    assert token_file(tokens_dir, token)["calls"] == 0
+
+
+@pytest.mark.gen_test
+async def test_wait_parameters_from_a_json_body(http_client, base_url, credentials):
+    token, access = credentials
+    body = {"token": token, "access_token": access, "wait": "all", "timeout": 2.5}
+    response = await fetch(http_client, base_url, CLEAR, body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+    assert response.code == 200
+    body["timeout"] = True
+    response = await fetch(http_client, base_url, CLEAR, body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+    assert_error(response, 400, BAD_REQUEST)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("overrides", [{"api.cache.max_wait_timeout": 10.0}])
+async def test_max_wait_timeout_is_a_setting(http_client, base_url, overrides, credentials):
+    token, access = credentials
+    response = await fetch(http_client, base_url, CLEAR,
+                           body=form(token=token, access_token=access, wait="all", timeout="11"), headers=FORM)
+    assert_error(response, 400, BAD_REQUEST)

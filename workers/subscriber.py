@@ -53,8 +53,9 @@ log = logging.getLogger("cachebus.subscriber")
 #: Most commands handled in one batch; the batch is purged once.
 _MAX_BATCH = 1000
 
-# The worse cause wins when several apply to one purge.
-_CAUSE_RANK = {"clear": 0, "gap": 1, "reconnect": 2, "epoch": 3}
+# When several causes apply to one purge, the most telling is reported: a new
+# epoch or lost messages say more than a reconnect, which says more than a clear.
+_CAUSE_RANK = {"clear": 0, "reconnect": 1, "gap": 2, "epoch": 3}
 
 
 @runtime_checkable
@@ -139,8 +140,7 @@ class Subscriber:
         for target in self._leased():
             target.revoke_lease()
         self._sub = self._ctx.socket(zmq.SUB)
-        configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer,
-                  heartbeat=self.heartbeat_interval)
+        configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(self.publish)
         self._dealer = self._ctx.socket(zmq.DEALER)
