@@ -265,3 +265,13 @@ def test_cut_and_restore_the_link_to_a_worker_host(tmp_path: Path, content_dir: 
         assert status == 200 and [a["worker"] for a in body["acks"]] == ["remote"]
     finally:
         cluster.stop()
+
+
+def test_a_lost_worker_is_forgotten_after_forget_after(cluster: Cluster):
+    cluster.start_service(settings={"record": {"lost_after": 1.0, "forget_after": 2.0}})
+    cluster.start_worker("stays")
+    cluster.start_worker("dies")
+    cluster.workers["dies"][0].kill()
+    wait_for(lambda: states(cluster).get("dies") == "lost", what="the killed worker to be lost")
+    wait_for(lambda: "dies" not in states(cluster), what="the lost worker to be forgotten")
+    assert states(cluster) == {"stays": "live"}

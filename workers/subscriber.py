@@ -243,9 +243,7 @@ class Subscriber:
         self._renew_lease(commands[-1])
         if announce:
             self._synced.clear()
-            self._send(Hello(name=self.name, instance=self.instance, host=socket.gethostname(),
-                             pid=os.getpid(), endpoint=self.endpoint, epoch=self.epoch or "",
-                             seq=self.seq))
+            self._send(Hello(**self._identity()))
 
     def _renew_lease(self, newest: Clear | Heartbeat) -> None:
         """Trust the targets for one lease from when ``newest`` was sent.
@@ -268,9 +266,12 @@ class Subscriber:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             if self.epoch is not None and self.trusted:
-                self._send(WorkerHeartbeat(
-                    name=self.name, instance=self.instance, host=socket.gethostname(), pid=os.getpid(),
-                    endpoint=self.endpoint, epoch=self.epoch, seq=self.seq, stats=self._stats()))
+                self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
+
+    def _identity(self) -> dict[str, Any]:
+        """The fields of :class:`~bus.protocol.WorkerIdentity` for this subscriber."""
+        return {"name": self.name, "instance": self.instance, "host": socket.gethostname(),
+                "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq}
 
     def _stats(self) -> dict[str, Any]:
         totals: dict[str, Any] = {"purges": self.purges, "last_purge_cause": self.last_cause,
