@@ -325,10 +325,14 @@ class Subscriber:
         the service no longer has would be ignored anyway.
         """
         assert self._dealer is not None
-        try:
-            self._dealer.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            log.debug("back channel unavailable; %s dropped", msg.KIND.decode())
+        kind = msg.KIND.decode()
+
+        def dropped(sent: asyncio.Future[Any]) -> None:
+            # zmq.asyncio reports a refused non-blocking send through the future.
+            if not sent.cancelled() and sent.exception() is not None:
+                log.debug("back channel unavailable; %s dropped", kind)
+
+        self._dealer.send_multipart(self.codec.encode(msg), zmq.NOBLOCK).add_done_callback(dropped)
 
 
 def _worse(current: str | None, new: str) -> str:
