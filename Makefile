@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cachebus needs Python 3.11+"'
@@ -13,7 +13,8 @@ $(VENV)/.installed: setup.py $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q -e .
 	touch $@
 
-$(VENV)/.installed-test: setup.py $(BIN)/python
+$(VENV)/.installed-test: setup.py bench/install-deps.sh $(BIN)/python
+	bash bench/install-deps.sh
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
@@ -25,6 +26,15 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+# Writes docs/benchmarks.md; installs redis-server and wrk through apt when missing.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.run
+
+$(VENV)/.installed-bench: setup.py bench/install-deps.sh $(BIN)/python
+	bash bench/install-deps.sh
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
+	touch $@ $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

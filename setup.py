@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+BENCH = ["redis>=5", "hiredis>=2", "matplotlib>=3.8"]
+
 setup(
     name="cachebus",
     version="0.1.0",
@@ -22,11 +24,15 @@ setup(
         "honcho>=2.0",
     ],
     extras_require={
+        # make bench: the Redis peer's client (with its fast parser) and the plots.
+        "bench": BENCH,
+        # The test suite runs a smoke version of the benchmark, so it needs the same.
         "test": [
             "pytest>=8",
             "pytest-tornado==0.8.1",
             # pytest-tornado 0.8.1 still imports pkg_resources, which setuptools 82 removed.
             "setuptools<82",
+            *BENCH,
         ],
     },
     entry_points={"console_scripts": ["cachebus=cachebus.cli:main"]},

@@ -1,0 +1,464 @@
+"""Run the benchmark and write ``docs/benchmarks.md``.
+
+``python -m bench.run`` (or ``make bench``) measures, in one run:
+
+* the time from ``POST /api/v1/cache/clear?wait=all`` to the answer that every
+  worker acked, with N real worker processes each holding 10,000 entries;
+* the two floors under it: a bare ZeroMQ PUB -> N SUB -> DEALER ack round
+  trip, and a bare Tornado handler answering ``{}``;
+* the overhead ratio: cachebus's median divided by the sum of the floors'.
+
+``--smoke`` runs N=2 with a few clears, only to prove the code works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Callable
+
+from tornado.testing import bind_unused_port
+
+from service.tokens import TokenStore
+
+from . import floor_zmq, peers
+from .stats import Summary
+
+ROOT = Path(__file__).resolve().parent.parent
+#: A memory file system: token files there cost no fsync, which isolates that cost.
+SHM = Path("/dev/shm")
+
+
+def free_port() -> int:
+    sock, port = bind_unused_port()
+    sock.close()
+    return port
+
+
+class Processes:
+    """Child processes started for one measurement, all stopped together."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """``python ARGS...``, its output in ``<name>.log``."""
+        return self.start_command(name, [sys.executable, *args])
+
+    def start_command(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")
+        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self.children = []
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def timed_posts(port: int, path: str, body: str, count: int, expect: int) -> list[float]:
+    """``count`` sequential POSTs on one keep-alive connection; milliseconds each."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    samples = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            conn.request("POST", path, body, headers)
+            response = conn.getresponse()
+            payload = response.read()
+            samples.append((time.perf_counter() - started) * 1000)
+            if response.status != expect:
+                raise RuntimeError(f"POST {path} answered {response.status}: {payload[:200]!r}")
+    finally:
+        conn.close()
+    return samples
+
+
+def answers(port: int) -> bool:
+    try:
+        conn = HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/")
+        conn.getresponse().read()
+        conn.close()
+        return True
+    except OSError:
+        return False
+
+
+def tornado_floor(procs: Processes, count: int) -> Summary:
+    port = free_port()
+    procs.start("tornado-floor", "-m", "bench.floor_tornado", str(port))
+    wait_until(lambda: answers(port), "the bare Tornado handler")
+    timed_posts(port, "/", "", 20, 200)
+    return Summary.of(timed_posts(port, "/", "", count, 200))
+
+
+def zmq_floor(procs: Processes, workers: int, count: int) -> Summary:
+    publish, acks = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    for i in range(workers):
+        procs.start(f"zmq-floor-{i}", "-m", "bench.floor_zmq", "sub", publish, acks)
+    samples = floor_zmq.round_trips(publish, acks, workers, count + 20)
+    return Summary.of(samples[20:])
+
+
+def new_token(tokens: Path) -> tuple[str, str]:
+    store = TokenStore(tokens)
+    created = store.create()
+    store.close()
+    return created.token, created.access_token
+
+
+def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
+    token, access_token = new_token(tokens)
+    port = free_port()
+    publish, acks = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    procs.start("service", "-m", "service", "--port", str(port), "--tokens-dir", str(tokens),
+                "--bus-publish", publish, "--bus-acks", acks)
+    wait_until(lambda: answers(port), "the cachebus service")
+    for i in range(workers):
+        procs.start(f"worker-{i}", "-m", "bench.worker", "--name", f"bench-{i}", "--publish", publish,
+                    "--acks", acks, "--entries", str(entries))
+    creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
+
+    def all_live() -> bool:
+        conn = HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", f"/api/v1/cache/workers?{creds}")
+        listed = json.loads(conn.getresponse().read())["workers"]
+        conn.close()
+        return sum(w["state"] == "live" for w in listed) == workers
+
+    wait_until(all_live, f"{workers} cachebus workers to join")
+    body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
+    timed_posts(port, "/api/v1/cache/clear", body, 10, 200)
+    return Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
+
+
+def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summary | None:
+    if shutil.which("redis-server") is None:
+        return None
+    import redis
+
+    redis_port = free_port()
+    procs.start_command("redis-server", ["redis-server", "--port", str(redis_port), "--save", "",
+                                         "--appendonly", "no", "--bind", "127.0.0.1"])
+    client = redis.Redis(port=redis_port)
+
+    def pong() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(pong, "redis-server")
+    for i in range(workers):
+        procs.start(f"redis-worker-{i}", "-m", "bench.peers", "worker", "redis", str(redis_port), str(entries))
+    wait_until(lambda: client.pubsub_numsub(peers.CLEAR_CHANNEL)[0][1] == workers, "Redis workers to subscribe")
+    port = free_port()
+    procs.start("redis-service", "-m", "bench.peers", "service", "redis", str(port), str(redis_port), str(workers))
+    wait_until(lambda: answers(port), "the Redis fan-out service")
+    timed_posts(port, "/clear", "", 10, 200)
+    samples = timed_posts(port, "/clear", "", count, 200)
+    client.close()
+    return Summary.of(samples)
+
+
+def http_peer(procs: Processes, workers: int, count: int, entries: int) -> Summary:
+    urls = []
+    for i in range(workers):
+        worker_port = free_port()
+        procs.start(f"http-worker-{i}", "-m", "bench.peers", "worker", "http", str(worker_port), str(entries))
+        urls.append(f"http://127.0.0.1:{worker_port}/purge")
+    for url in urls:
+        worker_port = int(url.rsplit(":", 1)[1].split("/")[0])
+        wait_until(lambda: answers(worker_port), "an HTTP fan-out worker")
+    port = free_port()
+    procs.start("http-service", "-m", "bench.peers", "service", "http", str(port), ",".join(urls))
+    wait_until(lambda: answers(port), "the HTTP fan-out service")
+    timed_posts(port, "/clear", "", 10, 200)
+    return Summary.of(timed_posts(port, "/clear", "", count, 200))
+
+
+@dataclass
+class Throughput:
+    bare: float
+    warm: float
+    cold: float
+    seconds: int
+
+
+def wrk(url: str, body: str, seconds: int, scratch: Path, connections: int = 32) -> tuple[float, int]:
+    """Requests per second ``wrk`` sustains POSTing ``body``, and how many were not 2xx/3xx."""
+    script = scratch / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.body = "{body}"\n'
+                      'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n')
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, int(errors.group(1)) if errors else 0
+
+
+def throughput(procs: Processes, tmp: Path, seconds: int) -> Throughput | None:
+    """The Flextype endpoint without ``wait`` against the bare handler, under 32 connections."""
+    if shutil.which("wrk") is None:
+        return None
+    bare_port = free_port()
+    procs.start("tornado-floor-wrk", "-m", "bench.floor_tornado", str(bare_port))
+    wait_until(lambda: answers(bare_port), "the bare Tornado handler")
+    bare, _ = wrk(f"http://127.0.0.1:{bare_port}/", "", seconds, tmp)
+    procs.stop()
+
+    tokens = tmp / "tokens-wrk"
+    token, access_token = new_token(tokens)
+    port = free_port()
+    procs.start("service-wrk", "-m", "service", "--port", str(port), "--tokens-dir", str(tokens),
+                "--bus-publish", f"tcp://127.0.0.1:{free_port()}", "--bus-acks", f"tcp://127.0.0.1:{free_port()}")
+    wait_until(lambda: answers(port), "the cachebus service")
+    url = f"http://127.0.0.1:{port}/api/v1/cache/clear"
+    warm, failed = wrk(url, urllib.parse.urlencode({"token": token, "access_token": access_token}), seconds, tmp)
+    if failed:
+        raise RuntimeError(f"{failed} warm-credential clears failed under wrk")
+    # An access token that never verifies is never remembered: every request pays bcrypt.
+    cold, _ = wrk(url, urllib.parse.urlencode({"token": token, "access_token": "0" * 32}), seconds, tmp)
+    procs.stop()
+    return Throughput(bare=bare, warm=warm, cold=cold, seconds=seconds)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+@dataclass
+class Row:
+    workers: int
+    cachebus: Summary
+    cachebus_tmpfs: Summary | None
+    zmq_floor: Summary
+    tornado_floor: Summary
+    redis: Summary | None
+    http: Summary | None
+
+
+def _speedup(peer: Summary | None, ours: Summary) -> str:
+    return f"{peer.p50 / ours.p50:.2f}×" if peer else "skipped"
+
+
+def _cells(summary: Summary | None) -> str:
+    return f"{summary.p50:.2f} | {summary.p99:.2f}" if summary else "not measured | -"
+
+
+def report(rows: list[Row], load: Throughput | None, clears: int, entries: int, elapsed: float) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {machine()}, "
+        f"in one run of `make bench` ({elapsed:.0f} s). All times in milliseconds.",
+        "",
+        "## Time to all-acked, and the floors under it",
+        "",
+        f"`POST /api/v1/cache/clear?wait=all` end to end over a keep-alive connection, {clears} clears "
+        f"per row, each of N worker processes holding {entries:,} cache entries before every clear. "
+        "The floors are measured in the same run: a bare ZeroMQ PUB → N SUB → DEALER ack round trip, "
+        "and a bare Tornado handler answering `{}`. The overhead ratio is cachebus's median divided "
+        "by the sum of the two floors' medians.",
+        "",
+        "| N | cachebus p50 | p99 | min | max | ZeroMQ floor p50 | p99 | Tornado floor p50 | p99 "
+        "| overhead ratio | tokens on tmpfs p50 | p99 | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        floors = row.zmq_floor.p50 + row.tornado_floor.p50
+        tmpfs = row.cachebus_tmpfs
+        lines.append(f"| {row.workers} | {' | '.join(row.cachebus.cells())} | {_cells(row.zmq_floor)} | "
+                     f"{_cells(row.tornado_floor)} | {row.cachebus.p50 / floors:.2f} | {_cells(tmpfs)} | "
+                     f"{f'{tmpfs.p50 / floors:.2f}' if tmpfs else '-'} |")
+    lines += [
+        "",
+        "The *tokens on tmpfs* columns rerun cachebus with its token files on `/dev/shm`, where an",
+        "fsync costs nothing: the difference between the two is the price of counting each call",
+        "durably (fsync of the token file and of its directory, before the clear is published).",
+    ]
+    lines += [
+        "",
+        "## Peers doing the same job",
+        "",
+        "Each peer is an HTTP service whose `POST /clear` fans out to N worker processes with the same",
+        "full caches and answers when all of them acked: Redis pub/sub with acks back over Redis",
+        "(asyncio client, hiredis parser), and a naive fan-out that POSTs to every worker. Neither",
+        "checks a token or counts calls durably; cachebus does both. Speed-up is the peer's median",
+        "divided by cachebus's.",
+        "",
+        "| N | cachebus p50 | p99 | Redis p50 | p99 | HTTP fan-out p50 | p99 | vs Redis | vs HTTP fan-out |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row.workers} | {_cells(row.cachebus)} | {_cells(row.redis)} | {_cells(row.http)} | "
+                     f"{_speedup(row.redis, row.cachebus)} | {_speedup(row.http, row.cachebus)} |")
+    lines += [
+        "",
+        "cachebus's token files live on the same disk as a real deployment's, so each clear pays for",
+        "counting the call durably (an fsync of the token file and its directory).",
+        "",
+        "## Throughput of the Flextype endpoint without `wait`",
+        "",
+    ]
+    if load is None:
+        lines.append("Not measured: `wrk` is not installed (`bash bench/install-deps.sh` installs it).")
+    else:
+        lines += [
+            f"`wrk -t2 -c32 -d{load.seconds}s` POSTing to the endpoint, no workers attached. *Warm*: one",
+            "valid credential, so bcrypt's verdict is remembered and each request reads, counts and",
+            "rewrites the token file. *Cold*: an access token that never verifies, so every request",
+            "pays bcrypt (and is answered 401).",
+            "",
+            "| | requests/s | ratio to the bare handler |",
+            "|---|---|---|",
+            f"| bare Tornado handler | {load.bare:,.0f} | 1.00 |",
+            f"| cachebus, warm credential | {load.warm:,.0f} | {load.warm / load.bare:.2f} |",
+            f"| cachebus, cold credential | {load.cold:,.0f} | {load.cold / load.bare:.2f} |",
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    """Median time to all-acked against N, one line per contender; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [row.workers for row in rows]
+    series = {
+        "cachebus": [row.cachebus for row in rows],
+        "cachebus, tokens on tmpfs": [row.cachebus_tmpfs for row in rows],
+        "Redis pub/sub": [row.redis for row in rows],
+        "naive HTTP fan-out": [row.http for row in rows],
+        "ZeroMQ floor": [row.zmq_floor for row in rows],
+        "Tornado floor": [row.tornado_floor for row in rows],
+    }
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for label, summaries in series.items():
+        points = [(n, s.p50) for n, s in zip(ns, summaries) if s is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("worker processes (N)")
+    ax.set_ylabel("median time to all-acked (ms)")
+    ax.set_title("Time to all-acked, median of each run")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", default="1,4,16,64", help="comma-separated worker counts")
+    parser.add_argument("--clears", type=int, default=300, help="timed clears per worker count")
+    parser.add_argument("--entries", type=int, default=10_000, help="cache entries per worker")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
+    parser.add_argument("--smoke", action="store_true", help="N=2 and a few clears: check the code runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.workers, args.clears, args.entries, args.seconds = "2", 5, 100, 1
+    counts = [int(n) for n in args.workers.split(",")]
+    load: Throughput | None = None
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="cachebus-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        procs = Processes(tmp)
+        try:
+            for n in counts:
+                print(f"N={n}: Tornado floor", flush=True)
+                tornado = tornado_floor(procs, args.clears)
+                procs.stop()
+                print(f"N={n}: ZeroMQ floor", flush=True)
+                floor = zmq_floor(procs, n, args.clears)
+                procs.stop()
+                print(f"N={n}: cachebus", flush=True)
+                ours = cachebus(procs, tmp / f"tokens-{n}", n, args.clears, args.entries)
+                procs.stop()
+                print(f"N={n}: cachebus, token files on tmpfs", flush=True)
+                ours_tmpfs = None
+                if SHM.is_dir():
+                    with tempfile.TemporaryDirectory(dir=SHM) as shm:
+                        ours_tmpfs = cachebus(procs, Path(shm), n, args.clears, args.entries)
+                        procs.stop()
+                print(f"N={n}: Redis pub/sub peer", flush=True)
+                via_redis = redis_peer(procs, n, args.clears, args.entries)
+                procs.stop()
+                print(f"N={n}: naive HTTP fan-out peer", flush=True)
+                via_http = http_peer(procs, n, args.clears, args.entries)
+                procs.stop()
+                rows.append(Row(n, ours, ours_tmpfs, floor, tornado, via_redis, via_http))
+                print(f"N={n}: cachebus p50 {ours.p50:.2f} ms, floors {floor.p50:.2f} + {tornado.p50:.2f} ms",
+                      flush=True)
+            print("throughput with wrk", flush=True)
+            load = throughput(procs, tmp, args.seconds)
+        finally:
+            procs.stop()
+    text = report(rows, load, args.clears, args.entries, time.monotonic() - started)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    picture = output.with_name(output.stem + "-latency.png")
+    if plot(rows, picture):
+        text = text.replace("## Peers doing the same job", f"![median time to all-acked]({picture.name})\n\n"
+                            "## Peers doing the same job", 1)
+    output.write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""A benchmark worker: a subscriber whose cache holds ``--entries`` entries before every clear.
+
+The cache refills right after each purge has been acked, so every timed clear
+purges a full cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from workers.cache import Cache
+from workers.subscriber import Subscriber
+
+
+class FullCache(Cache):
+    def __init__(self, entries: int) -> None:
+        super().__init__(max_entries=entries)
+        self.entries = entries
+        self.refill()
+
+    def refill(self) -> None:
+        for i in range(self.entries):
+            self.set(f"entry-{i}", i)
+
+    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
+        """The subscriber's purge; the refill runs once the ack has been sent."""
+        dropped = super().clear(clear_id=clear_id, seq=seq)
+        asyncio.get_running_loop().call_soon(self.refill)
+        return dropped
+
+    def clear_now(self) -> int:
+        """A purge for peers that refill on their own schedule."""
+        return super().clear()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--publish", required=True)
+    parser.add_argument("--acks", required=True)
+    parser.add_argument("--entries", type=int, default=10_000)
+    args = parser.parse_args()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Subscriber([FullCache(args.entries)], name=args.name, publish=args.publish, acks=args.acks):
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
