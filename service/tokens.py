@@ -103,6 +103,16 @@ class TokenSummary:
     created_by: str
 
 
+@dataclass
+class _Ticket:
+    """One call waiting to be counted: who asked, and what became of it."""
+
+    access_token: str
+    hashed: str
+    future: asyncio.Future[None] | None = None
+    error: Exception | None = None
+
+
 class TokenStore:
     """Flextype tokens under ``tokens_dir``: authorization, creation, listing.
 
@@ -130,6 +140,11 @@ class TokenStore:
         # are kept because a thread may read one of our own earlier writes
         # after a later one was recorded; that is no change from outside.
         self._signatures: dict[str, deque[_Signature]] = {}
+        #: Writes of token files that counted calls; fewer than calls under load.
+        self.commits: int = 0
+        # Group commit state, touched only on the event loop thread.
+        self._queued: dict[str, list[_Ticket]] = {}
+        self._flushing: dict[str, asyncio.Future[None]] = {}
 
     def close(self) -> None:
         """Shut down the executor if this store created it."""
@@ -139,10 +154,19 @@ class TokenStore:
     # --- authorization ------------------------------------------------------
 
     async def authorize(self, token: str, access_token: str, *, consume: bool) -> None:
-        """:meth:`check` on the executor; raises :class:`TokenError`."""
+        """:meth:`check` for the event loop; raises :class:`TokenError`.
+
+        Steps 3 to 6 run on ``executor``, so neither bcrypt nor file I/O blocks
+        the loop. Counting calls (step 7) is group-committed: calls for one
+        token that arrive while its file is being written are counted together
+        in the next write, so one fsync serves many requests and the count
+        stays exact.
+        """
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._executor, functools.partial(self.check, token, access_token, consume=consume))
+        hashed = await loop.run_in_executor(
+            self._executor, functools.partial(self._authenticate, token, access_token, consume))
+        if consume:
+            await self._count(token, _Ticket(access_token, hashed, loop.create_future()))
 
     def check(self, token: str, access_token: str, *, consume: bool) -> None:
         """Flextype's validation steps 3 to 7; raises :class:`TokenError`.
@@ -152,32 +176,84 @@ class TokenStore:
         Without it, as for reading the record, the call limit is not enforced:
         it limits clears, and reading never counts as one.
         """
+        hashed = self._authenticate(token, access_token, consume)
+        if consume:
+            ticket = _Ticket(access_token, hashed)
+            self._commit(token, [ticket])
+            if ticket.error is not None:
+                raise ticket.error
+
+    def _authenticate(self, token: str, access_token: str, limit: bool) -> str:
+        """Steps 3 to 6 without counting; returns the verified hash."""
         # 3. The id is checked before any path is built from it.
         if not TOKEN_ID_RE.fullmatch(token):
             raise TokenError(401, "unknown_token")
-        token_dir = self.tokens_dir / token
-        data, signature = self._read(token_dir / TOKEN_FILE)
+        data, signature = self._read(self.tokens_dir / token / TOKEN_FILE)
         self._observe(token, signature)
-        self._validate(data, limit=consume)  # 4 and 5
-        # 6. Outside the lock: a slow bcrypt must not hold up other requests.
-        hashed = self._verify(token, access_token, data)
-        if consume:
-            self._consume(token, token_dir, access_token, hashed)
+        self._validate(data, limit=limit)  # 4 and 5
+        # 6. Outside the file lock: a slow bcrypt must not hold up other requests.
+        return self._verify(token, access_token, data)
 
-    def _consume(self, token: str, token_dir: Path, access_token: str, hashed: str) -> None:
-        """Step 7: add one to ``calls``, exactly once, under the token's file lock."""
+    async def _count(self, token: str, ticket: _Ticket) -> None:
+        """Queue ``ticket`` for the token's next write, and wait for that write."""
+        self._queued.setdefault(token, []).append(ticket)
+        if token not in self._flushing:
+            self._flushing[token] = asyncio.ensure_future(self._flush(token))
+        assert ticket.future is not None
+        await ticket.future
+
+    async def _flush(self, token: str) -> None:
+        """Write the token's queued calls, batch after batch, until none are left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queued.get(token):
+                tickets = self._queued.pop(token)
+                try:
+                    await loop.run_in_executor(self._executor, self._commit, token, tickets)
+                except Exception as exc:  # an I/O failure: every caller in the batch sees it
+                    for ticket in tickets:
+                        ticket.error = ticket.error or exc
+                for ticket in tickets:
+                    assert ticket.future is not None
+                    if ticket.error is not None:
+                        ticket.future.set_exception(ticket.error)
+                    else:
+                        ticket.future.set_result(None)
+        finally:
+            del self._flushing[token]
+
+    def _commit(self, token: str, tickets: list[_Ticket]) -> None:
+        """Step 7 for a batch: add one to ``calls`` per ticket still allowed, in one write.
+
+        Under the token's file lock, the file is read again: another thread or
+        process may have counted calls, disabled the token or changed its hash
+        since each ticket was authenticated. A ticket that no longer passes
+        gets its :class:`TokenError` in ``ticket.error``.
+        """
+        token_dir = self.tokens_dir / token
         path = token_dir / TOKEN_FILE
-        with self._locked(token_dir):
-            # Another thread or process may have counted calls, disabled the
-            # token or changed its hash since the unlocked read.
-            data, signature = self._read(path)
-            self._observe(token, signature)
-            self._validate(data)
-            if data.get("hashed_access_token") != hashed:
-                self._verify(token, access_token, data)
-            data["calls"] += 1
-            written = self._write(path, data)
-            self._remember_write(token, written)
+        try:
+            with self._locked(token_dir):
+                data, signature = self._read(path)
+                self._observe(token, signature)
+                counted = 0
+                for ticket in tickets:
+                    try:
+                        self._validate({**data, "calls": data.get("calls", 0) + counted}
+                                       if _is_int(data.get("calls")) else data)
+                        if data.get("hashed_access_token") != ticket.hashed:
+                            self._verify(token, ticket.access_token, data)
+                        counted += 1
+                    except TokenError as exc:
+                        ticket.error = exc
+                if counted:
+                    data["calls"] += counted
+                    written = self._write(path, data)
+                    self._remember_write(token, written)
+                    self.commits += 1
+        except TokenError as exc:
+            for ticket in tickets:
+                ticket.error = ticket.error or exc
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, Any], _Signature]:

@@ -454,9 +454,13 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
     threads: list[str] = []
 
     class Recording(TokenStore):
-        def check(self, token: str, access_token: str, *, consume: bool) -> None:
+        def _authenticate(self, token: str, access_token: str, limit: bool) -> str:
             threads.append(threading.current_thread().name)
-            super().check(token, access_token, consume=consume)
+            return super()._authenticate(token, access_token, limit)
+
+        def _commit(self, token, tickets) -> None:
+            threads.append(threading.current_thread().name)
+            super()._commit(token, tickets)
 
     store = Recording(tokens)
 
@@ -474,6 +478,25 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
         store.close()
     assert read(php_token)["calls"] == 6
     assert threads and all(name.startswith("cachebus-auth") for name in threads)
+
+
+def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
+    write_token(tokens, "tok", limit_calls=30)
+    store = TokenStore(tokens)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(store.authorize("tok", "secret", consume=True) for _ in range(50)),
+                                    return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        store.close()
+    assert results.count(None) == 30
+    refused = [r for r in results if r is not None]
+    assert all(isinstance(r, TokenError) and (r.status, r.reason) == (400, "limit_reached") for r in refused)
+    assert read(tokens / "tok" / "token.yaml")["calls"] == 30
+    assert store.commits < 30, "calls that arrive together share one write"
 
 
 def test_close_leaves_a_given_executor_running(php_token: Path, tokens: Path) -> None:
