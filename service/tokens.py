@@ -35,7 +35,7 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import bcrypt
 import yaml
@@ -142,6 +142,8 @@ class TokenStore:
         self._signatures: dict[str, deque[_Signature]] = {}
         #: Writes of token files that counted calls; fewer than calls under load.
         self.commits: int = 0
+        # The last parse of each token file, by signature; see _load().
+        self._parsed: dict[str, tuple[_Signature, dict[str, Any]]] = {}
         # Group commit state, touched only on the event loop thread.
         self._queued: dict[str, list[_Ticket]] = {}
         self._flushing: dict[str, asyncio.Future[None]] = {}
@@ -188,7 +190,7 @@ class TokenStore:
         # 3. The id is checked before any path is built from it.
         if not TOKEN_ID_RE.fullmatch(token):
             raise TokenError(401, "unknown_token")
-        data, signature = self._read(self.tokens_dir / token / TOKEN_FILE)
+        data, signature = self._load(token, self.tokens_dir / token / TOKEN_FILE)
         self._observe(token, signature)
         self._validate(data, limit=limit)  # 4 and 5
         # 6. Outside the file lock: a slow bcrypt must not hold up other requests.
@@ -234,7 +236,7 @@ class TokenStore:
         path = token_dir / TOKEN_FILE
         try:
             with self._locked(token_dir):
-                data, signature = self._read(path)
+                data, signature = self._load(token, path)
                 self._observe(token, signature)
                 counted = 0
                 for ticket in tickets:
@@ -248,12 +250,31 @@ class TokenStore:
                         ticket.error = exc
                 if counted:
                     data["calls"] += counted
-                    written = self._write(path, data)
-                    self._remember_write(token, written)
+                    self._write(path, data, functools.partial(self._remember_write, token, data))
                     self.commits += 1
         except TokenError as exc:
             for ticket in tickets:
                 ticket.error = ticket.error or exc
+
+    def _load(self, token: str, path: Path) -> tuple[dict[str, Any], _Signature]:
+        """:meth:`_read`, skipped when the file is unchanged since we last parsed or wrote it.
+
+        One ``stat`` instead of open, read and parse: every clear loads its
+        token file twice, and the same few tokens are loaded over and over.
+        """
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise TokenError(401, "unknown_token") from None
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            cached = self._parsed.get(token)
+            if cached is not None and cached[0] == signature:
+                return dict(cached[1]), signature
+        data, signature = self._read(path)
+        with self._lock:
+            self._parsed[token] = (signature, dict(data))
+        return data, signature
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, Any], _Signature]:
@@ -336,10 +357,11 @@ class TokenStore:
             self._forget_locked(token)
             self._signatures[token] = deque([signature], maxlen=16)
 
-    def _remember_write(self, token: str, signature: _Signature) -> None:
-        """Record our own write, so it does not invalidate the memo."""
+    def _remember_write(self, token: str, data: dict[str, Any], signature: _Signature) -> None:
+        """Record our own write, so it does not invalidate the memo and need not be parsed."""
         with self._lock:
             self._signatures.setdefault(token, deque(maxlen=16)).append(signature)
+            self._parsed[token] = (signature, dict(data))
 
     def _forget_locked(self, token: str) -> None:
         for key in self._memo_by_token.pop(token, ()):
@@ -453,8 +475,14 @@ class TokenStore:
             os.close(fd)  # releases the lock
 
     @staticmethod
-    def _write(path: Path, data: dict[str, Any]) -> _Signature:
-        """Replace ``path`` atomically and durably; returns the new file's signature."""
+    def _write(path: Path, data: dict[str, Any],
+               before_rename: Callable[[_Signature], None] | None = None) -> _Signature:
+        """Replace ``path`` atomically and durably; returns the new file's signature.
+
+        ``before_rename`` receives the signature before the new file becomes
+        visible, so a concurrent reader can never see a file of ours that the
+        store does not yet know it wrote.
+        """
         text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -470,6 +498,8 @@ class TokenStore:
                 # rename keeps the inode, size and mtime, so this is the
                 # signature token.yaml will have.
                 st = os.fstat(f.fileno())
+            if before_rename is not None:
+                before_rename((st.st_mtime_ns, st.st_size, st.st_ino))
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

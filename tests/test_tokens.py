@@ -497,6 +497,7 @@ def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
     assert all(isinstance(r, TokenError) and (r.status, r.reason) == (400, "limit_reached") for r in refused)
     assert read(tokens / "tok" / "token.yaml")["calls"] == 30
     assert store.commits < 30, "calls that arrive together share one write"
+    assert store.bcrypt_calls <= 4, "only the first, concurrent, cold checks pay bcrypt"
 
 
 def test_close_leaves_a_given_executor_running(php_token: Path, tokens: Path) -> None:
