@@ -31,6 +31,7 @@ import secrets
 import stat
 import tempfile
 import threading
+import typing
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -165,8 +166,11 @@ class TokenStore:
         stays exact.
         """
         loop = asyncio.get_running_loop()
-        hashed = await loop.run_in_executor(
-            self._executor, functools.partial(self._authenticate, token, access_token, consume))
+        # Known file, remembered verdict: one stat, no thread hop.
+        hashed = self._authenticate(token, access_token, consume, blocking=False)
+        if hashed is None:
+            hashed = await loop.run_in_executor(
+                self._executor, functools.partial(self._authenticate, token, access_token, consume))
         if consume:
             await self._count(token, _Ticket(access_token, hashed, loop.create_future()))
 
@@ -185,16 +189,23 @@ class TokenStore:
             if ticket.error is not None:
                 raise ticket.error
 
-    def _authenticate(self, token: str, access_token: str, limit: bool) -> str:
-        """Steps 3 to 6 without counting; returns the verified hash."""
+    def _authenticate(self, token: str, access_token: str, limit: bool, *, blocking: bool = True) -> str | None:
+        """Steps 3 to 6 without counting; returns the verified hash.
+
+        With ``blocking`` false it only uses what is remembered, answering None
+        where it would have to read and parse the file or run bcrypt.
+        """
         # 3. The id is checked before any path is built from it.
         if not TOKEN_ID_RE.fullmatch(token):
             raise TokenError(401, "unknown_token")
-        data, signature = self._load(token, self.tokens_dir / token / TOKEN_FILE)
+        loaded = self._load(token, self.tokens_dir / token / TOKEN_FILE, parse=blocking)
+        if loaded is None:
+            return None
+        data, signature = loaded
         self._observe(token, signature)
         self._validate(data, limit=limit)  # 4 and 5
         # 6. Outside the file lock: a slow bcrypt must not hold up other requests.
-        return self._verify(token, access_token, data)
+        return self._verify(token, access_token, data, bcrypt_allowed=blocking)
 
     async def _count(self, token: str, ticket: _Ticket) -> None:
         """Queue ``ticket`` for the token's next write, and wait for that write."""
@@ -256,7 +267,13 @@ class TokenStore:
             for ticket in tickets:
                 ticket.error = ticket.error or exc
 
-    def _load(self, token: str, path: Path) -> tuple[dict[str, Any], _Signature]:
+    @typing.overload
+    def _load(self, token: str, path: Path) -> tuple[dict[str, Any], _Signature]: ...
+
+    @typing.overload
+    def _load(self, token: str, path: Path, parse: bool) -> tuple[dict[str, Any], _Signature] | None: ...
+
+    def _load(self, token: str, path: Path, parse: bool = True) -> tuple[dict[str, Any], _Signature] | None:
         """:meth:`_read`, skipped when the file is unchanged since we last parsed or wrote it.
 
         One ``stat`` instead of open, read and parse: every clear loads its
@@ -271,6 +288,8 @@ class TokenStore:
             cached = self._parsed.get(token)
             if cached is not None and cached[0] == signature:
                 return dict(cached[1]), signature
+        if not parse:
+            return None
         data, signature = self._read(path)
         with self._lock:
             self._parsed[token] = (signature, dict(data))
@@ -317,8 +336,18 @@ class TokenStore:
         if limit and data["limit_calls"] != 0 and calls >= data["limit_calls"]:
             raise TokenError(400, "limit_reached")
 
-    def _verify(self, token: str, access_token: str, data: dict[str, Any]) -> str:
-        """Step 6: the access token against the stored hash; returns the hash."""
+    @typing.overload
+    def _verify(self, token: str, access_token: str, data: dict[str, Any]) -> str: ...
+
+    @typing.overload
+    def _verify(self, token: str, access_token: str, data: dict[str, Any], bcrypt_allowed: bool) -> str | None: ...
+
+    def _verify(self, token: str, access_token: str, data: dict[str, Any],
+                bcrypt_allowed: bool = True) -> str | None:
+        """Step 6: the access token against the stored hash; returns the hash.
+
+        Without ``bcrypt_allowed``, answers None when the verdict is not remembered.
+        """
         hashed = data.get("hashed_access_token")
         if hashed is None:
             raise TokenError(401, "no_hash")
@@ -332,6 +361,8 @@ class TokenStore:
             if key in self._memo:
                 self._memo.move_to_end(key)
                 return hashed
+            if not bcrypt_allowed:
+                return None
             self.bcrypt_calls += 1
         try:
             # PHP's password_verify ignores bytes past the 72nd; bcrypt 5 raises.

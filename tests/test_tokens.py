@@ -454,9 +454,14 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
     threads: list[str] = []
 
     class Recording(TokenStore):
-        def _authenticate(self, token: str, access_token: str, limit: bool) -> str:
-            threads.append(threading.current_thread().name)
-            return super()._authenticate(token, access_token, limit)
+        def _read(self, path: Path):
+            threads.append(threading.current_thread().name)  # file reads and parses
+            return super()._read(path)
+
+        def _verify(self, token: str, access_token: str, data, bcrypt_allowed: bool = True):
+            if bcrypt_allowed:  # only then may bcrypt run
+                threads.append(threading.current_thread().name)
+            return super()._verify(token, access_token, data, bcrypt_allowed)
 
         def _commit(self, token, tickets) -> None:
             threads.append(threading.current_thread().name)
