@@ -43,10 +43,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SHM = Path("/dev/shm")
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (held open together, so none repeats)."""
+    held = [bind_unused_port() for _ in range(count)]
+    for sock, _ in held:
+        sock.close()
+    return [port for _, port in held]
+
+
 def free_port() -> int:
-    sock, port = bind_unused_port()
-    sock.close()
-    return port
+    return free_ports(1)[0]
 
 
 class Processes:
@@ -67,6 +73,13 @@ class Processes:
         self.children.append(child)
         return child
 
+    def check(self) -> None:
+        """Fail at once if a child died, instead of waiting out a deadline."""
+        for child in self.children:
+            if child.poll() is not None:
+                raise RuntimeError(f"{' '.join(map(str, child.args[:4]))} exited with {child.returncode}; "
+                                   f"see the logs in {self.logs}")
+
     def stop(self) -> None:
         for child in self.children:
             if child.poll() is None:
@@ -80,9 +93,12 @@ class Processes:
         self.children = []
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 120) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 120,
+               procs: "Processes | None" = None) -> None:
     end = time.monotonic() + timeout
     while not condition():
+        if procs is not None:
+            procs.check()
         if time.monotonic() > end:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.05)
@@ -121,13 +137,13 @@ def answers(port: int) -> bool:
 def tornado_floor(procs: Processes, count: int) -> Summary:
     port = free_port()
     procs.start("tornado-floor", "-m", "bench.floor_tornado", str(port))
-    wait_until(lambda: answers(port), "the bare Tornado handler")
+    wait_until(lambda: answers(port), "the bare Tornado handler", procs=procs)
     timed_posts(port, "/", "", 20, 200)
     return Summary.of(timed_posts(port, "/", "", count, 200))
 
 
 def zmq_floor(procs: Processes, workers: int, count: int) -> Summary:
-    publish, acks = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    publish, acks = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
     for i in range(workers):
         procs.start(f"zmq-floor-{i}", "-m", "bench.floor_zmq", "sub", publish, acks)
     samples = floor_zmq.round_trips(publish, acks, workers, count + 20)
@@ -143,11 +159,11 @@ def new_token(tokens: Path) -> tuple[str, str]:
 
 def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
     token, access_token = new_token(tokens)
-    port = free_port()
-    publish, acks = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    port, publish_port, acks_port = free_ports(3)
+    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
     procs.start("service", "-m", "service", "--port", str(port), "--tokens-dir", str(tokens),
                 "--bus-publish", publish, "--bus-acks", acks)
-    wait_until(lambda: answers(port), "the cachebus service")
+    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
     for i in range(workers):
         procs.start(f"worker-{i}", "-m", "bench.worker", "--name", f"bench-{i}", "--publish", publish,
                     "--acks", acks, "--entries", str(entries))
@@ -160,7 +176,7 @@ def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: 
         conn.close()
         return sum(w["state"] == "live" for w in listed) == workers
 
-    wait_until(all_live, f"{workers} cachebus workers to join")
+    wait_until(all_live, f"{workers} cachebus workers to join", procs=procs)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 10, 200)
     return Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
@@ -182,13 +198,14 @@ def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summ
         except redis.ConnectionError:
             return False
 
-    wait_until(pong, "redis-server")
+    wait_until(pong, "redis-server", procs=procs)
     for i in range(workers):
         procs.start(f"redis-worker-{i}", "-m", "bench.peers", "worker", "redis", str(redis_port), str(entries))
-    wait_until(lambda: client.pubsub_numsub(peers.CLEAR_CHANNEL)[0][1] == workers, "Redis workers to subscribe")
+    wait_until(lambda: client.pubsub_numsub(peers.CLEAR_CHANNEL)[0][1] == workers, "Redis workers to subscribe",
+               procs=procs)
     port = free_port()
     procs.start("redis-service", "-m", "bench.peers", "service", "redis", str(port), str(redis_port), str(workers))
-    wait_until(lambda: answers(port), "the Redis fan-out service")
+    wait_until(lambda: answers(port), "the Redis fan-out service", procs=procs)
     timed_posts(port, "/clear", "", 10, 200)
     samples = timed_posts(port, "/clear", "", count, 200)
     client.close()
@@ -196,17 +213,14 @@ def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summ
 
 
 def http_peer(procs: Processes, workers: int, count: int, entries: int) -> Summary:
-    urls = []
-    for i in range(workers):
-        worker_port = free_port()
+    *worker_ports, port = free_ports(workers + 1)
+    for i, worker_port in enumerate(worker_ports):
         procs.start(f"http-worker-{i}", "-m", "bench.peers", "worker", "http", str(worker_port), str(entries))
-        urls.append(f"http://127.0.0.1:{worker_port}/purge")
-    for url in urls:
-        worker_port = int(url.rsplit(":", 1)[1].split("/")[0])
-        wait_until(lambda: answers(worker_port), "an HTTP fan-out worker")
-    port = free_port()
+    for worker_port in worker_ports:
+        wait_until(lambda: answers(worker_port), "an HTTP fan-out worker", procs=procs)
+    urls = [f"http://127.0.0.1:{worker_port}/purge" for worker_port in worker_ports]
     procs.start("http-service", "-m", "bench.peers", "service", "http", str(port), ",".join(urls))
-    wait_until(lambda: answers(port), "the HTTP fan-out service")
+    wait_until(lambda: answers(port), "the HTTP fan-out service", procs=procs)
     timed_posts(port, "/clear", "", 10, 200)
     return Summary.of(timed_posts(port, "/clear", "", count, 200))
 
@@ -237,16 +251,16 @@ def throughput(procs: Processes, tmp: Path, seconds: int) -> Throughput | None:
         return None
     bare_port = free_port()
     procs.start("tornado-floor-wrk", "-m", "bench.floor_tornado", str(bare_port))
-    wait_until(lambda: answers(bare_port), "the bare Tornado handler")
+    wait_until(lambda: answers(bare_port), "the bare Tornado handler", procs=procs)
     bare, _ = wrk(f"http://127.0.0.1:{bare_port}/", "", seconds, tmp)
     procs.stop()
 
     tokens = tmp / "tokens-wrk"
     token, access_token = new_token(tokens)
-    port = free_port()
+    port, publish_port, acks_port = free_ports(3)
     procs.start("service-wrk", "-m", "service", "--port", str(port), "--tokens-dir", str(tokens),
-                "--bus-publish", f"tcp://127.0.0.1:{free_port()}", "--bus-acks", f"tcp://127.0.0.1:{free_port()}")
-    wait_until(lambda: answers(port), "the cachebus service")
+                "--bus-publish", f"tcp://127.0.0.1:{publish_port}", "--bus-acks", f"tcp://127.0.0.1:{acks_port}")
+    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
     url = f"http://127.0.0.1:{port}/api/v1/cache/clear"
     warm, failed = wrk(url, urllib.parse.urlencode({"token": token, "access_token": access_token}), seconds, tmp)
     if failed:
@@ -449,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop()
     text = report(rows, load, args.clears, args.entries, time.monotonic() - started)
+    # The profiles and fixes behind these numbers are kept by hand, beside the code.
+    text += "\n" + (Path(__file__).parent / "history.md").read_text()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     picture = output.with_name(output.stem + "-latency.png")

@@ -40,10 +40,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEADLINE = 30.0
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (held open together, so none repeats)."""
+    held = [bind_unused_port() for _ in range(count)]
+    for sock, _ in held:
+        sock.close()
+    return [port for _, port in held]
+
+
 def free_port() -> int:
-    sock, port = bind_unused_port()
-    sock.close()
-    return port
+    return free_ports(1)[0]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
@@ -122,9 +128,9 @@ class Cluster:
         self.tmp = tmp
         self.tokens_dir = tokens_dir
         self.content_dir = content_dir
-        self.port = free_port()
-        self.publish = f"tcp://{bus_host}:{free_port()}"
-        self.acks = f"tcp://{bus_host}:{free_port()}"
+        self.port, publish_port, acks_port = free_ports(3)
+        self.publish = f"tcp://{bus_host}:{publish_port}"
+        self.acks = f"tcp://{bus_host}:{acks_port}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.service: Proc | None = None
         self.workers: dict[str, tuple[Proc, str]] = {}
@@ -275,10 +281,11 @@ def overrides() -> dict[str, Any]:
 
 @pytest.fixture
 def settings(tokens_dir: Path, overrides: dict[str, Any]) -> Settings:
+    publish_port, acks_port = free_ports(2)
     return Settings().replace({
         "service.tokens_dir": str(tokens_dir),
-        "bus.publish": f"tcp://127.0.0.1:{free_port()}",
-        "bus.acks": f"tcp://127.0.0.1:{free_port()}",
+        "bus.publish": f"tcp://127.0.0.1:{publish_port}",
+        "bus.acks": f"tcp://127.0.0.1:{acks_port}",
         **overrides,
     })
 

@@ -412,3 +412,16 @@ def test_revoked_lease_bypasses_until_renewed_and_stale_reads_are_not_stored():
     cache.set("x", "read before the revoke", generation=before)
     assert "x" not in cache
     assert cache.stats()["bypass_seconds"] == pytest.approx(2.0)
+
+
+def test_set_many_warms_the_cache_under_the_same_rules_as_set():
+    clock = FakeClock()
+    cache = Cache(max_entries=3, clock=clock)
+    assert cache.set_many({"a": 1, "b": 2}) == 2
+    assert cache.set_many([("c", 3), ("d", 4)]) == 2
+    assert len(cache) == 3 and cache.get("a") is None and cache.get("d") == 4
+    generation = cache.generation
+    cache.clear()
+    assert cache.set_many({"x": 1}, generation=generation) == 0
+    cache.set_bypass(True)
+    assert cache.set_many({"y": 1}) == 0

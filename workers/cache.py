@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Protocol, runtime_checkable
+from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -180,15 +180,33 @@ class Cache:
             if generation is not None and generation != self._generation:
                 return
             self._expire(now)
-            self._data[key] = value
-            self._data.move_to_end(key)
-            if self._ttl is not None:
-                self._expires[key] = now + self._ttl
-                self._expires.move_to_end(key)
-            while len(self._data) > self._max_entries:
-                oldest, _ = self._data.popitem(last=False)
-                self._expires.pop(oldest, None)
-                self._evictions += 1
+            self._store(key, value, now)
+
+    def set_many(self, items: Mapping[Hashable, Any] | Iterable[tuple[Hashable, Any]], *,
+                 generation: int | None = None) -> int:
+        """:meth:`set` for many entries under one lock, as when warming a cache; returns how many were kept."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        with self._lock:
+            now = self._clock()
+            if self._untrusted(now) or (generation is not None and generation != self._generation):
+                return 0
+            self._expire(now)
+            kept = 0
+            for key, value in pairs:
+                self._store(key, value, now)
+                kept += 1
+            return kept
+
+    def _store(self, key: Hashable, value: Any, now: float) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        if self._ttl is not None:
+            self._expires[key] = now + self._ttl
+            self._expires.move_to_end(key)
+        while len(self._data) > self._max_entries:
+            oldest, _ = self._data.popitem(last=False)
+            self._expires.pop(oldest, None)
+            self._evictions += 1
 
     def delete(self, key: Hashable) -> bool:
         """Remove ``key``; return whether it was there (and not expired)."""
