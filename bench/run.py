@@ -271,6 +271,48 @@ def throughput(procs: Processes, tmp: Path, seconds: int) -> Throughput | None:
     return Throughput(bare=bare, warm=warm, cold=cold, seconds=seconds)
 
 
+@dataclass
+class Scale:
+    subscribers: int
+    processes: int
+    latency: Summary
+    service_rss_mib: float
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: int) -> Scale:
+    """Time to all-acked with ``subscribers`` asyncio subscribers spread over ``processes``."""
+    token, access_token = new_token(tmp / "tokens-scale")
+    port, publish_port, acks_port = free_ports(3)
+    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
+    service = procs.start("service-scale", "-m", "service", "--port", str(port), "--tokens-dir",
+                          str(tmp / "tokens-scale"), "--bus-publish", publish, "--bus-acks", acks)
+    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
+    share, extra = divmod(subscribers, processes)
+    for i in range(processes):
+        procs.start(f"swarm-{i}", "-m", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
+    creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
+
+    def all_live() -> bool:
+        conn = HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/api/v1/cache/workers?{creds}")
+        listed = json.loads(conn.getresponse().read())["workers"]
+        conn.close()
+        return sum(w["state"] == "live" for w in listed) == subscribers
+
+    wait_until(all_live, f"{subscribers} subscribers to join", timeout=300, procs=procs)
+    body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
+    timed_posts(port, "/api/v1/cache/clear", body, 5, 200)
+    latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
+    return Scale(subscribers, processes, latency, rss_mib(service.pid))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -303,7 +345,8 @@ def _cells(summary: Summary | None) -> str:
     return f"{summary.p50:.2f} | {summary.p99:.2f}" if summary else "not measured | -"
 
 
-def report(rows: list[Row], load: Throughput | None, clears: int, entries: int, elapsed: float) -> str:
+def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, clears: int, entries: int,
+           elapsed: float) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -373,6 +416,19 @@ def report(rows: list[Row], load: Throughput | None, clears: int, entries: int, 
             f"| cachebus, warm credential | {load.warm:,.0f} | {load.warm / load.bare:.2f} |",
             f"| cachebus, cold credential | {load.cold:,.0f} | {load.cold / load.bare:.2f} |",
         ]
+    if swarm is not None:
+        lat = swarm.latency
+        lines += [
+            "",
+            "## Scale of fan-out",
+            "",
+            f"{swarm.subscribers:,} asyncio subscribers spread over {swarm.processes} processes, each with a small",
+            f"cache, all registered with one service; {lat.count} `wait=all` clears.",
+            "",
+            "| subscribers | p50 | p99 | min | max | service RSS with all registered |",
+            "|---|---|---|---|---|---|",
+            f"| {swarm.subscribers:,} | {' | '.join(lat.cells())} | {swarm.service_rss_mib:.0f} MiB |",
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -421,12 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=10_000, help="cache entries per worker")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
+    parser.add_argument("--swarm", type=int, default=1000, help="subscribers for the fan-out scale run")
+    parser.add_argument("--swarm-clears", type=int, default=50, help="timed clears at that scale")
     parser.add_argument("--smoke", action="store_true", help="N=2 and a few clears: check the code runs")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.workers, args.clears, args.entries, args.seconds = "2", 5, 100, 1
+        args.workers, args.clears, args.entries, args.seconds, args.swarm, args.swarm_clears = "2", 5, 100, 1, 10, 3
     counts = [int(n) for n in args.workers.split(",")]
     load: Throughput | None = None
+    swarm: Scale | None = None
     started = time.monotonic()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="cachebus-bench-") as tmp_name:
@@ -460,9 +519,12 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             print("throughput with wrk", flush=True)
             load = throughput(procs, tmp, args.seconds)
+            procs.stop()
+            print(f"{args.swarm} subscribers", flush=True)
+            swarm = scale(procs, tmp, args.swarm, 4 if args.swarm >= 100 else 1, args.swarm_clears)
         finally:
             procs.stop()
-    text = report(rows, load, args.clears, args.entries, time.monotonic() - started)
+    text = report(rows, load, swarm, args.clears, args.entries, time.monotonic() - started)
     # The profiles and fixes behind these numbers are kept by hand, beside the code.
     text += "\n" + (Path(__file__).parent / "history.md").read_text()
     output = Path(args.output)

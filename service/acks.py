@@ -16,11 +16,14 @@ import zmq.asyncio
 
 from bus.peers import BadFrames, peer_address
 from bus.protocol import Ack, Bye, Codec, Hello, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
-from bus.sockets import configure
+from bus.sockets import configure, drain
 
 from .record import Record
 
 log = logging.getLogger("cachebus.acks")
+
+#: Most waiting messages handled before yielding to other work on the loop.
+_MAX_BATCH = 1000
 
 
 class AckListener:
@@ -43,10 +46,15 @@ class AckListener:
         log.info("receiving acks on %s", self.endpoint)
 
     async def run(self) -> None:
-        """Handle worker messages until cancelled."""
+        """Handle worker messages until cancelled.
+
+        Messages already waiting are handled in one go, so a thousand acks
+        for one clear cost one trip through the event loop, not a thousand.
+        """
         while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            await self._handle(frames)
+            await self._handle(await self._socket.recv_multipart(copy=False))
+            for frames in drain(self._socket, _MAX_BATCH):
+                await self._handle(frames)
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         peer = frames[0].bytes

@@ -44,7 +44,7 @@ from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
 from bus.peers import BadFrames, peer_address
 from bus.protocol import (Ack, Bye, Clear, Codec, Heartbeat, Hello, Message, ProtocolError, Welcome,
                           WorkerHeartbeat)
-from bus.sockets import configure
+from bus.sockets import configure, drain
 
 from .cache import Purgeable
 
@@ -96,6 +96,8 @@ class Subscriber:
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.targets = list(targets)
+        # isinstance against a runtime-checkable Protocol is slow: decide once.
+        self._leased_targets: list[Leased] = [t for t in self.targets if isinstance(t, Leased)]
         self.name = name or default_name()
         self.instance = uuid.uuid4().hex
         self.publish = publish
@@ -133,7 +135,7 @@ class Subscriber:
         return self.lease_until is not None and time.monotonic() < self.lease_until
 
     def _leased(self) -> list[Leased]:
-        return [t for t in self.targets if isinstance(t, Leased)]
+        return self._leased_targets
 
     async def start(self) -> None:
         """Connect both sockets and start listening."""
@@ -189,11 +191,7 @@ class Subscriber:
         while True:
             batch = [await self._sub.recv_multipart(copy=False)]
             lapsed = not self.trusted
-            while len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(await self._sub.recv_multipart(zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
+            batch += drain(self._sub, _MAX_BATCH - 1)
             messages = []
             for frames in batch:
                 try:

@@ -1,0 +1,37 @@
+"""Many subscribers in one process: ``python -m bench.swarm PUBLISH ACKS PREFIX COUNT``.
+
+For the fan-out scale measurement: the benchmark spreads 1,000 asyncio
+subscribers over a few of these processes, each subscriber with a small cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import zmq.asyncio
+
+from workers.cache import Cache
+from workers.subscriber import Subscriber
+
+
+async def main(publish: str, acks: str, prefix: str, count: int) -> None:
+    ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4 * count + 16)
+    subscribers = [Subscriber([Cache(max_entries=100)], name=f"{prefix}-{i}", publish=publish, acks=acks,
+                              context=ctx) for i in range(count)]
+    for subscriber in subscribers:
+        await subscriber.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for subscriber in subscribers:
+        await subscriber.stop()
+    ctx.term()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
