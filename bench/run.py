@@ -134,6 +134,18 @@ def answers(port: int) -> bool:
         return False
 
 
+def live_workers(port: int, token: str, access_token: str) -> int:
+    """How many workers the cachebus service on ``port`` lists as live."""
+    creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"/api/v1/cache/workers?{creds}")
+        listed = json.loads(conn.getresponse().read())["workers"]
+    finally:
+        conn.close()
+    return sum(w["state"] == "live" for w in listed)
+
+
 def tornado_floor(procs: Processes, count: int) -> Summary:
     port = free_port()
     procs.start("tornado-floor", "-m", "bench.floor_tornado", str(port))
@@ -167,16 +179,8 @@ def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: 
     for i in range(workers):
         procs.start(f"worker-{i}", "-m", "bench.worker", "--name", f"bench-{i}", "--publish", publish,
                     "--acks", acks, "--entries", str(entries))
-    creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
-
-    def all_live() -> bool:
-        conn = HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", f"/api/v1/cache/workers?{creds}")
-        listed = json.loads(conn.getresponse().read())["workers"]
-        conn.close()
-        return sum(w["state"] == "live" for w in listed) == workers
-
-    wait_until(all_live, f"{workers} cachebus workers to join", procs=procs)
+    wait_until(lambda: live_workers(port, token, access_token) == workers, f"{workers} cachebus workers to join",
+               procs=procs)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 10, 200)
     return Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
@@ -297,16 +301,8 @@ def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: 
     share, extra = divmod(subscribers, processes)
     for i in range(processes):
         procs.start(f"swarm-{i}", "-m", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
-    creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
-
-    def all_live() -> bool:
-        conn = HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", f"/api/v1/cache/workers?{creds}")
-        listed = json.loads(conn.getresponse().read())["workers"]
-        conn.close()
-        return sum(w["state"] == "live" for w in listed) == subscribers
-
-    wait_until(all_live, f"{subscribers} subscribers to join", timeout=300, procs=procs)
+    wait_until(lambda: live_workers(port, token, access_token) == subscribers, f"{subscribers} subscribers to join",
+               timeout=300, procs=procs)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 5, 200)
     latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))

@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 import zmq.asyncio
-from tornado.testing import bind_unused_port
 
+from bench.run import free_port, free_ports
 from cachebus.settings import Settings
 from service.app import Service, make_app
 from service.tokens import TokenStore
@@ -40,16 +40,6 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEADLINE = 30.0
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (held open together, so none repeats)."""
-    held = [bind_unused_port() for _ in range(count)]
-    for sock, _ in held:
-        sock.close()
-    return [port for _, port in held]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
