@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -309,6 +310,65 @@ def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: 
     return Scale(subscribers, processes, latency, rss_mib(service.pid))
 
 
+@dataclass
+class Burst:
+    workers: int
+    clears: int
+    seconds: float
+    purges: int
+    purge_seconds: float
+    fresh: Summary
+
+
+def burst(procs: Processes, tmp: Path, workers: int, clears: int, entries: int, connections: int = 4) -> Burst:
+    """Offer ``clears`` clears as fast as ``connections`` clients can send them to ``workers`` workers.
+
+    Reports how fast they were accepted, how many purges the workers really
+    did (coalescing), and per clear how long until every worker had purged
+    after it, which is when a reader anywhere sees fresh data.
+    """
+    config = tmp / "burst-settings.yaml"
+    config.write_text(f"record:\n  max_clears: {clears + 100}\n  list_limit: {clears + 100}\n")
+    tokens = tmp / "tokens-burst"
+    token, access_token = new_token(tokens)
+    port, publish_port, acks_port = free_ports(3)
+    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
+    procs.start("service-burst", "-m", "service", "--config", str(config), "--port", str(port),
+                "--tokens-dir", str(tokens), "--bus-publish", publish, "--bus-acks", acks)
+    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
+    for i in range(workers):
+        procs.start(f"burst-worker-{i}", "-m", "bench.worker", "--name", f"burst-{i}", "--publish", publish,
+                    "--acks", acks, "--entries", str(entries))
+    wait_until(lambda: live_workers(port, token, access_token) == workers, f"{workers} workers to join",
+               procs=procs)
+    creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
+    started = time.perf_counter()
+    threads = [threading.Thread(target=timed_posts, args=(port, "/api/v1/cache/clear", creds,
+                                                          clears // connections + (i < clears % connections), 204))
+               for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    offered = time.perf_counter() - started
+
+    def records() -> list[dict]:
+        conn = HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("GET", f"/api/v1/cache/clears?{creds}")
+            return json.loads(conn.getresponse().read())["clears"]
+        finally:
+            conn.close()
+
+    wait_until(lambda: all(c["complete"] for c in records()), "every worker to ack the burst", procs=procs)
+    listed = records()
+    fresh = [max(a["latency_ms"] for a in c["acks"]) for c in listed if c["acks"]]
+    purge_times = {(a["worker"], a["acked_at"]) for c in listed for a in c["acks"]}
+    first = min(c["published_at"] for c in listed)
+    last = max(t for _, t in purge_times)
+    return Burst(workers, len(listed), offered, len(purge_times), last - first, Summary.of(fresh))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -341,8 +401,8 @@ def _cells(summary: Summary | None) -> str:
     return f"{summary.p50:.2f} | {summary.p99:.2f}" if summary else "not measured | -"
 
 
-def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, clears: int, entries: int,
-           elapsed: float) -> str:
+def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood: Burst | None, clears: int,
+           entries: int, elapsed: float) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -425,6 +485,23 @@ def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, clears
             "|---|---|---|---|---|---|",
             f"| {swarm.subscribers:,} | {' | '.join(lat.cells())} | {swarm.service_rss_mib:.0f} MiB |",
         ]
+    if flood is not None:
+        lines += [
+            "",
+            "## Burst",
+            "",
+            f"{flood.clears:,} clears offered as fast as 4 keep-alive clients can send them, to {flood.workers}",
+            f"workers holding {entries:,} entries each. *Fresh after* is, per clear, the time from publishing",
+            "it until the last worker acked a purge that covers it: from then on no reader anywhere gets",
+            "pre-clear data.",
+            "",
+            "| clears accepted per second | purges performed | per worker | purges per second, all workers "
+            "| fresh after p50 | p99 | max |",
+            "|---|---|---|---|---|---|---|",
+            f"| {flood.clears / flood.seconds:,.0f} | {flood.purges:,} | {flood.purges / flood.workers:,.0f} | "
+            f"{flood.purges / max(flood.purge_seconds, 1e-9):,.0f} | {flood.fresh.p50:.1f} | {flood.fresh.p99:.1f} | "
+            f"{flood.fresh.max:.1f} |",
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -475,13 +552,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
     parser.add_argument("--swarm", type=int, default=1000, help="subscribers for the fan-out scale run")
     parser.add_argument("--swarm-clears", type=int, default=50, help="timed clears at that scale")
+    parser.add_argument("--burst", type=int, default=5000, help="clears offered in the burst")
+    parser.add_argument("--burst-workers", type=int, default=16, help="workers receiving the burst")
     parser.add_argument("--smoke", action="store_true", help="N=2 and a few clears: check the code runs")
     args = parser.parse_args(argv)
     if args.smoke:
         args.workers, args.clears, args.entries, args.seconds, args.swarm, args.swarm_clears = "2", 5, 100, 1, 10, 3
+        args.burst, args.burst_workers = 50, 2
     counts = [int(n) for n in args.workers.split(",")]
     load: Throughput | None = None
     swarm: Scale | None = None
+    flood: Burst | None = None
     started = time.monotonic()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="cachebus-bench-") as tmp_name:
@@ -518,9 +599,12 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop()
             print(f"{args.swarm} subscribers", flush=True)
             swarm = scale(procs, tmp, args.swarm, 4 if args.swarm >= 100 else 1, args.swarm_clears)
+            procs.stop()
+            print(f"burst of {args.burst} clears to {args.burst_workers} workers", flush=True)
+            flood = burst(procs, tmp, args.burst_workers, args.burst, args.entries)
         finally:
             procs.stop()
-    text = report(rows, load, swarm, args.clears, args.entries, time.monotonic() - started)
+    text = report(rows, load, swarm, flood, args.clears, args.entries, time.monotonic() - started)
     # The profiles and fixes behind these numbers are kept by hand, beside the code.
     text += "\n" + (Path(__file__).parent / "history.md").read_text()
     output = Path(args.output)
