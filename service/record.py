@@ -168,6 +168,7 @@ class Record:
         self.lost_after = lost_after
         self.forget_after = forget_after
         self._clears: OrderedDict[str, ClearEntry] = OrderedDict()
+        self._by_seq: dict[tuple[str, int], ClearEntry] = {}
         self._workers: dict[str, WorkerEntry] = {}
 
     # --- writers: the publisher and the ack listener -------------------------
@@ -182,8 +183,10 @@ class Record:
             expected=[w.name for w in self._workers.values() if w.state == LIVE],
         )
         self._clears[clear.id] = entry
+        self._by_seq[(clear.epoch, clear.seq)] = entry
         while len(self._clears) > self.max_clears:
-            self._clears.popitem(last=False)
+            _, oldest = self._clears.popitem(last=False)
+            del self._by_seq[(oldest.epoch, oldest.seq)]
         return entry
 
     def hello(self, msg: WorkerIdentity) -> WorkerEntry:
@@ -254,11 +257,15 @@ class Record:
             worker.last_seen = now
             worker.last_purge_cause = msg.cause
         updated = []
-        for entry in reversed(self._clears.values()):
-            if entry.epoch != msg.epoch or entry.seq > msg.seq or msg.name in entry.acks:
+        # Walk back from the newest clear the purge covers to the last one this
+        # worker already acked: the cost follows the clears acked, not the record's size.
+        floor = worker.last_acked_seq if current and worker.last_acked_seq is not None else 0
+        for seq in range(msg.seq, floor, -1):
+            entry = self._by_seq.get((msg.epoch, seq))
+            if entry is None:
+                break  # older than the record keeps, or from another epoch
+            if msg.name in entry.acks:
                 continue
-            if current and worker.last_acked_seq is not None and entry.seq <= worker.last_acked_seq:
-                break
             if not entry.expects(msg.name) and (not current or entry.seq <= worker.synced_seq):
                 continue
             entry.add_ack(WorkerAck(
