@@ -170,18 +170,30 @@ def new_token(tokens: Path) -> tuple[str, str]:
     return created.token, created.access_token
 
 
-def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
-    token, access_token = new_token(tokens)
+def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> tuple[int, str, str]:
+    """A ``cachebus serve`` on free ports; returns its HTTP port and bus endpoints once it answers."""
     port, publish_port, acks_port = free_ports(3)
     publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
-    procs.start("service", "-m", "service", "--port", str(port), "--tokens-dir", str(tokens),
+    procs.start(name, "-m", "service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
                 "--bus-publish", publish, "--bus-acks", acks)
     wait_until(lambda: answers(port), "the cachebus service", procs=procs)
-    for i in range(workers):
-        procs.start(f"worker-{i}", "-m", "bench.worker", "--name", f"bench-{i}", "--publish", publish,
+    return port, publish, acks
+
+
+def start_workers(procs: Processes, prefix: str, count: int, publish: str, acks: str, entries: int,
+                  port: int, token: str, access_token: str) -> None:
+    """``count`` benchmark workers with full caches, returning once the service lists them all live."""
+    for i in range(count):
+        procs.start(f"{prefix}-{i}", "-m", "bench.worker", "--name", f"{prefix}-{i}", "--publish", publish,
                     "--acks", acks, "--entries", str(entries))
-    wait_until(lambda: live_workers(port, token, access_token) == workers, f"{workers} cachebus workers to join",
+    wait_until(lambda: live_workers(port, token, access_token) == count, f"{count} cachebus workers to join",
                procs=procs)
+
+
+def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
+    token, access_token = new_token(tokens)
+    port, publish, acks = start_service(procs, "service", tokens)
+    start_workers(procs, "bench", workers, publish, acks, entries, port, token, access_token)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 10, 200)
     return Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
@@ -262,10 +274,7 @@ def throughput(procs: Processes, tmp: Path, seconds: int) -> Throughput | None:
 
     tokens = tmp / "tokens-wrk"
     token, access_token = new_token(tokens)
-    port, publish_port, acks_port = free_ports(3)
-    procs.start("service-wrk", "-m", "service", "--port", str(port), "--tokens-dir", str(tokens),
-                "--bus-publish", f"tcp://127.0.0.1:{publish_port}", "--bus-acks", f"tcp://127.0.0.1:{acks_port}")
-    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
+    port, _, _ = start_service(procs, "service-wrk", tokens)
     url = f"http://127.0.0.1:{port}/api/v1/cache/clear"
     warm, failed = wrk(url, urllib.parse.urlencode({"token": token, "access_token": access_token}), seconds, tmp)
     if failed:
@@ -294,11 +303,8 @@ def rss_mib(pid: int) -> float:
 def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: int) -> Scale:
     """Time to all-acked with ``subscribers`` asyncio subscribers spread over ``processes``."""
     token, access_token = new_token(tmp / "tokens-scale")
-    port, publish_port, acks_port = free_ports(3)
-    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
-    service = procs.start("service-scale", "-m", "service", "--port", str(port), "--tokens-dir",
-                          str(tmp / "tokens-scale"), "--bus-publish", publish, "--bus-acks", acks)
-    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
+    port, publish, acks = start_service(procs, "service-scale", tmp / "tokens-scale")
+    service = procs.children[-1]
     share, extra = divmod(subscribers, processes)
     for i in range(processes):
         procs.start(f"swarm-{i}", "-m", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
@@ -331,16 +337,8 @@ def burst(procs: Processes, tmp: Path, workers: int, clears: int, entries: int, 
     config.write_text(f"record:\n  max_clears: {clears + 100}\n  list_limit: {clears + 100}\n")
     tokens = tmp / "tokens-burst"
     token, access_token = new_token(tokens)
-    port, publish_port, acks_port = free_ports(3)
-    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
-    procs.start("service-burst", "-m", "service", "--config", str(config), "--port", str(port),
-                "--tokens-dir", str(tokens), "--bus-publish", publish, "--bus-acks", acks)
-    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
-    for i in range(workers):
-        procs.start(f"burst-worker-{i}", "-m", "bench.worker", "--name", f"burst-{i}", "--publish", publish,
-                    "--acks", acks, "--entries", str(entries))
-    wait_until(lambda: live_workers(port, token, access_token) == workers, f"{workers} workers to join",
-               procs=procs)
+    port, publish, acks = start_service(procs, "service-burst", tokens, "--config", str(config))
+    start_workers(procs, "burst", workers, publish, acks, entries, port, token, access_token)
     creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
     started = time.perf_counter()
     threads = [threading.Thread(target=timed_posts, args=(port, "/api/v1/cache/clear", creds,
