@@ -15,8 +15,8 @@ import zmq
 import zmq.asyncio
 
 from bus.peers import BadFrames, peer_address
-from bus.protocol import Ack, Bye, Codec, Hello, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
-from bus.sockets import configure, drain
+from bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
+from bus.sockets import configure, drain, plain
 
 from .record import Record
 
@@ -40,6 +40,7 @@ class AckListener:
         self._socket = ctx.socket(zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._waiting = plain(self._socket)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)
@@ -53,7 +54,7 @@ class AckListener:
         """
         while True:
             await self._handle(await self._socket.recv_multipart(copy=False))
-            for frames in drain(self._socket, _MAX_BATCH):
+            for frames in drain(self._waiting, _MAX_BATCH):
                 await self._handle(frames)
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:

@@ -23,8 +23,8 @@ import pytest
 from workers.cache import Cache
 from workers.subscriber import ThreadedSubscriber
 
-from .conftest import DEADLINE, Cluster, http, http_json, wait_for
-from .test_fanout import edit_entry, read_entry, wait_all_acked
+from .conftest import DEADLINE, Cluster, http_json, wait_for
+from .test_fanout import edit_entry, read_entry
 
 
 def states(cluster: Cluster) -> dict[str, str]:
