@@ -249,11 +249,11 @@ class TokenStore:
             with self._locked(token_dir):
                 data, signature = self._load(token, path)
                 self._observe(token, signature)
+                self._validate(data, limit=False)
                 counted = 0
                 for ticket in tickets:
                     try:
-                        self._validate({**data, "calls": data.get("calls", 0) + counted}
-                                       if _is_int(data.get("calls")) else data)
+                        _check_limit(data["calls"] + counted, data["limit_calls"])
                         if data.get("hashed_access_token") != ticket.hashed:
                             self._verify(token, ticket.access_token, data)
                         counted += 1
@@ -333,8 +333,8 @@ class TokenStore:
             raise TokenError(400, "invalid_token_file")
         if data["state"] == "disabled":
             raise TokenError(400, "disabled")
-        if limit and data["limit_calls"] != 0 and calls >= data["limit_calls"]:
-            raise TokenError(400, "limit_reached")
+        if limit:
+            _check_limit(calls, data["limit_calls"])
 
     @typing.overload
     def _verify(self, token: str, access_token: str, data: dict[str, Any]) -> str: ...
@@ -538,6 +538,12 @@ class TokenStore:
             raise
         _fsync_dir(path.parent)
         return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _check_limit(calls: int, limit_calls: int) -> None:
+    """Step 5's call limit; a limit of 0 means none."""
+    if limit_calls != 0 and calls >= limit_calls:
+        raise TokenError(400, "limit_reached")
 
 
 def _is_int(value: object) -> bool:
