@@ -30,7 +30,7 @@ import urllib.parse
 from dataclasses import dataclass
 from http.client import HTTPConnection
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from tornado.testing import bind_unused_port
 
@@ -170,14 +170,23 @@ def new_token(tokens: Path) -> tuple[str, str]:
     return created.token, created.access_token
 
 
-def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> tuple[int, str, str]:
-    """A ``cachebus serve`` on free ports; returns its HTTP port and bus endpoints once it answers."""
+class Started(NamedTuple):
+    """A running ``cachebus serve``: its HTTP port, bus endpoints and process."""
+
+    port: int
+    publish: str
+    acks: str
+    process: subprocess.Popen[bytes]
+
+
+def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> Started:
+    """A ``cachebus serve`` on free ports, returned once it answers."""
     port, publish_port, acks_port = free_ports(3)
     publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
-    procs.start(name, "-m", "service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
-                "--bus-publish", publish, "--bus-acks", acks)
+    process = procs.start(name, "-m", "service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
+                          "--bus-publish", publish, "--bus-acks", acks)
     wait_until(lambda: answers(port), "the cachebus service", procs=procs)
-    return port, publish, acks
+    return Started(port, publish, acks, process)
 
 
 def start_workers(procs: Processes, prefix: str, count: int, publish: str, acks: str, entries: int,
@@ -192,7 +201,7 @@ def start_workers(procs: Processes, prefix: str, count: int, publish: str, acks:
 
 def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
     token, access_token = new_token(tokens)
-    port, publish, acks = start_service(procs, "service", tokens)
+    port, publish, acks, _ = start_service(procs, "service", tokens)
     start_workers(procs, "bench", workers, publish, acks, entries, port, token, access_token)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 10, 200)
@@ -274,7 +283,7 @@ def throughput(procs: Processes, tmp: Path, seconds: int) -> Throughput | None:
 
     tokens = tmp / "tokens-wrk"
     token, access_token = new_token(tokens)
-    port, _, _ = start_service(procs, "service-wrk", tokens)
+    port = start_service(procs, "service-wrk", tokens).port
     url = f"http://127.0.0.1:{port}/api/v1/cache/clear"
     warm, failed = wrk(url, urllib.parse.urlencode({"token": token, "access_token": access_token}), seconds, tmp)
     if failed:
@@ -303,8 +312,7 @@ def rss_mib(pid: int) -> float:
 def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: int) -> Scale:
     """Time to all-acked with ``subscribers`` asyncio subscribers spread over ``processes``."""
     token, access_token = new_token(tmp / "tokens-scale")
-    port, publish, acks = start_service(procs, "service-scale", tmp / "tokens-scale")
-    service = procs.children[-1]
+    port, publish, acks, service = start_service(procs, "service-scale", tmp / "tokens-scale")
     share, extra = divmod(subscribers, processes)
     for i in range(processes):
         procs.start(f"swarm-{i}", "-m", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
@@ -337,7 +345,7 @@ def burst(procs: Processes, tmp: Path, workers: int, clears: int, entries: int, 
     config.write_text(f"record:\n  max_clears: {clears + 100}\n  list_limit: {clears + 100}\n")
     tokens = tmp / "tokens-burst"
     token, access_token = new_token(tokens)
-    port, publish, acks = start_service(procs, "service-burst", tokens, "--config", str(config))
+    port, publish, acks, _ = start_service(procs, "service-burst", tokens, "--config", str(config))
     start_workers(procs, "burst", workers, publish, acks, entries, port, token, access_token)
     creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
     started = time.perf_counter()
