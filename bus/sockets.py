@@ -33,17 +33,23 @@ def configure(sock: zmq.Socket, *, send_hwm: int | None = None, recv_hwm: int | 
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 10 * ms)
 
 
-def drain(sock: zmq.Socket, limit: int) -> list[list[zmq.Frame]]:
-    """Up to ``limit`` messages that are already waiting, without blocking.
+def plain(sock: zmq.Socket) -> zmq.Socket:
+    """A plain (blocking-API) shadow of an asyncio socket, for non-blocking calls.
 
-    Reads through a plain shadow of an asyncio socket: the asyncio machinery
-    costs more than the message itself when a thousand are queued.
+    The asyncio machinery costs more than a small message itself. Use the
+    shadow only where no readiness edge can be lost: for receiving (asyncio
+    receives try the socket before waiting) and for sending on a socket that
+    is never awaited for reading (PUB).
     """
-    plain = zmq.Socket.shadow(sock.underlying)
+    return zmq.Socket.shadow(sock.underlying)
+
+
+def drain(sock: zmq.Socket, limit: int) -> list[list[zmq.Frame]]:
+    """Up to ``limit`` messages already waiting on the plain socket ``sock``, without blocking."""
     batch = []
     for _ in range(limit):
         try:
-            batch.append(plain.recv_multipart(zmq.NOBLOCK, copy=False))
+            batch.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
         except zmq.Again:
             break
     return batch

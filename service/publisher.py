@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from bus.protocol import Clear, Codec, Heartbeat, Message, now
-from bus.sockets import configure
+from bus.sockets import configure, plain
 
 log = logging.getLogger("cachebus.publisher")
 
@@ -39,6 +39,7 @@ class Publisher:
         self.on_publish: list[Callable[[Clear], None]] = []
         self._socket = ctx.socket(zmq.PUB)
         configure(self._socket, send_hwm=send_hwm, buffer=buffer)
+        self._sender = plain(self._socket)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)
@@ -50,17 +51,19 @@ class Publisher:
         clear = Clear(epoch=self.epoch, seq=self.seq, id=uuid.uuid4().hex, ts=now())
         for listener in self.on_publish:
             listener(clear)
-        await self._send(clear)
+        self._send(clear)
         return clear
 
     async def run_heartbeats(self) -> None:
         """Publish a heartbeat every interval until cancelled."""
         while True:
-            await self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now()))
+            self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now()))
             await asyncio.sleep(self.heartbeat_interval)
 
-    async def _send(self, msg: Message) -> None:
-        await self._socket.send_multipart(self.codec.encode(msg))
+    def _send(self, msg: Message) -> None:
+        # PUB never blocks: at the high-water mark libzmq drops the message for
+        # that subscriber, which then sees a gap. So a plain send is enough.
+        self._sender.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
 
     def close(self) -> None:
         self._socket.close(linger=0)

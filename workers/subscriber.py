@@ -44,7 +44,7 @@ from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
 from bus.peers import BadFrames, peer_address
 from bus.protocol import (Ack, Bye, Clear, Codec, Heartbeat, Hello, Message, ProtocolError, Welcome,
                           WorkerHeartbeat)
-from bus.sockets import configure, drain
+from bus.sockets import configure, drain, plain
 
 from .cache import Purgeable
 
@@ -145,6 +145,7 @@ class Subscriber:
         configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(self.publish)
+        self._waiting = plain(self._sub)
         self._dealer = self._ctx.socket(zmq.DEALER)
         configure(self._dealer, heartbeat=self.heartbeat_interval)
         self._dealer.connect(self.acks)
@@ -191,7 +192,7 @@ class Subscriber:
         while True:
             batch = [await self._sub.recv_multipart(copy=False)]
             lapsed = not self.trusted
-            batch += drain(self._sub, _MAX_BATCH - 1)
+            batch += drain(self._waiting, _MAX_BATCH - 1)
             messages = []
             for frames in batch:
                 try:
