@@ -13,8 +13,9 @@ $(VENV)/.installed: setup.py $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q -e .
 	touch $@
 
-$(VENV)/.installed-test: setup.py bench/install-deps.sh $(BIN)/python
+$(VENV)/.installed-test: setup.py bench/install-deps.sh tests/install-browser.sh $(BIN)/python
 	bash bench/install-deps.sh
+	bash tests/install-browser.sh
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 

@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["bus", "bus.*", "cachebus", "cachebus.*",
                                     "service", "service.*", "workers", "workers.*"]),
-    package_data={"workers": ["demo_content/*/entry.yaml"]},
+    package_data={"workers": ["demo_content/*/entry.yaml"], "service": ["dashboard/*", "openapi.yaml"]},
     install_requires=[
         "tornado>=6.4,<7",
         "pyzmq>=26",
@@ -22,6 +22,8 @@ setup(
         "bcrypt>=4.1",
         # honcho runs the Procfile for `make run`.
         "honcho>=2.0",
+        # /metrics in the Prometheus text format, on the service and the reference worker.
+        "prometheus-client>=0.20",
     ],
     extras_require={
         # make bench: the Redis peer's client (with its fast parser) and the plots.
@@ -32,6 +34,8 @@ setup(
             "pytest-tornado==0.8.1",
             # pytest-tornado 0.8.1 still imports pkg_resources, which setuptools 82 removed.
             "setuptools<82",
+            # Validates the OpenAPI 3.1 document served at /api/openapi.json.
+            "openapi-spec-validator>=0.7",
             *BENCH,
         ],
     },

@@ -26,6 +26,7 @@ from .accesslog import log_request
 from .acks import AckListener
 from .handlers import (ClearHandler, ClearRecordHandler, ClearsHandler, NotFoundHandler,
                        WorkersHandler)
+from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
 from .publisher import Publisher
 from .record import Record
 from .tokens import TokenStore
@@ -97,6 +98,9 @@ def make_app(service: Service) -> tornado.web.Application:
             (r"/api/v1/cache/clears", ClearsHandler, args),
             (r"/api/v1/cache/clears/([^/]+)", ClearRecordHandler, args),
             (r"/api/v1/cache/workers", WorkersHandler, args),
+            (r"/api/openapi.json", OpenApiHandler),
+            (r"/dashboard", DashboardHandler),
+            (r"/dashboard/(.+)", DashboardAssetHandler),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
