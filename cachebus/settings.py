@@ -87,6 +87,21 @@ class RecordSettings:
     list_limit: int = field(default=50, metadata=_check(_positive, "a positive count"))
     lost_after: float = field(default=5.0, metadata=_check(_positive, "a positive number of seconds"))
     forget_after: float = field(default=3600.0, metadata=_check(_positive, "a positive number of seconds"))
+    complete_within: float = field(default=30.0, metadata=_check(_positive, "a positive number of seconds"))
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    history: int = field(default=1000, metadata=_check(_positive, "a positive count"))
+    client_queue: int = field(default=1000, metadata=_check(_positive, "a positive count"))
+    keepalive: float = field(default=15.0, metadata=_check(_positive, "a positive number of seconds"))
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    auth: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "required", "off"),
+                                                      "one of auto, required, off"))
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,7 @@ class WorkerSettings:
 class LogSettings:
     level: str = field(default="INFO", metadata=_check(
         lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "one of DEBUG, INFO, WARNING, ERROR"))
+    format: str = field(default="text", metadata=_check(lambda v: v in ("text", "json"), "text or json"))
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,8 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
     record: RecordSettings = field(default_factory=RecordSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     bus: BusSettings = field(default_factory=BusSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     log: LogSettings = field(default_factory=LogSettings)

@@ -48,3 +48,8 @@ def log_request(handler: RequestHandler) -> None:
     request = handler.request
     emit("%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri or ""),
          request.remote_ip, 1000.0 * request.request_time())
+    settings = handler.application.settings
+    metrics = settings.get("metrics")
+    if metrics is not None:
+        route = settings["route_names"].get(type(handler), "unmatched")
+        metrics.http_requests.labels(route, request.method, str(status)).inc()

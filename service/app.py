@@ -13,6 +13,7 @@ import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import tornado.httpserver
 import tornado.web
@@ -20,12 +21,15 @@ import zmq
 import zmq.asyncio
 
 from bus.protocol import Codec
+from cachebus.metrics import MetricsHandler
 from cachebus.settings import Settings
 
 from .accesslog import log_request
 from .acks import AckListener
-from .handlers import (ClearHandler, ClearRecordHandler, ClearsHandler, NotFoundHandler,
+from .events import EventLog
+from .handlers import (ClearHandler, ClearRecordHandler, ClearsHandler, EventsHandler, NotFoundHandler,
                        WorkersHandler)
+from .metrics import ServiceMetrics
 from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
 from .publisher import Publisher
 from .record import Record
@@ -43,6 +47,8 @@ class Service:
     publisher: Publisher
     record: Record
     acks: AckListener
+    events: EventLog
+    metrics: ServiceMetrics
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -50,18 +56,22 @@ class Service:
         """Build every part from ``settings``; nothing is bound yet."""
         bus = settings.bus
         codec = Codec(bus.key.encode())
+        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer)
+        events = EventLog(publisher.epoch, settings.events.history, settings.events.client_queue)
         record = Record(settings.record.max_clears,
                         suspect_after=bus.heartbeat_interval * bus.liveness,
                         lost_after=settings.record.lost_after,
-                        forget_after=settings.record.forget_after)
-        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer)
+                        forget_after=settings.record.forget_after,
+                        complete_within=settings.record.complete_within,
+                        emit=events.emit)
         publisher.on_publish.append(record.published)
         acks = AckListener(ctx, bus.acks, codec, record,
                            position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm,
                            heartbeat=bus.heartbeat_interval)
         executor = ThreadPoolExecutor(settings.service.auth_threads, thread_name_prefix="cachebus-auth")
         tokens = TokenStore(settings.service.tokens_dir, executor=executor)
-        return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks)
+        return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
+                   events=events, metrics=ServiceMetrics(record, events))
 
     def start(self) -> None:
         """Bind both bus sockets and start the heartbeat and ack loops."""
@@ -92,20 +102,28 @@ class Service:
 def make_app(service: Service) -> tornado.web.Application:
     """The Tornado application serving the Flextype API and the record."""
     args = {"service": service}
+    metrics = {"registry": service.metrics.registry, "settings": service.settings.metrics,
+               "listen_host": service.settings.service.host}
+    routes: list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]] = [
+        (r"/api/v1/cache/clear", ClearHandler, args),
+        (r"/api/v1/cache/clears", ClearsHandler, args),
+        (r"/api/v1/cache/clears/([^/]+)", ClearRecordHandler, args),
+        (r"/api/v1/cache/workers", WorkersHandler, args),
+        (r"/api/v1/cache/events", EventsHandler, args),
+        (r"/metrics", MetricsHandler, metrics),
+        (r"/api/openapi.json", OpenApiHandler, {}),
+        (r"/dashboard", DashboardHandler, {}),
+        (r"/dashboard/(.+)", DashboardAssetHandler, {}),
+    ]
     return tornado.web.Application(
-        [
-            (r"/api/v1/cache/clear", ClearHandler, args),
-            (r"/api/v1/cache/clears", ClearsHandler, args),
-            (r"/api/v1/cache/clears/([^/]+)", ClearRecordHandler, args),
-            (r"/api/v1/cache/workers", WorkersHandler, args),
-            (r"/api/openapi.json", OpenApiHandler),
-            (r"/dashboard", DashboardHandler),
-            (r"/dashboard/(.+)", DashboardAssetHandler),
-        ],
+        routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
         log_function=log_request,
         cors=service.settings.cors,
+        metrics=service.metrics,
+        # Requests are counted by route pattern, never by raw path.
+        route_names={handler: pattern for pattern, handler, _ in routes},
     )
 
 

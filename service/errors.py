@@ -27,13 +27,15 @@ class ApiError(Exception):
     """Abort a request with a Flextype error body.
 
     ``reason`` is a short machine-readable cause for logs; it never holds a
-    credential and is not sent to the client.
+    credential and is not sent to the client. ``auth`` marks a failed
+    authentication, which metrics count by reason.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, auth: bool = False) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.auth = auth
 
 
 def error_body(status: int) -> bytes:

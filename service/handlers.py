@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Awaitable
 
+from tornado.ioloop import IOLoop
+from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from .accesslog import redact_uri
 from .errors import CONTENT_TYPE, ApiError, error_body
+from .events import EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
 from .tokens import TokenError
 
@@ -99,8 +103,10 @@ class BaseHandler(RequestHandler):
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(error_body(status_code))
 
-    def fail(self, error: ApiError | TokenError) -> None:
+    def fail(self, error: ApiError) -> None:
         """Answer with ``error``'s Flextype body and log why, without credentials."""
+        if error.auth:
+            self.service.metrics.auth_failures.labels(error.reason).inc()
         log.warning("%s %s -> %d (%s) from %s", self.request.method, self.request.path,
                     error.status, error.reason, self.request.remote_ip)
         self.send_error(error.status)
@@ -121,11 +127,11 @@ class BaseHandler(RequestHandler):
         """Flextype's validation steps 1 to 6; raises :class:`ApiError`."""
         token, access_token = credentials(params)
         if not self.service.settings.api.cache.enabled:
-            raise ApiError(400, "api_disabled")
+            raise ApiError(400, "api_disabled", auth=True)
         try:
             await self.service.tokens.authorize(token, access_token, consume=consume)
         except TokenError as exc:
-            raise ApiError(exc.status, exc.reason) from None
+            raise ApiError(exc.status, exc.reason, auth=True) from None
 
 
 class NotFoundHandler(BaseHandler):
@@ -164,7 +170,7 @@ class ClearHandler(BaseHandler):
         clear = await self.service.publisher.publish_clear()
         entry = self.service.record.clear(clear.id)
         assert entry is not None
-        log.info("clear %s published: seq %d, %d workers expected", clear.id, clear.seq, len(entry.expected))
+        log.debug("clear %s published: seq %d, %d workers expected", clear.id, clear.seq, len(entry.expected))
         self.set_header("Cache-Clear-Id", clear.id)
         if timeout is not None:
             await self._answer_with_proof(entry, timeout)
@@ -194,8 +200,6 @@ class ClearHandler(BaseHandler):
                                 "last_seen": worker.last_seen if worker else None}
                                for name in entry.missing
                                for worker in (record.worker(name),)]
-        log.info("clear %s: %d of %d workers acked in %.1f ms%s", entry.id, len(entry.expected) - len(entry.missing),
-                 len(entry.expected), body["elapsed_ms"], "" if complete else f"; missing {', '.join(entry.missing)}")
         self.write_json(body, 200 if complete else 202)
 
 
@@ -237,3 +241,67 @@ class WorkersHandler(RecordHandler):
 
     def get(self) -> None:
         self.write_json({"workers": [w.to_json() for w in self.service.record.workers()]})
+
+
+class EventsHandler(RecordHandler):
+    """``GET /api/v1/cache/events``: the record's changes as Server-Sent Events.
+
+    A new stream starts with a ``snapshot``; a reconnecting one (``Last-Event-ID``)
+    gets what it missed from the event log's history, or a snapshot when the
+    history no longer reaches back. The stream reads from its own bounded
+    queue, so a slow client can only overflow that queue, which ends its stream.
+    """
+
+    #: Kernel send buffer for a stream, so a client that stops reading fills
+    #: its queue within a few hundred events rather than megabytes.
+    SEND_BUFFER = 64 * 1024
+    #: How long an overflowed client gets to read its ``overflow`` event.
+    GOODBYE_SECONDS = 5.0
+
+    _queue: EventQueue | None = None
+
+    async def get(self) -> None:
+        events = self.service.events
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
+        # Opened before the snapshot, with no await in between: nothing falls in the gap.
+        self._queue = queue = events.open()
+        try:
+            last = self.request.headers.get("Last-Event-ID", "")
+            backlog = events.since(last) if last else None
+            if backlog is None:
+                first = events.snapshot(self._snapshot())
+            else:
+                first = b"".join(event.sse for event in backlog)
+            self.write(b"retry: 2000\n\n" + first)
+            await self.flush()
+            keepalive = self.service.settings.events.keepalive
+            while not self.request.connection.stream.closed():  # type: ignore[union-attr]
+                await queue.wait(keepalive)
+                if queue.overflowed:
+                    self.write(unnumbered("overflow", {"dropped": True}))
+                    break
+                self.write(b"".join(event.sse for event in queue.take()) or b": keep-alive\n\n")
+                await self.flush()
+        except StreamClosedError:
+            return
+        finally:
+            events.close(queue)
+        if not stream.closed():
+            self.finish()
+            IOLoop.current().call_later(self.GOODBYE_SECONDS, stream.close)
+
+    def on_connection_close(self) -> None:
+        if self._queue is not None:
+            self._queue.wake()
+
+    def _snapshot(self) -> dict[str, Any]:
+        record = self.service.record
+        return {
+            "epoch": self.service.publisher.epoch,
+            "workers": [w.to_json() for w in record.workers()],
+            "clears": [c.to_json() for c in record.recent(self.service.settings.record.list_limit)],
+        }

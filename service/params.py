@@ -54,9 +54,9 @@ def credentials(params: dict[str, Any]) -> tuple[str, str]:
     token = params.get("token")
     access_token = params.get("access_token")
     if token is None or access_token is None:
-        raise ApiError(400, "missing_credentials")
+        raise ApiError(400, "missing_credentials", auth=True)
     if not isinstance(token, str) or not isinstance(access_token, str):
-        raise ApiError(400, "credentials_not_strings")
+        raise ApiError(400, "credentials_not_strings", auth=True)
     return token, access_token
 
 

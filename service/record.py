@@ -13,7 +13,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat, WorkerIdentity
 
@@ -28,6 +28,15 @@ SUSPECT = "suspect"
 LOST = "lost"
 #: Said bye: stopped cleanly.
 LEFT = "left"
+#: Not a state a worker is in: the record dropped it after ``forget_after``.
+FORGOTTEN = "forgotten"
+
+#: Receives every change to the record: an event kind and its JSON-ready data.
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def _ignore(kind: str, data: dict[str, Any]) -> None:
+    pass
 
 
 @dataclass
@@ -62,6 +71,8 @@ class ClearEntry:
     published_at: float
     expected: list[str]
     acks: dict[str, WorkerAck] = field(default_factory=dict)
+    #: When the last expected ack arrived, or when the record stopped waiting for it.
+    completed_at: float | None = None
     _done: asyncio.Event | None = field(default=None, repr=False)
     # Expected workers yet to ack: a set, so each ack costs O(1) with a thousand workers.
     _waiting_for: set[str] = field(init=False, repr=False)
@@ -97,6 +108,11 @@ class ClearEntry:
     def complete(self) -> bool:
         return not self._waiting_for
 
+    @property
+    def acked_count(self) -> int:
+        """How many of the expected workers acked."""
+        return len(self.expected) - len(self._waiting_for)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -107,7 +123,15 @@ class ClearEntry:
             "acks": [ack.to_json() for ack in self.acks.values()],
             "missing": self.missing,
             "complete": self.complete,
+            "duration_ms": self.duration_ms,
         }
+
+    @property
+    def duration_ms(self) -> float | None:
+        """From publish to the last expected ack (or to giving up); None while still waiting."""
+        if self.completed_at is None:
+            return None
+        return round((self.completed_at - self.published_at) * 1000, 3)
 
 
 @dataclass
@@ -162,12 +186,18 @@ class Record:
     """
 
     def __init__(self, max_clears: int = 1000, suspect_after: float = 1.5,
-                 lost_after: float = 5.0, forget_after: float = 3600.0) -> None:
+                 lost_after: float = 5.0, forget_after: float = 3600.0,
+                 complete_within: float = 30.0, emit: Emit = _ignore) -> None:
         self.max_clears = max_clears
         self.suspect_after = suspect_after
         self.lost_after = lost_after
         self.forget_after = forget_after
+        self.complete_within = complete_within
+        #: Every change is reported here (the event log), after it is applied.
+        self.emit = emit
         self._clears: OrderedDict[str, ClearEntry] = OrderedDict()
+        #: Clears still waiting for acks, oldest first.
+        self._pending: dict[str, ClearEntry] = {}
         self._by_seq: dict[tuple[str, int], ClearEntry] = {}
         self._workers: dict[str, WorkerEntry] = {}
 
@@ -187,7 +217,28 @@ class Record:
         while len(self._clears) > self.max_clears:
             _, oldest = self._clears.popitem(last=False)
             del self._by_seq[(oldest.epoch, oldest.seq)]
+            self._pending.pop(oldest.id, None)
+        self.emit("clear.published", {"clear_id": entry.id, "seq": entry.seq, "epoch": entry.epoch,
+                                      "published_at": entry.published_at, "expected": list(entry.expected)})
+        self._pending[entry.id] = entry
+        if entry.complete:
+            self._complete(entry, time.time())
         return entry
+
+    def _complete(self, entry: ClearEntry, now: float) -> None:
+        """Stop waiting for ``entry``: every expected worker acked, or time ran out."""
+        del self._pending[entry.id]
+        entry.completed_at = now
+        acked, expected = entry.acked_count, len(entry.expected)
+        fields = {"clear_id": entry.id, "seq": entry.seq, "expected": expected, "acked": acked,
+                  "complete": entry.complete, "missing": entry.missing, "duration_ms": entry.duration_ms}
+        if entry.complete:
+            log.info("clear %s seq %d: %d of %d workers acked in %.1f ms", entry.id, entry.seq, acked, expected,
+                     entry.duration_ms, extra={"fields": {**fields, "all_acked_ms": entry.duration_ms}})
+        else:
+            log.warning("clear %s seq %d: %d of %d workers acked within %.0f s; missing %s", entry.id, entry.seq,
+                        acked, expected, self.complete_within, ", ".join(entry.missing), extra={"fields": fields})
+        self.emit("clear.completed", fields)
 
     def hello(self, msg: WorkerIdentity) -> WorkerEntry:
         """Register a worker, or refresh it when it reconnects or restarts."""
@@ -210,7 +261,8 @@ class Record:
         )
         self._workers[msg.name] = worker
         log.info("worker %s joined: pid %d on %s, read API %s", msg.name, msg.pid, msg.host,
-                 msg.endpoint or "none")
+                 msg.endpoint or "none", extra={"fields": {"worker": msg.name, "state": LIVE}})
+        self.emit("worker.joined", worker.to_json())
         return worker
 
     def heartbeat(self, msg: WorkerHeartbeat) -> WorkerEntry:
@@ -226,20 +278,30 @@ class Record:
             silent = now - worker.last_seen
             if silent > self.forget_after and worker.state in (LOST, LEFT):
                 del self._workers[worker.name]
-                log.info("worker %s forgotten after %.0f s", worker.name, silent)
+                log.info("worker %s forgotten after %.0f s", worker.name, silent,
+                         extra={"fields": {"worker": worker.name, "state": FORGOTTEN}})
+                self.emit("worker.state", {"worker": worker.name, "state": FORGOTTEN, "previous": worker.state,
+                                           "last_seen": worker.last_seen})
             elif worker.state == LEFT:
                 continue
             elif silent > self.lost_after:
                 self._set_state(worker, LOST, now)
             elif silent > self.suspect_after:
                 self._set_state(worker, SUSPECT, now)
+        for entry in list(self._pending.values()):
+            if now - entry.published_at < self.complete_within:
+                break
+            self._complete(entry, now)
 
     def _set_state(self, worker: WorkerEntry, state: str, now: float) -> None:
         if worker.state == state:
             return
         log.info("worker %s: %s -> %s (last heard %.1f s ago)", worker.name, worker.state, state,
-                 now - worker.last_seen)
-        worker.state = state
+                 now - worker.last_seen,
+                 extra={"fields": {"worker": worker.name, "state": state, "previous": worker.state}})
+        previous, worker.state = worker.state, state
+        self.emit("worker.state", {"worker": worker.name, "state": state, "previous": previous,
+                                   "last_seen": worker.last_seen})
 
     def acked(self, msg: Ack) -> list[ClearEntry]:
         """Credit ``msg`` to every clear its purge covers; return those clears.
@@ -256,6 +318,9 @@ class Record:
             self._set_state(worker, LIVE, now)
             worker.last_seen = now
             worker.last_purge_cause = msg.cause
+        self.emit("worker.purged", {"worker": msg.name, "cause": msg.cause, "seq": msg.seq,
+                                    "clear_id": msg.clear_id, "entries_dropped": msg.dropped,
+                                    "purge_ms": round(msg.purge_ms, 3)})
         updated = []
         # Walk back from the newest clear the purge covers to the last one this
         # worker already acked: the cost follows the clears acked, not the record's size.
@@ -268,11 +333,17 @@ class Record:
                 continue
             if not entry.expects(msg.name) and (not current or entry.seq <= worker.synced_seq):
                 continue
-            entry.add_ack(WorkerAck(
+            ack = WorkerAck(
                 worker=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
                 dropped=msg.dropped, purge_ms=msg.purge_ms, cause=msg.cause,
-            ))
+            )
+            entry.add_ack(ack)
             updated.append(entry)
+            self.emit("clear.acked", {"clear_id": entry.id, "seq": entry.seq, **ack.to_json(),
+                                      "acked": entry.acked_count,
+                                      "expected": len(entry.expected)})
+            if entry.complete and entry.id in self._pending:
+                self._complete(entry, now)
         if current and updated:
             worker.acks += len(updated)
             newest = updated[0]

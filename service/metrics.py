@@ -1,0 +1,84 @@
+"""The service's Prometheus metrics, fed by the event log and the HTTP layer.
+
+Counters move as events happen (:meth:`ServiceMetrics.observe` is an
+:class:`~service.events.EventLog` listener); the numbers of workers by state
+and of event stream clients are read from the record when scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .events import Event, EventLog
+from .record import FORGOTTEN, LEFT, LIVE, LOST, SUSPECT, Record
+
+#: Seconds; from a loopback millisecond to a worker that took half a minute.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time: workers by state, stream clients, dropped clients."""
+
+    def __init__(self, record: Record, events: EventLog) -> None:
+        self.record = record
+        self.events = events
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily("cachebus_workers", "Workers the record knows, by state", labels=["state"])
+        counts = dict.fromkeys((LIVE, SUSPECT, LOST, LEFT), 0)
+        for worker in self.record.workers():
+            counts[worker.state] = counts.get(worker.state, 0) + 1
+        for state, count in counts.items():
+            workers.add_metric([state], count)
+        yield workers
+        yield GaugeMetricFamily("cachebus_event_stream_clients", "Open event streams", value=self.events.clients)
+        yield CounterMetricFamily("cachebus_event_stream_dropped", "Event stream clients dropped for falling behind",
+                                  value=self.events.dropped_clients)
+
+
+class ServiceMetrics:
+    """Every metric the service reports, in a registry of its own."""
+
+    def __init__(self, record: Record, events: EventLog) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.clears_published = Counter("cachebus_clears_published", "Clears published on the bus", registry=r)
+        self.clears_completed = Counter("cachebus_clears_completed",
+                                        "Clears that every expected worker acked, or that timed out",
+                                        ["outcome"], registry=r)
+        self.acks_received = Counter("cachebus_acks_received", "Acks received from workers", registry=r)
+        self.ack_latency = Histogram("cachebus_ack_latency_seconds",
+                                     "Publish to one worker's ack, per worker and clear",
+                                     ["worker"], buckets=LATENCY_BUCKETS, registry=r)
+        self.all_acked = Histogram("cachebus_clear_all_acked_seconds", "Publish to the last expected ack",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.purges = Counter("cachebus_worker_purges", "Purges workers reported, by cause", ["cause"], registry=r)
+        self.auth_failures = Counter("cachebus_auth_failures", "Requests refused by authentication, by reason",
+                                     ["reason"], registry=r)
+        self.http_requests = Counter("cachebus_http_requests", "HTTP requests by route, method and status",
+                                     ["route", "method", "status"], registry=r)
+        r.register(_StateCollector(record, events))
+        events.listeners.append(self.observe)
+
+    def observe(self, event: Event) -> None:
+        data = event.data
+        if event.kind == "clear.published":
+            self.clears_published.inc()
+        elif event.kind == "clear.acked":
+            self.ack_latency.labels(data["worker"]).observe(data["latency_ms"] / 1000)
+        elif event.kind == "clear.completed":
+            self.clears_completed.labels("complete" if data["complete"] else "timeout").inc()
+            if data["complete"]:
+                self.all_acked.observe(data["duration_ms"] / 1000)
+        elif event.kind == "worker.purged":
+            self.acks_received.inc()
+            self.purges.labels(data["cause"]).inc()
+        elif event.kind == "worker.state" and data["state"] == FORGOTTEN:
+            try:
+                self.ack_latency.remove(data["worker"])
+            except KeyError:
+                pass

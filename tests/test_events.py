@@ -1,0 +1,181 @@
+"""The event stream, end to end: a real service, real workers, a raw SSE client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from http.client import HTTPConnection, HTTPResponse
+from typing import Any, Callable
+
+import pytest
+
+from .conftest import DEADLINE, Cluster, http, wait_for
+
+
+class EventStream:
+    """A blocking Server-Sent Events client: each event as (id, kind, data)."""
+
+    def __init__(self, cluster: Cluster, last_event_id: str | None = None, rcvbuf: int = 0) -> None:
+        self.conn = HTTPConnection("127.0.0.1", cluster.port, timeout=DEADLINE)
+        if rcvbuf:
+            self.conn.sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=DEADLINE)
+            self.conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        self.conn.request("GET", f"/api/v1/cache/events?{cluster.creds()}", headers=headers)
+        self.response: HTTPResponse | None = None
+        self.last_id: str | None = None
+
+    def open(self) -> HTTPResponse:
+        if self.response is None:
+            self.response = self.conn.getresponse()
+        return self.response
+
+    def next(self) -> tuple[str | None, str, Any] | None:
+        """The next event, or None when the server ended the stream."""
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        while True:
+            line = self.open().fp.readline()
+            if not line:
+                return None
+            text = line.decode().rstrip("\n")
+            if text == "":
+                if data or "event" in fields:
+                    if "id" in fields:
+                        self.last_id = fields["id"]
+                    return fields.get("id"), fields.get("event", "message"), json.loads("\n".join(data))
+                continue
+            if text.startswith(":"):
+                continue
+            name, _, value = text.partition(": ")
+            if name == "data":
+                data.append(value)
+            else:
+                fields[name] = value
+
+    def until(self, predicate: Callable[[str, Any], bool], what: str) -> list[tuple[str | None, str, Any]]:
+        """Events up to and including the first that matches ``predicate``."""
+        seen = []
+        while True:
+            event = self.next()
+            if event is None:
+                raise AssertionError(f"stream ended before {what}; saw {[e[1] for e in seen]}")
+            seen.append(event)
+            if predicate(event[1], event[2]):
+                return seen
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def streams() -> Any:
+    opened: list[EventStream] = []
+    yield opened
+    for stream in opened:
+        stream.close()
+
+
+def test_stream_starts_with_a_snapshot_and_follows_a_clear_to_completion(cluster: Cluster, streams: list):
+    cluster.start_service()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    stream = EventStream(cluster)
+    streams.append(stream)
+    response = stream.open()
+    assert response.status == 200
+    assert response.getheader("Content-Type").startswith("text/event-stream")
+    _, kind, snapshot = stream.next()
+    assert kind == "snapshot"
+    assert {w["name"] for w in snapshot["workers"]} == {"w1", "w2"}
+
+    status, headers, _ = cluster.clear()
+    assert status == 204
+    clear_id = headers["Cache-Clear-Id"]
+    seen = stream.until(lambda kind, data: kind == "clear.completed" and data["clear_id"] == clear_id,
+                        "the clear to complete")
+    kinds = [kind for _, kind, data in seen if data.get("clear_id") == clear_id]
+    assert kinds[0] == "clear.published"
+    acked = [data for _, kind, data in seen if kind == "clear.acked" and data["clear_id"] == clear_id]
+    assert {a["worker"] for a in acked} == {"w1", "w2"}
+    assert sorted(a["acked"] for a in acked) == [1, 2] and all(a["expected"] == 2 for a in acked)
+    purged = [data for _, kind, data in seen if kind == "worker.purged"]
+    assert {p["worker"] for p in purged if p["cause"] == "clear"} >= {"w1", "w2"}
+    completed = seen[-1][2]
+    assert completed["complete"] is True and completed["missing"] == [] and completed["duration_ms"] >= 0
+    numbers = [int(event_id.rsplit(":", 1)[1]) for event_id, _, _ in seen]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
+def test_a_client_that_reconnects_gets_what_it_missed(cluster: Cluster, streams: list):
+    cluster.start_service()
+    cluster.start_worker("w1")
+    first = EventStream(cluster)
+    streams.append(first)
+    first.next()  # snapshot
+    cluster.clear()
+    first.until(lambda kind, data: kind == "clear.completed", "the first clear to complete")
+    resume_from = first.last_id
+    first.close()
+
+    status, headers, _ = cluster.clear()
+    missed_id = headers["Cache-Clear-Id"]
+    wait_for(lambda: cluster.clear_record(missed_id)["complete"], what="the missed clear to complete")
+
+    again = EventStream(cluster, last_event_id=resume_from)
+    streams.append(again)
+    _, kind, data = again.next()
+    assert (kind, data["clear_id"]) == ("clear.published", missed_id)
+    again.until(lambda kind, data: kind == "clear.completed" and data["clear_id"] == missed_id,
+                "the missed clear's completion")
+
+    stale = EventStream(cluster, last_event_id="another-run:3")
+    streams.append(stale)
+    _, kind, snapshot = stale.next()
+    assert kind == "snapshot" and snapshot["clears"][0]["id"] == missed_id
+
+
+def test_worker_joins_and_state_changes_are_streamed(cluster: Cluster, streams: list):
+    cluster.start_service(settings={"bus": {"liveness": 2}, "record": {"lost_after": 2.0}})
+    stream = EventStream(cluster)
+    streams.append(stream)
+    stream.next()
+    cluster.start_worker("w1")
+    _, _, joined = stream.until(lambda kind, data: kind == "worker.joined", "w1 to join")[-1]
+    assert joined["name"] == "w1" and joined["state"] == "live"
+    cluster.workers["w1"][0].kill()
+    changes = stream.until(lambda kind, data: kind == "worker.state" and data["state"] == "lost", "w1 lost")
+    states = [data["state"] for _, kind, data in changes if kind == "worker.state"]
+    assert states[-2:] == ["suspect", "lost"]
+
+
+def test_a_slow_client_is_dropped_without_slowing_the_bus(cluster: Cluster, streams: list):
+    cluster.start_service(settings={"events": {"client_queue": 20}})
+    cluster.start_worker("w1")
+    slow = EventStream(cluster, rcvbuf=2048)
+    streams.append(slow)
+    slow.open()  # headers read; from here on this client reads nothing
+    deadline = time.monotonic() + DEADLINE
+
+    def dropped() -> bool:
+        status, _, body = http("GET", cluster.url + "/metrics")
+        return status == 200 and "cachebus_event_stream_dropped_total 1.0" in body.decode()
+
+    while not dropped():
+        assert time.monotonic() < deadline, "the slow client was never dropped"
+        cluster.flood(50)
+    # Every clear was still published and acked while the client was stuck.
+    status, _, body = cluster.clear(wait="all", timeout="20")
+    assert status == 200 and json.loads(body)["acks"][0]["worker"] == "w1"
+    kinds = []
+    while (event := slow.next()) is not None:
+        kinds.append(event[1])
+    assert kinds[-1] == "overflow"
+
+
+def test_the_stream_needs_the_same_credentials_as_the_record(cluster: Cluster):
+    cluster.start_service()
+    status, _, body = http("GET", f"{cluster.url}/api/v1/cache/events?token={cluster.token}&access_token=wrong")
+    assert status == 401
+    assert json.loads(body)["message"] == "Token is wrong"
