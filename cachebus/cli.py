@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import zmq
 
+from . import logs
 from . import settings as settings_mod
 from .settings import Settings, SettingsError
 
@@ -58,15 +58,12 @@ class Command:
         raise NotImplementedError
 
 
-_BUS_FLAGS = (("--bus-publish", "bus.publish", str), ("--bus-acks", "bus.acks", str))
+_BUS_FLAGS = (("--bus-publish", "bus.publish", str), ("--bus-acks", "bus.acks", str),
+              ("--log-format", "log.format", str))
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(settings)
 
 
 def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -116,6 +116,8 @@ class Subscriber:
         self.epoch: str | None = None
         self.seq = 0
         self.purges = 0
+        #: Purges by cause: clear, gap, epoch, reconnect.
+        self.purges_by_cause: dict[str, int] = {}
         self.bad_frames = BadFrames(log)
         self._synced = asyncio.Event()
         self._own_context = context is None
@@ -296,6 +298,7 @@ class Subscriber:
             dropped += int(result or 0)
         purge_ms = (time.perf_counter() - started) * 1000
         self.purges += 1
+        self.purges_by_cause[cause] = self.purges_by_cause.get(cause, 0) + 1
         self.last_cause = cause
         log.info("purged %d entries in %.2f ms (cause: %s, seq %d)", dropped, purge_ms, cause, self.seq)
         self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,

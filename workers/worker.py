@@ -2,7 +2,7 @@
 
 ``GET /entries/<id>`` serves ``<content_dir>/<id>/entry.yaml`` as JSON through
 the cache, with ``X-Cache: HIT`` or ``MISS``; ``GET /stats`` shows the cache
-and bus state. Edit an entry and the worker keeps serving the old value until
+and bus state, ``GET /metrics`` the same counters for Prometheus. Edit an entry and the worker keeps serving the old value until
 the service publishes a clear.
 """
 
@@ -16,10 +16,12 @@ from typing import Any
 
 import tornado.web
 
+from cachebus.metrics import MetricsHandler
 from cachebus.settings import Settings
 
 from .cache import Cache
 from .content import EntryError, load_entry
+from .metrics import worker_registry
 from .subscriber import Subscriber, default_name
 
 log = logging.getLogger("cachebus.worker")
@@ -79,11 +81,14 @@ class StatsHandler(WorkerHandler):
         })
 
 
-def make_app(cache: Cache, subscriber: Subscriber, content_dir: Path) -> tornado.web.Application:
+def make_app(cache: Cache, subscriber: Subscriber, content_dir: Path, settings: Settings) -> tornado.web.Application:
     args = {"cache": cache, "subscriber": subscriber, "content_dir": content_dir}
+    metrics = {"registry": worker_registry(cache, subscriber), "settings": settings.metrics,
+               "listen_host": settings.worker.host}
     return tornado.web.Application([
         (r"/entries/(.+)", EntryHandler, args),
         (r"/stats", StatsHandler, args),
+        (r"/metrics", MetricsHandler, metrics),
     ])
 
 
@@ -104,7 +109,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         recv_hwm=settings.bus.recv_hwm,
         socket_buffer=settings.bus.socket_buffer,
     )
-    server = make_app(cache, subscriber, content_dir).listen(cfg.http_port, address=cfg.host)
+    server = make_app(cache, subscriber, content_dir, settings).listen(cfg.http_port, address=cfg.host)
     await subscriber.start()
     log.info("worker %s serving %s on http://%s:%d", subscriber.name, content_dir, cfg.host, cfg.http_port)
     try:

@@ -1,0 +1,43 @@
+"""The reference worker's Prometheus metrics: its cache's counters and its purges by cause.
+
+Read from the cache and the subscriber when scraped, so serving reads costs
+nothing extra.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .cache import Cache
+from .subscriber import Subscriber
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: Cache, subscriber: Subscriber) -> None:
+        self.cache = cache
+        self.subscriber = subscriber
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.cache.stats()
+        yield CounterMetricFamily("cachebus_cache_hits", "Cache lookups that hit", value=stats["hits"])
+        yield CounterMetricFamily("cachebus_cache_misses", "Cache lookups that missed", value=stats["misses"])
+        yield GaugeMetricFamily("cachebus_cache_entries", "Entries in the cache", value=stats["entries"])
+        yield CounterMetricFamily("cachebus_cache_purges", "Times the cache was emptied", value=stats["purges"])
+        yield CounterMetricFamily("cachebus_cache_bypass_seconds",
+                                  "Time the cache was bypassed: no lease, or bypass turned on",
+                                  value=stats["bypass_seconds"])
+        purges = CounterMetricFamily("cachebus_worker_purges", "Purges this worker performed, by cause",
+                                     labels=["cause"])
+        for cause, count in sorted(self.subscriber.purges_by_cause.items()):
+            purges.add_metric([cause], count)
+        yield purges
+
+
+def worker_registry(cache: Cache, subscriber: Subscriber) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_CacheCollector(cache, subscriber))
+    return registry
