@@ -235,6 +235,11 @@ class Demo(Command):
             f"  curl '{api}/api/v1/cache/clears?token={token}&access_token={access}'",
             f"  curl '{api}/api/v1/cache/workers?token={token}&access_token={access}'",
             "",
+            f"  # watch workers and clears live (the page asks for the token and access token above)",
+            f"  open {api}/dashboard",
+            f"  curl -N '{api}/api/v1/cache/events?token={token}&access_token={access}'",
+            f"  curl {api}/metrics",
+            "",
         ]
         if creds is None:
             lines.append("  (set TOKEN and ACCESS_TOKEN, or run: .venv/bin/cachebus tokens create)")
