@@ -235,7 +235,7 @@ class Demo(Command):
             f"  curl '{api}/api/v1/cache/clears?token={token}&access_token={access}'",
             f"  curl '{api}/api/v1/cache/workers?token={token}&access_token={access}'",
             "",
-            f"  # watch workers and clears live (the page asks for the token and access token above)",
+            "  # watch workers and clears live (the page asks for the token and access token above)",
             f"  open {api}/dashboard",
             f"  curl -N '{api}/api/v1/cache/events?token={token}&access_token={access}'",
             f"  curl {api}/metrics",
