@@ -21,7 +21,6 @@ import zmq
 import zmq.asyncio
 
 from bus.protocol import Codec
-from cachebus.metrics import MetricsHandler
 from cachebus.settings import Settings
 
 from .accesslog import log_request
@@ -29,7 +28,7 @@ from .acks import AckListener
 from .events import EventLog
 from .handlers import (ClearHandler, ClearRecordHandler, ClearsHandler, EventsHandler, NotFoundHandler,
                        WorkersHandler)
-from .metrics import ServiceMetrics
+from .metrics import ServiceMetrics, ServiceMetricsHandler
 from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
 from .publisher import Publisher
 from .record import Record
@@ -110,7 +109,7 @@ def make_app(service: Service) -> tornado.web.Application:
         (r"/api/v1/cache/clears/([^/]+)", ClearRecordHandler, args),
         (r"/api/v1/cache/workers", WorkersHandler, args),
         (r"/api/v1/cache/events", EventsHandler, args),
-        (r"/metrics", MetricsHandler, metrics),
+        (r"/metrics", ServiceMetricsHandler, metrics),
         (r"/api/openapi.json", OpenApiHandler, {}),
         (r"/dashboard", DashboardHandler, {}),
         (r"/dashboard/(.+)", DashboardAssetHandler, {}),

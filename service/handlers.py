@@ -29,8 +29,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("cachebus.api")
 
 
+class FlextypeResponses(RequestHandler):
+    """What every response of the service shares: Flextype's CORS headers, an
+    empty answer to OPTIONS, and Flextype's JSON body for every error."""
+
+    def set_default_headers(self) -> None:
+        # Runs before initialize(), so the settings come from the application.
+        cors = self.application.settings["cors"]
+        if cors.enabled:
+            self.set_header("Access-Control-Allow-Origin", cors.origin)
+            self.set_header("Access-Control-Allow-Headers", ", ".join(cors.headers))
+            self.set_header("Access-Control-Allow-Methods", ", ".join(cors.methods))
+
+    def options(self, *args: str) -> None:
+        """Flextype answers OPTIONS on any route with an empty response."""
+        self.finish()
+
+    def allowed_methods(self) -> list[str]:
+        return [m for m in ("GET", "POST") if self._implements(m)] + ["OPTIONS"]
+
+    def _implements(self, method: str) -> bool:
+        return getattr(type(self), method.lower()) is not getattr(RequestHandler, method.lower())
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(error_body(status_code))
+
+
 @stream_request_body
-class BaseHandler(RequestHandler):
+class BaseHandler(FlextypeResponses):
     """CORS, Flextype error bodies, a bounded body and credential-free logging.
 
     Bodies are streamed so that one over ``service.max_body_size`` is answered
@@ -74,34 +103,10 @@ class BaseHandler(RequestHandler):
         self.request.body = b"".join(self._chunks)
         return request_params(self.request)
 
-    def set_default_headers(self) -> None:
-        # Runs before initialize(), so the settings come from the application.
-        cors = self.application.settings["cors"]
-        if cors.enabled:
-            self.set_header("Access-Control-Allow-Origin", cors.origin)
-            self.set_header("Access-Control-Allow-Headers", ", ".join(cors.headers))
-            self.set_header("Access-Control-Allow-Methods", ", ".join(cors.methods))
-
-    def options(self, *args: str) -> None:
-        """Flextype answers OPTIONS on any route with an empty response."""
-        self.finish()
-
-    def allowed_methods(self) -> list[str]:
-        return [m for m in ("GET", "POST") if self._implements(m)] + ["OPTIONS"]
-
-    def _implements(self, method: str) -> bool:
-        return getattr(type(self), method.lower()) is not getattr(RequestHandler, method.lower())
-
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(json.dumps(data, separators=(",", ":")))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        if status_code == 405:
-            self.set_header("Allow", ", ".join(self.allowed_methods()))
-        self.set_header("Content-Type", CONTENT_TYPE)
-        self.finish(error_body(status_code))
 
     def fail(self, error: ApiError) -> None:
         """Answer with ``error``'s Flextype body and log why, without credentials."""

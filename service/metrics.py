@@ -13,7 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cachebus.metrics import MetricsHandler
+
 from .events import Event, EventLog
+from .handlers import FlextypeResponses
 from .record import FORGOTTEN, LEFT, LIVE, LOST, SUSPECT, Record
 
 #: Seconds; from a loopback millisecond to a worker that took half a minute.
@@ -82,3 +85,7 @@ class ServiceMetrics:
                 self.ack_latency.remove(data["worker"])
             except KeyError:
                 pass
+
+
+class ServiceMetricsHandler(FlextypeResponses, MetricsHandler):
+    """``GET /metrics`` on the service, with the CORS headers and error bodies of every other route."""

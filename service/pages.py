@@ -13,12 +13,14 @@ from pathlib import Path
 import tornado.web
 import yaml
 
+from .handlers import FlextypeResponses
+
 HERE = Path(__file__).resolve().parent
 DASHBOARD_DIR = HERE / "dashboard"
 OPENAPI_FILE = HERE / "openapi.yaml"
 
 
-class DashboardHandler(tornado.web.RequestHandler):
+class DashboardHandler(FlextypeResponses):
     """``GET /dashboard``: the single page; its assets are under ``/dashboard/``."""
 
     def get(self) -> None:
@@ -30,7 +32,7 @@ class DashboardHandler(tornado.web.RequestHandler):
         self.finish((DASHBOARD_DIR / "index.html").read_bytes())
 
 
-class DashboardAssetHandler(tornado.web.StaticFileHandler):
+class DashboardAssetHandler(FlextypeResponses, tornado.web.StaticFileHandler):
     """``GET /dashboard/<file>``: the page's scripts and styles."""
 
     def initialize(self) -> None:  # type: ignore[override]
@@ -44,7 +46,7 @@ def openapi_document() -> bytes:
         return json.dumps(yaml.safe_load(f), indent=1).encode()
 
 
-class OpenApiHandler(tornado.web.RequestHandler):
+class OpenApiHandler(FlextypeResponses):
     """``GET /api/openapi.json``."""
 
     def get(self) -> None:
