@@ -20,6 +20,7 @@ the format has exactly one definition.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -51,21 +52,27 @@ class Message:
     def to_dict(self) -> dict[str, Any]:
         # Shallow on purpose: fields are JSON values, and asdict's deep copy is
         # the slowest part of encoding a heartbeat.
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name, _, _ in _schema(type(self))}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Message":
         """Build the message from decoded JSON, checking every field's type."""
         values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
-                if f.default is not dataclasses.MISSING:
-                    continue
-                if f.default_factory is not dataclasses.MISSING:
-                    continue
-                raise ProtocolError(f"{cls.KIND.decode()}: missing field {f.name!r}")
-            values[f.name] = _check_field(cls.KIND, f.name, f.type, data[f.name])
+        for name, type_name, required in _schema(cls):
+            if name not in data:
+                if required:
+                    raise ProtocolError(f"{cls.KIND.decode()}: missing field {name!r}")
+                continue
+            values[name] = _check_field(cls.KIND, name, type_name, data[name])
         return cls(**values)
+
+
+@functools.cache
+def _schema(cls: type[Message]) -> tuple[tuple[str, str, bool], ...]:
+    """Each field's name, type name and whether it is required; worked out once per
+    message class, since the service decodes one message per ack and heartbeat."""
+    return tuple((f.name, str(f.type), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                 for f in dataclasses.fields(cls))
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -77,8 +84,8 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_field(kind: bytes, name: str, type_name: Any, value: Any) -> Any:
-    expected = _SIMPLE_TYPES.get(str(type_name))
+def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
+    expected = _SIMPLE_TYPES.get(type_name)
     if expected is not None:
         # bool is an int in Python, but never a valid count or sequence number.
         if isinstance(value, bool) and bool not in expected:
