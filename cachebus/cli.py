@@ -2,7 +2,9 @@
 
 Each subcommand is a small :class:`Command` class. Errors a user can fix (a bad
 flag, a bad settings file, a port in use) end the process with one line on
-stderr and exit status 2, never a traceback.
+stderr and exit status 2, never a traceback. The client commands (``clear``,
+``workers``) keep 2 for a ``--wait`` that timed out, so their usage errors, HTTP
+errors and an unreachable service exit with 1.
 """
 
 from __future__ import annotations
@@ -14,23 +16,39 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 import zmq
 
-from . import logs
+from . import client, logs
 from . import settings as settings_mod
 from .settings import Settings, SettingsError
 
 
 class UsageError(Exception):
-    """Something the user can fix; printed as one line, exit status 2."""
+    """Something the user can fix; printed as one line, exit status 2 (1 for the client commands)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
+    #: The exit status of this parser's usage errors: its command's.
+    usage_status = 2
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message}", self.usage_status)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        # argparse reports a subcommand's unknown flags from the top parser; give them the subcommand's status.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            status = getattr(getattr(parsed, "command", None), "usage_status", self.usage_status)
+            raise UsageError(f"{self.prog}: unrecognized arguments: {' '.join(extras)}", status)
+        return parsed
 
 
 class Command:
@@ -40,6 +58,8 @@ class Command:
     help = ""
     #: Flags that override a setting: (flag, dotted setting key, type).
     setting_flags: tuple[tuple[str, str, type], ...] = ()
+    #: Exit status of a usage error.
+    usage_status = 2
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for flag, key, kind in self.setting_flags:
@@ -247,11 +267,101 @@ class Demo(Command):
         return "\n".join(lines)
 
 
+TOKEN_ENV = "CACHEBUS_TOKEN"
+ACCESS_TOKEN_ENV = "CACHEBUS_ACCESS_TOKEN"
+
+
+class ClientCommand(Command):
+    """A command that talks to a running service over HTTP, with a token and access token."""
+
+    usage_status = 1
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--url", help="the service, like http://127.0.0.1:8080 "
+                                          "(default: service.host and service.port from the settings)")
+        parser.add_argument("--token", help=f"default: ${TOKEN_ENV}")
+        parser.add_argument("--access-token", metavar="ACCESS_TOKEN", help=f"default: ${ACCESS_TOKEN_ENV}")
+
+    def api(self, args: argparse.Namespace) -> client.Api:
+        token = args.token or os.environ.get(TOKEN_ENV, "")
+        access_token = args.access_token or os.environ.get(ACCESS_TOKEN_ENV, "")
+        absent = [flag for flag, value in ((f"--token (or ${TOKEN_ENV})", token),
+                                           (f"--access-token (or ${ACCESS_TOKEN_ENV})", access_token)) if not value]
+        if absent:
+            raise UsageError(f"missing credentials: {', '.join(absent)}", 1)
+        url = args.url or self.default_url(args)
+        try:
+            return client.Api(url, token, access_token)
+        except ValueError as exc:
+            raise UsageError(f"--url: {exc}", 1) from None
+
+    def default_url(self, args: argparse.Namespace) -> str:
+        try:
+            service = self.settings(args).service
+        except SettingsError as exc:
+            raise UsageError(str(exc), 1) from None
+        host = service.host if service.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{service.port}"
+
+
+class Clear(ClientCommand):
+    name = "clear"
+    help = "clear every worker's cache through the service; with --wait, until every live worker acked"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--wait", action="store_true",
+                            help="wait until every worker live at publish time acked (exit 2 on timeout)")
+        parser.add_argument("--timeout", type=float, metavar="S", help="seconds --wait waits (default: 10)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        if args.timeout is not None and not args.wait:
+            raise UsageError("--timeout: only with --wait", 1)
+        if args.timeout is not None and not args.timeout > 0:
+            raise UsageError("--timeout: expected a positive number of seconds", 1)
+        deadline = time.monotonic() + (10.0 if args.timeout is None else args.timeout)
+        api = self.api(args)
+        try:
+            clear_id = api.clear()
+            if not args.wait:
+                print(f"clear {clear_id} accepted" if clear_id else
+                      "clear accepted (the service sent no Cache-Clear-Id header)")
+                return 0
+            if clear_id is None:
+                raise client.ClientError("the service sent no Cache-Clear-Id header: --wait cannot follow this clear")
+            return client.follow_clear(api, clear_id, deadline, sys.stdout, sys.stdout.isatty())
+        finally:
+            api.close()
+
+
+class Workers(ClientCommand):
+    name = "workers"
+    help = "show every worker the service knows: state, last ack, cache entries and hit ratio"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--json", action="store_true", help="print the service's JSON as it is")
+
+    def run(self, args: argparse.Namespace) -> int:
+        api = self.api(args)
+        try:
+            if args.json:
+                print(api.workers_body())
+            else:
+                print(client.worker_table(api.workers()))
+        finally:
+            api.close()
+        return 0
+
+
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "serve": Serve(),
     "worker": Worker(),
     "tokens": {"create": TokensCreate(), "list": TokensList(), "disable": TokensDisable()},
     "demo": Demo(),
+    "clear": Clear(),
+    "workers": Workers(),
 }
 
 
@@ -259,6 +369,7 @@ def _add_command(subparsers: Any, command: Command) -> None:
     parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
     parser.add_argument("--config", metavar="FILE",
                         help=f"settings file (default: ${settings_mod.CONFIG_ENV} or {settings_mod.DEFAULT_CONFIG_PATH})")
+    parser.usage_status = command.usage_status
     command.add_arguments(parser)
     parser.set_defaults(command=command)
 
@@ -285,9 +396,15 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
     try:
         args = build_parser().parse_args(args_list)
         return args.command.run(args)
-    except (UsageError, SettingsError) as exc:
+    except UsageError as exc:
+        print(f"cachebus: error: {exc}", file=sys.stderr)
+        return exc.status
+    except SettingsError as exc:
         print(f"cachebus: error: {exc}", file=sys.stderr)
         return 2
+    except client.ClientError as exc:
+        print(f"cachebus: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
