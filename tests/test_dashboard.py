@@ -1,0 +1,256 @@
+"""The dashboard in a real headless Chromium, against a real service and real workers.
+
+Everything the page shows here came over its own EventSource: the test only
+reads the DOM, and changes the world from outside (an HTTP clear, a killed
+worker, a restarted service). Screenshots at a desktop and a phone size go to
+``test-artifacts/`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from .browser import Browser, find_chromium
+from .conftest import DEADLINE, ROOT, Cluster, create_token
+
+ARTIFACTS = ROOT / "test-artifacts"
+#: Small, so a killed worker turns lost within seconds; big enough that a busy
+#: 2-core machine does not make live workers look lost.
+SETTINGS = {"record": {"lost_after": 2.0, "complete_within": 3.0}}
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no chromium binary found (tests/install-browser.sh installs Debian's chromium when run as root)")
+    b = Browser(binary, tmp_path / "chromium.log", timeout=DEADLINE)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def js(value: Any) -> str:
+    return json.dumps(value)
+
+
+def worker_field(name: str, field: str) -> str:
+    """JS: a worker row's cell text, or null while the row is missing."""
+    return (f"(document.querySelector('#workers tr[data-worker={js(name)}] [data-field={field}]')"
+            f"?.textContent ?? null)")
+
+
+def clear_view(browser: Browser, clear_id: str) -> dict[str, Any] | None:
+    """What the page shows for one clear, or None while it is not listed."""
+    return browser.evaluate(f"""(() => {{
+        const li = document.querySelector('#clears [data-clear=' + CSS.escape({js(clear_id)}) + ']');
+        if (!li) return null;
+        const outcome = li.querySelector('[data-field=duration]');
+        return {{
+            acked: [...li.querySelectorAll('.chip[data-acked=true]')].map(c => c.dataset.ackWorker).sort(),
+            chips: [...li.querySelectorAll('.chip')].map(c => c.dataset.ackWorker).sort(),
+            progress: li.querySelector('[data-field=progress]').textContent,
+            outcome: outcome.dataset.outcome,
+            text: outcome.textContent,
+        }};
+    }})()""")
+
+
+def wait_for_acks(browser: Browser, clear_id: str, workers: list[str]) -> dict[str, Any]:
+    def shown() -> str:
+        return f"""(() => {{
+            const li = document.querySelector('#clears [data-clear=' + CSS.escape({js(clear_id)}) + ']');
+            return !!li && li.querySelectorAll('.chip[data-acked=true]').length === {len(workers)}
+                && li.querySelector('[data-field=duration]').dataset.outcome === 'complete';
+        }})()"""
+    browser.wait_for(shown(), what=f"the page to show {len(workers)} acks for clear {clear_id}")
+    view = clear_view(browser, clear_id)
+    assert view is not None
+    return view
+
+
+def status(browser: Browser) -> str:
+    return browser.evaluate("document.getElementById('status').dataset.state")
+
+
+def no_horizontal_overflow(browser: Browser) -> None:
+    widths = browser.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], f"the page is wider than the viewport: {widths}"
+
+
+def http_clear(cluster: Cluster) -> str:
+    """A clear from a client that is not the page: plain http.client, Flextype's form body."""
+    conn = HTTPConnection("127.0.0.1", cluster.port, timeout=DEADLINE)
+    try:
+        body = urllib.parse.urlencode({"token": cluster.token, "access_token": cluster.access_token})
+        conn.request("POST", "/api/v1/cache/clear", body, {"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 204, response.status
+        clear_id = response.getheader("Cache-Clear-Id")
+        assert clear_id
+        return clear_id
+    finally:
+        conn.close()
+
+
+def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, browser: Browser):
+    cluster.start_service(settings=SETTINGS)
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    pids = {name: proc.pid for name, (proc, _) in cluster.workers.items()}
+
+    browser.set_viewport(1280, 800)
+    browser.navigate(cluster.url + "/dashboard")
+    browser.wait_for("!document.getElementById('login').hidden", what="the credentials form")
+
+    # A wrong access token: the stream is refused, and the page says so on the form.
+    browser.type("#token", cluster.token)
+    browser.type("#access-token", "not-the-access-token")
+    browser.click("#login-submit")
+    message = browser.wait_for(
+        "!document.getElementById('login').hidden && document.getElementById('login-error').textContent",
+        what="the page to send a bad credential back to the form")
+    assert "Token is wrong" in message and "401" in message
+    assert browser.evaluate("sessionStorage.length") == 0
+    browser.events.clear()  # the 401s above are expected; from here on the console stays clean
+
+    browser.type("#token", cluster.token)
+    browser.type("#access-token", cluster.access_token)
+    browser.click("#login-submit")
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", what="the stream to open")
+    assert browser.evaluate("[sessionStorage.getItem('cachebus.token'), sessionStorage.getItem('cachebus.access_token'),"
+                            " localStorage.length, document.getElementById('access-token').value]") == \
+        [cluster.token, cluster.access_token, 0, ""]
+    assert cluster.access_token not in browser.evaluate("document.documentElement.outerHTML")
+
+    # Both workers, live, from the snapshot.
+    browser.wait_for(f"{worker_field('w1', 'state')} === 'live' && {worker_field('w2', 'state')} === 'live'",
+                     what="both workers to show live")
+    for name, pid in pids.items():
+        assert browser.evaluate(worker_field(name, "pid")) == str(pid)
+        assert browser.evaluate(worker_field(name, "host")) not in ("", "–")
+
+    # A clear from another client: every worker's ack shows up under its id.
+    first = http_clear(cluster)
+    view = wait_for_acks(browser, first, ["w1", "w2"])
+    assert view["acked"] == ["w1", "w2"] and view["chips"] == ["w1", "w2"]
+    assert view["progress"] == "2/2"
+    assert view["text"].startswith("all acked in ")
+    assert cluster.clear_record(first)["complete"] is True
+    browser.wait_for(f"{worker_field('w1', 'last_purge_cause')} === 'clear'"
+                     f" && {worker_field('w2', 'last_purge_cause')} === 'clear'",
+                     what="the purges to show in the worker rows")
+    seq = str(cluster.clear_record(first)["seq"])
+    browser.wait_for(f"{worker_field('w1', 'last_acked_seq')} === {js(seq)}"
+                     f" && {worker_field('w2', 'last_acked_seq')} === {js(seq)}",
+                     what="the workers' last acked seq to follow the acks")
+
+    # "Clear now" on the page: a new clear, newest first, acked by both.
+    browser.click("#clear-now")
+    second = browser.wait_for(
+        f"(() => {{ const id = document.getElementById('clear-result').dataset.clearId;"
+        f" return id && id !== {js(first)} ? id : null; }})()",
+        what="the page's own clear to be accepted")
+    view = wait_for_acks(browser, second, ["w1", "w2"])
+    assert view["progress"] == "2/2"
+    assert browser.evaluate("[...document.querySelectorAll('#clears [data-clear]')].map(li => li.dataset.clear)"
+                            )[:2] == [second, first]
+    assert browser.evaluate("document.getElementById('clear-result').dataset.kind") == "ok"
+
+    # A worker killed without a goodbye: a clear published at once still expects it (it
+    # was live a moment ago) and times out naming it; then it turns lost, and its last
+    # seen keeps counting.
+    cluster.workers["w2"][0].kill()
+    orphan = http_clear(cluster)
+    browser.wait_for(f"['complete', 'timeout'].includes(document.querySelector('#clears [data-clear='"
+                     f" + CSS.escape({js(orphan)}) + '] [data-field=duration]')?.dataset.outcome)",
+                     timeout=DEADLINE + 3.0, what="the clear published as w2 died to complete or time out")
+    record, view = cluster.clear_record(orphan), clear_view(browser, orphan)
+    assert view is not None and view["chips"] == sorted(record["workers"])
+    if "w2" in record["workers"]:  # it almost always is: w2 was live a few ms earlier
+        assert record["complete"] is False and record["missing"] == ["w2"]
+        assert view["outcome"] == "timeout" and view["acked"] == ["w1"] and view["progress"] == "1/2"
+        assert view["text"].startswith("timed out after ") and view["text"].endswith(", missing: w2")
+    browser.wait_for(f"{worker_field('w2', 'state')} === 'lost'", what="the killed worker to show lost")
+    assert browser.evaluate("document.querySelector('#workers tr[data-worker=w2] .badge').dataset.state") == "lost"
+    assert browser.evaluate(worker_field("w1", "state")) == "live"
+    seen = browser.evaluate(worker_field("w2", "last_seen"))
+    assert seen.endswith(" ago"), seen
+    browser.wait_for(f"{worker_field('w2', 'last_seen')} !== {js(seen)}", what="last seen to tick")
+
+    # Published with only w1 live, so only w1 is expected.
+    third = http_clear(cluster)
+    view = wait_for_acks(browser, third, ["w1"])
+    assert view["chips"] == ["w1"] and view["progress"] == "1/1"
+
+    # Nothing came from outside the service, and nothing went wrong in the page.
+    origin = browser.evaluate("location.origin")
+    assert origin == cluster.url
+    resources = browser.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+    assert {cluster.url + "/dashboard/app.js", cluster.url + "/dashboard/app.css"} <= set(resources)
+    outside = [url for url in resources if not url.startswith(origin + "/")]
+    assert not outside, f"the page loaded resources from outside the service: {outside}"
+    assert browser.problems() == []
+
+    # Readable on a desktop and on a phone, with no sideways scrolling of the page.
+    ARTIFACTS.mkdir(exist_ok=True)
+    no_horizontal_overflow(browser)
+    browser.screenshot(ARTIFACTS / "dashboard-1280x800.png")
+    browser.set_viewport(390, 844, scale=2, mobile=True)
+    browser.wait_for("getComputedStyle(document.querySelector('#workers thead')).display === 'none'",
+                     what="the workers table to collapse into cards")
+    no_horizontal_overflow(browser)
+    browser.screenshot(ARTIFACTS / "dashboard-390x844.png")
+    browser.set_viewport(1280, 800)
+
+    # The service goes away: the page says it is reconnecting, then follows the new run.
+    epoch = browser.evaluate("document.getElementById('epoch').textContent")
+    assert cluster.service is not None
+    cluster.service.stop()
+    browser.wait_for("document.getElementById('status').dataset.state === 'reconnecting'",
+                     what="the page to show that it is reconnecting")
+    assert "reconnecting" in browser.evaluate("document.getElementById('status').textContent")
+    cluster.start_service(settings=SETTINGS)
+    browser.wait_for(f"document.getElementById('status').dataset.state === 'live'"
+                     f" && document.getElementById('epoch').textContent !== {js(epoch)}",
+                     what="a snapshot of the restarted service")
+    browser.wait_for(f"{worker_field('w1', 'state')} === 'live'", what="w1 to rejoin the new service")
+    assert clear_view(browser, first) is None, "the new run's snapshot replaced the old clears"
+
+    # Forgetting the credentials ends the stream and empties session storage.
+    browser.click("#forget")
+    browser.wait_for("!document.getElementById('login').hidden", what="the credentials form")
+    assert browser.evaluate("sessionStorage.length") == 0
+    assert status(browser) == "idle"
+
+
+def test_clear_now_shows_flextype_s_error_message(cluster: Cluster, browser: Browser):
+    cluster.start_service(settings=SETTINGS)
+    token, access_token = create_token(cluster.tokens_dir, limit_calls=1)
+    browser.navigate(cluster.url + "/dashboard")
+    browser.type("#token", token)
+    browser.type("#access-token", access_token)
+    browser.click("#login-submit")
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", what="the stream to open")
+
+    browser.click("#clear-now")
+    accepted = browser.wait_for("document.getElementById('clear-result').dataset.clearId",
+                                what="the first clear to be accepted")
+    browser.wait_for(f"!!document.querySelector('#clears [data-clear=' + CSS.escape({js(accepted)}) + ']')",
+                     what="the accepted clear to be listed")
+    # The token's one call is used: Flextype's 400, whose message the page shows; reading still works.
+    browser.click("#clear-now")
+    text = browser.wait_for("document.getElementById('clear-result').dataset.kind === 'error'"
+                            " && document.getElementById('clear-result').textContent",
+                            what="the refused clear's message")
+    assert "HTTP 400: Validation for this particular item failed" in text
+    assert status(browser) == "live"
+    assert browser.evaluate("document.querySelectorAll('#clears [data-clear]').length") == 1
