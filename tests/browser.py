@@ -25,6 +25,8 @@ from typing import Any
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from .conftest import wait_for
+
 #: Where tests/install-browser.sh (Debian's chromium package) puts it, then the usual names.
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
 
@@ -140,16 +142,7 @@ class Browser:
     def wait_for(self, condition: str, timeout: float | None = None, what: str | None = None) -> Any:
         """Poll the JavaScript ``condition`` until it is truthy; its value. Fails at the deadline."""
         limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        delay = 0.02
-        while True:
-            value = self.evaluate(condition)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise BrowserError(f"timed out after {limit:.0f}s waiting for {what or condition}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+        return wait_for(lambda: self.evaluate(condition), limit, what or condition)
 
     def navigate(self, url: str) -> None:
         """Load ``url`` and wait until the document and its scripts have loaded."""
