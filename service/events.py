@@ -5,6 +5,11 @@ for each worker that joins, changes state or purges. :class:`EventLog` numbers
 them, keeps the last ``history`` for clients that reconnect with
 ``Last-Event-ID``, and copies each one into every open :class:`EventQueue`.
 
+Some events are state rather than history: a ``worker.stats`` event replaces
+the one before it for the same worker. Those are kept, newest per worker,
+beside the history instead of in it, so a busy fleet's cache counters never
+push clears out of what a reconnecting client can replay.
+
 Nothing here ever waits: a reader that falls behind fills its own bounded
 queue, is marked overflowed and dropped, and the bus never notices.
 """
@@ -85,6 +90,10 @@ class EventQueue:
         return events
 
 
+#: Event kinds whose newest event supersedes older ones, and the field that says whose they are.
+LATEST_ONLY: dict[str, str] = {"worker.stats": "worker"}
+
+
 class EventLog:
     """Numbers events, keeps a bounded history and fans them out to readers."""
 
@@ -95,6 +104,10 @@ class EventLog:
         self.last_id = 0
         self.dropped_clients = 0
         self._history: deque[Event] = deque(maxlen=history)
+        #: The id of the newest event no longer replayable; a client that saw it can still catch up.
+        self._forgotten_through = 0
+        #: The newest :data:`LATEST_ONLY` event per (kind, owner), in emit order.
+        self._latest: dict[tuple[str, Any], Event] = {}
         self._queues: set[EventQueue] = set()
         #: Called with every event, on the event loop, before readers see it (metrics).
         self.listeners: list[Callable[[Event], None]] = []
@@ -102,7 +115,17 @@ class EventLog:
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         self.last_id += 1
         event = Event(self.epoch, self.last_id, kind, data)
-        self._history.append(event)
+        owner_field = LATEST_ONLY.get(kind)
+        if owner_field is not None:
+            key = (kind, data.get(owner_field))
+            self._latest.pop(key, None)
+            self._latest[key] = event
+            if len(self._latest) > self._history.maxlen:
+                self._forget(next(iter(self._latest.values())).id)
+        else:
+            if len(self._history) == self._history.maxlen:
+                self._forget(self._history[0].id)
+            self._history.append(event)
         for listener in self.listeners:
             listener(event)
         for queue in self._queues:
@@ -123,10 +146,20 @@ class EventLog:
             return None
         if last_id == self.last_id:
             return []
-        oldest = self._history[0].id if self._history else self.last_id + 1
-        if last_id + 1 < oldest:
+        if last_id < self._forgotten_through:
             return None
-        return [event for event in self._history if event.id > last_id]
+        missed = [event for event in self._history if event.id > last_id]
+        latest = [event for event in self._latest.values() if event.id > last_id]
+        return sorted(missed + latest, key=lambda event: event.id) if latest else missed
+
+    def _forget(self, through: int) -> None:
+        """Stop promising replay to clients that saw no more than event ``through``."""
+        self._forgotten_through = max(self._forgotten_through, through)
+        while self._latest:
+            key, event = next(iter(self._latest.items()))
+            if event.id > self._forgotten_through:
+                break
+            del self._latest[key]
 
     def snapshot(self, state: dict[str, Any]) -> bytes:
         """A ``snapshot`` event of ``state`` taken now, numbered as the newest event it includes."""
