@@ -95,6 +95,7 @@ class EventsSettings:
     history: int = field(default=1000, metadata=_check(_positive, "a positive count"))
     client_queue: int = field(default=1000, metadata=_check(_positive, "a positive count"))
     keepalive: float = field(default=15.0, metadata=_check(_positive, "a positive number of seconds"))
+    stats_interval: float = field(default=2.0, metadata=_check(lambda v: v >= 0, "a number of seconds >= 0"))
 
 
 @dataclass(frozen=True)

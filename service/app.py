@@ -62,6 +62,7 @@ class Service:
                         lost_after=settings.record.lost_after,
                         forget_after=settings.record.forget_after,
                         complete_within=settings.record.complete_within,
+                        stats_interval=settings.events.stats_interval,
                         emit=events.emit)
         publisher.on_publish.append(record.published)
         acks = AckListener(ctx, bus.acks, codec, record,

@@ -156,6 +156,9 @@ class WorkerEntry:
     epoch: str = ""
     seq: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    #: When, and with what, the last ``worker.stats`` event went out.
+    _stats_emitted_at: float = field(default=float("-inf"), repr=False)
+    _stats_emitted: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -187,12 +190,15 @@ class Record:
 
     def __init__(self, max_clears: int = 1000, suspect_after: float = 1.5,
                  lost_after: float = 5.0, forget_after: float = 3600.0,
-                 complete_within: float = 30.0, emit: Emit = _ignore) -> None:
+                 complete_within: float = 30.0, stats_interval: float = 2.0,
+                 emit: Emit = _ignore) -> None:
         self.max_clears = max_clears
         self.suspect_after = suspect_after
         self.lost_after = lost_after
         self.forget_after = forget_after
         self.complete_within = complete_within
+        #: A worker's changed cache counters are streamed at most this often.
+        self.stats_interval = stats_interval
         #: Every change is reported here (the event log), after it is applied.
         self.emit = emit
         self._clears: OrderedDict[str, ClearEntry] = OrderedDict()
@@ -269,6 +275,10 @@ class Record:
         """A worker is alive; a worker the record does not know joins."""
         worker = self.hello(msg)
         worker.stats = msg.stats
+        now = time.monotonic()
+        if msg.stats != worker._stats_emitted and now - worker._stats_emitted_at >= self.stats_interval:
+            worker._stats_emitted, worker._stats_emitted_at = msg.stats, now
+            self.emit("worker.stats", {"worker": worker.name, "last_seen": worker.last_seen, "stats": msg.stats})
         return worker
 
     def sweep(self) -> None:

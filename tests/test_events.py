@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import pytest
 
+from service.events import EventLog
+
 from .conftest import DEADLINE, Cluster, http, wait_for
 
 
@@ -125,7 +127,8 @@ def test_a_client_that_reconnects_gets_what_it_missed(cluster: Cluster, streams:
 
     again = EventStream(cluster, last_event_id=resume_from)
     streams.append(again)
-    _, kind, data = again.next()
+    replayed = again.until(lambda kind, data: kind != "worker.stats", "the first missed clear event")
+    _, kind, data = replayed[-1]
     assert (kind, data["clear_id"]) == ("clear.published", missed_id)
     again.until(lambda kind, data: kind == "clear.completed" and data["clear_id"] == missed_id,
                 "the missed clear's completion")
@@ -174,8 +177,59 @@ def test_a_slow_client_is_dropped_without_slowing_the_bus(cluster: Cluster, stre
     assert kinds[-1] == "overflow"
 
 
+def test_a_workers_cache_counters_are_streamed_and_replayed_newest_only(cluster: Cluster, streams: list):
+    cluster.start_service(settings={"events": {"stats_interval": 0}})
+    worker_url = cluster.start_worker("w1")
+    stream = EventStream(cluster)
+    streams.append(stream)
+    stream.next()  # snapshot
+    resume_from = stream.last_id
+
+    def stats_event(**expected: Any) -> Callable[[str, Any], bool]:
+        return lambda kind, data: (kind == "worker.stats" and data["worker"] == "w1"
+                                   and all(data["stats"].get(k) == v for k, v in expected.items()))
+
+    assert http("GET", worker_url + "/entries/hello")[1]["X-Cache"] == "MISS"
+    seen = stream.until(stats_event(entries=1, hits=0, misses=1), "a worker.stats event with the new entry")
+    assert http("GET", worker_url + "/entries/hello")[1]["X-Cache"] == "HIT"
+    seen += stream.until(stats_event(entries=1, hits=1, hit_ratio=0.5), "a worker.stats event with the hit")
+    cluster.clear()
+    seen += stream.until(stats_event(entries=0), "a worker.stats event after the purge")
+    cluster.workers["w1"][0].stop()
+    seen += stream.until(lambda kind, data: kind == "worker.state" and data["state"] == "left", "w1 to leave")
+    assert len([kind for _, kind, _ in seen if kind == "worker.stats"]) >= 3
+
+    again = EventStream(cluster, last_event_id=resume_from)
+    streams.append(again)
+    replayed = again.until(lambda kind, data: kind == "worker.state" and data["state"] == "left", "the replay")
+    newest_stats = [event for event in seen if event[1] == "worker.stats"][-1]
+    assert [event for event in replayed if event[1] == "worker.stats"] == [newest_stats]
+    assert [event for event in replayed if event[1] != "worker.stats"] == \
+        [event for event in seen if event[1] != "worker.stats"]
+
+
 def test_the_stream_needs_the_same_credentials_as_the_record(cluster: Cluster):
     cluster.start_service()
     status, _, body = http("GET", f"{cluster.url}/api/v1/cache/events?token={cluster.token}&access_token=wrong")
     assert status == 401
     assert json.loads(body)["message"] == "Token is wrong"
+
+
+def test_replay_keeps_the_newest_stats_per_worker_within_the_history_bound():
+    log = EventLog("e", history=3)
+    log.emit("clear.published", {"clear_id": "a"})  # 1
+    for n in range(3):  # 2, 3, 4: one worker's counters, superseded twice
+        log.emit("worker.stats", {"worker": "w1", "stats": {"entries": n}})
+    log.emit("clear.completed", {"clear_id": "a"})  # 5
+    assert [(e.id, e.kind) for e in log.since("e:0")] == [(1, "clear.published"), (4, "worker.stats"),
+                                                          (5, "clear.completed")]
+    assert [e.id for e in log.since("e:3")] == [4, 5]
+
+    for name in ("w2", "w3", "w4"):  # 6, 7, 8: more workers than the history holds
+        log.emit("worker.stats", {"worker": name, "stats": {}})
+    assert log.since("e:3") is None, "w1's event 4 was dropped, so a client that saw only 3 needs a snapshot"
+    assert [e.id for e in log.since("e:4")] == [5, 6, 7, 8]
+    for n in (9, 10, 11):  # the history of three now drops events 1 and 5
+        log.emit("clear.published", {"clear_id": str(n)})
+    assert log.since("e:4") is None
+    assert [e.id for e in log.since("e:5")] == [6, 7, 8, 9, 10, 11]
