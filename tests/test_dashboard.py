@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from .browser import Browser, find_chromium
-from .conftest import DEADLINE, ROOT, Cluster, create_token
+from .conftest import DEADLINE, ROOT, Cluster, create_token, http
 
 ARTIFACTS = ROOT / "test-artifacts"
 #: Small, so a killed worker turns lost within seconds; big enough that a busy
@@ -152,6 +152,12 @@ def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, br
     browser.wait_for(f"{worker_field('w1', 'last_acked_seq')} === {js(seq)}"
                      f" && {worker_field('w2', 'last_acked_seq')} === {js(seq)}",
                      what="the workers' last acked seq to follow the acks")
+
+    # Reads through w1's cache: its entries and hit ratio follow, from worker.stats events.
+    w1_url = cluster.workers["w1"][1]
+    assert [http("GET", w1_url + "/entries/hello")[1]["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    browser.wait_for(f"{worker_field('w1', 'entries')} === '1' && {worker_field('w1', 'hit_ratio')} === '50.0 %'",
+                     what="w1's cache entries and hit ratio to update")
 
     # "Clear now" on the page: a new clear, newest first, acked by both.
     browser.click("#clear-now")

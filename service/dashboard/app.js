@@ -129,8 +129,15 @@
       const w = workers.get(d.worker);
       if (!w) return;
       w.last_purge_cause = d.cause;
-      // A purge empties the worker's cache; hit ratios only arrive with snapshots.
+      // A purge empties the worker's cache; its next `worker.stats` says what refilled it.
       w.stats = Object.assign({}, w.stats, { entries: 0 });
+      renderWorkers();
+    },
+    "worker.stats": (d) => {
+      const w = workers.get(d.worker);
+      if (!w) return;
+      w.stats = d.stats;
+      if (d.last_seen) w.last_seen = d.last_seen;
       renderWorkers();
     },
     "overflow": () => {
