@@ -7,11 +7,11 @@ Tornado application with real ZeroMQ sockets; :class:`Proc` runs the real
 
 from __future__ import annotations
 
-from http.client import HTTPConnection
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.client import HTTPConnection, HTTPResponse
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -223,6 +224,62 @@ class Cluster:
             proc.stop()
         if self.service is not None:
             self.service.stop()
+
+
+class EventStream:
+    """A blocking Server-Sent Events client: each event as (id, kind, data)."""
+
+    def __init__(self, cluster: Cluster, last_event_id: str | None = None, rcvbuf: int = 0) -> None:
+        self.conn = HTTPConnection("127.0.0.1", cluster.port, timeout=DEADLINE)
+        if rcvbuf:
+            self.conn.sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=DEADLINE)
+            self.conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        self.conn.request("GET", f"/api/v1/cache/events?{cluster.creds()}", headers=headers)
+        self.response: HTTPResponse | None = None
+        self.last_id: str | None = None
+
+    def open(self) -> HTTPResponse:
+        if self.response is None:
+            self.response = self.conn.getresponse()
+        return self.response
+
+    def next(self) -> tuple[str | None, str, Any] | None:
+        """The next event, or None when the server ended the stream."""
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        while True:
+            line = self.open().fp.readline()
+            if not line:
+                return None
+            text = line.decode().rstrip("\n")
+            if text == "":
+                if data or "event" in fields:
+                    if "id" in fields:
+                        self.last_id = fields["id"]
+                    return fields.get("id"), fields.get("event", "message"), json.loads("\n".join(data))
+                continue
+            if text.startswith(":"):
+                continue
+            name, _, value = text.partition(": ")
+            if name == "data":
+                data.append(value)
+            else:
+                fields[name] = value
+
+    def until(self, predicate: Callable[[str, Any], bool], what: str) -> list[tuple[str | None, str, Any]]:
+        """Events up to and including the first that matches ``predicate``."""
+        seen = []
+        while True:
+            event = self.next()
+            if event is None:
+                raise AssertionError(f"stream ended before {what}; saw {[e[1] for e in seen]}")
+            seen.append(event)
+            if predicate(event[1], event[2]):
+                return seen
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:

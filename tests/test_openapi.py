@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from http.client import HTTPConnection
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -25,7 +24,7 @@ from tornado.web import RequestHandler
 from service.errors import error_body
 from service.pages import OPENAPI_FILE
 
-from .conftest import DEADLINE, Cluster, http, http_json
+from .conftest import Cluster, EventStream, http, http_json
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 #: Statuses whose bodies Flextype (and so cachebus) fixes word for word.
@@ -209,34 +208,22 @@ def validator(spec: dict[str, Any], name: str) -> OAS31Validator:
     return OAS31Validator({**spec, "$ref": f"#/components/schemas/{name}"})
 
 
-def read_events(conn: HTTPConnection) -> Iterator[dict[str, Any]]:
-    """The SSE events of an open stream, as ``{"id", "event", "data"}``."""
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
-    fields: dict[str, Any] = {}
-    while True:
-        line = response.fp.readline()
-        assert line, "the stream ended"
-        text = line.decode().rstrip("\n")
-        if text == "":
-            if "data" in fields:
-                fields["data"] = json.loads(fields["data"])
-                yield fields
-            fields = {}
-        elif not text.startswith(":") and not text.startswith("retry:"):
-            name, _, value = text.partition(": ")
-            fields[name] = value
-
-
 def test_real_responses_and_events_match_the_documented_schemas(cluster: Cluster, spec):
     cluster.start_service()
     worker_url = cluster.start_worker("w1")
-    conn = HTTPConnection("127.0.0.1", cluster.port, timeout=DEADLINE)
+    stream = EventStream(cluster)
     try:
-        conn.request("GET", f"/api/v1/cache/events?{cluster.creds()}")
-        stream = read_events(conn)
-        snapshot = next(stream)
+        response = stream.open()
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+
+        def event() -> dict[str, Any]:
+            got = stream.next()
+            assert got is not None, "the stream ended"
+            event_id, kind, data = got
+            return {"event": kind, "data": data, **({"id": event_id} if event_id is not None else {})}
+
+        snapshot = event()
         assert snapshot["event"] == "snapshot"
 
         status, headers, raw = cluster.clear(wait="all", timeout="20")
@@ -247,14 +234,12 @@ def test_real_responses_and_events_match_the_documented_schemas(cluster: Cluster
         assert http("GET", worker_url + "/entries/hello")[0] == 200  # new cache counters: a worker.stats
         events = [snapshot]
         wanted = {"snapshot", "clear.published", "worker.purged", "clear.acked", "clear.completed", "worker.stats"}
-        for event in stream:
-            events.append(event)
-            if wanted <= {e["event"] for e in events}:
-                break
-        for event in events:
-            validator(spec, "StreamEvent").validate(event)
+        while not wanted <= {e["event"] for e in events}:
+            events.append(event())
+        for e in events:
+            validator(spec, "StreamEvent").validate(e)
     finally:
-        conn.close()
+        stream.close()
 
     creds = cluster.creds()
     clear_id = headers["Cache-Clear-Id"]
