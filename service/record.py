@@ -276,7 +276,7 @@ class Record:
         worker = self.hello(msg)
         worker.stats = msg.stats
         now = time.monotonic()
-        if msg.stats != worker._stats_emitted and now - worker._stats_emitted_at >= self.stats_interval:
+        if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
             worker._stats_emitted, worker._stats_emitted_at = msg.stats, now
             self.emit("worker.stats", {"worker": worker.name, "last_seen": worker.last_seen, "stats": msg.stats})
         return worker
