@@ -9,11 +9,12 @@ $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cachebus needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: setup.py $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q -e .
+# make run: the service, the reference worker and honcho (the `run` extra).
+$(VENV)/.installed: setup.py pyproject.toml $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[run]'
 	touch $@
 
-$(VENV)/.installed-test: setup.py bench/install-deps.sh tests/install-browser.sh $(BIN)/python
+$(VENV)/.installed-test: setup.py pyproject.toml bench/install-deps.sh tests/install-browser.sh $(BIN)/python
 	bash bench/install-deps.sh
 	bash tests/install-browser.sh
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
@@ -32,7 +33,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
 
-$(VENV)/.installed-bench: setup.py bench/install-deps.sh $(BIN)/python
+$(VENV)/.installed-bench: setup.py pyproject.toml bench/install-deps.sh $(BIN)/python
 	bash bench/install-deps.sh
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[bench]'
 	touch $@ $(VENV)/.installed

@@ -1,8 +1,43 @@
-"""cachebus: clear every process's in-memory cache at once, and prove each one did."""
+"""cachebus: clear every process's in-memory cache at once, and prove each one did.
+
+The source folders ``service/``, ``workers/`` and ``bus/`` sit beside
+``cachebus/`` at the top of the repository, but they install *under* it, as
+``cachebus.service``, ``cachebus.workers`` and ``cachebus.bus``: a wheel (and an
+editable install) exposes one top-level name, so an application with its own
+``workers`` or ``service`` package can embed the subscriber without a clash.
+"""
 
 from setuptools import find_packages, setup
 
-BENCH = ["redis>=5", "hiredis>=2", "matplotlib>=3.8"]
+#: Source folder of each subpackage of the one import root.
+SUBPACKAGES = {"service": "service", "workers": "workers", "bus": "bus"}
+
+
+def packages() -> tuple[list[str], dict[str, str]]:
+    names = ["cachebus", *(f"cachebus.{p}" for p in find_packages(include=["cachebus.*"]))]
+    package_dir = {"cachebus": "cachebus"}
+    for name, folder in SUBPACKAGES.items():
+        package_dir[f"cachebus.{name}"] = folder
+        names.append(f"cachebus.{name}")
+        names += [f"cachebus.{name}.{sub}" for sub in find_packages(where=folder)]
+    return names, package_dir
+
+
+PACKAGES, PACKAGE_DIR = packages()
+
+# The service and the reference worker; the subscriber and the cache need none of it.
+SERVICE = [
+    "tornado>=6.4,<7",
+    # bcrypt verifies the $2y$ hashes PHP's password_hash writes for Flextype tokens.
+    "bcrypt>=4.1",
+    # /metrics in the Prometheus text format, on the service and the reference worker.
+    "prometheus-client>=0.20",
+]
+# `make run`: honcho runs the Procfile.
+RUN = [*SERVICE, "honcho>=2.0"]
+BENCH = [*SERVICE, "redis>=5", "hiredis>=2", "matplotlib>=3.8"]
+# Pinned so that a new release's new rules cannot turn `make test` red on its own.
+CHECKS = ["ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122"]
 
 setup(
     name="cachebus",
@@ -11,32 +46,36 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["bus", "bus.*", "cachebus", "cachebus.*",
-                                    "service", "service.*", "workers", "workers.*"]),
-    package_data={"workers": ["demo_content/*/entry.yaml"], "service": ["dashboard/*", "openapi.yaml"]},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={
+        "cachebus.workers": ["demo_content/**/*.yaml"],
+        "cachebus.service": ["dashboard/*", "openapi.yaml"],
+    },
+    zip_safe=False,
+    # The base install is what an embedding application needs: the subscriber and the cache.
     install_requires=[
-        "tornado>=6.4,<7",
         "pyzmq>=26",
         "pyyaml>=6",
-        # bcrypt verifies the $2y$ hashes PHP's password_hash writes for Flextype tokens.
-        "bcrypt>=4.1",
-        # honcho runs the Procfile for `make run`.
-        "honcho>=2.0",
-        # /metrics in the Prometheus text format, on the service and the reference worker.
-        "prometheus-client>=0.20",
     ],
     extras_require={
+        "service": SERVICE,
+        "run": RUN,
         # make bench: the Redis peer's client (with its fast parser) and the plots.
         "bench": BENCH,
-        # The test suite runs a smoke version of the benchmark, so it needs the same.
+        # The test suite runs the service, `make run`'s honcho, a smoke version of the benchmark, and the checks.
         "test": [
+            *RUN,
+            *BENCH,
+            *CHECKS,
             "pytest>=8",
             "pytest-tornado==0.8.1",
             # pytest-tornado 0.8.1 still imports pkg_resources, which setuptools 82 removed.
             "setuptools<82",
             # Validates the OpenAPI 3.1 document served at /api/openapi.json.
             "openapi-spec-validator>=0.7",
-            *BENCH,
+            # Builds the wheel in the packaging test.
+            "wheel",
         ],
     },
     entry_points={"console_scripts": ["cachebus=cachebus.cli:main"]},

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 
 from tornado.testing import bind_unused_port
 
-from service.tokens import TokenStore
+from cachebus.service.tokens import TokenStore
 
 from . import floor_zmq, peers
 from .stats import Summary
@@ -183,7 +183,7 @@ def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> Sta
     """A ``cachebus serve`` on free ports, returned once it answers."""
     port, publish_port, acks_port = free_ports(3)
     publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
-    process = procs.start(name, "-m", "service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
+    process = procs.start(name, "-m", "cachebus.service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
                           "--bus-publish", publish, "--bus-acks", acks)
     wait_until(lambda: answers(port), "the cachebus service", procs=procs)
     return Started(port, publish, acks, process)

@@ -12,8 +12,8 @@ import sys
 
 import zmq.asyncio
 
-from workers.cache import Cache
-from workers.subscriber import Subscriber
+from cachebus.workers.cache import Cache
+from cachebus.workers.subscriber import Subscriber
 
 
 async def main(publish: str, acks: str, prefix: str, count: int) -> None:

@@ -10,8 +10,8 @@ import argparse
 import asyncio
 import signal
 
-from workers.cache import Cache
-from workers.subscriber import Subscriber
+from cachebus.workers.cache import Cache
+from cachebus.workers.subscriber import Subscriber
 
 
 class FullCache(Cache):

@@ -1,1 +1,15 @@
-"""The ``cachebus`` command line and the settings every process shares."""
+"""cachebus: clear every process's in-memory cache at once, and prove each one did.
+
+What an application embeds is importable from here, with only the base install
+(pyzmq and PyYAML)::
+
+    from cachebus import Cache, Subscriber, ThreadedSubscriber
+
+The service and the reference worker (``cachebus.service``, ``cachebus.workers.worker``)
+need the ``service`` extra: ``pip install 'cachebus[service]'``.
+"""
+
+from cachebus.workers.cache import Cache, Purgeable
+from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
+
+__all__ = ["Cache", "Purgeable", "Subscriber", "ThreadedSubscriber"]

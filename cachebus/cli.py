@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -112,7 +111,7 @@ class Serve(Command):
                      *_BUS_FLAGS)
 
     def run(self, args: argparse.Namespace) -> int:
-        from service.app import serve
+        from cachebus.service.app import serve
 
         settings = self.settings(args)
         _setup_logging(settings)
@@ -126,7 +125,7 @@ class Worker(Command):
                      ("--name", "worker.name", str), *_BUS_FLAGS)
 
     def run(self, args: argparse.Namespace) -> int:
-        from workers.worker import run
+        from cachebus.workers.worker import run
 
         settings = self.settings(args)
         if not Path(settings.worker.content_dir).is_dir():
@@ -147,7 +146,7 @@ class TokensCreate(Command):
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def run(self, args: argparse.Namespace) -> int:
-        from service.tokens import TokenStore
+        from cachebus.service.tokens import TokenStore
 
         if args.limit_calls < 0:
             raise UsageError("--limit-calls: expected a count >= 0")
@@ -170,7 +169,7 @@ class TokensList(Command):
     setting_flags = (("--tokens-dir", "service.tokens_dir", str),)
 
     def run(self, args: argparse.Namespace) -> int:
-        from service.tokens import TokenStore
+        from cachebus.service.tokens import TokenStore
 
         store = TokenStore(self.settings(args).service.tokens_dir)
         rows = store.list()
@@ -191,7 +190,7 @@ class TokensDisable(Command):
         parser.add_argument("token")
 
     def run(self, args: argparse.Namespace) -> int:
-        from service.tokens import TokenStore
+        from cachebus.service.tokens import TokenStore
 
         store = TokenStore(self.settings(args).service.tokens_dir)
         try:
@@ -212,12 +211,13 @@ class Demo(Command):
     credentials_file = Path("var/demo-credentials.json")
 
     def run(self, args: argparse.Namespace) -> int:
-        from service.tokens import TokenStore
+        from cachebus.service.tokens import TokenStore
+        from cachebus.workers.content import copy_tree, demo_content
 
         settings = self.settings(args)
         content = Path(settings.worker.content_dir)
         if not content.exists():
-            shutil.copytree(Path(__file__).resolve().parent.parent / "workers" / "demo_content", content)
+            copy_tree(demo_content(), content)
         store = TokenStore(settings.service.tokens_dir)
         creds = None
         if not store.list():
@@ -266,6 +266,9 @@ class Demo(Command):
         lines.append("Press Ctrl-C to stop everything.")
         return "\n".join(lines)
 
+
+#: Modules of the ``service`` extra, which ``serve``, ``worker`` and ``tokens`` import when they run.
+SERVICE_MODULES = frozenset({"tornado", "bcrypt", "prometheus_client"})
 
 TOKEN_ENV = "CACHEBUS_TOKEN"
 ACCESS_TOKEN_ENV = "CACHEBUS_ACCESS_TOKEN"
@@ -389,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> int:
-    """Console entry point. ``prog_command`` lets ``python -m service`` mean ``serve``."""
+    """Console entry point. ``prog_command`` lets ``python -m cachebus.service`` mean ``serve``."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if prog_command is not None:
         args_list.insert(0, prog_command)
@@ -405,6 +408,13 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
     except client.ClientError as exc:
         print(f"cachebus: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        # The base install (an application embedding the subscriber) has no service dependencies.
+        if exc.name not in SERVICE_MODULES:
+            raise
+        print(f"cachebus: error: this command needs {exc.name}, which comes with the service extra: "
+              "pip install 'cachebus[service]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
 
 #: Where a process looks for its settings when neither flag nor env names one.
 DEFAULT_CONFIG_PATH = Path("config/settings.yaml")

@@ -1,4 +1,4 @@
-"""``python -m service``: the same as ``cachebus serve``."""
+"""``python -m cachebus.service``: the same as ``cachebus serve``."""
 
 import sys
 

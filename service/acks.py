@@ -1,7 +1,7 @@
 """The back channel: a ROUTER socket where workers say hello, ack and leave.
 
 Workers connect a DEALER; the ROUTER's routing id lets the service answer a
-hello with a :class:`~bus.protocol.Welcome` addressed to that worker alone.
+hello with a :class:`~cachebus.bus.protocol.Welcome` addressed to that worker alone.
 Frames that do not decode are logged once per peer and dropped, so a
 misbehaving peer can neither crash the service nor flood its log.
 """
@@ -14,9 +14,9 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from bus.peers import BadFrames, peer_address
-from bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
-from bus.sockets import configure, drain, plain
+from cachebus.bus.peers import BadFrames, peer_address
+from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.sockets import configure, drain, plain
 
 from .record import Record
 

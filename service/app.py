@@ -20,7 +20,7 @@ import tornado.web
 import zmq
 import zmq.asyncio
 
-from bus.protocol import Codec
+from cachebus.bus.protocol import Codec
 from cachebus.settings import Settings
 
 from .accesslog import log_request

@@ -1,7 +1,7 @@
 """The service's Prometheus metrics, fed by the event log and the HTTP layer.
 
 Counters move as events happen (:meth:`ServiceMetrics.observe` is an
-:class:`~service.events.EventLog` listener); the numbers of workers by state
+:class:`~cachebus.service.events.EventLog` listener); the numbers of workers by state
 and of event stream clients are read from the record when scraped.
 """
 

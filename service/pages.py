@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
+from importlib.resources import as_file, files
 
 import tornado.web
 import yaml
 
 from .handlers import FlextypeResponses
 
-HERE = Path(__file__).resolve().parent
-DASHBOARD_DIR = HERE / "dashboard"
-OPENAPI_FILE = HERE / "openapi.yaml"
+PACKAGE = files("cachebus.service")
+DASHBOARD = PACKAGE / "dashboard"
+OPENAPI_FILE = PACKAGE / "openapi.yaml"
 
 
 class DashboardHandler(FlextypeResponses):
@@ -29,14 +29,17 @@ class DashboardHandler(FlextypeResponses):
         # The page asks for credentials; keep it out of frames on other sites.
         self.set_header("X-Frame-Options", "DENY")
         self.set_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
-        self.finish((DASHBOARD_DIR / "index.html").read_bytes())
+        self.finish((DASHBOARD / "index.html").read_bytes())
 
 
 class DashboardAssetHandler(FlextypeResponses, tornado.web.StaticFileHandler):
     """``GET /dashboard/<file>``: the page's scripts and styles."""
 
     def initialize(self) -> None:  # type: ignore[override]
-        super().initialize(path=str(DASHBOARD_DIR))
+        # StaticFileHandler serves from a real directory; an installed package is one
+        # (the wheel is not zip-safe), so as_file hands back the directory itself.
+        with as_file(DASHBOARD) as path:
+            super().initialize(path=str(path))
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 Flextype merges the parsed body over the query string, so a body value wins.
 The body may be JSON or form-encoded (urlencoded or multipart). Anything that
-does not parse is an :class:`~service.errors.ApiError` 400, never a 500.
+does not parse is an :class:`~cachebus.service.errors.ApiError` 400, never a 500.
 """
 
 from __future__ import annotations

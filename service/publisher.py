@@ -18,8 +18,8 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from bus.protocol import Clear, Codec, Heartbeat, Message, now
-from bus.sockets import configure, plain
+from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, now
+from cachebus.bus.sockets import configure, plain
 
 log = logging.getLogger("cachebus.publisher")
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat, WorkerIdentity
 
 log = logging.getLogger("cachebus.record")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +28,12 @@ import zmq.asyncio
 
 from bench.run import free_port, free_ports
 from cachebus.settings import Settings
-from service.app import Service, make_app
-from service.tokens import TokenStore
+from cachebus.service.app import Service, make_app
+from cachebus.service.tokens import TokenStore
+from cachebus.workers.content import copy_tree, demo_content
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONTENT = ROOT / "workers" / "demo_content"
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 #: Generous: a loaded 2-core CI machine can be slow, and waits end as soon as
@@ -139,7 +139,7 @@ class Cluster:
         return ["--config", str(path)]
 
     def start_service(self, *extra: str, settings: dict[str, Any] | None = None) -> Proc:
-        self.service = Proc("service", ["--port", str(self.port), "--tokens-dir", str(self.tokens_dir),
+        self.service = Proc("cachebus.service", ["--port", str(self.port), "--tokens-dir", str(self.tokens_dir),
                                         *self.bus_args(), *self.config("service", settings), *extra],
                             self.tmp / f"service-{time.monotonic_ns()}.log")
         wait_for(lambda: self._answers(self.url + "/"), what="the service to answer HTTP")
@@ -148,7 +148,7 @@ class Cluster:
     def start_worker(self, name: str, wait: bool = True, settings: dict[str, Any] | None = None,
                      prefix: list[str] | None = None) -> str:
         port = free_port()
-        proc = Proc("workers", ["--name", name, "--http-port", str(port), "--content-dir",
+        proc = Proc("cachebus.workers", ["--name", name, "--http-port", str(port), "--content-dir",
                                 str(self.content_dir), *self.bus_args(), *self.config(name, settings)],
                     self.tmp / f"{name}.log", prefix=prefix)
         host = (settings or {}).get("worker", {}).get("host", "127.0.0.1")
@@ -294,7 +294,7 @@ def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:
 @pytest.fixture
 def content_dir(tmp_path: Path) -> Path:
     target = tmp_path / "content"
-    shutil.copytree(DEMO_CONTENT, target)
+    copy_tree(demo_content(), target)
     return target
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from workers.cache import Cache, Purgeable
+from cachebus.workers.cache import Cache, Purgeable
 
 STATS_KEYS = {"entries", "max_entries", "ttl", "hits", "misses", "hit_ratio", "evictions", "purges",
               "last_clear_id", "last_clear_seq", "last_purge_at", "bypass", "bypass_seconds"}

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.cache import Cache
-from workers.subscriber import ThreadedSubscriber
+from cachebus.workers.cache import Cache
+from cachebus.workers.subscriber import ThreadedSubscriber
 
 from .conftest import DEADLINE, Cluster, http_json, wait_for
 from .test_fanout import edit_entry, read_entry

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from service.events import EventLog
+from cachebus.service.events import EventLog
 
 from .conftest import DEADLINE, Cluster, EventStream, http, wait_for
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 import zmq
 
-from bus.protocol import VERSION, Codec, Heartbeat
+from cachebus.bus.protocol import VERSION, Codec, Heartbeat
 
 from .conftest import Cluster, http, http_json, wait_for
 
@@ -154,7 +154,7 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
     ack_port = router.bind_to_random_port("tcp://127.0.0.1")
     router.rcvtimeo = 200
     codec = Codec()
-    worker = Proc("workers", ["--name", "w", "--http-port", str(free_port()), "--content-dir", str(content_dir),
+    worker = Proc("cachebus.workers", ["--name", "w", "--http-port", str(free_port()), "--content-dir", str(content_dir),
                               "--bus-publish", f"tcp://127.0.0.1:{pub_port}",
                               "--bus-acks", f"tcp://127.0.0.1:{ack_port}"], tmp_path / "w.log")
     try:
@@ -176,7 +176,7 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
         for frames in ([b"clear"], [b"clear", VERSION, b"", b"{"], [b"clear", b"2", b"", b"{}"],
                        [b"clear", VERSION, b"", b'{"epoch": "e1", "seq": "1", "id": "x", "ts": 0}']):
             pub.send_multipart(frames)
-        from bus.protocol import Clear
+        from cachebus.bus.protocol import Clear
         pub.send_multipart(codec.encode(Clear(epoch="e1", seq=1, id="c1", ts=time.time())))
         ack = received(b"ack")
         while ack.clear_id != "c1":

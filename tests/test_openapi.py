@@ -21,8 +21,8 @@ from openapi_spec_validator import validate
 from tornado.routing import PathMatches, Router
 from tornado.web import RequestHandler
 
-from service.errors import error_body
-from service.pages import OPENAPI_FILE
+from cachebus.service.errors import error_body
+from cachebus.service.pages import OPENAPI_FILE
 
 from .conftest import Cluster, EventStream, http, http_json
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bus.protocol import (VERSION, Ack, Bye, Clear, Codec, Heartbeat, Hello, ProtocolError, Welcome,
+from cachebus.bus.protocol import (VERSION, Ack, Bye, Clear, Codec, Heartbeat, Hello, ProtocolError, Welcome,
                           WorkerHeartbeat)
 
 MESSAGES = [

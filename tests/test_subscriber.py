@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from workers.cache import Cache
-from workers.subscriber import Subscriber, ThreadedSubscriber
+from cachebus.workers.cache import Cache
+from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
 
 from .conftest import DEADLINE, Cluster, wait_for
 from .test_fanout import wait_all_acked

@@ -21,7 +21,7 @@ import bcrypt
 import pytest
 import yaml
 
-from service.tokens import TOKEN_ID_RE, TokenError, TokenStore, TokenSummary
+from cachebus.service.tokens import TOKEN_ID_RE, TokenError, TokenStore, TokenSummary
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
@@ -567,7 +567,7 @@ def test_limit_is_exact_across_threads(tokens: Path, store: TokenStore) -> None:
 
 CHILD = """
 import json, sys
-from service.tokens import TokenError, TokenStore
+from cachebus.service.tokens import TokenError, TokenStore
 
 tokens_dir, token, access, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = TokenStore(tokens_dir)

@@ -1,4 +1,4 @@
-"""``python -m workers``: the same as ``cachebus worker``."""
+"""``python -m cachebus.workers``: the same as ``cachebus worker``."""
 
 import sys
 

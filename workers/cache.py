@@ -2,7 +2,7 @@
 
 :class:`Cache` is a bounded LRU with an optional TTL. Every operation is short,
 holds one :class:`threading.Lock` and never awaits, so one cache can be shared
-by threads (a :class:`~workers.subscriber.ThreadedSubscriber`, a WSGI app) and
+by threads (a :class:`~cachebus.workers.subscriber.ThreadedSubscriber`, a WSGI app) and
 by asyncio code alike.
 
 Besides ``get``/``set``/``delete``/``clear`` it has two ways to avoid serving

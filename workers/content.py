@@ -7,6 +7,8 @@ content directory.
 from __future__ import annotations
 
 import re
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,22 @@ def load_entry(content_dir: Path, entry_id: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EntryError(500, "entry.yaml does not hold a mapping of fields")
     return data
+
+
+def demo_content() -> Traversable:
+    """The demo entries shipped in the package (``workers/demo_content`` in the source tree)."""
+    return files("cachebus.workers") / "demo_content"
+
+
+def copy_tree(source: Traversable, target: Path) -> None:
+    """Copy a packaged directory to ``target``, which must not exist yet.
+
+    Through :mod:`importlib.resources`, so it works from a wheel, an editable
+    install or a zip alike, where :func:`shutil.copytree` needs a real path.
+    """
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_dir():
+            copy_tree(item, target / item.name)
+        else:
+            (target / item.name).write_bytes(item.read_bytes())

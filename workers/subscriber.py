@@ -17,7 +17,7 @@ heartbeats: a gap or a new epoch means it may have missed a clear, and it
 purges everything, because a clear-all is idempotent and always safe.
 
 Targets that hold a lease (``hold_lease``/``revoke_lease``, as
-:class:`~workers.cache.Cache` does) are trusted only for
+:class:`~cachebus.workers.cache.Cache` does) are trusted only for
 ``heartbeat_interval * liveness`` seconds after the service was last heard.
 When the lease lapses they bypass themselves; when the service is heard again
 the subscriber purges once (cause ``reconnect``) before renewing it. A target
@@ -40,11 +40,11 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 import zmq
 import zmq.asyncio
 
-from bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
-from bus.peers import BadFrames, peer_address
-from bus.protocol import (Ack, Bye, Clear, Codec, Heartbeat, Hello, Message, ProtocolError, Welcome,
+from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.peers import BadFrames, peer_address
+from cachebus.bus.protocol import (Ack, Bye, Clear, Codec, Heartbeat, Hello, Message, ProtocolError, Welcome,
                           WorkerHeartbeat)
-from bus.sockets import configure, drain, plain
+from cachebus.bus.sockets import configure, drain, plain
 
 from .cache import Purgeable
 
@@ -76,7 +76,7 @@ class Subscriber:
     """Purges ``targets`` when the service says so, and acks each purge.
 
     ``targets`` are objects with ``clear(*, clear_id, seq) -> int`` (see
-    :class:`~workers.cache.Purgeable`); ``clear`` may also be a coroutine
+    :class:`~cachebus.workers.cache.Purgeable`); ``clear`` may also be a coroutine
     function, for targets that do I/O.
     """
 
@@ -278,7 +278,7 @@ class Subscriber:
                 self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
 
     def _identity(self) -> dict[str, Any]:
-        """The fields of :class:`~bus.protocol.WorkerIdentity` for this subscriber."""
+        """The fields of :class:`~cachebus.bus.protocol.WorkerIdentity` for this subscriber."""
         return {"name": self.name, "instance": self.instance, "host": socket.gethostname(),
                 "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq}
 
@@ -359,7 +359,7 @@ class ThreadedSubscriber:
     """A :class:`Subscriber` on its own event loop in a daemon thread.
 
     For applications without asyncio. Targets must be thread-safe, as
-    :class:`~workers.cache.Cache` is.
+    :class:`~cachebus.workers.cache.Cache` is.
     """
 
     def __init__(self, targets: Iterable[Purgeable], **options: Any) -> None:
