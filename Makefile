@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench install clean
+.PHONY: run test check bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cachebus needs Python 3.11+"'
@@ -22,11 +22,16 @@ $(VENV)/.installed-test: setup.py pyproject.toml bench/install-deps.sh tests/ins
 
 install: $(VENV)/.installed
 
+check: $(VENV)/.installed-test
+	BIN=$(BIN) tools/check
+
 run: $(VENV)/.installed
 	$(BIN)/cachebus demo
 	PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho start -f Procfile
 
+# Lint (ruff) and type-check (mypy) first: both must pass before a test runs.
 test: $(VENV)/.installed-test
+	BIN=$(BIN) tools/check
 	$(BIN)/python -m pytest
 
 # Writes docs/benchmarks.md; installs redis-server and wrk through apt when missing.
@@ -39,4 +44,4 @@ $(VENV)/.installed-bench: setup.py pyproject.toml bench/install-deps.sh $(BIN)/p
 	touch $@ $(VENV)/.installed
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build

@@ -27,10 +27,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPConnection
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from tornado.testing import bind_unused_port
 
@@ -95,7 +96,7 @@ class Processes:
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 120,
-               procs: "Processes | None" = None) -> None:
+               procs: Processes | None = None) -> None:
     end = time.monotonic() + timeout
     while not condition():
         if procs is not None:
@@ -242,8 +243,7 @@ def http_peer(procs: Processes, workers: int, count: int, entries: int) -> Summa
     *worker_ports, port = free_ports(workers + 1)
     for i, worker_port in enumerate(worker_ports):
         procs.start(f"http-worker-{i}", "-m", "bench.peers", "worker", "http", str(worker_port), str(entries))
-    for worker_port in worker_ports:
-        wait_until(lambda: answers(worker_port), "an HTTP fan-out worker", procs=procs)
+    wait_until(lambda: all(answers(p) for p in worker_ports), "the HTTP fan-out workers", procs=procs)
     urls = [f"http://127.0.0.1:{worker_port}/purge" for worker_port in worker_ports]
     procs.start("http-service", "-m", "bench.peers", "service", "http", str(port), ",".join(urls))
     wait_until(lambda: answers(port), "the HTTP fan-out service", procs=procs)
@@ -412,7 +412,7 @@ def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood:
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {machine()}, "
+        f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} on {machine()}, "
         f"in one run of `make bench` ({elapsed:.0f} s). All times in milliseconds.",
         "",
         "## Time to all-acked, and the floors under it",
@@ -532,9 +532,9 @@ def plot(rows: list[Row], path: Path) -> bool:
     }
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for label, summaries in series.items():
-        points = [(n, s.p50) for n, s in zip(ns, summaries) if s is not None]
+        points = [(n, s.p50) for n, s in zip(ns, summaries, strict=True) if s is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])

@@ -15,7 +15,7 @@ class Summary:
     max: float
 
     @classmethod
-    def of(cls, samples_ms: list[float]) -> "Summary":
+    def of(cls, samples_ms: list[float]) -> Summary:
         ordered = sorted(samples_ms)
         p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
         return cls(len(ordered), ordered[0], statistics.median(ordered), p99, ordered[-1])

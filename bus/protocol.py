@@ -25,8 +25,9 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 #: Protocol version carried in every message's second frame.
 VERSION = b"1"
@@ -55,7 +56,7 @@ class Message:
         return {name: getattr(self, name) for name, _, _ in _schema(type(self))}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Message":
+    def from_dict(cls, data: dict[str, Any]) -> Message:
         """Build the message from decoded JSON, checking every field's type."""
         values = {}
         for name, type_name, required in _schema(cls):

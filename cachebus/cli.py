@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 import zmq
 
@@ -371,7 +372,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 def _add_command(subparsers: Any, command: Command) -> None:
     parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
     parser.add_argument("--config", metavar="FILE",
-                        help=f"settings file (default: ${settings_mod.CONFIG_ENV} or {settings_mod.DEFAULT_CONFIG_PATH})")
+                        help=f"settings file (default: ${settings_mod.CONFIG_ENV} or "
+                             f"{settings_mod.DEFAULT_CONFIG_PATH})")
     parser.usage_status = command.usage_status
     command.add_arguments(parser)
     parser.set_defaults(command=command)

@@ -31,7 +31,7 @@ class Api:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected a URL like http://127.0.0.1:8080, got {url!r}")
         try:
-            parts.port
+            _ = parts.port  # raises for a port that is not a number in range
         except ValueError:
             raise ValueError(f"bad port in {url!r}") from None
         self._parts = parts

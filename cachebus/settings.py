@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -146,7 +147,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
-    def replace(self, overrides: dict[str, Any], source: str = "command line") -> "Settings":
+    def replace(self, overrides: dict[str, Any], source: str = "command line") -> Settings:
         """Return a copy with dotted-key ``overrides`` (``{"service.port": 9000}``) applied."""
         nested: dict[str, Any] = {}
         for dotted, value in overrides.items():

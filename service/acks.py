@@ -9,7 +9,7 @@ misbehaving peer can neither crash the service nor flood its log.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio

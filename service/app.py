@@ -26,8 +26,7 @@ from cachebus.settings import Settings
 from .accesslog import log_request
 from .acks import AckListener
 from .events import EventLog
-from .handlers import (ClearHandler, ClearRecordHandler, ClearsHandler, EventsHandler, NotFoundHandler,
-                       WorkersHandler)
+from .handlers import ClearHandler, ClearRecordHandler, ClearsHandler, EventsHandler, NotFoundHandler, WorkersHandler
 from .metrics import ServiceMetrics, ServiceMetricsHandler
 from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
 from .publisher import Publisher
@@ -51,7 +50,7 @@ class Service:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def create(cls, settings: Settings, ctx: zmq.asyncio.Context) -> "Service":
+    def create(cls, settings: Settings, ctx: zmq.asyncio.Context) -> Service:
         """Build every part from ``settings``; nothing is bound yet."""
         bus = settings.bus
         codec = Codec(bus.key.encode())

@@ -20,7 +20,8 @@ import asyncio
 import json
 import logging
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("cachebus.events")
 
@@ -30,7 +31,7 @@ class Event:
     first use and then shared by every reader: with no stream open, events cost
     no JSON at all (a clear to a thousand workers makes two thousand)."""
 
-    __slots__ = ("epoch", "id", "kind", "data", "_sse")
+    __slots__ = ("_sse", "data", "epoch", "id", "kind")
 
     def __init__(self, epoch: str, id: int, kind: str, data: dict[str, Any]) -> None:
         self.epoch = epoch
@@ -80,7 +81,7 @@ class EventQueue:
         if not self._events and not self.overflowed:
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._ready.clear()
 

@@ -10,7 +10,8 @@ import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Awaitable
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
@@ -66,9 +67,9 @@ class BaseHandler(FlextypeResponses):
     with 413 as soon as it is known to be too large, without buffering it.
     """
 
-    service: "Service"
+    service: Service
 
-    def initialize(self, service: "Service") -> None:
+    def initialize(self, service: Service) -> None:
         self.service = service
         self._chunks: list[bytes] = []
         self._size = 0

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio

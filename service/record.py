@@ -9,11 +9,13 @@ locks are needed; memory is bounded by ``max_clears``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from cachebus.bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat, WorkerIdentity
 
@@ -376,8 +378,7 @@ class Record:
 
     def recent(self, limit: int) -> list[ClearEntry]:
         """The ``limit`` most recent clears, newest first."""
-        newest = reversed(self._clears.values())
-        return [entry for _, entry in zip(range(limit), newest)]
+        return list(itertools.islice(reversed(self._clears.values()), limit))
 
     def workers(self) -> list[WorkerEntry]:
         return sorted(self._workers.values(), key=lambda w: w.name)
@@ -389,6 +390,6 @@ class Record:
         """Wait until every expected worker acked ``entry``; False on timeout."""
         try:
             await asyncio.wait_for(entry.done.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True

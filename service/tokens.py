@@ -34,9 +34,10 @@ import threading
 import typing
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import bcrypt
 import yaml

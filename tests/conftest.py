@@ -18,18 +18,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from http.client import HTTPConnection, HTTPResponse
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
 import zmq.asyncio
 
 from bench.run import free_port, free_ports
-from cachebus.settings import Settings
 from cachebus.service.app import Service, make_app
 from cachebus.service.tokens import TokenStore
+from cachebus.settings import Settings
 from cachebus.workers.content import copy_tree, demo_content
 
 ROOT = Path(__file__).resolve().parent.parent

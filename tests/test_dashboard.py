@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -126,8 +127,9 @@ def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, br
     browser.type("#access-token", cluster.access_token)
     browser.click("#login-submit")
     browser.wait_for("document.getElementById('status').dataset.state === 'live'", what="the stream to open")
-    assert browser.evaluate("[sessionStorage.getItem('cachebus.token'), sessionStorage.getItem('cachebus.access_token'),"
-                            " localStorage.length, document.getElementById('access-token').value]") == \
+    assert browser.evaluate("[sessionStorage.getItem('cachebus.token'),"
+                            " sessionStorage.getItem('cachebus.access_token'), localStorage.length,"
+                            " document.getElementById('access-token').value]") == \
         [cluster.token, cluster.access_token, 0, ""]
     assert cluster.access_token not in browser.evaluate("document.documentElement.outerHTML")
 

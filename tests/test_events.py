@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_a_client_that_reconnects_gets_what_it_missed(cluster: Cluster, streams:
     resume_from = first.last_id
     first.close()
 
-    status, headers, _ = cluster.clear()
+    _, headers, _ = cluster.clear()
     missed_id = headers["Cache-Clear-Id"]
     wait_for(lambda: cluster.clear_record(missed_id)["complete"], what="the missed clear to complete")
 

@@ -87,7 +87,7 @@ def test_worker_that_leaves_is_no_longer_expected(cluster: Cluster):
     assert cluster.workers["leaves"][0].stop() == 0
     wait_for(lambda: {w["name"]: w["state"] for w in cluster.worker_list()}.get("leaves") == "left",
              what="the stopped worker to be marked left")
-    status, headers, _ = cluster.clear()
+    _, headers, _ = cluster.clear()
     record = wait_all_acked(cluster, headers["Cache-Clear-Id"], {"stays"})
     assert record["workers"] == ["stays"]
 
@@ -154,7 +154,8 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
     ack_port = router.bind_to_random_port("tcp://127.0.0.1")
     router.rcvtimeo = 200
     codec = Codec()
-    worker = Proc("cachebus.workers", ["--name", "w", "--http-port", str(free_port()), "--content-dir", str(content_dir),
+    worker = Proc("cachebus.workers", ["--name", "w", "--http-port", str(free_port()),
+                                       "--content-dir", str(content_dir),
                               "--bus-publish", f"tcp://127.0.0.1:{pub_port}",
                               "--bus-acks", f"tcp://127.0.0.1:{ack_port}"], tmp_path / "w.log")
     try:
@@ -169,7 +170,8 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
                 return msg if msg.KIND == kind else None
             return wait_for(check, what=f"the worker's {kind.decode()}")
 
-        heartbeat = lambda: pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time())))
+        def heartbeat() -> None:
+            pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time())))
         hello = received(b"hello", before=heartbeat)
         assert hello.name == "w"
 

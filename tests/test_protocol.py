@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from cachebus.bus.protocol import (VERSION, Ack, Bye, Clear, Codec, Heartbeat, Hello, ProtocolError, Welcome,
-                          WorkerHeartbeat)
+from cachebus.bus.protocol import (
+    VERSION,
+    Ack,
+    Bye,
+    Clear,
+    Codec,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Welcome,
+    WorkerHeartbeat,
+)
 
 MESSAGES = [
     Clear(epoch="e", seq=1, id="c1", ts=1.5),

@@ -63,5 +63,5 @@ def test_partial_file_keeps_other_defaults(tmp_path: Path):
 
 def test_overrides_are_validated_like_the_file():
     assert Settings().replace({"service.port": 9000}).service.port == 9000
-    with pytest.raises(SettingsError, match="command line --port: service.port"):
+    with pytest.raises(SettingsError, match=r"command line --port: service\.port"):
         Settings().replace({"service.port": -1}, source="command line --port")

@@ -44,7 +44,7 @@ def test_asyncio_subscriber_with_several_targets(cluster: Cluster):
             pages.set("a", 1)
             fragments.set("b", 2)
             fragments.set("c", 3)
-            status, headers, _ = await asyncio.to_thread(cluster.clear)
+            _, headers, _ = await asyncio.to_thread(cluster.clear)
             record = await asyncio.to_thread(wait_all_acked, cluster, headers["Cache-Clear-Id"], {"async-app"})
             assert record["acks"][0]["entries_dropped"] == 3
             assert len(pages) == len(fragments) == 0

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol, runtime_checkable
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable

@@ -35,15 +35,26 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import zmq
 import zmq.asyncio
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
 from cachebus.bus.peers import BadFrames, peer_address
-from cachebus.bus.protocol import (Ack, Bye, Clear, Codec, Heartbeat, Hello, Message, ProtocolError, Welcome,
-                          WorkerHeartbeat)
+from cachebus.bus.protocol import (
+    Ack,
+    Bye,
+    Clear,
+    Codec,
+    Heartbeat,
+    Hello,
+    Message,
+    ProtocolError,
+    Welcome,
+    WorkerHeartbeat,
+)
 from cachebus.bus.sockets import configure, drain, plain
 
 from .cache import Purgeable
@@ -167,7 +178,7 @@ class Subscriber:
         """Wait until :attr:`synced`; False if ``timeout`` passed first."""
         try:
             await asyncio.wait_for(self._synced.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -188,7 +199,7 @@ class Subscriber:
         if self._own_context:
             self._ctx.term()
 
-    async def __aenter__(self) -> "Subscriber":
+    async def __aenter__(self) -> Subscriber:
         await self.start()
         return self
 

@@ -2,8 +2,8 @@
 
 ``GET /entries/<id>`` serves ``<content_dir>/<id>/entry.yaml`` as JSON through
 the cache, with ``X-Cache: HIT`` or ``MISS``; ``GET /stats`` shows the cache
-and bus state, ``GET /metrics`` the same counters for Prometheus. Edit an entry and the worker keeps serving the old value until
-the service publishes a clear.
+and bus state, ``GET /metrics`` the same counters for Prometheus. Edit an entry
+and the worker keeps serving the old value until the service publishes a clear.
 """
 
 from __future__ import annotations
