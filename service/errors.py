@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client
 import json
 
+from .token_rules import Refusal
+
 CONTENT_TYPE = "application/json;charset=UTF-8"
 
 _MESSAGES = {
@@ -20,6 +22,17 @@ _MESSAGES = {
     405: ("Method Not Allowed", "The requested method is not allowed for this endpoint"),
     413: ("Payload Too Large", "The request body is larger than this endpoint accepts"),
     500: ("Internal Server Error", "The server could not complete the request"),
+}
+
+
+#: The one place a token refusal becomes an HTTP status (Flextype's choices).
+REFUSAL_STATUS: dict[Refusal, int] = {
+    Refusal.UNKNOWN_TOKEN: 401,
+    Refusal.INVALID_TOKEN_FILE: 400,
+    Refusal.DISABLED: 400,
+    Refusal.LIMIT_REACHED: 400,
+    Refusal.NO_HASH: 401,
+    Refusal.WRONG_ACCESS_TOKEN: 401,
 }
 
 

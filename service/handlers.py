@@ -18,10 +18,10 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from .accesslog import redact_uri
-from .errors import CONTENT_TYPE, ApiError, error_body
+from .errors import CONTENT_TYPE, REFUSAL_STATUS, ApiError, error_body
 from .events import EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
-from .tokens import TokenError
+from .token_rules import TokenError
 
 if TYPE_CHECKING:
     from .app import Service
@@ -137,7 +137,7 @@ class BaseHandler(FlextypeResponses):
         try:
             await self.service.tokens.authorize(token, access_token, consume=consume)
         except TokenError as exc:
-            raise ApiError(exc.status, exc.reason, auth=True) from None
+            raise ApiError(REFUSAL_STATUS[exc.reason], exc.reason, auth=True) from None
 
 
 class NotFoundHandler(BaseHandler):

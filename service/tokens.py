@@ -13,7 +13,7 @@ renamed into place, which keeps ``calls`` exact across threads and across
 service processes sharing the directory.
 
 No token id or access token ever appears in an exception or a log line; a
-failure carries a status and a short reason code only.
+failure carries a :class:`~cachebus.service.token_rules.Refusal` only.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from typing import Any
 import bcrypt
 import yaml
 
+from .token_rules import Refusal, TokenError
+
 # libyaml's parser and emitter when PyYAML has them: several times faster, and
 # every clear reads and rewrites a token file.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -67,21 +69,6 @@ BCRYPT_ROUNDS = 10
 _Signature = tuple[int, int, int]
 # (token, sha256(access_token), hashed_access_token)
 _MemoKey = tuple[str, bytes, str]
-
-
-class TokenError(Exception):
-    """A failed check.
-
-    ``status`` is the HTTP status to answer (400 or 401) and ``reason`` a short
-    machine-readable cause for logs and metrics: ``unknown_token``,
-    ``invalid_token_file``, ``disabled``, ``limit_reached``, ``no_hash`` or
-    ``wrong_access_token``. Neither ever contains a credential.
-    """
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -198,7 +185,7 @@ class TokenStore:
         """
         # 3. The id is checked before any path is built from it.
         if not TOKEN_ID_RE.fullmatch(token):
-            raise TokenError(401, "unknown_token")
+            raise TokenError(Refusal.UNKNOWN_TOKEN)
         loaded = self._load(token, self.tokens_dir / token / TOKEN_FILE, parse=blocking)
         if loaded is None:
             return None
@@ -283,7 +270,7 @@ class TokenStore:
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
-            raise TokenError(401, "unknown_token") from None
+            raise TokenError(Refusal.UNKNOWN_TOKEN) from None
         signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._lock:
             cached = self._parsed.get(token)
@@ -302,25 +289,25 @@ class TokenStore:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise TokenError(401, "unknown_token") from None
+            raise TokenError(Refusal.UNKNOWN_TOKEN) from None
         try:
             # Stat the open file, not the path: a rename between the two would
             # pair one version's content with another's signature.
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise TokenError(401, "unknown_token")
+                raise TokenError(Refusal.UNKNOWN_TOKEN)
             with os.fdopen(fd, "rb", closefd=False) as f:
                 raw = f.read(MAX_TOKEN_FILE + 1)
         finally:
             os.close(fd)
         if len(raw) > MAX_TOKEN_FILE:
-            raise TokenError(400, "invalid_token_file")
+            raise TokenError(Refusal.INVALID_TOKEN_FILE)
         try:
             data = yaml.load(raw, Loader=_Loader)
         except (yaml.YAMLError, RecursionError):
-            raise TokenError(400, "invalid_token_file") from None
+            raise TokenError(Refusal.INVALID_TOKEN_FILE) from None
         if not isinstance(data, dict):
-            raise TokenError(400, "invalid_token_file")
+            raise TokenError(Refusal.INVALID_TOKEN_FILE)
         return data, (st.st_mtime_ns, st.st_size, st.st_ino)
 
     @staticmethod
@@ -328,12 +315,12 @@ class TokenStore:
         """Steps 4 and 5: required fields, then state and (with ``limit``) call limit."""
         # Like PHP's isset(): a key set to null counts as missing.
         if any(data.get(key) is None for key in ("state", "limit_calls", "calls")):
-            raise TokenError(400, "invalid_token_file")
+            raise TokenError(Refusal.INVALID_TOKEN_FILE)
         calls = data["calls"]
         if not _is_int(calls) or not _is_int(data["limit_calls"]):
-            raise TokenError(400, "invalid_token_file")
+            raise TokenError(Refusal.INVALID_TOKEN_FILE)
         if data["state"] == "disabled":
-            raise TokenError(400, "disabled")
+            raise TokenError(Refusal.DISABLED)
         if limit:
             _check_limit(calls, data["limit_calls"])
 
@@ -351,9 +338,9 @@ class TokenStore:
         """
         hashed = data.get("hashed_access_token")
         if hashed is None:
-            raise TokenError(401, "no_hash")
+            raise TokenError(Refusal.NO_HASH)
         if not isinstance(hashed, str):
-            raise TokenError(401, "wrong_access_token")
+            raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
         # surrogatepass: a lone surrogate (possible from a JSON body) must fail
         # to verify, not crash the request.
         secret = access_token.encode("utf-8", "surrogatepass")
@@ -371,7 +358,7 @@ class TokenStore:
         except ValueError:  # a malformed hash
             ok = False
         if not ok:
-            raise TokenError(401, "wrong_access_token")
+            raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
         with self._lock:
             self._memo[key] = None
             self._memo_by_token.setdefault(token, set()).add(key)
@@ -459,7 +446,7 @@ class TokenStore:
                 self._validate(data)
                 state = str(data["state"])
             except TokenError as exc:
-                state = "invalid" if exc.reason == "invalid_token_file" else str(data["state"])
+                state = "invalid" if exc.reason is Refusal.INVALID_TOKEN_FILE else str(data["state"])
             rows.append(TokenSummary(
                 token=name,
                 state=state,
@@ -481,7 +468,7 @@ class TokenStore:
                 data["state"] = "disabled"
                 self._write(token_dir / TOKEN_FILE, data)
         except TokenError as exc:
-            if exc.reason == "unknown_token":
+            if exc.reason is Refusal.UNKNOWN_TOKEN:
                 raise KeyError("no such token") from None
             raise
         with self._lock:
@@ -497,7 +484,7 @@ class TokenStore:
         try:
             fd = os.open(token_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except (FileNotFoundError, NotADirectoryError):
-            raise TokenError(401, "unknown_token") from None
+            raise TokenError(Refusal.UNKNOWN_TOKEN) from None
         try:
             # flock locks belong to the open file description, so this also
             # excludes other threads of this process, each with its own open().
@@ -544,7 +531,7 @@ class TokenStore:
 def _check_limit(calls: int, limit_calls: int) -> None:
     """Step 5's call limit; a limit of 0 means none."""
     if limit_calls != 0 and calls >= limit_calls:
-        raise TokenError(400, "limit_reached")
+        raise TokenError(Refusal.LIMIT_REACHED)
 
 
 def _is_int(value: object) -> bool:

@@ -21,7 +21,9 @@ import bcrypt
 import pytest
 import yaml
 
-from cachebus.service.tokens import TOKEN_ID_RE, TokenError, TokenStore, TokenSummary
+from cachebus.service.errors import REFUSAL_STATUS
+from cachebus.service.token_rules import TokenError
+from cachebus.service.tokens import TOKEN_ID_RE, TokenStore, TokenSummary
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
@@ -65,9 +67,9 @@ def read(path: Path) -> dict[str, Any]:
 def failure(store: TokenStore, token: str, access_token: str, consume: bool = False) -> tuple[int, str]:
     with pytest.raises(TokenError) as info:
         store.check(token, access_token, consume=consume)
-    # The message is the status and reason code, and nothing else.
-    assert str(info.value) == f"{info.value.status} {info.value.reason}"
-    return info.value.status, info.value.reason
+    # The message is the reason code, and nothing else; the HTTP layer picks the status.
+    assert str(info.value) == info.value.reason
+    return REFUSAL_STATUS[info.value.reason], info.value.reason
 
 
 @pytest.fixture
@@ -475,7 +477,7 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
         await asyncio.gather(*(store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True) for _ in range(5)))
         with pytest.raises(TokenError) as info:
             await store.authorize(PHP_TOKEN, "wrong", consume=True)
-        return info.value.status, info.value.reason
+        return REFUSAL_STATUS[info.value.reason], info.value.reason
 
     try:
         assert asyncio.run(main()) == (401, "wrong_access_token")
@@ -499,7 +501,7 @@ def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
         store.close()
     assert results.count(None) == 30
     refused = [r for r in results if r is not None]
-    assert all(isinstance(r, TokenError) and (r.status, r.reason) == (400, "limit_reached") for r in refused)
+    assert all(isinstance(r, TokenError) and r.reason == "limit_reached" for r in refused)
     assert read(tokens / "tok" / "token.yaml")["calls"] == 30
     assert store.commits < 30, "calls that arrive together share one write"
     assert store.bcrypt_calls <= 4, "only the first, concurrent, cold checks pay bcrypt"
@@ -567,7 +569,8 @@ def test_limit_is_exact_across_threads(tokens: Path, store: TokenStore) -> None:
 
 CHILD = """
 import json, sys
-from cachebus.service.tokens import TokenError, TokenStore
+from cachebus.service.token_rules import TokenError
+from cachebus.service.tokens import TokenStore
 
 tokens_dir, token, access, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = TokenStore(tokens_dir)
