@@ -20,22 +20,18 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import NamedTuple
 
-from tornado.testing import bind_unused_port
-
-from cachebus.service.tokens import TokenStore
+from cachebus.testing import Proc, Processes, answers, create_token, free_port, free_ports, wait_for
 
 from . import floor_zmq, peers
 from .stats import Summary
@@ -43,67 +39,8 @@ from .stats import Summary
 ROOT = Path(__file__).resolve().parent.parent
 #: A memory file system: token files there cost no fsync, which isolates that cost.
 SHM = Path("/dev/shm")
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (held open together, so none repeats)."""
-    held = [bind_unused_port() for _ in range(count)]
-    for sock, _ in held:
-        sock.close()
-    return [port for _, port in held]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-class Processes:
-    """Child processes started for one measurement, all stopped together."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """``python ARGS...``, its output in ``<name>.log``."""
-        return self.start_command(name, [sys.executable, *args])
-
-    def start_command(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")
-        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.children.append(child)
-        return child
-
-    def check(self) -> None:
-        """Fail at once if a child died, instead of waiting out a deadline."""
-        for child in self.children:
-            if child.poll() is not None:
-                raise RuntimeError(f"{' '.join(map(str, child.args[:4]))} exited with {child.returncode}; "
-                                   f"see the logs in {self.logs}")
-
-    def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        self.children = []
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 120,
-               procs: Processes | None = None) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if procs is not None:
-            procs.check()
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+#: Seconds a benchmark's processes get to start and join.
+SETUP_TIMEOUT = 120.0
 
 
 def timed_posts(port: int, path: str, body: str, count: int, expect: int) -> list[float]:
@@ -125,15 +62,9 @@ def timed_posts(port: int, path: str, body: str, count: int, expect: int) -> lis
     return samples
 
 
-def answers(port: int) -> bool:
-    try:
-        conn = HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", "/")
-        conn.getresponse().read()
-        conn.close()
-        return True
-    except OSError:
-        return False
+def up(port: int) -> bool:
+    """Whether something answers HTTP on the loopback ``port``."""
+    return answers(f"http://127.0.0.1:{port}/")
 
 
 def live_workers(port: int, token: str, access_token: str) -> int:
@@ -150,8 +81,8 @@ def live_workers(port: int, token: str, access_token: str) -> int:
 
 def tornado_floor(procs: Processes, count: int) -> Summary:
     port = free_port()
-    procs.start("tornado-floor", "-m", "bench.floor_tornado", str(port))
-    wait_until(lambda: answers(port), "the bare Tornado handler", procs=procs)
+    procs.python("tornado-floor", "bench.floor_tornado", str(port))
+    wait_for(lambda: up(port), SETUP_TIMEOUT, "the bare Tornado handler", check=procs.check)
     timed_posts(port, "/", "", 20, 200)
     return Summary.of(timed_posts(port, "/", "", count, 200))
 
@@ -159,16 +90,9 @@ def tornado_floor(procs: Processes, count: int) -> Summary:
 def zmq_floor(procs: Processes, workers: int, count: int) -> Summary:
     publish, acks = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
     for i in range(workers):
-        procs.start(f"zmq-floor-{i}", "-m", "bench.floor_zmq", "sub", publish, acks)
+        procs.python(f"zmq-floor-{i}", "bench.floor_zmq", "sub", publish, acks)
     samples = floor_zmq.round_trips(publish, acks, workers, count + 20)
     return Summary.of(samples[20:])
-
-
-def new_token(tokens: Path) -> tuple[str, str]:
-    store = TokenStore(tokens)
-    created = store.create()
-    store.close()
-    return created.token, created.access_token
 
 
 class Started(NamedTuple):
@@ -177,16 +101,16 @@ class Started(NamedTuple):
     port: int
     publish: str
     acks: str
-    process: subprocess.Popen[bytes]
+    process: Proc
 
 
 def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> Started:
     """A ``cachebus serve`` on free ports, returned once it answers."""
     port, publish_port, acks_port = free_ports(3)
     publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
-    process = procs.start(name, "-m", "cachebus.service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
+    process = procs.python(name, "cachebus.service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
                           "--bus-publish", publish, "--bus-acks", acks)
-    wait_until(lambda: answers(port), "the cachebus service", procs=procs)
+    wait_for(lambda: up(port), SETUP_TIMEOUT, "the cachebus service", check=procs.check)
     return Started(port, publish, acks, process)
 
 
@@ -194,14 +118,14 @@ def start_workers(procs: Processes, prefix: str, count: int, publish: str, acks:
                   port: int, token: str, access_token: str) -> None:
     """``count`` benchmark workers with full caches, returning once the service lists them all live."""
     for i in range(count):
-        procs.start(f"{prefix}-{i}", "-m", "bench.worker", "--name", f"{prefix}-{i}", "--publish", publish,
-                    "--acks", acks, "--entries", str(entries))
-    wait_until(lambda: live_workers(port, token, access_token) == count, f"{count} cachebus workers to join",
-               procs=procs)
+        procs.python(f"{prefix}-{i}", "bench.worker", "--name", f"{prefix}-{i}", "--publish", publish,
+                     "--acks", acks, "--entries", str(entries))
+    wait_for(lambda: live_workers(port, token, access_token) == count, SETUP_TIMEOUT,
+             f"{count} cachebus workers to join", check=procs.check)
 
 
 def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
-    token, access_token = new_token(tokens)
+    token, access_token = create_token(tokens)
     port, publish, acks, _ = start_service(procs, "service", tokens)
     start_workers(procs, "bench", workers, publish, acks, entries, port, token, access_token)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
@@ -215,7 +139,7 @@ def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summ
     import redis
 
     redis_port = free_port()
-    procs.start_command("redis-server", ["redis-server", "--port", str(redis_port), "--save", "",
+    procs.start("redis-server", ["redis-server", "--port", str(redis_port), "--save", "",
                                          "--appendonly", "no", "--bind", "127.0.0.1"])
     client = redis.Redis(port=redis_port)
 
@@ -225,14 +149,14 @@ def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summ
         except redis.ConnectionError:
             return False
 
-    wait_until(pong, "redis-server", procs=procs)
+    wait_for(pong, SETUP_TIMEOUT, "redis-server", check=procs.check)
     for i in range(workers):
-        procs.start(f"redis-worker-{i}", "-m", "bench.peers", "worker", "redis", str(redis_port), str(entries))
-    wait_until(lambda: client.pubsub_numsub(peers.CLEAR_CHANNEL)[0][1] == workers, "Redis workers to subscribe",
-               procs=procs)
+        procs.python(f"redis-worker-{i}", "bench.peers", "worker", "redis", str(redis_port), str(entries))
+    wait_for(lambda: client.pubsub_numsub(peers.CLEAR_CHANNEL)[0][1] == workers, SETUP_TIMEOUT,
+             "Redis workers to subscribe", check=procs.check)
     port = free_port()
-    procs.start("redis-service", "-m", "bench.peers", "service", "redis", str(port), str(redis_port), str(workers))
-    wait_until(lambda: answers(port), "the Redis fan-out service", procs=procs)
+    procs.python("redis-service", "bench.peers", "service", "redis", str(port), str(redis_port), str(workers))
+    wait_for(lambda: up(port), SETUP_TIMEOUT, "the Redis fan-out service", check=procs.check)
     timed_posts(port, "/clear", "", 10, 200)
     samples = timed_posts(port, "/clear", "", count, 200)
     client.close()
@@ -242,11 +166,11 @@ def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summ
 def http_peer(procs: Processes, workers: int, count: int, entries: int) -> Summary:
     *worker_ports, port = free_ports(workers + 1)
     for i, worker_port in enumerate(worker_ports):
-        procs.start(f"http-worker-{i}", "-m", "bench.peers", "worker", "http", str(worker_port), str(entries))
-    wait_until(lambda: all(answers(p) for p in worker_ports), "the HTTP fan-out workers", procs=procs)
+        procs.python(f"http-worker-{i}", "bench.peers", "worker", "http", str(worker_port), str(entries))
+    wait_for(lambda: all(up(p) for p in worker_ports), SETUP_TIMEOUT, "the HTTP fan-out workers", check=procs.check)
     urls = [f"http://127.0.0.1:{worker_port}/purge" for worker_port in worker_ports]
-    procs.start("http-service", "-m", "bench.peers", "service", "http", str(port), ",".join(urls))
-    wait_until(lambda: answers(port), "the HTTP fan-out service", procs=procs)
+    procs.python("http-service", "bench.peers", "service", "http", str(port), ",".join(urls))
+    wait_for(lambda: up(port), SETUP_TIMEOUT, "the HTTP fan-out service", check=procs.check)
     timed_posts(port, "/clear", "", 10, 200)
     return Summary.of(timed_posts(port, "/clear", "", count, 200))
 
@@ -276,13 +200,13 @@ def throughput(procs: Processes, tmp: Path, seconds: int) -> Throughput | None:
     if shutil.which("wrk") is None:
         return None
     bare_port = free_port()
-    procs.start("tornado-floor-wrk", "-m", "bench.floor_tornado", str(bare_port))
-    wait_until(lambda: answers(bare_port), "the bare Tornado handler", procs=procs)
+    procs.python("tornado-floor-wrk", "bench.floor_tornado", str(bare_port))
+    wait_for(lambda: up(bare_port), SETUP_TIMEOUT, "the bare Tornado handler", check=procs.check)
     bare, _ = wrk(f"http://127.0.0.1:{bare_port}/", "", seconds, tmp)
     procs.stop()
 
     tokens = tmp / "tokens-wrk"
-    token, access_token = new_token(tokens)
+    token, access_token = create_token(tokens)
     port = start_service(procs, "service-wrk", tokens).port
     url = f"http://127.0.0.1:{port}/api/v1/cache/clear"
     warm, failed = wrk(url, urllib.parse.urlencode({"token": token, "access_token": access_token}), seconds, tmp)
@@ -311,13 +235,13 @@ def rss_mib(pid: int) -> float:
 
 def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: int) -> Scale:
     """Time to all-acked with ``subscribers`` asyncio subscribers spread over ``processes``."""
-    token, access_token = new_token(tmp / "tokens-scale")
+    token, access_token = create_token(tmp / "tokens-scale")
     port, publish, acks, service = start_service(procs, "service-scale", tmp / "tokens-scale")
     share, extra = divmod(subscribers, processes)
     for i in range(processes):
-        procs.start(f"swarm-{i}", "-m", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
-    wait_until(lambda: live_workers(port, token, access_token) == subscribers, f"{subscribers} subscribers to join",
-               timeout=300, procs=procs)
+        procs.python(f"swarm-{i}", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
+    wait_for(lambda: live_workers(port, token, access_token) == subscribers, 300,
+             f"{subscribers} subscribers to join", check=procs.check)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 5, 200)
     latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
@@ -344,7 +268,7 @@ def burst(procs: Processes, tmp: Path, workers: int, clears: int, entries: int, 
     config = tmp / "burst-settings.yaml"
     config.write_text(f"record:\n  max_clears: {clears + 100}\n  list_limit: {clears + 100}\n")
     tokens = tmp / "tokens-burst"
-    token, access_token = new_token(tokens)
+    token, access_token = create_token(tokens)
     port, publish, acks, _ = start_service(procs, "service-burst", tokens, "--config", str(config))
     start_workers(procs, "burst", workers, publish, acks, entries, port, token, access_token)
     creds = urllib.parse.urlencode({"token": token, "access_token": access_token})
@@ -366,7 +290,8 @@ def burst(procs: Processes, tmp: Path, workers: int, clears: int, entries: int, 
         finally:
             conn.close()
 
-    wait_until(lambda: all(c["complete"] for c in records()), "every worker to ack the burst", procs=procs)
+    wait_for(lambda: all(c["complete"] for c in records()), SETUP_TIMEOUT, "every worker to ack the burst",
+             check=procs.check)
     listed = records()
     fresh = [max(a["latency_ms"] for a in c["acks"]) for c in listed if c["acks"]]
     purge_times = {(a["worker"], a["acked_at"]) for c in listed for a in c["acks"]}
@@ -573,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="cachebus-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        procs = Processes(tmp)
+        procs = Processes(tmp, cwd=ROOT)
         try:
             for n in counts:
                 print(f"N={n}: Tornado floor", flush=True)

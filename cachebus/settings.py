@@ -193,7 +193,7 @@ def _build(cls: type, data: Any, source: str, prefix: str, base: Any = None) -> 
         key = prefix + name
         hint = hints[name]
         current = getattr(base, name) if base is not None else None
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, data.get(name, {}), source, key + ".", base=current)
             continue
         if name not in data:

@@ -25,7 +25,7 @@ from typing import Any
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from .conftest import wait_for
+from cachebus.testing import wait_for
 
 #: Where tests/install-browser.sh (Debian's chromium package) puts it, then the usual names.
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_benchmark_smoke_run_writes_a_report(tmp_path: Path):

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import ROOT, free_port
+from cachebus.testing import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CACHEBUS = str(Path(sys.executable).parent / "cachebus")
 

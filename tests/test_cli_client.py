@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from cachebus.client import progress_bar, worker_table
+from cachebus.testing import DEADLINE, Cluster, free_port, wait_for
 
-from .conftest import DEADLINE, ROOT, Cluster, free_port, wait_for
+ROOT = Path(__file__).resolve().parent.parent
 
 CACHEBUS = str(Path(sys.executable).parent / "cachebus")
 
@@ -145,6 +146,18 @@ def test_wait_times_out_listing_the_killed_worker(cluster: Cluster):
     assert len(missing) == 1 and missing[0].split()[:2] == ["w2", "live,"], missing
     assert "last seen" in missing[0] and missing[0].endswith("s ago")
     assert result.stderr == ""
+
+
+def test_wait_defaults_to_the_settings_wait_timeout(cluster: Cluster, tmp_path: Path):
+    start_with_workers(cluster, "w1", settings={"bus": {"liveness": 120}, "record": {"lost_after": 120.0}})
+    cluster.workers["w1"][0].kill()
+    config = tmp_path / "client.yaml"
+    config.write_text("api:\n  cache:\n    wait_timeout: 0.5\n")
+    result = cachebus("clear", *creds(cluster), "--wait", "--config", str(config))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    took = float(result.stdout.split("timed out after ")[1].split(" s,")[0])
+    # The setting (0.5 s), not the client's own old default of 10 s.
+    assert 0.5 <= took < 10, result.stdout
 
 
 def run_in_pty(*args: str) -> tuple[int, str]:

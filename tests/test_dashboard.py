@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from cachebus.testing import DEADLINE, Cluster, create_token, http
+
 from .browser import Browser, find_chromium
-from .conftest import DEADLINE, ROOT, Cluster, create_token, http
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ARTIFACTS = ROOT / "test-artifacts"
 #: Small, so a killed worker turns lost within seconds; big enough that a busy

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from cachebus.testing import DEADLINE, Cluster, edit_entry, http_json, read_entry, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber
-
-from .conftest import DEADLINE, Cluster, http_json, wait_for
-from .test_fanout import edit_entry, read_entry
 
 
 def states(cluster: Cluster) -> dict[str, str]:

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from cachebus.service.events import EventLog
-
-from .conftest import DEADLINE, Cluster, EventStream, http, wait_for
+from cachebus.testing import DEADLINE, Cluster, EventStream, http, wait_for
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ shows up in the record of acks.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -16,28 +15,7 @@ import yaml
 import zmq
 
 from cachebus.bus.protocol import VERSION, Codec, Heartbeat
-
-from .conftest import Cluster, http, http_json, wait_for
-
-
-def read_entry(url: str, entry_id: str = "hello") -> tuple[str, dict]:
-    status, headers, body = http("GET", f"{url}/entries/{entry_id}")
-    assert status == 200, body
-    return headers["X-Cache"], json.loads(body)
-
-
-def edit_entry(content_dir: Path, entry_id: str, title: str) -> None:
-    path = content_dir / entry_id / "entry.yaml"
-    data = yaml.safe_load(path.read_text())
-    data["title"] = title
-    path.write_text(yaml.safe_dump(data))
-
-
-def wait_all_acked(cluster: Cluster, clear_id: str, names: set[str]) -> dict:
-    def acked():
-        record = cluster.clear_record(clear_id)
-        return record if {a["worker"] for a in record["acks"]} >= names else None
-    return wait_for(acked, what=f"acks from {sorted(names)}")
+from cachebus.testing import Cluster, Proc, edit_entry, free_port, http_json, read_entry, wait_for
 
 
 def test_edit_clear_and_every_worker_serves_the_new_value(cluster: Cluster, content_dir: Path):
@@ -57,7 +35,7 @@ def test_edit_clear_and_every_worker_serves_the_new_value(cluster: Cluster, cont
     status, headers, body = cluster.clear()
     assert status == 204 and body == b""
     clear_id = headers["Cache-Clear-Id"]
-    record = wait_all_acked(cluster, clear_id, names)
+    record = cluster.wait_all_acked(clear_id, names)
 
     assert set(record["workers"]) == names
     assert record["complete"] and record["missing"] == []
@@ -88,7 +66,7 @@ def test_worker_that_leaves_is_no_longer_expected(cluster: Cluster):
     wait_for(lambda: {w["name"]: w["state"] for w in cluster.worker_list()}.get("leaves") == "left",
              what="the stopped worker to be marked left")
     _, headers, _ = cluster.clear()
-    record = wait_all_acked(cluster, headers["Cache-Clear-Id"], {"stays"})
+    record = cluster.wait_all_acked(headers["Cache-Clear-Id"], {"stays"})
     assert record["workers"] == ["stays"]
 
 
@@ -130,7 +108,7 @@ def test_garbage_on_both_bus_sockets_is_dropped_and_the_system_keeps_working(clu
         wait_for(lambda: "dropped undecodable message" in service.output(), what="the service to log bad frames")
         status, headers, _ = cluster.clear()
         assert status == 204
-        record = wait_all_acked(cluster, headers["Cache-Clear-Id"], {"w1"})
+        record = cluster.wait_all_acked(headers["Cache-Clear-Id"], {"w1"})
         assert record["complete"]
         dealer.close(0)
         xsub.close(0)
@@ -145,7 +123,6 @@ def test_garbage_on_both_bus_sockets_is_dropped_and_the_system_keeps_working(clu
 
 def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, content_dir: Path):
     """The test plays the service with its own sockets, so it can send garbage to a worker."""
-    from .conftest import Proc, free_port
 
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
@@ -154,7 +131,7 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
     ack_port = router.bind_to_random_port("tcp://127.0.0.1")
     router.rcvtimeo = 200
     codec = Codec()
-    worker = Proc("cachebus.workers", ["--name", "w", "--http-port", str(free_port()),
+    worker = Proc.python("cachebus.workers", ["--name", "w", "--http-port", str(free_port()),
                                        "--content-dir", str(content_dir),
                               "--bus-publish", f"tcp://127.0.0.1:{pub_port}",
                               "--bus-acks", f"tcp://127.0.0.1:{ack_port}"], tmp_path / "w.log")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from .conftest import Cluster, http, wait_for
+from cachebus.testing import Cluster, http, wait_for
 
 
 def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:

@@ -23,8 +23,7 @@ from tornado.web import RequestHandler
 
 from cachebus.service.errors import error_body
 from cachebus.service.pages import OPENAPI_FILE
-
-from .conftest import Cluster, EventStream, http, http_json
+from cachebus.testing import Cluster, EventStream, http, http_json
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 #: Statuses whose bodies Flextype (and so cachebus) fixes word for word.

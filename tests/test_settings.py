@@ -9,7 +9,7 @@ import pytest
 from cachebus import settings
 from cachebus.settings import Settings, SettingsError
 
-from .conftest import ROOT
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_settings_file_states_every_default():

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from cachebus.testing import DEADLINE, Cluster, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
-
-from .conftest import DEADLINE, Cluster, wait_for
-from .test_fanout import wait_all_acked
 
 
 def test_threaded_subscriber_purges_an_embedded_cache_and_acks(cluster: Cluster):
@@ -22,7 +20,7 @@ def test_threaded_subscriber_purges_an_embedded_cache_and_acks(cluster: Cluster)
         cache.set("page:/", "<html>old</html>")
         status, headers, _ = cluster.clear()
         assert status == 204
-        record = wait_all_acked(cluster, headers["Cache-Clear-Id"], {"wsgi-app"})
+        record = cluster.wait_all_acked(headers["Cache-Clear-Id"], {"wsgi-app"})
         assert record["acks"][0]["entries_dropped"] == 1
         assert cache.get("page:/") is None
         assert cache.stats()["last_clear_id"] == headers["Cache-Clear-Id"]
@@ -45,7 +43,7 @@ def test_asyncio_subscriber_with_several_targets(cluster: Cluster):
             fragments.set("b", 2)
             fragments.set("c", 3)
             _, headers, _ = await asyncio.to_thread(cluster.clear)
-            record = await asyncio.to_thread(wait_all_acked, cluster, headers["Cache-Clear-Id"], {"async-app"})
+            record = await asyncio.to_thread(cluster.wait_all_acked, headers["Cache-Clear-Id"], {"async-app"})
             assert record["acks"][0]["entries_dropped"] == 3
             assert len(pages) == len(fragments) == 0
 
