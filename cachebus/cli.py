@@ -316,27 +316,46 @@ class Clear(ClientCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--wait", action="store_true",
-                            help="wait until every worker live at publish time acked (exit 2 on timeout)")
-        parser.add_argument("--timeout", type=float, metavar="S", help="seconds --wait waits (default: 10)")
+                            help="follow the clear on the service's event stream until every worker live at "
+                                 "publish time acked (exit 2 on timeout)")
+        parser.add_argument("--timeout", type=float, metavar="S",
+                            help="seconds --wait waits (default: the setting api.cache.wait_timeout, as the "
+                                 "service's own wait=all)")
 
     def run(self, args: argparse.Namespace) -> int:
         if args.timeout is not None and not args.wait:
             raise UsageError("--timeout: only with --wait", 1)
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError("--timeout: expected a positive number of seconds", 1)
-        deadline = time.monotonic() + (10.0 if args.timeout is None else args.timeout)
         api = self.api(args)
         try:
-            clear_id = api.clear()
             if not args.wait:
+                clear_id = api.clear()
                 print(f"clear {clear_id} accepted" if clear_id else
                       "clear accepted (the service sent no Cache-Clear-Id header)")
                 return 0
-            if clear_id is None:
-                raise client.ClientError("the service sent no Cache-Clear-Id header: --wait cannot follow this clear")
-            return client.follow_clear(api, clear_id, deadline, sys.stdout, sys.stdout.isatty())
+            timeout = args.timeout if args.timeout is not None else self.wait_timeout(args)
+            # Opened before the clear is published, so not one of its events can be missed;
+            # the stream's first event (the snapshot) says the service is sending.
+            stream = api.events()
+            try:
+                next(stream.events(), None)
+                deadline = time.monotonic() + timeout
+                clear_id = api.clear()
+                if clear_id is None:
+                    raise client.ClientError("the service sent no Cache-Clear-Id header: "
+                                             "--wait cannot follow this clear")
+                return client.follow_clear(api, stream, clear_id, deadline, sys.stdout, sys.stdout.isatty())
+            finally:
+                stream.close()
         finally:
             api.close()
+
+    def wait_timeout(self, args: argparse.Namespace) -> float:
+        try:
+            return self.settings(args).api.cache.wait_timeout
+        except SettingsError as exc:
+            raise UsageError(str(exc), 1) from None
 
 
 class Workers(ClientCommand):

@@ -13,7 +13,8 @@ import json
 import socket
 import time
 import urllib.parse
-from typing import Any, TextIO
+from collections.abc import Iterator
+from typing import IO, Any, TextIO
 
 #: Seconds to wait for one HTTP answer.
 REQUEST_TIMEOUT = 10.0
@@ -63,7 +64,24 @@ class Api:
         return self._get("/api/v1/cache/workers", timeout)
 
     def workers(self, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
-        return _parse(self.workers_body(timeout), "workers")["workers"]
+        return list(_parse(self.workers_body(timeout), "workers")["workers"])
+
+    def events(self, timeout: float = REQUEST_TIMEOUT) -> EventStream:
+        """Open ``/api/v1/cache/events`` on a connection of its own; reads time out after ``timeout``."""
+        kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        conn = kind(self._parts.hostname or "", self._parts.port, timeout=timeout)
+        query = urllib.parse.urlencode(self._credentials)
+        try:
+            conn.request("GET", f"{self._prefix}/api/v1/cache/events?{query}")
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise ClientError(f"cannot reach {self.where}: {_reason(exc)}") from None
+        if response.status != 200:
+            data = response.read()
+            conn.close()
+            raise ClientError(_http_error(response.status, response.reason, data))
+        return EventStream(conn, response)
 
     # --- plumbing -------------------------------------------------------------
 
@@ -109,6 +127,48 @@ class Api:
         if not 200 <= response.status < 300:
             raise ClientError(_http_error(response.status, response.reason, data))
         return response.status, response.headers, data
+
+
+class EventStream:
+    """An open Server-Sent Events stream: :meth:`events` yields ``(id, kind, data)``."""
+
+    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        self._conn = conn
+        self._response = response
+
+    def events(self) -> Iterator[tuple[str | None, str, Any]]:
+        """Each event until the server ends the stream; a read past the timeout raises :class:`TimeoutError`."""
+        return read_events(self._response)
+
+    def settimeout(self, seconds: float) -> None:
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(seconds)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def read_events(stream: IO[bytes]) -> Iterator[tuple[str | None, str, Any]]:
+    """Parse Server-Sent Events from ``stream``: ``(id or None, kind, decoded JSON data)`` per event.
+
+    Comment lines (the service's keep-alives) are skipped; an event's ``id`` is
+    what a client sends back as ``Last-Event-ID``.
+    """
+    fields: dict[str, str] = {}
+    data: list[str] = []
+    for line in iter(stream.readline, b""):
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        if text == "":
+            if data or "event" in fields:
+                yield fields.get("id"), fields.get("event", "message"), json.loads("\n".join(data))
+            fields, data = {}, []
+        elif not text.startswith(":"):
+            name, _, value = text.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            else:
+                fields[name] = value
 
 
 def _reason(exc: BaseException) -> str:
@@ -194,7 +254,9 @@ def _cell(value: Any) -> str:
 
 
 def worker_row(worker: dict[str, Any], now: float | None = None) -> tuple[str, ...]:
-    stats = worker.get("stats") if isinstance(worker.get("stats"), dict) else {}
+    stats = worker.get("stats")
+    if not isinstance(stats, dict):
+        stats = {}
     ratio = stats.get("hit_ratio")
     return (
         _cell(worker.get("name")),
@@ -221,18 +283,18 @@ def worker_table(workers: list[dict[str, Any]], now: float | None = None) -> str
     return "\n".join(lines)
 
 
-def follow_clear(api: Api, clear_id: str, deadline: float, out: TextIO, tty: bool,
-                 poll_interval: float = 0.1) -> int:
-    """Read the clear's record until every expected worker acked (0) or ``deadline`` passes (2).
+def follow_clear(api: Api, stream: EventStream, clear_id: str, deadline: float, out: TextIO, tty: bool) -> int:
+    """Follow the clear on the event ``stream`` until every expected worker acked (0) or ``deadline`` passes (2).
 
-    On a terminal one progress bar line is redrawn in place; otherwise each ack
-    gets its own line, so logs and pipes read well.
+    ``stream`` must have been opened before the clear was published, so that
+    no event about it is missed. On a terminal one progress bar line is
+    redrawn in place; otherwise each ack gets its own line, so logs and pipes
+    read well.
     """
     started = time.monotonic()
-    announced = False
-    seen: set[Any] = set()
+    expected: list[str] = []
+    acked: list[str] = []
     drawn = 0  # length of the progress bar on the terminal; 0 while none is open
-    shown = ""
 
     def end_bar() -> None:
         nonlocal drawn
@@ -241,44 +303,58 @@ def follow_clear(api: Api, clear_id: str, deadline: float, out: TextIO, tty: boo
             out.flush()
             drawn = 0
 
+    def draw(line: str) -> int:
+        out.write("\r" + line.ljust(drawn))
+        out.flush()
+        return len(line)
+
+    def count(n: int) -> str:
+        return f"{n} worker{'s' * (n != 1)}"
+
     try:
-        while True:
-            record = api.clear_record(clear_id, timeout=max(1.0, deadline - time.monotonic()))
-            expected, missing = list(record.get("workers") or []), list(record.get("missing") or [])
-            acked = len(expected) - len(missing)
-            workers = f"{len(expected)} worker{'s' * (len(expected) != 1)}"
-            if not announced:
-                announced = True
-                if not expected and record.get("complete"):
+        stream.settimeout(max(0.001, deadline - time.monotonic()))
+        for _, kind, data in stream.events():
+            if not isinstance(data, dict) or data.get("clear_id") != clear_id:
+                continue
+            if kind == "clear.published":
+                expected = [str(name) for name in data.get("expected") or []]
+                if expected:
+                    print(f"clear {clear_id} accepted: waiting for {count(len(expected))}", file=out, flush=True)
+                    if tty:
+                        drawn = draw(progress_bar(0, len(expected)))
+            elif kind == "clear.acked":
+                acked.append(str(data.get("worker")))
+                if tty:
+                    drawn = draw(progress_bar(len(acked), len(expected)))
+                else:
+                    print(ack_line(data), file=out, flush=True)
+            elif kind == "clear.completed":
+                end_bar()
+                if not expected:
                     print(f"clear {clear_id}: no workers were live, so none had to ack", file=out)
                     return 0
-                print(f"clear {clear_id} accepted: waiting for {workers}", file=out, flush=True)
-            for ack in record.get("acks") or []:
-                if ack.get("worker") not in seen:
-                    seen.add(ack.get("worker"))
-                    if not tty:
-                        print(ack_line(ack), file=out, flush=True)
-            line = progress_bar(acked, len(expected))
-            if tty and line != shown:
-                out.write("\r" + line.ljust(drawn))
-                out.flush()
-                drawn, shown = len(line), line
-            if record.get("complete"):
-                end_bar()
-                took = record.get("duration_ms")
-                took = f"{took:.1f} ms" if isinstance(took, (int, float)) else f"{time.monotonic() - started:.1f} s"
-                print(f"clear {clear_id}: all {workers} acked in {took}", file=out)
-                return 0
-            if time.monotonic() >= deadline:
-                end_bar()
-                print(f"clear {clear_id}: timed out after {time.monotonic() - started:.1f} s, "
-                      f"{acked} of {workers} acked; missing:", file=out)
-                try:
-                    known: list[dict[str, Any]] | None = api.workers()
-                except ClientError:
-                    known = None
-                print("\n".join(missing_lines(missing, known)), file=out)
-                return 2
-            time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+                if data.get("complete"):
+                    took = data.get("duration_ms")
+                    took = f"{took:.1f} ms" if isinstance(took, (int, float)) else \
+                        f"{time.monotonic() - started:.1f} s"
+                    print(f"clear {clear_id}: all {count(len(expected))} acked in {took}", file=out)
+                    return 0
+                break  # the service itself stopped waiting (record.complete_within)
+            stream.settimeout(max(0.001, deadline - time.monotonic()))
+        else:
+            raise ClientError("the service ended its event stream before the clear completed")
+    except TimeoutError:
+        pass
+    except (OSError, http.client.HTTPException) as exc:
+        raise ClientError(f"lost the event stream from {api.where}: {_reason(exc)}") from None
     finally:
         end_bar()
+    missing = [name for name in expected if name not in acked]
+    print(f"clear {clear_id}: timed out after {time.monotonic() - started:.1f} s, "
+          f"{len(expected) - len(missing)} of {count(len(expected))} acked; missing:", file=out)
+    try:
+        known: list[dict[str, Any]] | None = api.workers()
+    except ClientError:
+        known = None
+    print("\n".join(missing_lines(missing, known)), file=out)
+    return 2
