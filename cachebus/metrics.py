@@ -3,7 +3,9 @@
 The service and the reference worker each keep their own registry and serve
 it with :class:`MetricsHandler`. ``metrics.auth`` decides whether a scraper
 must send ``Authorization: Bearer <metrics.token>``: ``auto`` asks for it
-only when the server listens beyond loopback.
+only when the server listens beyond loopback. A refusal is an
+:class:`~cachebus.service.errors.ApiError`, logged and answered with a
+Flextype body like every other error of the service.
 """
 
 from __future__ import annotations
@@ -11,19 +13,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+from typing import Any
 
-import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from cachebus.service.errors import ApiError, FlextypeErrors, Reason
 from cachebus.settings import MetricsSettings
-
-log = logging.getLogger("cachebus.metrics")
-
-_ERRORS = {
-    401: b'{"title":"Unauthorized","message":"Token is wrong","http_status_code":401}',
-    403: b'{"title":"Forbidden","message":"Metrics need authentication, and metrics.token is not set",'
-         b'"http_status_code":403}',
-}
 
 
 def is_loopback(host: str) -> bool:
@@ -41,8 +36,10 @@ def auth_required(settings: MetricsSettings, listen_host: str) -> bool:
     return settings.auth == "required"
 
 
-class MetricsHandler(tornado.web.RequestHandler):
+class MetricsHandler(FlextypeErrors):
     """Serves ``registry``; checks the bearer token when ``metrics.auth`` asks for one."""
+
+    error_log = logging.getLogger("cachebus.metrics")
 
     def initialize(self, registry: CollectorRegistry, settings: MetricsSettings, listen_host: str) -> None:
         self.registry = registry
@@ -53,20 +50,17 @@ class MetricsHandler(tornado.web.RequestHandler):
         if auth_required(self.metrics_settings, self.listen_host):
             expected = self.metrics_settings.token
             if not expected:
-                log.warning("GET /metrics refused: metrics.auth asks for a token and metrics.token is not set")
-                self._error(403)
-                return
+                raise ApiError(403, Reason.METRICS_TOKEN_NOT_SET,
+                               log_message="metrics.auth asks for a token and metrics.token is not set")
             scheme, _, given = self.request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-                log.warning("GET /metrics refused: missing or wrong bearer token from %s", self.request.remote_ip)
-                self._error(401)
-                return
+            if scheme.lower() != "bearer":
+                raise ApiError(401, Reason.MISSING_BEARER_TOKEN)
+            if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+                raise ApiError(401, Reason.WRONG_BEARER_TOKEN)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.registry))
 
-    def _error(self, status: int) -> None:
-        self.set_status(status)
-        if status == 401:
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="cachebus metrics"')
-        self.set_header("Content-Type", "application/json;charset=UTF-8")
-        self.finish(_ERRORS[status])
+        super().write_error(status_code, **kwargs)

@@ -37,7 +37,11 @@ def redact_uri(uri: str) -> str:
 
 
 def log_request(handler: RequestHandler) -> None:
-    """Application ``log_function``: Tornado's access line, redacted."""
+    """Application ``log_function``: Tornado's access line, redacted.
+
+    It only writes the line; the service's handlers count requests in their
+    ``on_finish``.
+    """
     status = handler.get_status()
     if status < 400:
         emit = access_log.info
@@ -48,8 +52,3 @@ def log_request(handler: RequestHandler) -> None:
     request = handler.request
     emit("%d %s %s (%s) %.2fms", status, request.method, redact_uri(request.uri or ""),
          request.remote_ip, 1000.0 * request.request_time())
-    settings = handler.application.settings
-    metrics = settings.get("metrics")
-    if metrics is not None:
-        route = settings["route_names"].get(type(handler), "unmatched")
-        metrics.http_requests.labels(route, request.method, str(status)).inc()

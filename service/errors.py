@@ -1,18 +1,32 @@
-"""Flextype's error bodies, byte for byte.
+"""How a failed request travels, and Flextype's error bodies, byte for byte.
+
+A handler that refuses a request raises :class:`ApiError` (or Tornado's
+``HTTPError`` for a route or method that does not exist) and returns nothing
+by hand. Tornado then calls, once per raised exception,
+:meth:`FlextypeErrors.log_exception`, which writes the one warning line, and
+``send_error``, whose :meth:`FlextypeErrors.write_error` writes the body.
 
 Flextype answers every API failure with a compact JSON object of ``title``,
 ``message`` and ``http_status_code``. Clients parse these, so cachebus keeps the
 exact wording for the statuses Flextype defines and the same shape for all
-others.
+others. This module is the only place a body or its content type is spelled.
 """
 
 from __future__ import annotations
 
+import enum
 import http.client
 import json
+import logging
+from types import TracebackType
+from typing import Any
 
+from tornado.web import HTTPError, RequestHandler
+
+from .accesslog import redact_uri
 from .token_rules import Refusal
 
+#: The content type of every JSON answer, errors and successes alike.
 CONTENT_TYPE = "application/json;charset=UTF-8"
 
 _MESSAGES = {
@@ -22,6 +36,38 @@ _MESSAGES = {
     405: ("Method Not Allowed", "The requested method is not allowed for this endpoint"),
     413: ("Payload Too Large", "The request body is larger than this endpoint accepts"),
     500: ("Internal Server Error", "The server could not complete the request"),
+}
+
+
+class Reason(enum.StrEnum):
+    """Why a request was refused, other than its token (that is a :class:`Refusal`).
+
+    The value is what the warning line and the ``reason`` label of
+    ``cachebus_auth_failures`` show; it never holds a credential and is not sent
+    to the client.
+    """
+
+    MISSING_CREDENTIALS = "missing_credentials"
+    CREDENTIALS_NOT_STRINGS = "credentials_not_strings"
+    MALFORMED_JSON = "malformed_json"
+    JSON_NOT_OBJECT = "json_not_object"
+    PARAMETER_NOT_UTF8 = "parameter_not_utf8"
+    TIMEOUT_NOT_A_NUMBER = "timeout_not_a_number"
+    TIMEOUT_OUT_OF_RANGE = "timeout_out_of_range"
+    WAIT_NOT_ALL = "wait_not_all"
+    API_DISABLED = "api_disabled"
+    BODY_TOO_LARGE = "body_too_large"
+    #: ``/metrics`` asks for a bearer token and ``metrics.token`` is not set.
+    METRICS_TOKEN_NOT_SET = "metrics_token_not_set"
+    #: ``/metrics``: no ``Authorization: Bearer …`` header.
+    MISSING_BEARER_TOKEN = "missing_bearer_token"
+    #: ``/metrics``: a bearer token that is not ``metrics.token``.
+    WRONG_BEARER_TOKEN = "wrong_bearer_token"
+
+
+#: Bodies whose message says more than the status's usual one.
+_REASON_MESSAGES: dict[str, str] = {
+    Reason.METRICS_TOKEN_NOT_SET: "Metrics need authentication, and metrics.token is not set",
 }
 
 
@@ -36,28 +82,72 @@ REFUSAL_STATUS: dict[Refusal, int] = {
 }
 
 
-class ApiError(Exception):
-    """Abort a request with a Flextype error body.
+class ApiError(HTTPError):
+    """Refuse a request with a Flextype error body: raise it, never send it by hand.
 
-    ``reason`` is a short machine-readable cause for logs; it never holds a
-    credential and is not sent to the client. ``auth`` marks a failed
-    authentication, which metrics count by reason.
+    ``why`` is the typed cause the warning line and metrics show; it is not
+    called ``reason`` because Tornado's ``HTTPError.reason`` is the status
+    line's phrase, which stays the standard one. ``auth`` marks a failed
+    authentication, which the service counts by ``why``. ``log_message`` adds
+    an explanation for the operator to the warning line; like ``why``, it
+    never holds a credential.
     """
 
-    def __init__(self, status: int, reason: str, *, auth: bool = False) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
+    def __init__(self, status: int, why: Reason | Refusal, *, auth: bool = False,
+                 log_message: str | None = None) -> None:
+        super().__init__(status, log_message)
+        self.why = why
         self.auth = auth
 
 
-def error_body(status: int) -> bytes:
-    """The compact JSON body Flextype sends for ``status``."""
-    title, message = _MESSAGES.get(status) or (
+def error_body(status: int, message: str | None = None) -> bytes:
+    """The compact JSON body Flextype sends for ``status``, optionally with its own ``message``."""
+    title, default = _MESSAGES.get(status) or (
         http.client.responses.get(status, "Error"),
         http.client.responses.get(status, "The request failed"),
     )
     return json.dumps(
-        {"title": title, "message": message, "http_status_code": status},
+        {"title": title, "message": message or default, "http_status_code": status},
         separators=(",", ":"),
     ).encode()
+
+
+class FlextypeErrors(RequestHandler):
+    """Mixin: how every error of a handler is logged and answered.
+
+    Tornado calls :meth:`log_exception` exactly once for each exception a
+    handler raises, then ``send_error``, which calls :meth:`write_error`; both
+    also run for Tornado's own errors (an unknown method, a missing static
+    file) and for uncaught exceptions (500).
+    """
+
+    #: The logger of the warning lines; a subclass may name its own.
+    error_log = logging.getLogger("cachebus.api")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Flextype's body for ``status_code``; the one place an error body is written."""
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        message = _REASON_MESSAGES.get(error.why) if isinstance(error, ApiError) else None
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(error_body(status_code, message))
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        """One line per refused request: method, path, status, why and peer.
+
+        The path, never the URI: its query may hold credentials. Tornado's own
+        line would print ``repr(request)``, raw URI included.
+        """
+        request = self.request
+        if isinstance(value, ApiError):
+            explained = value.get_message()
+            self.error_log.warning("%s %s -> %d (%s) from %s%s", request.method, request.path, value.status_code,
+                                   value.why, request.remote_ip, f": {explained}" if explained else "")
+        elif isinstance(value, HTTPError):
+            if explained := value.get_message():
+                self.error_log.warning("%d %s: %s", value.status_code, self._request_summary(), explained)
+        else:
+            self.error_log.error("uncaught exception %s", self._request_summary(), exc_info=value)
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {redact_uri(self.request.uri or '')} ({self.request.remote_ip})"

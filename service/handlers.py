@@ -1,7 +1,10 @@
 """HTTP handlers: Flextype's cache clear endpoint and the record of acks.
 
 Every response carries the CORS headers Flextype sends, every failure gets a
-Flextype-shaped JSON body, and no credential reaches a log line.
+Flextype-shaped JSON body, and no credential reaches a log line. A handler
+refuses a request by raising :class:`~cachebus.service.errors.ApiError`;
+:class:`FlextypeResponses` logs, counts and answers it (see
+:mod:`cachebus.service.errors`).
 """
 
 from __future__ import annotations
@@ -11,28 +14,30 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from .accesslog import redact_uri
-from .errors import CONTENT_TYPE, REFUSAL_STATUS, ApiError, error_body
+from .errors import CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
 from .token_rules import TokenError
 
 if TYPE_CHECKING:
     from .app import Service
+    from .metrics import ServiceMetrics
     from .record import ClearEntry
 
 log = logging.getLogger("cachebus.api")
 
 
-class FlextypeResponses(RequestHandler):
+class FlextypeResponses(FlextypeErrors):
     """What every response of the service shares: Flextype's CORS headers, an
-    empty answer to OPTIONS, and Flextype's JSON body for every error."""
+    empty answer to OPTIONS, Flextype's JSON body for every error, and a count
+    of every request and of every failed authentication."""
 
     def set_default_headers(self) -> None:
         # Runs before initialize(), so the settings come from the application.
@@ -55,8 +60,26 @@ class FlextypeResponses(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
-        self.set_header("Content-Type", CONTENT_TYPE)
-        self.finish(error_body(status_code))
+        super().write_error(status_code, **kwargs)
+
+    @property
+    def _metrics(self) -> ServiceMetrics | None:
+        return self.application.settings.get("metrics")
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        """The warning line, and a failed authentication counted by its reason."""
+        metrics = self._metrics
+        if isinstance(value, ApiError) and value.auth and metrics is not None:
+            metrics.auth_failures.labels(value.why).inc()
+        super().log_exception(typ, value, tb)
+
+    def on_finish(self) -> None:
+        """Count the response by route pattern (never the raw path), method and status."""
+        metrics = self._metrics
+        if metrics is not None:
+            route = self.application.settings["route_names"].get(type(self), "unmatched")
+            metrics.http_requests.labels(route, self.request.method, str(self.get_status())).inc()
 
 
 @stream_request_body
@@ -82,22 +105,26 @@ class BaseHandler(FlextypeResponses):
     async def prepare(self) -> None:
         declared = self.request.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self._limit:
-            self._reject_too_large()
+            self._too_large = True
+            raise ApiError(413, Reason.BODY_TOO_LARGE)
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
             return
         self._size += len(chunk)
-        if self._size > self._limit:
-            self._reject_too_large()
+        if self._size <= self._limit:
+            self._chunks.append(chunk)
             return
-        self._chunks.append(chunk)
-
-    def _reject_too_large(self) -> None:
         self._too_large = True
         self._chunks.clear()
         if not self._finished:
-            self.fail(ApiError(413, "body_too_large"))
+            # Tornado does not route an exception raised here to send_error: the
+            # connection would log it and close without an answer. So take the
+            # two steps a raised ApiError takes, by hand.
+            error = ApiError(413, Reason.BODY_TOO_LARGE)
+            exc_info = (type(error), error, None)
+            self.log_exception(*exc_info)
+            self.send_error(error.status_code, exc_info=exc_info)
 
     def params(self) -> dict[str, Any]:
         """Query and body parameters, merged the Flextype way."""
@@ -109,31 +136,11 @@ class BaseHandler(FlextypeResponses):
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(json.dumps(data, separators=(",", ":")))
 
-    def fail(self, error: ApiError) -> None:
-        """Answer with ``error``'s Flextype body and log why, without credentials."""
-        if error.auth:
-            self.service.metrics.auth_failures.labels(error.reason).inc()
-        log.warning("%s %s -> %d (%s) from %s", self.request.method, self.request.path,
-                    error.status, error.reason, self.request.remote_ip)
-        self.send_error(error.status)
-
-    def _request_summary(self) -> str:
-        return f"{self.request.method} {redact_uri(self.request.uri or '')} ({self.request.remote_ip})"
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        # Tornado's default prints repr(request), which includes the raw URI.
-        if isinstance(value, HTTPError):
-            if value.log_message:
-                log.warning("%d %s: %s", value.status_code, self._request_summary(),
-                            value.log_message % value.args)
-        else:
-            log.error("uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
-
     async def authorize(self, params: dict[str, Any], *, consume: bool) -> None:
         """Flextype's validation steps 1 to 6; raises :class:`ApiError`."""
         token, access_token = credentials(params)
         if not self.service.settings.api.cache.enabled:
-            raise ApiError(400, "api_disabled", auth=True)
+            raise ApiError(400, Reason.API_DISABLED, auth=True)
         try:
             await self.service.tokens.authorize(token, access_token, consume=consume)
         except TokenError as exc:
@@ -164,15 +171,11 @@ class ClearHandler(BaseHandler):
         if self._too_large:
             return
         api = self.service.settings.api.cache
-        try:
-            params = self.params()
-            credentials(params)
-            # Before the token is checked, so a malformed request never counts a call.
-            timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
-            await self.authorize(params, consume=True)
-        except ApiError as exc:
-            self.fail(exc)
-            return
+        params = self.params()
+        credentials(params)
+        # Before the token is checked, so a malformed request never counts a call.
+        timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
+        await self.authorize(params, consume=True)
         clear = await self.service.publisher.publish_clear()
         entry = self.service.record.clear(clear.id)
         assert entry is not None
@@ -214,13 +217,10 @@ class RecordHandler(BaseHandler):
 
     async def prepare(self) -> None:
         await super().prepare()
-        if self._finished or self.request.method == "OPTIONS":
+        if self.request.method == "OPTIONS":
             return
-        try:
-            # The body has not arrived yet: read endpoints take credentials from the query.
-            await self.authorize(self.params(), consume=False)
-        except ApiError as exc:
-            self.fail(exc)
+        # The body has not arrived yet: read endpoints take credentials from the query.
+        await self.authorize(self.params(), consume=False)
 
 
 class ClearsHandler(RecordHandler):
@@ -237,8 +237,7 @@ class ClearRecordHandler(RecordHandler):
     def get(self, clear_id: str) -> None:
         entry = self.service.record.clear(clear_id)
         if entry is None:
-            self.send_error(404)
-            return
+            raise HTTPError(404)
         self.write_json(entry.to_json())
 
 

@@ -2,7 +2,8 @@
 
 Flextype merges the parsed body over the query string, so a body value wins.
 The body may be JSON or form-encoded (urlencoded or multipart). Anything that
-does not parse is an :class:`~cachebus.service.errors.ApiError` 400, never a 500.
+does not parse raises an :class:`~cachebus.service.errors.ApiError` 400, never a 500;
+the handler lets it propagate.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from tornado.httputil import HTTPServerRequest, parse_body_arguments
 
-from .errors import ApiError
+from .errors import ApiError, Reason
 
 
 def _last_values(arguments: dict[str, list[bytes]]) -> dict[str, Any]:
@@ -20,7 +21,7 @@ def _last_values(arguments: dict[str, list[bytes]]) -> dict[str, Any]:
     try:
         return {name: values[-1].decode("utf-8") for name, values in arguments.items() if values}
     except UnicodeDecodeError:
-        raise ApiError(400, "parameter_not_utf8") from None
+        raise ApiError(400, Reason.PARAMETER_NOT_UTF8) from None
 
 
 def body_params(request: HTTPServerRequest) -> dict[str, Any]:
@@ -34,9 +35,9 @@ def body_params(request: HTTPServerRequest) -> dict[str, Any]:
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "malformed_json") from None
+            raise ApiError(400, Reason.MALFORMED_JSON) from None
         if not isinstance(data, dict):
-            raise ApiError(400, "json_not_object")
+            raise ApiError(400, Reason.JSON_NOT_OBJECT)
         return data
     arguments: dict[str, list[bytes]] = {}
     files: dict[str, Any] = {}
@@ -54,9 +55,9 @@ def credentials(params: dict[str, Any]) -> tuple[str, str]:
     token = params.get("token")
     access_token = params.get("access_token")
     if token is None or access_token is None:
-        raise ApiError(400, "missing_credentials", auth=True)
+        raise ApiError(400, Reason.MISSING_CREDENTIALS, auth=True)
     if not isinstance(token, str) or not isinstance(access_token, str):
-        raise ApiError(400, "credentials_not_strings", auth=True)
+        raise ApiError(400, Reason.CREDENTIALS_NOT_STRINGS, auth=True)
     return token, access_token
 
 
@@ -75,11 +76,11 @@ def wait_timeout(params: dict[str, Any], default: float, maximum: float) -> floa
                 raise ValueError
             timeout = float(raw)
         except ValueError:
-            raise ApiError(400, "timeout_not_a_number") from None
+            raise ApiError(400, Reason.TIMEOUT_NOT_A_NUMBER) from None
         if not 0 < timeout <= maximum:  # also refuses NaN
-            raise ApiError(400, "timeout_out_of_range")
+            raise ApiError(400, Reason.TIMEOUT_OUT_OF_RANGE)
     if wait is None:
         return None
     if wait != "all":
-        raise ApiError(400, "wait_not_all")
+        raise ApiError(400, Reason.WAIT_NOT_ALL)
     return timeout

@@ -22,6 +22,8 @@ BAD_REQUEST = b'{"title":"Bad Request","message":"Validation for this particular
 UNAUTHORIZED = b'{"title":"Unauthorized","message":"Token is wrong","http_status_code":401}'
 NOT_FOUND = (b'{"title":"Not Found","message":"The requested resource or endpoint could not be found",'
              b'"http_status_code":404}')
+PAYLOAD_TOO_LARGE = (b'{"title":"Payload Too Large","message":"The request body is larger than this endpoint accepts",'
+                     b'"http_status_code":413}')
 JSON_TYPE = "application/json;charset=UTF-8"
 CLEAR = "/api/v1/cache/clear"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -224,6 +226,26 @@ async def test_body_limit_is_a_setting_and_applies_to_chunked_bodies(http_client
     assert response.code == 413
     small = await fetch(http_client, base_url, CLEAR, body=form(token=token, access_token=access), headers=FORM)
     assert small.code == 204
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("overrides", [{"service.max_body_size": 100}])
+async def test_chunked_body_over_limit_gets_the_flextype_413_and_one_log_line(http_client, base_url, overrides,
+                                                                              caplog):
+    caplog.set_level(logging.INFO)
+
+    async def chunks(write):
+        for _ in range(5):
+            await write(b"padding=" + b"x" * 40 + b"&")
+
+    response = await http_client.fetch(base_url + CLEAR, method="POST", body_producer=chunks,
+                                       headers=FORM, raise_error=False)
+    assert "Content-Length" not in response.request.headers  # sent chunked: the limit trips mid-body
+    assert_error(response, 413, PAYLOAD_TOO_LARGE)
+    api = [r.getMessage() for r in caplog.records if r.name == "cachebus.api"]
+    assert api == ["POST /api/v1/cache/clear -> 413 (body_too_large) from 127.0.0.1"]
+    access = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert len(access) == 1 and access[0].startswith("413 POST /api/v1/cache/clear ")
 
 
 # --- routes, methods, CORS -----------------------------------------------------

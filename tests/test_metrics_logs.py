@@ -1,9 +1,21 @@
-"""Metrics and logs as an operator sees them: real processes, scraped and read back."""
+"""Metrics and logs as an operator sees them: real servers, scraped and read back.
+
+Most tests run real processes; the ones that count single requests and their
+log lines run the service in-process (a real Tornado server on a loopback port)
+so that ``caplog`` sees every record.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import urllib.parse
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from cachebus.service.app import Service
 
 from cachebus.testing import Cluster, http, wait_for
 
@@ -98,3 +110,68 @@ def test_json_logs_have_one_structured_line_per_clear_and_no_credentials(cluster
     assert lines and all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)
     assert cluster.access_token not in output and cluster.token not in output
     assert re.search(r"access_token=REDACTED", output)
+
+
+# --- one error path: every refusal logged once and counted, every request counted ---
+
+
+async def call(client: AsyncHTTPClient, url: str, method: str = "GET", body: str | None = None) -> HTTPResponse:
+    return await client.fetch(url, method=method, body=body, raise_error=False, allow_nonstandard_methods=True)
+
+
+def sample(service: Service, name: str, **labels: str) -> float:
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.gen_test
+async def test_a_wrong_access_token_is_counted_and_logged_once_on_read_and_clear(
+        http_client, base_url, credentials, service: Service, caplog):
+    token, _ = credentials
+    secret = "wrong-secret-1f2e3d"
+    wrong = urllib.parse.urlencode({"token": token, "access_token": secret})
+    caplog.set_level(logging.INFO)
+    requests = [
+        ("GET", f"/api/v1/cache/workers?{wrong}", None),
+        ("POST", "/api/v1/cache/clear", wrong),
+    ]
+    for count, (method, path, body) in enumerate(requests, 1):
+        caplog.clear()
+        response = await call(http_client, base_url + path, method, body)
+        assert response.code == 401
+        assert sample(service, "cachebus_auth_failures_total", reason="wrong_access_token") == count
+        warnings = [r.getMessage() for r in caplog.records if r.name == "cachebus.api"]
+        assert warnings == [f"{method} {path.partition('?')[0]} -> 401 (wrong_access_token) from 127.0.0.1"]
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert token not in logged and secret not in logged
+    assert sample(service, "cachebus_http_requests_total", route="/api/v1/cache/workers", method="GET",
+                  status="401") == 1
+    assert sample(service, "cachebus_http_requests_total", route="/api/v1/cache/clear", method="POST",
+                  status="401") == 1
+
+
+@pytest.mark.gen_test
+async def test_every_route_counts_its_requests_by_pattern_method_and_status(http_client, base_url, service: Service):
+    cases = [
+        ("GET", "/api/v1/nope", 404, "unmatched"),
+        ("POST", "/also/missing", 404, "unmatched"),
+        ("OPTIONS", "/anywhere", 200, "unmatched"),
+        ("DELETE", "/api/v1/cache/clear", 405, "/api/v1/cache/clear"),
+        ("FOO", "/api/v1/cache/clear", 405, "/api/v1/cache/clear"),
+        ("POST", "/api/v1/cache/clear", 400, "/api/v1/cache/clear"),
+        ("GET", "/api/v1/cache/clears/abc", 400, "/api/v1/cache/clears/([^/]+)"),
+        ("GET", "/metrics", 200, "/metrics"),
+        ("POST", "/metrics", 405, "/metrics"),
+        ("GET", "/dashboard", 200, "/dashboard"),
+        ("GET", "/dashboard/app.js", 200, "/dashboard/(.+)"),
+        ("GET", "/dashboard/nothing.js", 404, "/dashboard/(.+)"),
+        ("GET", "/api/openapi.json", 200, "/api/openapi.json"),
+    ]
+    for method, path, status, route in cases:
+        body = "" if method == "POST" else None
+        response = await call(http_client, base_url + path, method, body)
+        assert response.code == status, (method, path, response.body)
+        labels = {"route": route, "method": method, "status": str(status)}
+        assert sample(service, "cachebus_http_requests_total", **labels) == 1, labels
+    counted = sum(s.value for m in service.metrics.registry.collect() if m.name == "cachebus_http_requests"
+                  for s in m.samples if s.name == "cachebus_http_requests_total")
+    assert counted == len(cases)

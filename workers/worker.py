@@ -17,6 +17,7 @@ from typing import Any
 import tornado.web
 
 from cachebus.metrics import MetricsHandler
+from cachebus.service.errors import CONTENT_TYPE
 from cachebus.settings import Settings
 
 from .cache import Cache
@@ -37,7 +38,7 @@ class WorkerHandler(tornado.web.RequestHandler):
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
-        self.set_header("Content-Type", "application/json;charset=UTF-8")
+        self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(json.dumps(data, separators=(",", ":"), default=str))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
