@@ -16,7 +16,6 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from cachebus.service.app import Service
-
 from cachebus.testing import Cluster, http, wait_for
 
 
