@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 from tornado.testing import bind_unused_port
 
-from cachebus.service.tokens import TokenStore
+from cachebus.service import token_admin
 
 from . import floor_zmq, peers
 from .stats import Summary
@@ -165,9 +165,7 @@ def zmq_floor(procs: Processes, workers: int, count: int) -> Summary:
 
 
 def new_token(tokens: Path) -> tuple[str, str]:
-    store = TokenStore(tokens)
-    created = store.create()
-    store.close()
+    created = token_admin.create_token(tokens)
     return created.token, created.access_token
 
 

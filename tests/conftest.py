@@ -28,8 +28,8 @@ import yaml
 import zmq.asyncio
 
 from bench.run import free_port, free_ports
+from cachebus.service import token_admin
 from cachebus.service.app import Service, make_app
-from cachebus.service.tokens import TokenStore
 from cachebus.settings import Settings
 from cachebus.workers.content import copy_tree, demo_content
 
@@ -284,11 +284,7 @@ class EventStream:
 
 
 def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:
-    store = TokenStore(tokens_dir)
-    try:
-        created = store.create(limit_calls=limit_calls)
-    finally:
-        store.close()
+    created = token_admin.create_token(tokens_dir, limit_calls=limit_calls)
     return created.token, created.access_token
 
 

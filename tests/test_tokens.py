@@ -22,8 +22,10 @@ import pytest
 import yaml
 
 from cachebus.service.errors import REFUSAL_STATUS
+from cachebus.service.token_admin import TokenSummary, create_token, disable_token, list_tokens
+from cachebus.service.token_file import TOKEN_ID_RE
 from cachebus.service.token_rules import TokenError
-from cachebus.service.tokens import TOKEN_ID_RE, TokenStore, TokenSummary
+from cachebus.service.tokens import TokenStore
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
@@ -382,7 +384,7 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
     tokens = tmp_path / "nested" / "tokens"  # created with its parents
     store = TokenStore(tokens)
     try:
-        created = store.create(limit_calls=5, created_by="ops")
+        created = create_token(tokens, limit_calls=5, created_by="ops")
         assert TOKEN_ID_RE.fullmatch(created.token) and len(created.token) == 32
         assert len(created.access_token) == 32 and created.access_token != created.token
         assert created.path == tokens / created.token / "token.yaml"
@@ -397,19 +399,19 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
         assert not any(created.access_token in p.read_text() for p in tokens.rglob("*") if p.is_file())
 
         store.check(created.token, created.access_token, consume=True)
-        second = store.create()
-        rows = store.list()
+        second = create_token(tokens)
+        rows = list_tokens(tokens)
         assert [r.token for r in rows] == sorted([created.token, second.token])
         row = next(r for r in rows if r.token == created.token)
         assert row == TokenSummary(token=created.token, state="enabled", calls=1, limit_calls=5,
                                    uuid=data["uuid"], created_by="ops")
         assert next(r for r in rows if r.token == second.token).created_by == "cachebus"
 
-        store.disable(created.token)
+        disable_token(tokens, created.token)
         assert read(created.path)["state"] == "disabled"
         assert read(created.path)["calls"] == 1
         assert failure(store, created.token, created.access_token, consume=True) == (400, "disabled")
-        assert [r.state for r in store.list() if r.token == created.token] == ["disabled"]
+        assert [r.state for r in list_tokens(tokens) if r.token == created.token] == ["disabled"]
         store.check(second.token, second.access_token, consume=False)
     finally:
         store.close()
@@ -417,21 +419,21 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
 
 def test_create_rejects_a_negative_limit(tokens: Path, store: TokenStore) -> None:
     with pytest.raises(ValueError):
-        store.create(limit_calls=-1)
+        create_token(tokens, limit_calls=-1)
     assert list(tokens.iterdir()) == []
 
 
 def test_disable_unknown_token_is_a_key_error(tokens: Path, store: TokenStore) -> None:
     for token in ("0" * 32, "../x", ""):
         with pytest.raises(KeyError):
-            store.disable(token)
+            disable_token(tokens, token)
     assert list(tokens.iterdir()) == []
 
 
 def test_disable_invalidates_the_memo(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", title="kept")
     store.check("tok", "secret", consume=False)
-    store.disable("tok")
+    disable_token(tokens, "tok")
     assert read(path)["title"] == "kept"
     assert failure(store, "tok", "secret") == (400, "disabled")
 
@@ -442,11 +444,11 @@ def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, store: Toke
     (tokens / "garbage").mkdir()
     (tokens / "garbage" / "token.yaml").write_text("- not\n- a mapping\n")
     write_token(tokens, "broken", state=None)
-    rows = store.list()
+    rows = list_tokens(tokens)
     assert [r.token for r in rows] == ["broken", PHP_TOKEN]
     assert rows[0].state == "invalid"
     assert rows[1] == TokenSummary(PHP_TOKEN, "enabled", 0, 0, read(php_token)["uuid"], "admin")
-    assert TokenStore(tmp_path / "missing").list() == []
+    assert list_tokens(tmp_path / "missing") == []
 
 
 # --- the executor --------------------------------------------------------------
@@ -456,14 +458,13 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
     threads: list[str] = []
 
     class Recording(TokenStore):
-        def _read(self, path: Path):
+        def _load(self, token: str, path: Path):
             threads.append(threading.current_thread().name)  # file reads and parses
-            return super()._read(path)
+            return super()._load(token, path)
 
-        def _verify(self, token: str, access_token: str, data, bcrypt_allowed: bool = True):
-            if bcrypt_allowed:  # only then may bcrypt run
-                threads.append(threading.current_thread().name)
-            return super()._verify(token, access_token, data, bcrypt_allowed)
+        def _verify(self, token: str, access_token: str, hashed: str) -> None:
+            threads.append(threading.current_thread().name)  # bcrypt may run
+            super()._verify(token, access_token, hashed)
 
         def _commit(self, token, tickets) -> None:
             threads.append(threading.current_thread().name)
