@@ -1,7 +1,9 @@
-"""The token store: Flextype's checks 3 to 7, the memo, and exact call counting.
+"""The token store and the admin commands together: Flextype's checks 3 to 7,
+the memo, and exact call counting.
 
 Everything runs against real token files in ``tmp_path``; the concurrency tests
-use real threads and real processes sharing one directory.
+use real threads and real processes sharing one directory. The parts alone are
+tested in test_token_rules.py, test_token_file.py and test_token_memo.py.
 """
 
 from __future__ import annotations
@@ -417,13 +419,13 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
         store.close()
 
 
-def test_create_rejects_a_negative_limit(tokens: Path, store: TokenStore) -> None:
+def test_create_rejects_a_negative_limit(tokens: Path) -> None:
     with pytest.raises(ValueError):
         create_token(tokens, limit_calls=-1)
     assert list(tokens.iterdir()) == []
 
 
-def test_disable_unknown_token_is_a_key_error(tokens: Path, store: TokenStore) -> None:
+def test_disable_unknown_token_is_a_key_error(tokens: Path) -> None:
     for token in ("0" * 32, "../x", ""):
         with pytest.raises(KeyError):
             disable_token(tokens, token)
@@ -438,7 +440,7 @@ def test_disable_invalidates_the_memo(tokens: Path, store: TokenStore) -> None:
     assert failure(store, "tok", "secret") == (400, "disabled")
 
 
-def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, store: TokenStore, php_token: Path) -> None:
+def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, php_token: Path) -> None:
     (tokens / "no-file").mkdir()
     (tokens / "stray.txt").write_text("x")
     (tokens / "garbage").mkdir()
@@ -486,6 +488,21 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
         store.close()
     assert read(php_token)["calls"] == 6
     assert threads and all(name.startswith("cachebus-auth") for name in threads)
+
+
+def test_a_remembered_verdict_is_answered_on_the_loop(php_token: Path, tokens: Path) -> None:
+    executor = ThreadPoolExecutor(1)
+    store = TokenStore(tokens, executor=executor)
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    executor.shutdown()  # from here on, any work sent to the executor fails
+
+    async def main() -> None:
+        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=False)  # one stat, from memory
+        with pytest.raises(RuntimeError):  # a verdict not remembered needs bcrypt: the executor
+            await store.authorize(PHP_TOKEN, "guess", consume=False)
+
+    asyncio.run(main())
+    assert store.bcrypt_calls == 1
 
 
 def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
