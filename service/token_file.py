@@ -107,9 +107,11 @@ def read(path: Path) -> tuple[TokenData, Signature]:
         os.close(fd)
     if len(raw) > MAX_TOKEN_FILE:
         raise TokenError(Refusal.INVALID_TOKEN_FILE)
+    # RecursionError: PyYAML's pure-Python parser recurses on deeply nested
+    # collections (libyaml stops at a depth limit with a YAMLError instead).
     try:
         data = yaml.load(raw, Loader=_Loader)
-    except (yaml.YAMLError, RecursionError):  # RecursionError: deeply nested flow collections
+    except (yaml.YAMLError, RecursionError):
         raise TokenError(Refusal.INVALID_TOKEN_FILE) from None
     if not isinstance(data, dict):
         raise TokenError(Refusal.INVALID_TOKEN_FILE)
