@@ -147,13 +147,11 @@ class TokensCreate(Command):
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.tokens import TokenStore
+        from cachebus.service.token_admin import create_token
 
         if args.limit_calls < 0:
             raise UsageError("--limit-calls: expected a count >= 0")
-        store = TokenStore(self.settings(args).service.tokens_dir)
-        created = store.create(limit_calls=args.limit_calls)
-        store.close()
+        created = create_token(self.settings(args).service.tokens_dir, limit_calls=args.limit_calls)
         if args.json:
             print(json.dumps({"token": created.token, "access_token": created.access_token,
                               "path": str(created.path)}))
@@ -170,11 +168,9 @@ class TokensList(Command):
     setting_flags = (("--tokens-dir", "service.tokens_dir", str),)
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.tokens import TokenStore
+        from cachebus.service.token_admin import list_tokens
 
-        store = TokenStore(self.settings(args).service.tokens_dir)
-        rows = store.list()
-        store.close()
+        rows = list_tokens(self.settings(args).service.tokens_dir)
         print(f"{'TOKEN':34} {'STATE':9} {'CALLS':>7} {'LIMIT':>7}  CREATED BY")
         for t in rows:
             print(f"{t.token:34} {t.state:9} {t.calls:>7} {t.limit_calls or '-':>7}  {t.created_by}")
@@ -191,15 +187,12 @@ class TokensDisable(Command):
         parser.add_argument("token")
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.tokens import TokenStore
+        from cachebus.service.token_admin import disable_token
 
-        store = TokenStore(self.settings(args).service.tokens_dir)
         try:
-            store.disable(args.token)
+            disable_token(self.settings(args).service.tokens_dir, args.token)
         except KeyError:
             raise UsageError("no such token") from None
-        finally:
-            store.close()
         print("disabled")
         return 0
 
@@ -212,17 +205,16 @@ class Demo(Command):
     credentials_file = Path("var/demo-credentials.json")
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.tokens import TokenStore
+        from cachebus.service.token_admin import create_token, list_tokens
         from cachebus.workers.content import copy_tree, demo_content
 
         settings = self.settings(args)
         content = Path(settings.worker.content_dir)
         if not content.exists():
             copy_tree(demo_content(), content)
-        store = TokenStore(settings.service.tokens_dir)
         creds = None
-        if not store.list():
-            created = store.create(created_by="cachebus demo")
+        if not list_tokens(settings.service.tokens_dir):
+            created = create_token(settings.service.tokens_dir, created_by="cachebus demo")
             creds = {"token": created.token, "access_token": created.access_token}
             # A local convenience so every `make run` can print a working command;
             # never done for tokens made with `cachebus tokens create`.
@@ -232,7 +224,6 @@ class Demo(Command):
                 json.dump(creds, f)
         elif self.credentials_file.exists():
             creds = json.loads(self.credentials_file.read_text())
-        store.close()
         print(self.banner(settings, content, creds))
         return 0
 

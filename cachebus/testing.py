@@ -197,13 +197,9 @@ class Processes:
 
 def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:
     """A new enabled token in ``tokens_dir``: ``(token, access_token)``. Needs the service extra."""
-    from cachebus.service.tokens import TokenStore
+    from cachebus.service import token_admin
 
-    store = TokenStore(tokens_dir)
-    try:
-        created = store.create(limit_calls=limit_calls)
-    finally:
-        store.close()
+    created = token_admin.create_token(tokens_dir, limit_calls=limit_calls)
     return created.token, created.access_token
 
 

@@ -1,95 +1,47 @@
-"""Flextype's API tokens: the on-disk store and the authorization check.
+"""Authorizing API calls with Flextype tokens: fast, and with exact call counts.
 
-A token is a directory ``<tokens_dir>/<token>/`` holding ``token.yaml`` with
-``hashed_access_token`` (bcrypt, ``$2y$`` as PHP's ``password_hash`` writes
-it), ``state``, ``calls``, ``limit_calls``, ``uuid`` and ``created_by``, so a
-token directory copied from a Flextype project works unchanged.
+:class:`TokenStore` runs Flextype's validation steps 3 to 7 in Flextype's
+order. The steps themselves are elsewhere: the rules in :mod:`.token_rules`,
+the file in :mod:`.token_file`, bcrypt in :mod:`.token_hash`. What the store
+adds is speed without losing exactness:
 
-:meth:`TokenStore.check` runs Flextype's validation steps 3 to 7 in Flextype's
-order. bcrypt is slow by design, so successful verifications are remembered in
-memory until the token file changes. Counting a call is a read-modify-write of
-``token.yaml`` under an exclusive ``flock``, written to a temporary file and
-renamed into place, which keeps ``calls`` exact across threads and across
-service processes sharing the directory.
+- A parse cache: the last parse of each token file, by its
+  :class:`~.token_file.Signature`. Every clear loads its token file twice
+  (to authenticate, then to count the call) and the same few tokens are
+  loaded over and over, so an unchanged file costs one ``stat`` instead of
+  an open, a read and a YAML parse.
+- A verdict memo (:class:`~.token_memo.VerdictMemo`): bcrypt runs once per
+  token and access token, until the file changes behind our back.
+- Group commit: counting a call is a read-modify-write of ``token.yaml``
+  under its ``flock``, with an ``fsync`` and a rename, which takes
+  milliseconds. Calls for one token that arrive while its file is being
+  written wait and are counted together in the next write, so one ``fsync``
+  serves many requests and a busy token is not limited to one call per disk
+  flush.
+
+The count stays exact across threads and across service processes sharing
+the directory: every write reads the file again under the token's lock and
+checks each call again against what it finds (state, limit, hash).
 
 No token id or access token ever appears in an exception or a log line; a
-failure carries a :class:`~cachebus.service.token_rules.Refusal` only.
+failure carries a :class:`~.token_rules.Refusal` only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import errno
-import fcntl
 import functools
-import hashlib
 import os
-import re
-import secrets
-import stat
-import tempfile
 import threading
-import typing
-import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import bcrypt
-import yaml
-
-from .token_rules import Refusal, TokenError
-
-# libyaml's parser and emitter when PyYAML has them: several times faster, and
-# every clear reads and rewrites a token file.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-#: Token ids the store will look up. Anything else is refused before touching
-#: the disk, which rules out path traversal (no ``.``, no ``/``).
-TOKEN_ID_RE: re.Pattern[str] = re.compile(r"[a-zA-Z0-9_-]{1,128}")
-
-TOKEN_FILE = "token.yaml"
-LOCK_FILE = ".token.yaml.lock"
-
-#: Memo entries kept at most; the least recently used go first.
-MEMO_SIZE = 10_000
-#: Larger token files are refused as invalid rather than parsed (Flextype's are
-#: a few hundred bytes).
-MAX_TOKEN_FILE = 1 << 20
-#: bcrypt (and PHP's password_verify) only look at the first 72 bytes.
-BCRYPT_MAX_BYTES = 72
-BCRYPT_ROUNDS = 10
-
-# (st_mtime_ns, st_size, st_ino) of a token file: changes whenever it is rewritten.
-_Signature = tuple[int, int, int]
-# (token, sha256(access_token), hashed_access_token)
-_MemoKey = tuple[str, bytes, str]
-
-
-@dataclass(frozen=True)
-class CreatedToken:
-    """A new token. ``access_token`` exists only here: the file holds its hash."""
-
-    token: str
-    access_token: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class TokenSummary:
-    """One row of :meth:`TokenStore.list`; never includes the hash."""
-
-    token: str
-    state: str
-    calls: int
-    limit_calls: int
-    uuid: str
-    created_by: str
+from . import token_file, token_rules
+from .token_file import Signature
+from .token_hash import password_verify
+from .token_memo import VerdictMemo
+from .token_rules import Refusal, TokenData, TokenError
 
 
 @dataclass
@@ -97,19 +49,22 @@ class _Ticket:
     """One call waiting to be counted: who asked, and what became of it."""
 
     access_token: str
+    #: The hash the access token was verified against before queueing.
     hashed: str
     future: asyncio.Future[None] | None = None
     error: Exception | None = None
 
 
 class TokenStore:
-    """Flextype tokens under ``tokens_dir``: authorization, creation, listing.
+    """Authorization against the tokens under ``tokens_dir``.
 
-    Blocking methods (:meth:`check`, :meth:`create`, :meth:`list`,
-    :meth:`disable`) are safe to call from several threads. The event loop uses
-    :meth:`authorize`, which runs :meth:`check` on ``executor`` so that neither
-    bcrypt nor file I/O blocks the loop. Without an ``executor`` the store makes
-    a small one of its own, shut down by :meth:`close`.
+    :meth:`check` is blocking and safe to call from several threads. The event
+    loop uses :meth:`authorize`, which answers from memory when it can and
+    otherwise runs the blocking work on ``executor``, so that neither bcrypt
+    nor file I/O blocks the loop. Without an ``executor`` the store makes a
+    small one of its own, shut down by :meth:`close`.
+
+    Creating, listing and disabling tokens are :mod:`.token_admin`'s.
     """
 
     def __init__(self, tokens_dir: str | os.PathLike[str],
@@ -119,20 +74,15 @@ class TokenStore:
         if executor is None:
             executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cachebus-auth")
         self._executor = executor
-        #: Actual ``bcrypt.checkpw`` invocations, memo hits excluded.
+        #: Actual bcrypt verifications, memo hits excluded.
         self.bcrypt_calls: int = 0
-        self._lock = threading.Lock()
-        self._memo: OrderedDict[_MemoKey, None] = OrderedDict()
-        self._memo_by_token: dict[str, set[_MemoKey]] = {}
-        # Per token, the signatures whose content the memo is known to agree
-        # with: the last one read, plus the ones this store wrote since. Several
-        # are kept because a thread may read one of our own earlier writes
-        # after a later one was recorded; that is no change from outside.
-        self._signatures: dict[str, deque[_Signature]] = {}
         #: Writes of token files that counted calls; fewer than calls under load.
         self.commits: int = 0
-        # The last parse of each token file, by signature; see _load().
-        self._parsed: dict[str, tuple[_Signature, dict[str, Any]]] = {}
+        self._memo = VerdictMemo()
+        # Guards _parsed and the two counters.
+        self._lock = threading.Lock()
+        # Per token, the last parse of its file and that file's signature.
+        self._parsed: dict[str, tuple[Signature, TokenData]] = {}
         # Group commit state, touched only on the event loop thread.
         self._queued: dict[str, list[_Ticket]] = {}
         self._flushing: dict[str, asyncio.Future[None]] = {}
@@ -142,23 +92,17 @@ class TokenStore:
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
-    # --- authorization ------------------------------------------------------
-
     async def authorize(self, token: str, access_token: str, *, consume: bool) -> None:
         """:meth:`check` for the event loop; raises :class:`TokenError`.
 
-        Steps 3 to 6 run on ``executor``, so neither bcrypt nor file I/O blocks
-        the loop. Counting calls (step 7) is group-committed: calls for one
-        token that arrive while its file is being written are counted together
-        in the next write, so one fsync serves many requests and the count
-        stays exact.
+        Steps 3 to 6 run on ``executor`` unless :meth:`_remembered` can answer.
+        Counting calls (step 7) is group-committed: see :meth:`_count`.
         """
         loop = asyncio.get_running_loop()
-        # Known file, remembered verdict: one stat, no thread hop.
-        hashed = self._authenticate(token, access_token, consume, blocking=False)
+        hashed = self._remembered(token, access_token, consume=consume)
         if hashed is None:
             hashed = await loop.run_in_executor(
-                self._executor, functools.partial(self._authenticate, token, access_token, consume))
+                self._executor, functools.partial(self._authenticate, token, access_token, consume=consume))
         if consume:
             await self._count(token, _Ticket(access_token, hashed, loop.create_future()))
 
@@ -170,33 +114,98 @@ class TokenStore:
         Without it, as for reading the record, the call limit is not enforced:
         it limits clears, and reading never counts as one.
         """
-        hashed = self._authenticate(token, access_token, consume)
+        hashed = self._authenticate(token, access_token, consume=consume)
         if consume:
             ticket = _Ticket(access_token, hashed)
             self._commit(token, [ticket])
             if ticket.error is not None:
                 raise ticket.error
 
-    def _authenticate(self, token: str, access_token: str, limit: bool, *, blocking: bool = True) -> str | None:
-        """Steps 3 to 6 without counting; returns the verified hash.
+    # --- steps 3 to 6 ---------------------------------------------------------
 
-        With ``blocking`` false it only uses what is remembered, answering None
-        where it would have to read and parse the file or run bcrypt.
+    def _remembered(self, token: str, access_token: str, *, consume: bool) -> str | None:
+        """Steps 3 to 6 from memory alone: the verified hash, or None when that takes more.
+
+        One ``stat`` and no bcrypt, so the event loop may call it: a known file
+        and a remembered verdict need no thread hop. None means the file must
+        be parsed or the access token verified; whatever memory does hold is
+        checked fully, so a refusal here is the one :meth:`_authenticate` gives.
         """
-        # 3. The id is checked before any path is built from it.
-        if not TOKEN_ID_RE.fullmatch(token):
-            raise TokenError(Refusal.UNKNOWN_TOKEN)
-        loaded = self._load(token, self.tokens_dir / token / TOKEN_FILE, parse=blocking)
-        if loaded is None:
+        path = self._path(token)
+        signature = token_file.signature(path)
+        data = self._cached_parse(token, signature)
+        if data is None:
             return None
-        data, signature = loaded
-        self._observe(token, signature)
-        self._validate(data, limit=limit)  # 4 and 5
-        # 6. Outside the file lock: a slow bcrypt must not hold up other requests.
-        return self._verify(token, access_token, data, bcrypt_allowed=blocking)
+        hashed = self._usable_hash(token, data, signature, consume=consume)
+        return hashed if self._memo.knows(token, access_token, hashed) else None
+
+    def _authenticate(self, token: str, access_token: str, *, consume: bool) -> str:
+        """Steps 3 to 6 without counting; returns the verified hash. Blocking."""
+        data, signature = self._load(token, self._path(token))
+        hashed = self._usable_hash(token, data, signature, consume=consume)
+        # Outside the file lock: a slow bcrypt must not hold up other requests.
+        self._verify(token, access_token, hashed)
+        return hashed
+
+    def _path(self, token: str) -> Path:
+        """Step 3's first half: the token file's path, for an id that can name one."""
+        return token_file.token_dir(self.tokens_dir, token) / token_file.TOKEN_FILE
+
+    def _usable_hash(self, token: str, data: TokenData, signature: Signature, *, consume: bool) -> str:
+        """Steps 4 and 5 on the token's file as loaded; returns the hash step 6 checks against."""
+        self._memo.observe(token, signature)
+        token_rules.check_usable(data)
+        if consume:
+            token_rules.check_limit(data)
+        return token_rules.stored_hash(data)
+
+    def _verify(self, token: str, access_token: str, hashed: str) -> None:
+        """Step 6: the access token against the stored hash, remembered or by bcrypt. Blocking."""
+        if self._memo.knows(token, access_token, hashed):
+            return
+        with self._lock:
+            self.bcrypt_calls += 1
+        if not password_verify(access_token, hashed):
+            raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
+        self._memo.remember(token, access_token, hashed)
+
+    # --- the parse cache --------------------------------------------------------
+
+    def _load(self, token: str, path: Path) -> tuple[TokenData, Signature]:
+        """The token file parsed, and its signature; parsed again only if it changed. Blocking."""
+        signature = token_file.signature(path)
+        data = self._cached_parse(token, signature)
+        if data is not None:
+            return data, signature
+        data, signature = token_file.read(path)
+        with self._lock:
+            self._parsed[token] = (signature, dict(data))
+        return data, signature
+
+    def _cached_parse(self, token: str, signature: Signature) -> TokenData | None:
+        """A copy of the token file's last parse if the file still has ``signature``, else None."""
+        with self._lock:
+            cached = self._parsed.get(token)
+            if cached is None or cached[0] != signature:
+                return None
+            return dict(cached[1])
+
+    def _wrote(self, token: str, data: TokenData, signature: Signature) -> None:
+        """Record our own write before it lands, so it is neither parsed again nor taken
+        for a change from outside that would empty the memo."""
+        self._memo.wrote(token, signature)
+        with self._lock:
+            self._parsed[token] = (signature, dict(data))
+
+    # --- step 7: counting calls -----------------------------------------------------
 
     async def _count(self, token: str, ticket: _Ticket) -> None:
-        """Queue ``ticket`` for the token's next write, and wait for that write."""
+        """Queue ``ticket`` for the token's next write, and wait for that write.
+
+        While a write for the token is under way, calls queue up; the next
+        write counts them all at once. One write per batch keeps the number of
+        ``fsync`` calls, not the number of requests, the limit on a busy token.
+        """
         self._queued.setdefault(token, []).append(ticket)
         if token not in self._flushing:
             self._flushing[token] = asyncio.ensure_future(self._flush(token))
@@ -231,322 +240,26 @@ class TokenStore:
         since each ticket was authenticated. A ticket that no longer passes
         gets its :class:`TokenError` in ``ticket.error``.
         """
-        token_dir = self.tokens_dir / token
-        path = token_dir / TOKEN_FILE
         try:
-            with self._locked(token_dir):
+            path = self._path(token)
+            with token_file.locked(path.parent):
                 data, signature = self._load(token, path)
-                self._observe(token, signature)
-                self._validate(data, limit=False)
+                self._memo.observe(token, signature)
+                token_rules.check_usable(data)
                 counted = 0
                 for ticket in tickets:
                     try:
-                        _check_limit(data["calls"] + counted, data["limit_calls"])
+                        token_rules.check_limit(data, more=counted + 1)
                         if data.get("hashed_access_token") != ticket.hashed:
-                            self._verify(token, ticket.access_token, data)
+                            self._verify(token, ticket.access_token, token_rules.stored_hash(data))
                         counted += 1
                     except TokenError as exc:
                         ticket.error = exc
                 if counted:
                     data["calls"] += counted
-                    self._write(path, data, functools.partial(self._remember_write, token, data))
-                    self.commits += 1
+                    token_file.write(path, data, functools.partial(self._wrote, token, data))
+                    with self._lock:
+                        self.commits += 1
         except TokenError as exc:
             for ticket in tickets:
                 ticket.error = ticket.error or exc
-
-    @typing.overload
-    def _load(self, token: str, path: Path) -> tuple[dict[str, Any], _Signature]: ...
-
-    @typing.overload
-    def _load(self, token: str, path: Path, parse: bool) -> tuple[dict[str, Any], _Signature] | None: ...
-
-    def _load(self, token: str, path: Path, parse: bool = True) -> tuple[dict[str, Any], _Signature] | None:
-        """:meth:`_read`, skipped when the file is unchanged since we last parsed or wrote it.
-
-        One ``stat`` instead of open, read and parse: every clear loads its
-        token file twice, and the same few tokens are loaded over and over.
-        """
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise TokenError(Refusal.UNKNOWN_TOKEN) from None
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        with self._lock:
-            cached = self._parsed.get(token)
-            if cached is not None and cached[0] == signature:
-                return dict(cached[1]), signature
-        if not parse:
-            return None
-        data, signature = self._read(path)
-        with self._lock:
-            self._parsed[token] = (signature, dict(data))
-        return data, signature
-
-    @staticmethod
-    def _read(path: Path) -> tuple[dict[str, Any], _Signature]:
-        """Steps 3 and 4 on the disk: the parsed token file and its signature."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise TokenError(Refusal.UNKNOWN_TOKEN) from None
-        try:
-            # Stat the open file, not the path: a rename between the two would
-            # pair one version's content with another's signature.
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise TokenError(Refusal.UNKNOWN_TOKEN)
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                raw = f.read(MAX_TOKEN_FILE + 1)
-        finally:
-            os.close(fd)
-        if len(raw) > MAX_TOKEN_FILE:
-            raise TokenError(Refusal.INVALID_TOKEN_FILE)
-        try:
-            data = yaml.load(raw, Loader=_Loader)
-        except (yaml.YAMLError, RecursionError):
-            raise TokenError(Refusal.INVALID_TOKEN_FILE) from None
-        if not isinstance(data, dict):
-            raise TokenError(Refusal.INVALID_TOKEN_FILE)
-        return data, (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    @staticmethod
-    def _validate(data: dict[str, Any], *, limit: bool = True) -> None:
-        """Steps 4 and 5: required fields, then state and (with ``limit``) call limit."""
-        # Like PHP's isset(): a key set to null counts as missing.
-        if any(data.get(key) is None for key in ("state", "limit_calls", "calls")):
-            raise TokenError(Refusal.INVALID_TOKEN_FILE)
-        calls = data["calls"]
-        if not _is_int(calls) or not _is_int(data["limit_calls"]):
-            raise TokenError(Refusal.INVALID_TOKEN_FILE)
-        if data["state"] == "disabled":
-            raise TokenError(Refusal.DISABLED)
-        if limit:
-            _check_limit(calls, data["limit_calls"])
-
-    @typing.overload
-    def _verify(self, token: str, access_token: str, data: dict[str, Any]) -> str: ...
-
-    @typing.overload
-    def _verify(self, token: str, access_token: str, data: dict[str, Any], bcrypt_allowed: bool) -> str | None: ...
-
-    def _verify(self, token: str, access_token: str, data: dict[str, Any],
-                bcrypt_allowed: bool = True) -> str | None:
-        """Step 6: the access token against the stored hash; returns the hash.
-
-        Without ``bcrypt_allowed``, answers None when the verdict is not remembered.
-        """
-        hashed = data.get("hashed_access_token")
-        if hashed is None:
-            raise TokenError(Refusal.NO_HASH)
-        if not isinstance(hashed, str):
-            raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
-        # surrogatepass: a lone surrogate (possible from a JSON body) must fail
-        # to verify, not crash the request.
-        secret = access_token.encode("utf-8", "surrogatepass")
-        key = (token, hashlib.sha256(secret).digest(), hashed)
-        with self._lock:
-            if key in self._memo:
-                self._memo.move_to_end(key)
-                return hashed
-            if not bcrypt_allowed:
-                return None
-            self.bcrypt_calls += 1
-        try:
-            # PHP's password_verify ignores bytes past the 72nd; bcrypt 5 raises.
-            ok = bcrypt.checkpw(secret[:BCRYPT_MAX_BYTES], hashed.encode("utf-8", "surrogatepass"))
-        except ValueError:  # a malformed hash
-            ok = False
-        if not ok:
-            raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
-        with self._lock:
-            self._memo[key] = None
-            self._memo_by_token.setdefault(token, set()).add(key)
-            while len(self._memo) > MEMO_SIZE:
-                old, _ = self._memo.popitem(last=False)
-                self._discard_memo_key(old)
-        return hashed
-
-    def _observe(self, token: str, signature: _Signature) -> None:
-        """Forget the token's memo entries if its file changed behind our back."""
-        with self._lock:
-            known = self._signatures.get(token)
-            if known is not None and signature in known:
-                return
-            self._forget_locked(token)
-            self._signatures[token] = deque([signature], maxlen=16)
-
-    def _remember_write(self, token: str, data: dict[str, Any], signature: _Signature) -> None:
-        """Record our own write, so it does not invalidate the memo and need not be parsed."""
-        with self._lock:
-            self._signatures.setdefault(token, deque(maxlen=16)).append(signature)
-            self._parsed[token] = (signature, dict(data))
-
-    def _forget_locked(self, token: str) -> None:
-        for key in self._memo_by_token.pop(token, ()):
-            self._memo.pop(key, None)
-
-    def _discard_memo_key(self, key: _MemoKey) -> None:
-        keys = self._memo_by_token.get(key[0])
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._memo_by_token[key[0]]
-
-    # --- administration -----------------------------------------------------
-
-    def create(self, *, limit_calls: int = 0, created_by: str = "cachebus") -> CreatedToken:
-        """Write a new enabled token and return it with its only plain access token copy."""
-        if not _is_int(limit_calls) or limit_calls < 0:
-            raise ValueError("limit_calls must be an integer >= 0")
-        self.tokens_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            token = secrets.token_hex(16)
-            token_dir = self.tokens_dir / token
-            try:
-                token_dir.mkdir()
-                break
-            except FileExistsError:  # pragma: no cover - 128 random bits
-                continue
-        _fsync_dir(self.tokens_dir)
-        access_token = secrets.token_hex(16)
-        hashed = bcrypt.hashpw(access_token.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode("ascii")
-        # Same algorithm; $2y$ is what PHP's password_hash writes.
-        hashed = "$2y$" + hashed.removeprefix("$2b$")
-        data = {
-            "hashed_access_token": hashed,
-            "state": "enabled",
-            "calls": 0,
-            "limit_calls": limit_calls,
-            "uuid": str(uuid.uuid4()),
-            "created_by": created_by,
-        }
-        path = token_dir / TOKEN_FILE
-        self._write(path, data)
-        return CreatedToken(token=token, access_token=access_token, path=path)
-
-    def list(self) -> list[TokenSummary]:
-        """Every token, sorted by id; directories without a readable token file are skipped.
-
-        A token file that fails Flextype's step 4 is listed with state ``invalid``.
-        """
-        try:
-            entries = sorted(os.listdir(self.tokens_dir))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        rows = []
-        for name in entries:
-            if not TOKEN_ID_RE.fullmatch(name):
-                continue
-            try:
-                data, _ = self._read(self.tokens_dir / name / TOKEN_FILE)
-            except (TokenError, OSError):
-                continue
-            try:
-                self._validate(data)
-                state = str(data["state"])
-            except TokenError as exc:
-                state = "invalid" if exc.reason is Refusal.INVALID_TOKEN_FILE else str(data["state"])
-            rows.append(TokenSummary(
-                token=name,
-                state=state,
-                calls=data["calls"] if _is_int(data.get("calls")) else 0,
-                limit_calls=data["limit_calls"] if _is_int(data.get("limit_calls")) else 0,
-                uuid=str(data.get("uuid") or ""),
-                created_by=str(data.get("created_by") or ""),
-            ))
-        return rows
-
-    def disable(self, token: str) -> None:
-        """Set the token's state to ``disabled``; raises ``KeyError`` if there is no such token."""
-        if not TOKEN_ID_RE.fullmatch(token):
-            raise KeyError("no such token")
-        token_dir = self.tokens_dir / token
-        try:
-            with self._locked(token_dir):
-                data, _ = self._read(token_dir / TOKEN_FILE)
-                data["state"] = "disabled"
-                self._write(token_dir / TOKEN_FILE, data)
-        except TokenError as exc:
-            if exc.reason is Refusal.UNKNOWN_TOKEN:
-                raise KeyError("no such token") from None
-            raise
-        with self._lock:
-            self._forget_locked(token)
-            self._signatures.pop(token, None)
-
-    # --- files --------------------------------------------------------------
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _locked(token_dir: Path) -> Iterator[None]:
-        """An exclusive ``flock`` on the token's lock file, across threads and processes."""
-        try:
-            fd = os.open(token_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except (FileNotFoundError, NotADirectoryError):
-            raise TokenError(Refusal.UNKNOWN_TOKEN) from None
-        try:
-            # flock locks belong to the open file description, so this also
-            # excludes other threads of this process, each with its own open().
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    @staticmethod
-    def _write(path: Path, data: dict[str, Any],
-               before_rename: Callable[[_Signature], None] | None = None) -> _Signature:
-        """Replace ``path`` atomically and durably; returns the new file's signature.
-
-        ``before_rename`` receives the signature before the new file becomes
-        visible, so a concurrent reader can never see a file of ours that the
-        store does not yet know it wrote.
-        """
-        text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = 0o600  # mkstemp's; the file holds a hash
-        fd, tmp = tempfile.mkstemp(prefix=".token.yaml.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(text.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-                # rename keeps the inode, size and mtime, so this is the
-                # signature token.yaml will have.
-                st = os.fstat(f.fileno())
-            if before_rename is not None:
-                before_rename((st.st_mtime_ns, st.st_size, st.st_ino))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _check_limit(calls: int, limit_calls: int) -> None:
-    """Step 5's call limit; a limit of 0 means none."""
-    if limit_calls != 0 and calls >= limit_calls:
-        raise TokenError(Refusal.LIMIT_REACHED)
-
-
-def _is_int(value: object) -> bool:
-    # YAML's true/false load as bool, a subclass of int.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some filesystems cannot fsync a directory; the rename still happened.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)

@@ -1,7 +1,9 @@
-"""The token store: Flextype's checks 3 to 7, the memo, and exact call counting.
+"""The token store and the admin commands together: Flextype's checks 3 to 7,
+the memo, and exact call counting.
 
 Everything runs against real token files in ``tmp_path``; the concurrency tests
-use real threads and real processes sharing one directory.
+use real threads and real processes sharing one directory. The parts alone are
+tested in test_token_rules.py, test_token_file.py and test_token_memo.py.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import pytest
 import yaml
 
 from cachebus.service.errors import REFUSAL_STATUS
+from cachebus.service.token_admin import TokenSummary, create_token, disable_token, list_tokens
+from cachebus.service.token_file import TOKEN_ID_RE
 from cachebus.service.token_rules import TokenError
-from cachebus.service.tokens import TOKEN_ID_RE, TokenStore, TokenSummary
+from cachebus.service.tokens import TokenStore
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
@@ -382,7 +386,7 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
     tokens = tmp_path / "nested" / "tokens"  # created with its parents
     store = TokenStore(tokens)
     try:
-        created = store.create(limit_calls=5, created_by="ops")
+        created = create_token(tokens, limit_calls=5, created_by="ops")
         assert TOKEN_ID_RE.fullmatch(created.token) and len(created.token) == 32
         assert len(created.access_token) == 32 and created.access_token != created.token
         assert created.path == tokens / created.token / "token.yaml"
@@ -397,56 +401,56 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
         assert not any(created.access_token in p.read_text() for p in tokens.rglob("*") if p.is_file())
 
         store.check(created.token, created.access_token, consume=True)
-        second = store.create()
-        rows = store.list()
+        second = create_token(tokens)
+        rows = list_tokens(tokens)
         assert [r.token for r in rows] == sorted([created.token, second.token])
         row = next(r for r in rows if r.token == created.token)
         assert row == TokenSummary(token=created.token, state="enabled", calls=1, limit_calls=5,
                                    uuid=data["uuid"], created_by="ops")
         assert next(r for r in rows if r.token == second.token).created_by == "cachebus"
 
-        store.disable(created.token)
+        disable_token(tokens, created.token)
         assert read(created.path)["state"] == "disabled"
         assert read(created.path)["calls"] == 1
         assert failure(store, created.token, created.access_token, consume=True) == (400, "disabled")
-        assert [r.state for r in store.list() if r.token == created.token] == ["disabled"]
+        assert [r.state for r in list_tokens(tokens) if r.token == created.token] == ["disabled"]
         store.check(second.token, second.access_token, consume=False)
     finally:
         store.close()
 
 
-def test_create_rejects_a_negative_limit(tokens: Path, store: TokenStore) -> None:
+def test_create_rejects_a_negative_limit(tokens: Path) -> None:
     with pytest.raises(ValueError):
-        store.create(limit_calls=-1)
+        create_token(tokens, limit_calls=-1)
     assert list(tokens.iterdir()) == []
 
 
-def test_disable_unknown_token_is_a_key_error(tokens: Path, store: TokenStore) -> None:
+def test_disable_unknown_token_is_a_key_error(tokens: Path) -> None:
     for token in ("0" * 32, "../x", ""):
         with pytest.raises(KeyError):
-            store.disable(token)
+            disable_token(tokens, token)
     assert list(tokens.iterdir()) == []
 
 
 def test_disable_invalidates_the_memo(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", title="kept")
     store.check("tok", "secret", consume=False)
-    store.disable("tok")
+    disable_token(tokens, "tok")
     assert read(path)["title"] == "kept"
     assert failure(store, "tok", "secret") == (400, "disabled")
 
 
-def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, store: TokenStore, php_token: Path) -> None:
+def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, php_token: Path) -> None:
     (tokens / "no-file").mkdir()
     (tokens / "stray.txt").write_text("x")
     (tokens / "garbage").mkdir()
     (tokens / "garbage" / "token.yaml").write_text("- not\n- a mapping\n")
     write_token(tokens, "broken", state=None)
-    rows = store.list()
+    rows = list_tokens(tokens)
     assert [r.token for r in rows] == ["broken", PHP_TOKEN]
     assert rows[0].state == "invalid"
     assert rows[1] == TokenSummary(PHP_TOKEN, "enabled", 0, 0, read(php_token)["uuid"], "admin")
-    assert TokenStore(tmp_path / "missing").list() == []
+    assert list_tokens(tmp_path / "missing") == []
 
 
 # --- the executor --------------------------------------------------------------
@@ -456,14 +460,13 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
     threads: list[str] = []
 
     class Recording(TokenStore):
-        def _read(self, path: Path):
+        def _load(self, token: str, path: Path):
             threads.append(threading.current_thread().name)  # file reads and parses
-            return super()._read(path)
+            return super()._load(token, path)
 
-        def _verify(self, token: str, access_token: str, data, bcrypt_allowed: bool = True):
-            if bcrypt_allowed:  # only then may bcrypt run
-                threads.append(threading.current_thread().name)
-            return super()._verify(token, access_token, data, bcrypt_allowed)
+        def _verify(self, token: str, access_token: str, hashed: str) -> None:
+            threads.append(threading.current_thread().name)  # bcrypt may run
+            super()._verify(token, access_token, hashed)
 
         def _commit(self, token, tickets) -> None:
             threads.append(threading.current_thread().name)
@@ -485,6 +488,21 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
         store.close()
     assert read(php_token)["calls"] == 6
     assert threads and all(name.startswith("cachebus-auth") for name in threads)
+
+
+def test_a_remembered_verdict_is_answered_on_the_loop(php_token: Path, tokens: Path) -> None:
+    executor = ThreadPoolExecutor(1)
+    store = TokenStore(tokens, executor=executor)
+    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    executor.shutdown()  # from here on, any work sent to the executor fails
+
+    async def main() -> None:
+        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=False)  # one stat, from memory
+        with pytest.raises(RuntimeError):  # a verdict not remembered needs bcrypt: the executor
+            await store.authorize(PHP_TOKEN, "guess", consume=False)
+
+    asyncio.run(main())
+    assert store.bcrypt_calls == 1
 
 
 def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
