@@ -20,7 +20,7 @@ the format has exactly one definition.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import enum
 import hashlib
 import hmac
 import json
@@ -35,9 +35,35 @@ VERSION = b"1"
 #: Sockets refuse larger messages, so garbage cannot grow a peer's memory.
 MAX_MESSAGE_SIZE = 64 * 1024
 
-#: Purge causes a worker reports: a clear command, a sequence gap, a new
-#: service epoch, or coming back after losing contact with the service.
-PURGE_CAUSES = ("clear", "gap", "epoch", "reconnect")
+
+class PurgeCause(enum.StrEnum):
+    """Why a worker purged: a clear command, coming back after losing contact
+    with the service, a sequence gap, or a new service epoch.
+
+    Declared from the least to the most telling: when several apply to one
+    purge, the worker reports the most telling (:func:`worst`), because a new
+    epoch or lost messages say more than a reconnect, which says more than a clear.
+    """
+
+    CLEAR = "clear"
+    RECONNECT = "reconnect"
+    GAP = "gap"
+    EPOCH = "epoch"
+
+    @property
+    def rank(self) -> int:
+        """How telling this cause is: higher wins in :func:`worst`."""
+        return _CAUSE_RANK[self]
+
+
+_CAUSE_RANK = {cause: rank for rank, cause in enumerate(PurgeCause)}
+
+
+def worst(current: PurgeCause | None, new: PurgeCause) -> PurgeCause:
+    """The more telling of two causes that apply to one purge; ``current`` may be unset yet."""
+    if current is None or new.rank > current.rank:
+        return new
+    return current
 
 
 class ProtocolError(ValueError):
@@ -68,12 +94,19 @@ class Message:
         return cls(**values)
 
 
-@functools.cache
+#: Each message class's fields, worked out once per class (see :func:`_schema`).
+_SCHEMAS: dict[type[Message], tuple[tuple[str, str, bool], ...]] = {}
+
+
 def _schema(cls: type[Message]) -> tuple[tuple[str, str, bool], ...]:
     """Each field's name, type name and whether it is required; worked out once per
     message class, since the service decodes one message per ack and heartbeat."""
-    return tuple((f.name, str(f.type), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-                 for f in dataclasses.fields(cls))
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        schema = _SCHEMAS[cls] = tuple(
+            (f.name, str(f.type), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls))
+    return schema
 
 
 _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -84,17 +117,28 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "dict": (dict,),
 }
 
+#: Fields whose JSON string must be one of an enum's values; decoded into the enum.
+_ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
+    "PurgeCause": PurgeCause,
+}
+
 
 def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
     expected = _SIMPLE_TYPES.get(type_name)
-    if expected is not None:
-        # bool is an int in Python, but never a valid count or sequence number.
-        if isinstance(value, bool) and bool not in expected:
-            raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
-        if not isinstance(value, expected):
-            raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
-        return float(value) if type_name == "float" else value
-    raise TypeError(f"unsupported field type {type_name!r}")  # pragma: no cover
+    if expected is None:
+        enum_type = _ENUM_TYPES.get(type_name)
+        if enum_type is None:
+            raise TypeError(f"unsupported field type {type_name!r}")  # pragma: no cover
+        try:
+            return enum_type(value)
+        except ValueError:
+            raise ProtocolError(f"{kind.decode()}: {name} must be one of {', '.join(enum_type)}") from None
+    # bool is an int in Python, but never a valid count or sequence number. (A
+    # plain `if not isinstance(...)` would make mypy narrow value to object.)
+    valid = isinstance(value, expected) and (bool in expected or not isinstance(value, bool))
+    if not valid:
+        raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
+    return float(value) if type_name == "float" else value
 
 
 # --- Service to workers, on the PUB socket -------------------------------------
@@ -160,7 +204,7 @@ class Ack(Message):
     One purge covers every clear published up to that point: the clears that
     arrived together and were coalesced, and after a gap the ones that never
     arrived. ``clear_id`` is the newest clear the worker received (empty when a
-    heartbeat revealed the gap); ``cause`` is one of :data:`PURGE_CAUSES`.
+    heartbeat revealed the gap); ``cause`` says why it purged.
     """
 
     KIND: ClassVar[bytes] = b"ack"
@@ -171,11 +215,7 @@ class Ack(Message):
     clear_id: str
     dropped: int
     purge_ms: float
-    cause: str
-
-    def __post_init__(self) -> None:
-        if self.cause not in PURGE_CAUSES:
-            raise ProtocolError(f"ack: cause must be one of {', '.join(PURGE_CAUSES)}")
+    cause: PurgeCause
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The service's event log: every change to the record, numbered, for live readers.
 
 The record emits an event for each clear published, acked and completed, and
-for each worker that joins, changes state or purges. :class:`EventLog` numbers
-them, keeps the last ``history`` for clients that reconnect with
-``Last-Event-ID``, and copies each one into every open :class:`EventQueue`.
+for each worker that joins, changes state or purges: one dataclass per
+:class:`EventKind`, which readers (the metrics, the stream) take as it is.
+:class:`EventLog` numbers them, keeps the last ``history`` for clients that
+reconnect with ``Last-Event-ID``, and copies each one into every open
+:class:`EventQueue`. An event becomes JSON only when a stream first sends it.
 
 Some events are state rather than history: a ``worker.stats`` event replaces
 the one before it for the same worker. Those are kept, newest per worker,
@@ -17,13 +19,198 @@ queue, is marked overflowed and dropped, and the bus never notices.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from cachebus.bus.protocol import PurgeCause
+
+if TYPE_CHECKING:
+    from .record import WorkerState
 
 log = logging.getLogger("cachebus.events")
+
+
+class EventKind(enum.StrEnum):
+    """The ``event:`` name of every event on the stream (docs/ops.md has what each means)."""
+
+    CLEAR_PUBLISHED = "clear.published"
+    CLEAR_ACKED = "clear.acked"
+    CLEAR_COMPLETED = "clear.completed"
+    WORKER_JOINED = "worker.joined"
+    WORKER_STATE = "worker.state"
+    WORKER_PURGED = "worker.purged"
+    WORKER_STATS = "worker.stats"
+    #: Not numbered in the log: the state a new stream starts from.
+    SNAPSHOT = "snapshot"
+    #: Not numbered in the log: the last event a reader that fell behind gets.
+    OVERFLOW = "overflow"
+
+
+# --- one dataclass per change to the record ----------------------------------
+#
+# The record builds these and nothing else does. They hold the values of the
+# moment they were emitted and are never changed after (not frozen only because
+# a frozen dataclass costs twice as much to build, and an ack makes two), and
+# become the ``data:`` JSON only when a stream first needs it: to_json() gives
+# the names, order and rounding of fields that the stream has always sent.
+
+
+class RecordEvent:
+    """Base of the events the record emits. Subclasses set :attr:`KIND`."""
+
+    __slots__ = ()
+    KIND: ClassVar[EventKind]
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class ClearPublished(RecordEvent):
+    """A clear went on the bus; ``expected`` are the workers live at that moment."""
+
+    KIND: ClassVar[EventKind] = EventKind.CLEAR_PUBLISHED
+    clear_id: str
+    seq: int
+    epoch: str
+    published_at: float
+    expected: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clear_id": self.clear_id, "seq": self.seq, "epoch": self.epoch,
+                "published_at": self.published_at, "expected": list(self.expected)}
+
+
+@dataclass(slots=True)
+class ClearAcked(RecordEvent):
+    """One worker's purge covers a clear; ``acked`` of ``expected`` workers have now acked it."""
+
+    KIND: ClassVar[EventKind] = EventKind.CLEAR_ACKED
+    clear_id: str
+    seq: int
+    worker: str
+    acked_at: float
+    latency_ms: float
+    entries_dropped: int
+    purge_ms: float
+    cause: PurgeCause
+    acked: int
+    expected: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clear_id": self.clear_id, "seq": self.seq, "worker": self.worker, "acked_at": self.acked_at,
+                "latency_ms": round(self.latency_ms, 3), "entries_dropped": self.entries_dropped,
+                "purge_ms": round(self.purge_ms, 3), "cause": self.cause,
+                "acked": self.acked, "expected": self.expected}
+
+
+@dataclass(slots=True)
+class ClearCompleted(RecordEvent):
+    """The record stopped waiting for a clear: every expected worker acked, or time ran out."""
+
+    KIND: ClassVar[EventKind] = EventKind.CLEAR_COMPLETED
+    clear_id: str
+    seq: int
+    expected: int
+    acked: int
+    complete: bool
+    missing: tuple[str, ...]
+    #: From publish to the last ack, or to giving up; already rounded to the microsecond.
+    duration_ms: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clear_id": self.clear_id, "seq": self.seq, "expected": self.expected, "acked": self.acked,
+                "complete": self.complete, "missing": list(self.missing), "duration_ms": self.duration_ms}
+
+
+@dataclass(slots=True)
+class WorkerJoined(RecordEvent):
+    """A worker the record did not know (or a new instance of one) said hello.
+
+    Its data is the worker as ``GET /api/v1/cache/workers`` shows it, at that moment.
+    """
+
+    KIND: ClassVar[EventKind] = EventKind.WORKER_JOINED
+    name: str
+    instance: str
+    host: str
+    pid: int
+    endpoint: str
+    state: WorkerState
+    joined_at: float
+    last_seen: float
+    last_acked_seq: int | None
+    last_acked_clear: str | None
+    last_purge_cause: PurgeCause | None
+    acks: int
+    epoch: str
+    seq: int
+    stats: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "instance": self.instance, "host": self.host, "pid": self.pid,
+                "endpoint": self.endpoint, "state": self.state, "joined_at": self.joined_at,
+                "last_seen": self.last_seen, "last_acked_seq": self.last_acked_seq,
+                "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
+                "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats}
+
+
+@dataclass(slots=True)
+class WorkerStateChanged(RecordEvent):
+    """A worker moved from ``previous`` to ``state`` (which may be ``forgotten``)."""
+
+    KIND: ClassVar[EventKind] = EventKind.WORKER_STATE
+    worker: str
+    state: WorkerState
+    previous: WorkerState
+    last_seen: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worker": self.worker, "state": self.state, "previous": self.previous, "last_seen": self.last_seen}
+
+
+@dataclass(slots=True)
+class WorkerPurged(RecordEvent):
+    """A worker reported a purge (an ack), whichever clears it turns out to cover."""
+
+    KIND: ClassVar[EventKind] = EventKind.WORKER_PURGED
+    worker: str
+    cause: PurgeCause
+    seq: int
+    clear_id: str
+    entries_dropped: int
+    purge_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worker": self.worker, "cause": self.cause, "seq": self.seq, "clear_id": self.clear_id,
+                "entries_dropped": self.entries_dropped, "purge_ms": round(self.purge_ms, 3)}
+
+
+@dataclass(slots=True)
+class WorkerStats(RecordEvent):
+    """A worker's heartbeat carried changed cache counters.
+
+    State rather than history: the newest one per worker supersedes the ones before it.
+    """
+
+    KIND: ClassVar[EventKind] = EventKind.WORKER_STATS
+    worker: str
+    last_seen: float
+    stats: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"worker": self.worker, "last_seen": self.last_seen, "stats": self.stats}
+
+
+def _encode(kind: EventKind | str, data: dict[str, Any], id: str | None = None) -> bytes:
+    """One Server-Sent Event: an optional ``id:`` line, then ``event:`` and one compact ``data:`` line."""
+    head = f"id: {id}\n" if id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 class Event:
@@ -31,26 +218,28 @@ class Event:
     first use and then shared by every reader: with no stream open, events cost
     no JSON at all (a clear to a thousand workers makes two thousand)."""
 
-    __slots__ = ("_sse", "data", "epoch", "id", "kind")
+    __slots__ = ("_sse", "epoch", "id", "payload")
 
-    def __init__(self, epoch: str, id: int, kind: str, data: dict[str, Any]) -> None:
+    def __init__(self, epoch: str, id: int, payload: RecordEvent) -> None:
         self.epoch = epoch
         self.id = id
-        self.kind = kind
-        self.data = data
+        self.payload = payload
         self._sse: bytes | None = None
+
+    @property
+    def kind(self) -> EventKind:
+        return self.payload.KIND
 
     @property
     def sse(self) -> bytes:
         if self._sse is None:
-            payload = json.dumps(self.data, separators=(",", ":"))
-            self._sse = f"id: {self.epoch}:{self.id}\nevent: {self.kind}\ndata: {payload}\n\n".encode()
+            self._sse = _encode(self.payload.KIND, self.payload.to_json(), f"{self.epoch}:{self.id}")
         return self._sse
 
 
-def unnumbered(kind: str, data: dict[str, Any]) -> bytes:
+def unnumbered(kind: EventKind | str, data: dict[str, Any]) -> bytes:
     """An SSE event without an id, so it does not move the client's ``Last-Event-ID``."""
-    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return _encode(kind, data)
 
 
 class EventQueue:
@@ -91,40 +280,36 @@ class EventQueue:
         return events
 
 
-#: Event kinds whose newest event supersedes older ones, and the field that says whose they are.
-LATEST_ONLY: dict[str, str] = {"worker.stats": "worker"}
-
-
 class EventLog:
     """Numbers events, keeps a bounded history and fans them out to readers."""
 
     def __init__(self, epoch: str, history: int = 1000, client_queue: int = 1000) -> None:
         #: The service run: ids are only comparable within one.
         self.epoch = epoch
+        self.history = history
         self.client_queue = client_queue
         self.last_id = 0
         self.dropped_clients = 0
         self._history: deque[Event] = deque(maxlen=history)
         #: The id of the newest event no longer replayable; a client that saw it can still catch up.
         self._forgotten_through = 0
-        #: The newest :data:`LATEST_ONLY` event per (kind, owner), in emit order.
-        self._latest: dict[tuple[str, Any], Event] = {}
+        #: The newest :class:`WorkerStats` event per worker, in emit order.
+        self._latest: dict[str, Event] = {}
         self._queues: set[EventQueue] = set()
         #: Called with every event, on the event loop, before readers see it (metrics).
         self.listeners: list[Callable[[Event], None]] = []
 
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
+    def emit(self, payload: RecordEvent) -> None:
         self.last_id += 1
-        event = Event(self.epoch, self.last_id, kind, data)
-        owner_field = LATEST_ONLY.get(kind)
-        if owner_field is not None:
-            key = (kind, data.get(owner_field))
-            self._latest.pop(key, None)
-            self._latest[key] = event
-            if len(self._latest) > self._history.maxlen:
+        event = Event(self.epoch, self.last_id, payload)
+        if isinstance(payload, WorkerStats):
+            # Kept beside the history, newest per worker, so counters never push clears out of it.
+            self._latest.pop(payload.worker, None)
+            self._latest[payload.worker] = event
+            if len(self._latest) > self.history:
                 self._forget(next(iter(self._latest.values())).id)
         else:
-            if len(self._history) == self._history.maxlen:
+            if len(self._history) == self.history:
                 self._forget(self._history[0].id)
             self._history.append(event)
         for listener in self.listeners:
@@ -164,7 +349,7 @@ class EventLog:
 
     def snapshot(self, state: dict[str, Any]) -> bytes:
         """A ``snapshot`` event of ``state`` taken now, numbered as the newest event it includes."""
-        return Event(self.epoch, self.last_id, "snapshot", state).sse
+        return _encode(EventKind.SNAPSHOT, state, f"{self.epoch}:{self.last_id}")
 
     def open(self) -> EventQueue:
         queue = EventQueue(self.client_queue)

@@ -24,6 +24,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 from .errors import CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
+from .record import WorkerState
 from .token_rules import TokenError
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class ClearHandler(BaseHandler):
             "acks": [ack.to_json() for ack in entry.acks.values()],
         }
         if not complete:
-            body["missing"] = [{"name": name, "state": worker.state if worker else "forgotten",
+            body["missing"] = [{"name": name, "state": worker.state if worker else WorkerState.FORGOTTEN,
                                 "last_seen": worker.last_seen if worker else None}
                                for name in entry.missing
                                for worker in (record.worker(name),)]

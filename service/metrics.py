@@ -7,6 +7,7 @@ and of event stream clients are read from the record when scraped.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -15,9 +16,9 @@ from prometheus_client.registry import Collector
 
 from cachebus.metrics import MetricsHandler
 
-from .events import Event, EventLog
+from .events import ClearAcked, ClearCompleted, ClearPublished, Event, EventLog, WorkerPurged, WorkerStateChanged
 from .handlers import FlextypeResponses
-from .record import FORGOTTEN, LEFT, LIVE, LOST, SUSPECT, Record
+from .record import Record, WorkerState
 
 #: Seconds; from a loopback millisecond to a worker that took half a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -32,11 +33,10 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         workers = GaugeMetricFamily("cachebus_workers", "Workers the record knows, by state", labels=["state"])
-        counts = dict.fromkeys((LIVE, SUSPECT, LOST, LEFT), 0)
-        for worker in self.record.workers():
-            counts[worker.state] = counts.get(worker.state, 0) + 1
-        for state, count in counts.items():
-            workers.add_metric([state], count)
+        counts = collections.Counter(worker.state for worker in self.record.workers())
+        for state in WorkerState:
+            if state != WorkerState.FORGOTTEN:  # a forgotten worker is no longer in the record
+                workers.add_metric([state.value], counts[state])
         yield workers
         yield GaugeMetricFamily("cachebus_event_stream_clients", "Open event streams", value=self.events.clients)
         yield CounterMetricFamily("cachebus_event_stream_dropped", "Event stream clients dropped for falling behind",
@@ -68,23 +68,23 @@ class ServiceMetrics:
         events.listeners.append(self.observe)
 
     def observe(self, event: Event) -> None:
-        data = event.data
-        if event.kind == "clear.published":
-            self.clears_published.inc()
-        elif event.kind == "clear.acked":
-            self.ack_latency.labels(data["worker"]).observe(data["latency_ms"] / 1000)
-        elif event.kind == "clear.completed":
-            self.clears_completed.labels("complete" if data["complete"] else "timeout").inc()
-            if data["complete"]:
-                self.all_acked.observe(data["duration_ms"] / 1000)
-        elif event.kind == "worker.purged":
-            self.acks_received.inc()
-            self.purges.labels(data["cause"]).inc()
-        elif event.kind == "worker.state" and data["state"] == FORGOTTEN:
-            try:
-                self.ack_latency.remove(data["worker"])
-            except KeyError:
-                pass
+        match event.payload:
+            case ClearPublished():
+                self.clears_published.inc()
+            case ClearAcked(worker=worker, latency_ms=latency_ms):
+                self.ack_latency.labels(worker).observe(latency_ms / 1000)
+            case ClearCompleted(complete=complete, duration_ms=duration_ms):
+                self.clears_completed.labels("complete" if complete else "timeout").inc()
+                if complete and duration_ms is not None:
+                    self.all_acked.observe(duration_ms / 1000)
+            case WorkerPurged(cause=cause):
+                self.acks_received.inc()
+                self.purges.labels(cause.value).inc()
+            case WorkerStateChanged(worker=worker, state=WorkerState.FORGOTTEN):
+                try:
+                    self.ack_latency.remove(worker)
+                except KeyError:
+                    pass
 
 
 class ServiceMetricsHandler(FlextypeResponses, MetricsHandler):

@@ -9,6 +9,8 @@ locks are needed; memory is bounded by ``max_clears``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import itertools
 import logging
 import time
@@ -17,27 +19,43 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachebus.bus.protocol import Ack, Bye, Clear, Hello, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, WorkerHeartbeat, WorkerIdentity
+
+from .events import (
+    ClearAcked,
+    ClearCompleted,
+    ClearPublished,
+    RecordEvent,
+    WorkerJoined,
+    WorkerPurged,
+    WorkerStateChanged,
+    WorkerStats,
+)
 
 log = logging.getLogger("cachebus.record")
 
-#: A worker heard from within the liveness window. Only live workers are
-#: expected to ack a new clear.
-LIVE = "live"
-#: Silent for longer than the liveness window; may be slow or gone.
-SUSPECT = "suspect"
-#: Silent for longer than ``lost_after``.
-LOST = "lost"
-#: Said bye: stopped cleanly.
-LEFT = "left"
-#: Not a state a worker is in: the record dropped it after ``forget_after``.
-FORGOTTEN = "forgotten"
 
-#: Receives every change to the record: an event kind and its JSON-ready data.
-Emit = Callable[[str, dict[str, Any]], None]
+class WorkerState(enum.StrEnum):
+    """Where a worker stands, by how long it has been silent (docs/delivery.md)."""
+
+    #: Heard from within the liveness window. Only live workers are expected to ack a new clear.
+    LIVE = "live"
+    #: Silent for longer than the liveness window; may be slow or gone.
+    SUSPECT = "suspect"
+    #: Silent for longer than ``lost_after``.
+    LOST = "lost"
+    #: Said bye: stopped cleanly.
+    LEFT = "left"
+    #: Not a state a worker is in: the record dropped it after ``forget_after``. Only
+    #: events and answers about a worker the record no longer has say it.
+    FORGOTTEN = "forgotten"
 
 
-def _ignore(kind: str, data: dict[str, Any]) -> None:
+#: Receives every change to the record, after it is applied.
+Emit = Callable[[RecordEvent], None]
+
+
+def _ignore(event: RecordEvent) -> None:
     pass
 
 
@@ -50,7 +68,7 @@ class WorkerAck:
     latency_ms: float
     dropped: int
     purge_ms: float
-    cause: str
+    cause: PurgeCause
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -149,10 +167,10 @@ class WorkerEntry:
     last_seen: float
     #: The seq the worker had seen when it said hello.
     synced_seq: int = 0
-    state: str = LIVE
+    state: WorkerState = WorkerState.LIVE
     last_acked_seq: int | None = None
     last_acked_clear: str | None = None
-    last_purge_cause: str | None = None
+    last_purge_cause: PurgeCause | None = None
     acks: int = 0
     #: The worker's view of the bus and its cache counters, from its heartbeats.
     epoch: str = ""
@@ -180,6 +198,11 @@ class WorkerEntry:
             "seq": self.seq,
             "stats": self.stats,
         }
+
+
+def _joined(worker: WorkerEntry) -> WorkerJoined:
+    """``worker`` as it joined, copied: the entry changes after, the event must not."""
+    return WorkerJoined(**{f.name: getattr(worker, f.name) for f in dataclasses.fields(WorkerJoined)})
 
 
 class Record:
@@ -211,14 +234,14 @@ class Record:
 
     # --- writers: the publisher and the ack listener -------------------------
 
-    def published(self, clear: Clear) -> ClearEntry:
+    def published(self, clear: Clear) -> None:
         """Start tracking ``clear``; every live worker is expected to ack it."""
         entry = ClearEntry(
             id=clear.id,
             seq=clear.seq,
             epoch=clear.epoch,
             published_at=clear.ts,
-            expected=[w.name for w in self._workers.values() if w.state == LIVE],
+            expected=[w.name for w in self._workers.values() if w.state == WorkerState.LIVE],
         )
         self._clears[clear.id] = entry
         self._by_seq[(clear.epoch, clear.seq)] = entry
@@ -226,40 +249,40 @@ class Record:
             _, oldest = self._clears.popitem(last=False)
             del self._by_seq[(oldest.epoch, oldest.seq)]
             self._pending.pop(oldest.id, None)
-        self.emit("clear.published", {"clear_id": entry.id, "seq": entry.seq, "epoch": entry.epoch,
-                                      "published_at": entry.published_at, "expected": list(entry.expected)})
+        self.emit(ClearPublished(clear_id=entry.id, seq=entry.seq, epoch=entry.epoch,
+                                 published_at=entry.published_at, expected=tuple(entry.expected)))
         self._pending[entry.id] = entry
         if entry.complete:
             self._complete(entry, time.time())
-        return entry
 
     def _complete(self, entry: ClearEntry, now: float) -> None:
         """Stop waiting for ``entry``: every expected worker acked, or time ran out."""
         del self._pending[entry.id]
         entry.completed_at = now
         acked, expected = entry.acked_count, len(entry.expected)
-        fields = {"clear_id": entry.id, "seq": entry.seq, "expected": expected, "acked": acked,
-                  "complete": entry.complete, "missing": entry.missing, "duration_ms": entry.duration_ms}
+        event = ClearCompleted(clear_id=entry.id, seq=entry.seq, expected=expected, acked=acked,
+                               complete=entry.complete, missing=tuple(entry.missing), duration_ms=entry.duration_ms)
+        fields = event.to_json()
         if entry.complete:
             log.info("clear %s seq %d: %d of %d workers acked in %.1f ms", entry.id, entry.seq, acked, expected,
                      entry.duration_ms, extra={"fields": {**fields, "all_acked_ms": entry.duration_ms}})
         else:
             log.warning("clear %s seq %d: %d of %d workers acked within %.0f s; missing %s", entry.id, entry.seq,
                         acked, expected, self.complete_within, ", ".join(entry.missing), extra={"fields": fields})
-        self.emit("clear.completed", fields)
+        self.emit(event)
 
     def hello(self, msg: WorkerIdentity) -> WorkerEntry:
         """Register a worker, or refresh it when it reconnects or restarts."""
         now = time.time()
         known = self._workers.get(msg.name)
         if known is not None and known.instance == msg.instance:
-            self._set_state(known, LIVE, now)
+            self._set_state(known, WorkerState.LIVE, now)
             known.last_seen = now
             known.epoch, known.seq = msg.epoch, msg.seq
             if isinstance(msg, Hello):
                 known.synced_seq = msg.seq
             return known
-        if known is not None and known.state == LIVE:
+        if known is not None and known.state == WorkerState.LIVE:
             log.warning("worker %s (pid %d on %s) replaces a live worker of the same name (pid %d on %s)",
                         msg.name, msg.pid, msg.host, known.pid, known.host)
         worker = WorkerEntry(
@@ -269,8 +292,8 @@ class Record:
         )
         self._workers[msg.name] = worker
         log.info("worker %s joined: pid %d on %s, read API %s", msg.name, msg.pid, msg.host,
-                 msg.endpoint or "none", extra={"fields": {"worker": msg.name, "state": LIVE}})
-        self.emit("worker.joined", worker.to_json())
+                 msg.endpoint or "none", extra={"fields": {"worker": msg.name, "state": worker.state}})
+        self.emit(_joined(worker))
         return worker
 
     def heartbeat(self, msg: WorkerHeartbeat) -> WorkerEntry:
@@ -280,7 +303,7 @@ class Record:
         now = time.monotonic()
         if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
             worker._stats_emitted, worker._stats_emitted_at = msg.stats, now
-            self.emit("worker.stats", {"worker": worker.name, "last_seen": worker.last_seen, "stats": msg.stats})
+            self.emit(WorkerStats(worker=worker.name, last_seen=worker.last_seen, stats=msg.stats))
         return worker
 
     def sweep(self) -> None:
@@ -288,32 +311,31 @@ class Record:
         now = time.time()
         for worker in list(self._workers.values()):
             silent = now - worker.last_seen
-            if silent > self.forget_after and worker.state in (LOST, LEFT):
+            if silent > self.forget_after and worker.state in (WorkerState.LOST, WorkerState.LEFT):
                 del self._workers[worker.name]
                 log.info("worker %s forgotten after %.0f s", worker.name, silent,
-                         extra={"fields": {"worker": worker.name, "state": FORGOTTEN}})
-                self.emit("worker.state", {"worker": worker.name, "state": FORGOTTEN, "previous": worker.state,
-                                           "last_seen": worker.last_seen})
-            elif worker.state == LEFT:
+                         extra={"fields": {"worker": worker.name, "state": WorkerState.FORGOTTEN}})
+                self.emit(WorkerStateChanged(worker=worker.name, state=WorkerState.FORGOTTEN, previous=worker.state,
+                                             last_seen=worker.last_seen))
+            elif worker.state == WorkerState.LEFT:
                 continue
             elif silent > self.lost_after:
-                self._set_state(worker, LOST, now)
+                self._set_state(worker, WorkerState.LOST, now)
             elif silent > self.suspect_after:
-                self._set_state(worker, SUSPECT, now)
+                self._set_state(worker, WorkerState.SUSPECT, now)
         for entry in list(self._pending.values()):
             if now - entry.published_at < self.complete_within:
                 break
             self._complete(entry, now)
 
-    def _set_state(self, worker: WorkerEntry, state: str, now: float) -> None:
+    def _set_state(self, worker: WorkerEntry, state: WorkerState, now: float) -> None:
         if worker.state == state:
             return
         log.info("worker %s: %s -> %s (last heard %.1f s ago)", worker.name, worker.state, state,
                  now - worker.last_seen,
                  extra={"fields": {"worker": worker.name, "state": state, "previous": worker.state}})
         previous, worker.state = worker.state, state
-        self.emit("worker.state", {"worker": worker.name, "state": state, "previous": previous,
-                                   "last_seen": worker.last_seen})
+        self.emit(WorkerStateChanged(worker=worker.name, state=state, previous=previous, last_seen=worker.last_seen))
 
     def acked(self, msg: Ack) -> list[ClearEntry]:
         """Credit ``msg`` to every clear its purge covers; return those clears.
@@ -325,25 +347,25 @@ class Record:
         """
         now = time.time()
         worker = self._workers.get(msg.name)
-        current = worker is not None and worker.instance == msg.instance
-        if current:
-            self._set_state(worker, LIVE, now)
+        if worker is not None and worker.instance != msg.instance:
+            worker = None  # an instance the record no longer knows: its purge still counts for clears
+        if worker is not None:
+            self._set_state(worker, WorkerState.LIVE, now)
             worker.last_seen = now
             worker.last_purge_cause = msg.cause
-        self.emit("worker.purged", {"worker": msg.name, "cause": msg.cause, "seq": msg.seq,
-                                    "clear_id": msg.clear_id, "entries_dropped": msg.dropped,
-                                    "purge_ms": round(msg.purge_ms, 3)})
+        self.emit(WorkerPurged(worker=msg.name, cause=msg.cause, seq=msg.seq, clear_id=msg.clear_id,
+                               entries_dropped=msg.dropped, purge_ms=msg.purge_ms))
         updated = []
         # Walk back from the newest clear the purge covers to the last one this
         # worker already acked: the cost follows the clears acked, not the record's size.
-        floor = worker.last_acked_seq if current and worker.last_acked_seq is not None else 0
+        floor = worker.last_acked_seq if worker is not None and worker.last_acked_seq is not None else 0
         for seq in range(msg.seq, floor, -1):
             entry = self._by_seq.get((msg.epoch, seq))
             if entry is None:
                 break  # older than the record keeps, or from another epoch
             if msg.name in entry.acks:
                 continue
-            if not entry.expects(msg.name) and (not current or entry.seq <= worker.synced_seq):
+            if not entry.expects(msg.name) and (worker is None or entry.seq <= worker.synced_seq):
                 continue
             ack = WorkerAck(
                 worker=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
@@ -351,12 +373,12 @@ class Record:
             )
             entry.add_ack(ack)
             updated.append(entry)
-            self.emit("clear.acked", {"clear_id": entry.id, "seq": entry.seq, **ack.to_json(),
-                                      "acked": entry.acked_count,
-                                      "expected": len(entry.expected)})
+            self.emit(ClearAcked(clear_id=entry.id, seq=entry.seq, worker=ack.worker, acked_at=ack.acked_at,
+                                 latency_ms=ack.latency_ms, entries_dropped=ack.dropped, purge_ms=ack.purge_ms,
+                                 cause=ack.cause, acked=entry.acked_count, expected=len(entry.expected)))
             if entry.complete and entry.id in self._pending:
                 self._complete(entry, now)
-        if current and updated:
+        if worker is not None and updated:
             worker.acks += len(updated)
             newest = updated[0]
             if worker.last_acked_seq is None or newest.seq > worker.last_acked_seq:
@@ -369,7 +391,7 @@ class Record:
         worker = self._workers.get(msg.name)
         if worker is not None and worker.instance == msg.instance:
             worker.last_seen = time.time()
-            self._set_state(worker, LEFT, worker.last_seen)
+            self._set_state(worker, WorkerState.LEFT, worker.last_seen)
 
     # --- readers: the HTTP API ------------------------------------------------
 

@@ -5,11 +5,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from cachebus.service.events import EventLog
+from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, WorkerHeartbeat
+from cachebus.service import events
+from cachebus.service.events import (
+    ClearCompleted,
+    ClearPublished,
+    EventKind,
+    EventLog,
+    RecordEvent,
+    WorkerJoined,
+    WorkerStats,
+    unnumbered,
+)
+from cachebus.service.metrics import ServiceMetrics
+from cachebus.service.record import Record
 from cachebus.testing import DEADLINE, Cluster, EventStream, http, wait_for
 
 
@@ -157,21 +171,126 @@ def test_the_stream_needs_the_same_credentials_as_the_record(cluster: Cluster):
     assert json.loads(body)["message"] == "Token is wrong"
 
 
+def published(clear_id: str) -> ClearPublished:
+    return ClearPublished(clear_id=clear_id, seq=1, epoch="e", published_at=0.0, expected=())
+
+
+def stats(worker: str, **counters: int) -> WorkerStats:
+    return WorkerStats(worker=worker, last_seen=0.0, stats=counters)
+
+
 def test_replay_keeps_the_newest_stats_per_worker_within_the_history_bound():
     log = EventLog("e", history=3)
-    log.emit("clear.published", {"clear_id": "a"})  # 1
+    log.emit(published("a"))  # 1
     for n in range(3):  # 2, 3, 4: one worker's counters, superseded twice
-        log.emit("worker.stats", {"worker": "w1", "stats": {"entries": n}})
-    log.emit("clear.completed", {"clear_id": "a"})  # 5
+        log.emit(stats("w1", entries=n))
+    log.emit(ClearCompleted(clear_id="a", seq=1, expected=0, acked=0, complete=True, missing=(),
+                            duration_ms=0.0))  # 5
     assert [(e.id, e.kind) for e in log.since("e:0")] == [(1, "clear.published"), (4, "worker.stats"),
                                                           (5, "clear.completed")]
     assert [e.id for e in log.since("e:3")] == [4, 5]
 
     for name in ("w2", "w3", "w4"):  # 6, 7, 8: more workers than the history holds
-        log.emit("worker.stats", {"worker": name, "stats": {}})
+        log.emit(stats(name))
     assert log.since("e:3") is None, "w1's event 4 was dropped, so a client that saw only 3 needs a snapshot"
     assert [e.id for e in log.since("e:4")] == [5, 6, 7, 8]
     for n in (9, 10, 11):  # the history of three now drops events 1 and 5
-        log.emit("clear.published", {"clear_id": str(n)})
+        log.emit(published(str(n)))
     assert log.since("e:4") is None
     assert [e.id for e in log.since("e:5")] == [6, 7, 8, 9, 10, 11]
+
+
+# --- the events the record emits, as the stream has always sent them ----------
+
+
+def json_of(event: RecordEvent) -> list[tuple[str, Any]]:
+    """``event``'s data as the stream sends it: field names, values and their order."""
+    return list(json.loads(json.dumps(event.to_json())).items())
+
+
+def hello(name: str, seq: int = 0) -> Hello:
+    return Hello(name=name, instance=f"{name}-1", host="h", pid=7, endpoint="http://127.0.0.1:1", epoch="e", seq=seq)
+
+
+def test_the_record_emits_each_change_with_the_fields_the_stream_always_had():
+    emitted: list[RecordEvent] = []
+    record = Record(complete_within=0.0, stats_interval=0.0, emit=emitted.append)
+
+    record.hello(hello("w1"))
+    record.hello(hello("w2"))
+    w1 = record.worker("w1")
+    assert w1 is not None
+    joined = emitted[0]
+    assert isinstance(joined, WorkerJoined)
+    assert json_of(joined) == list({
+        "name": "w1", "instance": "w1-1", "host": "h", "pid": 7, "endpoint": "http://127.0.0.1:1", "state": "live",
+        "joined_at": w1.joined_at, "last_seen": w1.last_seen, "last_acked_seq": None, "last_acked_clear": None,
+        "last_purge_cause": None, "acks": 0, "epoch": "e", "seq": 0, "stats": {},
+    }.items())
+    assert json_of(joined) == list(w1.to_json().items()), "worker.joined carries the worker as /workers shows it"
+
+    published_at = time.time()
+    record.published(Clear(epoch="e", seq=1, id="c1", ts=published_at))
+    assert json_of(emitted[2]) == list({"clear_id": "c1", "seq": 1, "epoch": "e", "published_at": published_at,
+                                        "expected": ["w1", "w2"]}.items())
+
+    del emitted[:]
+    record.acked(Ack(name="w1", instance="w1-1", epoch="e", seq=1, clear_id="c1", dropped=5, purge_ms=0.1234567,
+                     cause=PurgeCause.CLEAR))
+    entry = record.clear("c1")
+    assert entry is not None
+    ack = entry.acks["w1"]
+    assert [event.KIND for event in emitted] == ["worker.purged", "clear.acked"]
+    assert json_of(emitted[0]) == list({"worker": "w1", "cause": "clear", "seq": 1, "clear_id": "c1",
+                                        "entries_dropped": 5, "purge_ms": 0.123}.items())
+    assert json_of(emitted[1]) == list({"clear_id": "c1", "seq": 1, "worker": "w1", "acked_at": ack.acked_at,
+                                        "latency_ms": round(ack.latency_ms, 3), "entries_dropped": 5,
+                                        "purge_ms": 0.123, "cause": "clear", "acked": 1, "expected": 2}.items())
+
+    del emitted[:]
+    record.sweep()  # complete_within 0: w2's ack is given up on
+    assert json_of(emitted[0]) == list({"clear_id": "c1", "seq": 1, "expected": 2, "acked": 1, "complete": False,
+                                        "missing": ["w2"], "duration_ms": entry.duration_ms}.items())
+
+    del emitted[:]
+    record.heartbeat(WorkerHeartbeat(**vars(hello("w1", seq=1)), stats={"entries": 3, "hits": 1}))
+    assert json_of(emitted[0]) == list({"worker": "w1", "last_seen": w1.last_seen,
+                                        "stats": {"entries": 3, "hits": 1}}.items())
+
+    del emitted[:]
+    record.bye(Bye(name="w1", instance="w1-1"))
+    record.forget_after = -1.0
+    record.sweep()
+    assert [json_of(event) for event in emitted] == [
+        list({"worker": "w1", "state": "left", "previous": "live", "last_seen": w1.last_seen}.items()),
+        list({"worker": "w1", "state": "forgotten", "previous": "left", "last_seen": w1.last_seen}.items()),
+    ]
+
+
+def test_an_event_is_encoded_once_and_only_when_a_stream_reads_it(monkeypatch: pytest.MonkeyPatch):
+    log = EventLog("e")
+    record = Record(emit=log.emit)
+    ServiceMetrics(record, log)  # the metrics listen to every event, and never need its JSON
+    real_json = events.json
+    monkeypatch.setattr(events, "json", SimpleNamespace(dumps=lambda *a, **k: pytest.fail("encoded with no reader")))
+    record.hello(hello("w1"))
+    record.published(Clear(epoch="e", seq=1, id="c1", ts=time.time()))
+    record.acked(Ack(name="w1", instance="w1-1", epoch="e", seq=1, clear_id="c1", dropped=0, purge_ms=0.5,
+                     cause=PurgeCause.GAP))
+    monkeypatch.setattr(events, "json", real_json)
+
+    replay = log.since("e:0")
+    assert replay is not None and [event.kind for event in replay] == [
+        "worker.joined", "clear.published", "worker.purged", "clear.acked", "clear.completed"]
+    purged = replay[2]
+    assert purged.sse == (b'id: e:3\nevent: worker.purged\ndata: {"worker":"w1","cause":"gap","seq":1,'
+                          b'"clear_id":"c1","entries_dropped":0,"purge_ms":0.5}\n\n')
+    assert purged.sse is purged.sse, "encoded once, then shared by every reader"
+
+
+def test_unnumbered_events_and_snapshots_are_encoded_as_before():
+    assert unnumbered(EventKind.OVERFLOW, {"dropped": True}) == b'event: overflow\ndata: {"dropped":true}\n\n'
+    log = EventLog("e")
+    log.emit(published("a"))
+    assert log.snapshot({"epoch": "e", "workers": [], "clears": []}) == \
+        b'id: e:1\nevent: snapshot\ndata: {"epoch":"e","workers":[],"clears":[]}\n\n'

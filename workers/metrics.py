@@ -33,7 +33,7 @@ class _CacheCollector(Collector):
         purges = CounterMetricFamily("cachebus_worker_purges", "Purges this worker performed, by cause",
                                      labels=["cause"])
         for cause, count in sorted(self.subscriber.purges_by_cause.items()):
-            purges.add_metric([cause], count)
+            purges.add_metric([cause.value], count)
         yield purges
 
 

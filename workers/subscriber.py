@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import zmq
 import zmq.asyncio
@@ -52,8 +52,10 @@ from cachebus.bus.protocol import (
     Hello,
     Message,
     ProtocolError,
+    PurgeCause,
     Welcome,
     WorkerHeartbeat,
+    worst,
 )
 from cachebus.bus.sockets import configure, drain, plain
 
@@ -63,10 +65,6 @@ log = logging.getLogger("cachebus.subscriber")
 
 #: Most commands handled in one batch; the batch is purged once.
 _MAX_BATCH = 1000
-
-# When several causes apply to one purge, the most telling is reported: a new
-# epoch or lost messages say more than a reconnect, which says more than a clear.
-_CAUSE_RANK = {"clear": 0, "reconnect": 1, "gap": 2, "epoch": 3}
 
 
 @runtime_checkable
@@ -122,13 +120,13 @@ class Subscriber:
         self.socket_buffer = socket_buffer
         #: time.monotonic() until which leased targets are trusted; None before the first sync.
         self.lease_until: float | None = None
-        self.last_cause: str | None = None
+        self.last_cause: PurgeCause | None = None
         #: The service epoch and last command seq this subscriber has seen.
         self.epoch: str | None = None
         self.seq = 0
         self.purges = 0
-        #: Purges by cause: clear, gap, epoch, reconnect.
-        self.purges_by_cause: dict[str, int] = {}
+        #: How many purges each cause brought about.
+        self.purges_by_cause: dict[PurgeCause, int] = {}
         self.bad_frames = BadFrames(log)
         self._synced = asyncio.Event()
         self._own_context = context is None
@@ -232,11 +230,12 @@ class Subscriber:
         commands = [m for m in messages if isinstance(m, (Clear, Heartbeat))]
         if not commands:
             return
-        cause: str | None = None
+        # When several causes apply, the most telling is reported (see PurgeCause).
+        cause: PurgeCause | None = None
         newest_clear: Clear | None = None
         announce = False
         if lapsed:
-            cause = "reconnect"
+            cause = PurgeCause.RECONNECT
             announce = True
             if self.lease_until is not None:
                 log.warning("heard the service again after %.1f s of silence: purging",
@@ -245,18 +244,18 @@ class Subscriber:
             if msg.epoch != self.epoch:
                 if self.epoch is not None:
                     log.warning("service epoch changed from %s to %s: purging", self.epoch, msg.epoch)
-                    cause = _worse(cause, "epoch")
+                    cause = worst(cause, PurgeCause.EPOCH)
                 announce = True
                 self.epoch = msg.epoch
                 self.seq = msg.seq - 1 if isinstance(msg, Clear) else msg.seq
             if isinstance(msg, Clear):
                 if msg.seq <= self.seq:
                     continue
-                cause = _worse(cause, "clear")
+                cause = worst(cause, PurgeCause.CLEAR)
                 newest_clear = msg
             if msg.seq > self.seq + (1 if isinstance(msg, Clear) else 0):
                 log.warning("missed commands %d..%d: purging", self.seq + 1, msg.seq)
-                cause = _worse(cause, "gap")
+                cause = worst(cause, PurgeCause.GAP)
             self.seq = max(self.seq, msg.seq)
         if cause is not None:
             await self._purge(cause, newest_clear)
@@ -307,7 +306,7 @@ class Subscriber:
             totals["hit_ratio"] = totals["hits"] / lookups
         return totals
 
-    async def _purge(self, cause: str, clear: Clear | None) -> None:
+    async def _purge(self, cause: PurgeCause, clear: Clear | None) -> None:
         started = time.perf_counter()
         dropped = 0
         for target in self.targets:
@@ -334,7 +333,7 @@ class Subscriber:
         when a send may have taken the signal for a reply that arrived meanwhile.
         """
         dealer = self._dealer
-        while dealer is not None and dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while dealer is not None and _readable(dealer):
             frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
@@ -356,14 +355,13 @@ class Subscriber:
             self._dealer.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             log.debug("back channel unavailable; %s dropped", msg.KIND.decode())
-        if self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if _readable(self._dealer):
             self._loop.call_soon(self._replies)
 
 
-def _worse(current: str | None, new: str) -> str:
-    if current is None or _CAUSE_RANK[new] > _CAUSE_RANK[current]:
-        return new
-    return current
+def _readable(sock: zmq.Socket) -> bool:
+    """Whether a message waits on ``sock`` (ZMQ_EVENTS is an int option; pyzmq types every option int | bytes)."""
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 class ThreadedSubscriber:

@@ -12,6 +12,37 @@
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 30000;
 
+  // The service's terms, spelled as its Python enums spell them: event kinds
+  // (EventKind in service/events.py), worker states (WorkerState in
+  // service/record.py) and purge causes (PurgeCause in bus/protocol.py; the
+  // page shows them as sent, so a new one needs no code, only this list).
+  // tests/test_terms.py fails when these and the enums differ; write no other
+  // literal for them below.
+  const EVENT = Object.freeze({
+    CLEAR_PUBLISHED: "clear.published",
+    CLEAR_ACKED: "clear.acked",
+    CLEAR_COMPLETED: "clear.completed",
+    WORKER_JOINED: "worker.joined",
+    WORKER_STATE: "worker.state",
+    WORKER_PURGED: "worker.purged",
+    WORKER_STATS: "worker.stats",
+    SNAPSHOT: "snapshot",
+    OVERFLOW: "overflow",
+  });
+  const STATE = Object.freeze({
+    LIVE: "live",
+    SUSPECT: "suspect",
+    LOST: "lost",
+    LEFT: "left",
+    FORGOTTEN: "forgotten",
+  });
+  const CAUSE = Object.freeze({
+    CLEAR: "clear",
+    RECONNECT: "reconnect",
+    GAP: "gap",
+    EPOCH: "epoch",
+  });
+
   const $ = (id) => document.getElementById(id);
 
   // --- state ------------------------------------------------------------------
@@ -69,7 +100,7 @@
   // --- events -----------------------------------------------------------------
 
   const handlers = {
-    "snapshot": (d) => {
+    [EVENT.SNAPSHOT]: (d) => {
       epoch = d.epoch || "";
       workers = new Map();
       for (const w of d.workers || []) workers.set(w.name, w);
@@ -83,12 +114,12 @@
       clearOrder = clearOrder.slice(0, MAX_CLEARS);
       renderAll();
     },
-    "clear.published": (d) => {
+    [EVENT.CLEAR_PUBLISHED]: (d) => {
       addClear({ id: d.clear_id, seq: d.seq, published_at: d.published_at,
                  expected: (d.expected || []).slice(), acks: new Map(), completed: null });
       renderClears();
     },
-    "clear.acked": (d) => {
+    [EVENT.CLEAR_ACKED]: (d) => {
       let view = clears.get(d.clear_id);
       if (!view) {
         // Published before this page knew of it: keep what the ack tells.
@@ -104,18 +135,18 @@
       }
       renderClears();
     },
-    "clear.completed": (d) => {
+    [EVENT.CLEAR_COMPLETED]: (d) => {
       const view = clears.get(d.clear_id);
       if (!view) return;
       view.completed = { complete: d.complete, missing: d.missing || [], duration_ms: d.duration_ms };
       renderClears();
     },
-    "worker.joined": (d) => {
+    [EVENT.WORKER_JOINED]: (d) => {
       workers.set(d.name, d);
       renderWorkers();
     },
-    "worker.state": (d) => {
-      if (d.state === "forgotten") {
+    [EVENT.WORKER_STATE]: (d) => {
+      if (d.state === STATE.FORGOTTEN) {
         workers.delete(d.worker);
       } else {
         const w = workers.get(d.worker);
@@ -125,7 +156,7 @@
       }
       renderWorkers();
     },
-    "worker.purged": (d) => {
+    [EVENT.WORKER_PURGED]: (d) => {
       const w = workers.get(d.worker);
       if (!w) return;
       w.last_purge_cause = d.cause;
@@ -133,14 +164,14 @@
       w.stats = Object.assign({}, w.stats, { entries: 0 });
       renderWorkers();
     },
-    "worker.stats": (d) => {
+    [EVENT.WORKER_STATS]: (d) => {
       const w = workers.get(d.worker);
       if (!w) return;
       w.stats = d.stats;
       if (d.last_seen) w.last_seen = d.last_seen;
       renderWorkers();
     },
-    "overflow": () => {
+    [EVENT.OVERFLOW]: () => {
       // The service drops this stream; the browser reconnects with Last-Event-ID.
       setStatus("reconnecting", "reconnecting… (fell behind)");
     },
@@ -181,7 +212,7 @@
           console.error("cachebus: bad event data", kind, err);
           return;
         }
-        if (kind !== "overflow") setStatus("live", "live");
+        if (kind !== EVENT.OVERFLOW) setStatus("live", "live");
         handlers[kind](data);
       });
     }
@@ -345,7 +376,7 @@
   // A live worker was heard within the liveness window (its heartbeats move no
   // event); for the other states last_seen is exact, so the time ticks from it.
   function lastSeenText(w) {
-    return w.state === "live" ? "just now" : ago(w.last_seen);
+    return w.state === STATE.LIVE ? "just now" : ago(w.last_seen);
   }
 
   function ms(value) {
@@ -395,7 +426,7 @@
     const names = Array.from(workers.keys()).sort();
     body.replaceChildren(...names.map((name) => workerRow(workers.get(name))));
     $("no-workers").hidden = names.length > 0;
-    const live = names.filter((n) => workers.get(n).state === "live").length;
+    const live = names.filter((n) => workers.get(n).state === STATE.LIVE).length;
     $("worker-count").textContent = names.length ? live + " of " + names.length + " live" : "";
   }
 
