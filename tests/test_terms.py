@@ -13,9 +13,8 @@ import pytest
 
 from cachebus.bus.protocol import PurgeCause
 from cachebus.service.events import EventKind
-from cachebus.service.record import WorkerState
-
 from cachebus.service.pages import DASHBOARD
+from cachebus.service.record import WorkerState
 
 APP_JS = (DASHBOARD / "app.js").read_text(encoding="utf-8")
 
