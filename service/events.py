@@ -237,7 +237,7 @@ class Event:
         return self._sse
 
 
-def unnumbered(kind: EventKind | str, data: dict[str, Any]) -> bytes:
+def unnumbered(kind: EventKind, data: dict[str, Any]) -> bytes:
     """An SSE event without an id, so it does not move the client's ``Last-Event-ID``."""
     return _encode(kind, data)
 

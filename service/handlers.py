@@ -22,7 +22,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from .errors import CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
-from .events import EventQueue, unnumbered
+from .events import EventKind, EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
 from .record import WorkerState
 from .token_rules import TokenError
@@ -288,7 +288,7 @@ class EventsHandler(RecordHandler):
             while not self.request.connection.stream.closed():  # type: ignore[union-attr]
                 await queue.wait(keepalive)
                 if queue.overflowed:
-                    self.write(unnumbered("overflow", {"dropped": True}))
+                    self.write(unnumbered(EventKind.OVERFLOW, {"dropped": True}))
                     break
                 self.write(b"".join(event.sse for event in queue.take()) or b": keep-alive\n\n")
                 await self.flush()
