@@ -85,6 +85,7 @@ class CorsSettings:
 @dataclass(frozen=True)
 class RecordSettings:
     max_clears: int = field(default=1000, metadata=_check(_positive, "a positive count"))
+    max_acks: int = field(default=200_000, metadata=_check(_positive, "a positive count"))
     list_limit: int = field(default=50, metadata=_check(_positive, "a positive count"))
     lost_after: float = field(default=5.0, metadata=_check(_positive, "a positive number of seconds"))
     forget_after: float = field(default=3600.0, metadata=_check(_positive, "a positive number of seconds"))

@@ -62,7 +62,8 @@ class Service:
                         forget_after=settings.record.forget_after,
                         complete_within=settings.record.complete_within,
                         stats_interval=settings.events.stats_interval,
-                        emit=events.emit)
+                        emit=events.emit,
+                        max_acks=settings.record.max_acks)
         publisher.on_publish.append(record.published)
         acks = AckListener(ctx, bus.acks, codec, record,
                            position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm,
