@@ -248,6 +248,9 @@ class EventQueue:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.overflowed = False
+        #: Called once, when the queue overflows: the reader may be stuck writing to a
+        #: client that reads nothing, and only its owner can end that connection.
+        self.on_overflow: Callable[[], None] | None = None
         self._events: deque[Event] = deque()
         self._ready = asyncio.Event()
 
@@ -261,6 +264,8 @@ class EventQueue:
         if len(self._events) >= self.limit:
             self.overflowed = True
             self._events.clear()
+            if self.on_overflow is not None:
+                self.on_overflow()
         else:
             self._events.append(event)
         self._ready.set()

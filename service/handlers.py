@@ -9,6 +9,7 @@ refuses a request by raising :class:`~cachebus.service.errors.ApiError`;
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -263,6 +264,8 @@ class EventsHandler(RecordHandler):
     SEND_BUFFER = 64 * 1024
     #: How long an overflowed client gets to read its ``overflow`` event.
     GOODBYE_SECONDS = 5.0
+    #: How many keep-alive intervals a write may wait for a client that reads nothing.
+    STALLED_KEEPALIVES = 2
 
     _queue: EventQueue | None = None
 
@@ -275,6 +278,10 @@ class EventsHandler(RecordHandler):
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
         # Opened before the snapshot, with no await in between: nothing falls in the gap.
         self._queue = queue = events.open()
+        # A client that reads nothing leaves this handler waiting in flush() for good, so
+        # the overflow itself ends the connection, GOODBYE_SECONDS later.
+        queue.on_overflow = lambda: self._close_later(stream)
+        keepalive = self.service.settings.events.keepalive
         try:
             last = self.request.headers.get("Last-Event-ID", "")
             backlog = events.since(last) if last else None
@@ -283,22 +290,37 @@ class EventsHandler(RecordHandler):
             else:
                 first = b"".join(event.sse for event in backlog)
             self.write(b"retry: 2000\n\n" + first)
-            await self.flush()
-            keepalive = self.service.settings.events.keepalive
+            await self._flush_or_close(keepalive)
             while not self.request.connection.stream.closed():  # type: ignore[union-attr]
                 await queue.wait(keepalive)
                 if queue.overflowed:
                     self.write(unnumbered(EventKind.OVERFLOW, {"dropped": True}))
                     break
                 self.write(b"".join(event.sse for event in queue.take()) or b": keep-alive\n\n")
-                await self.flush()
+                await self._flush_or_close(keepalive)
         except StreamClosedError:
             return
         finally:
             events.close(queue)
         if not stream.closed():
             self.finish()
-            IOLoop.current().call_later(self.GOODBYE_SECONDS, stream.close)
+            self._close_later(stream)
+
+    def _close_later(self, stream: Any) -> None:
+        IOLoop.current().call_later(self.GOODBYE_SECONDS, stream.close)
+
+    async def _flush_or_close(self, keepalive: float) -> None:
+        """Flush, closing the connection if the client has not taken the bytes within
+        a few keep-alive intervals (it stopped reading while no event arrived to
+        overflow its queue); raises :class:`StreamClosedError` then."""
+        flushing = self.flush()
+        # Retrieve the outcome even when the wait below gives up on it.
+        flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.wait_for(asyncio.shield(flushing), keepalive * self.STALLED_KEEPALIVES)
+        except TimeoutError:
+            self.request.connection.stream.close()  # type: ignore[union-attr]
+            raise StreamClosedError() from None
 
     def on_connection_close(self) -> None:
         if self._queue is not None:

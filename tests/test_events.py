@@ -133,6 +133,32 @@ def test_a_slow_client_is_dropped_without_slowing_the_bus(cluster: Cluster, stre
     assert kinds[-1] == "overflow"
 
 
+def test_a_client_that_never_reads_is_disconnected(cluster: Cluster, streams: list):
+    cluster.start_service(settings={"events": {"client_queue": 20}})
+    cluster.start_worker("w1")
+    stuck = EventStream(cluster, rcvbuf=2048)
+    streams.append(stuck)
+    stuck.open()  # headers read; from here on this client reads nothing at all
+
+    def metric(name: str) -> str:
+        status, _, body = http("GET", cluster.url + "/metrics")
+        assert status == 200
+        return next((line for line in body.decode().splitlines() if line.startswith(name + " ")), "")
+
+    def dropped() -> bool:
+        if metric("cachebus_event_stream_dropped_total") == "cachebus_event_stream_dropped_total 1.0":
+            return True
+        cluster.flood(50)
+        return False
+
+    wait_for(dropped, what="the stuck client to be dropped")
+    # Without one byte read by the client, the service ends the connection and frees its stream.
+    wait_for(lambda: metric("cachebus_event_stream_clients") == "cachebus_event_stream_clients 0.0",
+             what="the stuck client's stream to be closed")
+    while stuck.next() is not None:
+        pass  # what was in flight, then the end of the stream
+
+
 def test_a_workers_cache_counters_are_streamed_and_replayed_newest_only(cluster: Cluster, streams: list):
     cluster.start_service(settings={"events": {"stats_interval": 0}})
     worker_url = cluster.start_worker("w1")
