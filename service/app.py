@@ -120,6 +120,7 @@ def make_app(service: Service) -> tornado.web.Application:
         default_handler_args=args,
         log_function=log_request,
         cors=service.settings.cors,
+        max_body_size=service.settings.service.max_body_size,
         metrics=service.metrics,
         # Requests are counted by route pattern, never by raw path.
         route_names={handler: pattern for pattern, handler, _ in routes},
