@@ -68,6 +68,8 @@ class Reason(enum.StrEnum):
     BAD_CONTENT_LENGTH = "bad_content_length"
     #: ``Transfer-Encoding`` other than ``chunked``, or together with ``Content-Length``.
     BAD_TRANSFER_ENCODING = "bad_transfer_encoding"
+    #: A request Tornado could not even build: more than 1,000 query fields, a bad ``Host``.
+    UNREADABLE_REQUEST = "unreadable_request"
     #: A ``Content-Encoding`` (gzip, br…): bodies are never decompressed (415).
     UNSUPPORTED_ENCODING = "unsupported_encoding"
     #: ``/metrics`` asks for a bearer token and ``metrics.token`` is not set.

@@ -220,6 +220,16 @@ class NotFoundHandler(BaseHandler):
             raise HTTPError(404)
 
 
+class UnreadableRequestHandler(BaseHandler):
+    """A request Tornado refused to build: a query string of more than 1,000 fields, a
+    missing or malformed ``Host``. Flextype's 400, through the one error path."""
+
+    SUPPORTED_METHODS = _EveryMethod(RequestHandler.SUPPORTED_METHODS)
+
+    async def prepare(self) -> None:
+        raise ApiError(400, Reason.UNREADABLE_REQUEST)
+
+
 class ClearHandler(BaseHandler):
     """``POST /api/v1/cache/clear``: authenticate, then publish a clear."""
 

@@ -229,6 +229,24 @@ async def test_query_string_with_too_many_fields_is_a_flextype_400(http_server, 
         assert_no_traceback(caplog)
 
 
+@pytest.mark.gen_test
+@pytest.mark.parametrize("host", [None, "Host: a b", "Host: a, b"])
+async def test_missing_or_malformed_host_is_a_flextype_400(http_server, base_url, service, host, caplog):
+    caplog.set_level(logging.INFO)
+    lines = ["GET /api/v1/cache/workers?token=t&access_token=a HTTP/1.1", *([host] if host else [])]
+    status, _, body = await raw(base_url, "\r\n".join(lines).encode() + b"\r\n\r\n")
+    assert (status, body) == (400, BAD_REQUEST)
+    assert api_lines(caplog) == ["GET /api/v1/cache/workers -> 400 (unreadable_request) from 127.0.0.1"]
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.gen_test
+async def test_deep_json_without_content_type_is_a_flextype_400(http_server, base_url, service, caplog):
+    status, _, body = await raw(base_url, request("POST", CLEAR, f"Content-Length: {len(DEEP_JSON)}", body=DEEP_JSON))
+    assert (status, body) == (400, BAD_REQUEST)
+    assert_no_traceback(caplog)
+
+
 # --- methods -------------------------------------------------------------------
 
 ALLOW = {
