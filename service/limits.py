@@ -123,11 +123,14 @@ class ThrottledLog:
     def event(self) -> None:
         self._unlogged += 1
         now = self.clock()
-        if now >= self._next_line:
-            self.logger.warning("%s: %d since the last line; at most one line per %.0f s",
-                                self.message, self._unlogged, self.interval)
-            self._unlogged = 0
-            self._next_line = now + self.interval
+        if now < self._next_line:
+            return
+        if self._next_line:
+            self.logger.warning("%s: %d since the last line", self.message, self._unlogged)
+        else:
+            self.logger.warning("%s; more are counted, and logged at most every %.0f s", self.message, self.interval)
+        self._unlogged = 0
+        self._next_line = now + self.interval
 
 
 class _Stream(IOStream):
