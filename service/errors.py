@@ -61,7 +61,8 @@ class Reason(enum.StrEnum):
     #: A form body (urlencoded or multipart) that does not parse: no boundary, a part without a
     #: name or headers, no final boundary, part headers that are not UTF-8…
     MALFORMED_FORM = "malformed_form"
-    #: More fields in the query string or the body than :data:`~cachebus.service.params.MAX_FIELDS`.
+    #: More fields in a urlencoded body than :data:`~cachebus.service.params.MAX_FIELDS` (a query
+    #: string with more is an ``UNREADABLE_REQUEST``: Tornado refuses to build the request).
     TOO_MANY_FIELDS = "too_many_fields"
     #: ``Content-Length`` that is not ASCII digits (``²`` passes ``str.isdigit``), or repeated with
     #: different values.
