@@ -161,7 +161,8 @@ class FlextypeResponses(FlextypeErrors):
         super().log_exception(typ, value, tb)
 
     def on_finish(self) -> None:
-        """Count the response by route pattern (never the raw path), method and status."""
+        """Count the response by route pattern (never the raw path), method and status,
+        and make sure no byte of a body left unread is ever parsed."""
         # An answer sent before the body was read makes Tornado close the connection
         # (HTTP1Connection.finish), but only after it has parsed the body's framing,
         # which it would refuse a second time, with a log line of its own. The body is
