@@ -62,6 +62,9 @@ PAUSE = 0.25
 ACCEPTS_PER_TURN = 128
 #: ``accept`` errors that mean "out of descriptors or memory", not "this one connection failed".
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: ``accept`` errors about the one connection it took (accept(2) says to retry after them).
+_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                   errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.ENETDOWN, errno.EPERM})
 #: ``SO_LINGER`` on, zero seconds: ``close`` resets the connection and keeps no ``TIME_WAIT``.
 _RESET = struct.pack("ii", 1, 0)
 
@@ -120,15 +123,17 @@ class ThrottledLog:
         self._unlogged = 0
         self._next_line = 0.0
 
-    def event(self) -> None:
+    def event(self, detail: str = "") -> None:
+        """One more; ``detail`` (never a client's bytes) ends the line if this one writes it."""
         self._unlogged += 1
         now = self.clock()
         if now < self._next_line:
             return
+        message = f"{self.message} ({detail})" if detail else self.message
         if self._next_line:
-            self.logger.warning("%s: %d since the last line", self.message, self._unlogged)
+            self.logger.warning("%s: %d since the last line", message, self._unlogged)
         else:
-            self.logger.warning("%s; more are counted, and logged at most every %.0f s", self.message, self.interval)
+            self.logger.warning("%s; more are counted, and logged at most every %.0f s", message, self.interval)
         self._unlogged = 0
         self._next_line = now + self.interval
 
@@ -258,14 +263,15 @@ class _Acceptor:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno not in _EXHAUSTED:
-                    # ECONNABORTED and the network errors accept(2) passes on: that
-                    # connection is gone; the next may be fine.
+                if exc.errno in _GONE:
+                    continue  # that connection failed or went away; the next may be fine
+                if exc.errno in _EXHAUSTED and self.server.shed(self.sock):
                     continue
-                if not self.server.shed(self.sock):
-                    self._pause()
-                    return
-                continue
+                # Out of descriptors with nothing to shed with, or an error accept(2) does not
+                # name for a single connection: retrying at once would spin.
+                self.server.accept_failed(exc)
+                self._pause()
+                return
             self.server.admit(connection, address)
 
 
@@ -297,8 +303,7 @@ class LimitedHTTPServer(HTTPServer):
                                              "(http.max_connections)"),
             Refusal.DESCRIPTORS: ThrottledLog(log, "refused connections: out of file descriptors"),
         }
-        self._paused_log = ThrottledLog(log, f"out of file descriptors with none in reserve: "
-                                             f"accepting paused for {PAUSE} s")
+        self._paused_log = ThrottledLog(log, f"accept failed, accepting paused for {PAUSE} s at a time")
         self._timeout_log = {phase: ThrottledLog(log, f"closed connections: {phase} timeout") for phase in TIMED_PHASES}
 
     # --- accepting --------------------------------------------------------------
@@ -330,25 +335,31 @@ class LimitedHTTPServer(HTTPServer):
     def shed(self, sock: socket.socket) -> bool:
         """Out of descriptors: accept one waiting connection on the reserve and close it.
 
-        False when there is no reserve to use (it could not be taken back after the
-        last time): the caller then stops accepting for a moment.
+        False when that cannot be done (no reserve could be taken back since the last
+        time, or accept fails even so): the caller then stops accepting for a moment.
         """
         if self._reserve is None:
             self._reserve = _reserve_descriptor()
             if self._reserve is None:
-                self._paused_log.event()
                 return False
         os.close(self._reserve)
         self._reserve = None
         try:
             connection, _ = sock.accept()
+        except BlockingIOError:
+            pass  # gone already
         except OSError:
-            pass  # gone already (BlockingIOError), or taken by another thread's open
+            self._reserve = _reserve_descriptor()
+            return False  # the freed descriptor went to another thread, or memory is short
         else:
             _reset(connection)
             self._refused(Refusal.DESCRIPTORS)
         self._reserve = _reserve_descriptor()
         return True
+
+    def accept_failed(self, error: OSError) -> None:
+        """Accepting stops for :data:`PAUSE` seconds; say why, at most once per :data:`LOG_INTERVAL`."""
+        self._paused_log.event(errno.errorcode.get(error.errno or 0, str(error.errno)))
 
     def _refused(self, why: Refusal) -> None:
         if self.metrics is not None:

@@ -13,6 +13,8 @@ is for a condition, with a deadline.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import resource
@@ -27,7 +29,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachebus.service.limits import DESCRIPTOR_RESERVE, MAX_AUTOMATIC_CONNECTIONS, ThrottledLog, max_connections
+from cachebus.service.limits import (
+    DESCRIPTOR_RESERVE,
+    MAX_AUTOMATIC_CONNECTIONS,
+    PAUSE,
+    LimitedHTTPServer,
+    ThrottledLog,
+    max_connections,
+)
+from cachebus.settings import HttpSettings
 from cachebus.testing import DEADLINE, Cluster, EventStream, http, wait_for
 
 MAX_CONNECTIONS = 20
@@ -301,3 +311,36 @@ def test_automatic_connection_limit_follows_the_descriptor_limit():
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert max_connections(7) == 7
     assert max_connections(0) == max(1, min(soft - DESCRIPTOR_RESERVE, MAX_AUTOMATIC_CONNECTIONS))
+
+
+@pytest.mark.gen_test
+async def test_an_accept_that_keeps_failing_pauses_the_loop_instead_of_spinning(caplog):
+    class FailingSocket(socket.socket):
+        """A listening socket whose accept fails as no connection-level error does."""
+
+        attempts = 0
+
+        def accept(self) -> Any:
+            FailingSocket.attempts += 1
+            raise OSError(errno.EINVAL, "accept refused")
+
+    listener = FailingSocket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    server = LimitedHTTPServer(lambda request: None, limits=HttpSettings())
+    server.add_sockets([listener])
+    client = socket.create_connection(listener.getsockname())  # stays in the backlog: readable for good
+    try:
+        started = time.monotonic()
+        while FailingSocket.attempts < 3:
+            assert time.monotonic() - started < DEADLINE, "the accept loop stopped retrying"
+            await asyncio.sleep(0.01)
+        # Three attempts, two pauses between them: a spinning loop would make thousands at once.
+        assert time.monotonic() - started >= 2 * PAUSE - 0.05
+        lines = [r.getMessage() for r in caplog.records if r.name == "cachebus.http"]
+        assert lines == [f"accept failed, accepting paused for {PAUSE} s at a time (EINVAL); more are counted, "
+                         "and logged at most every 10 s"]
+    finally:
+        server.stop()
+        client.close()
