@@ -296,7 +296,6 @@ class LimitedHTTPServer(HTTPServer):
         self.max_connections = max_connections(limits.max_connections)
         self.metrics = metrics
         self.open_connections = 0
-        self._acceptors: list[_Acceptor] = []
         self._reserve: int | None = _reserve_descriptor()
         self._refused_log = {
             Refusal.LIMIT: ThrottledLog(log, f"refused connections: {self.max_connections} open "
@@ -311,9 +310,8 @@ class LimitedHTTPServer(HTTPServer):
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
-            acceptor = _Acceptor(self, sock)
-            self._acceptors.append(acceptor)
-            self._handlers[sock.fileno()] = acceptor.stop
+            # TCPServer.stop calls this to stop accepting.
+            self._handlers[sock.fileno()] = _Acceptor(self, sock).stop
 
     def stop(self) -> None:
         super().stop()
