@@ -56,6 +56,24 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """Limits of the service's HTTP server; docs/security.md says what each one stops."""
+
+    #: Open connections at once; one more is accepted and closed at once. 0: the process's
+    #: descriptor limit (RLIMIT_NOFILE) less a reserve, at most 10,000.
+    max_connections: int = field(default=0, metadata=_check(lambda v: v >= 0, "a count >= 0 (0: automatic)"))
+    #: Seconds from a new connection to its first request's complete headers; and on a
+    #: kept-alive connection, from a request's first byte to its complete headers.
+    header_timeout: float = field(default=10.0, metadata=_check(_positive, "a positive number of seconds"))
+    #: Seconds from the end of a request's headers to the end of its body.
+    body_timeout: float = field(default=30.0, metadata=_check(_positive, "a positive number of seconds"))
+    #: Seconds a kept-alive connection may wait, after an answer, for the next request's first byte.
+    idle_timeout: float = field(default=30.0, metadata=_check(_positive, "a positive number of seconds"))
+    #: Bytes of a request line and headers together.
+    max_header_size: int = field(default=16 * 1024, metadata=_check(lambda v: v >= 1024, "a byte count >= 1024"))
+
+
+@dataclass(frozen=True)
 class CacheApiSettings:
     enabled: bool = True
     methods: list[str] = field(
@@ -139,6 +157,7 @@ class LogSettings:
 @dataclass(frozen=True)
 class Settings:
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     cors: CorsSettings = field(default_factory=CorsSettings)
     record: RecordSettings = field(default_factory=RecordSettings)

@@ -261,11 +261,13 @@ class Cluster:
         path.write_text(yaml.safe_dump(settings))
         return ["--config", str(path)]
 
-    def start_service(self, *extra: str, settings: dict[str, Any] | None = None) -> Proc:
-        """Start (or restart) the service; returns once it answers HTTP."""
+    def start_service(self, *extra: str, settings: dict[str, Any] | None = None,
+                      prefix: list[str] | None = None) -> Proc:
+        """Start (or restart) the service, behind an optional ``prefix`` (``prlimit …``); returns once it
+        answers HTTP."""
         service = Proc.python("cachebus.service", ["--port", str(self.port), "--tokens-dir", str(self.tokens_dir),
                                                    *self.bus_args(), *self.config("service", settings), *extra],
-                              self.tmp / f"service-{time.monotonic_ns()}.log", self.cwd)
+                              self.tmp / f"service-{time.monotonic_ns()}.log", self.cwd, prefix=prefix)
         self.service = service
 
         def died() -> None:

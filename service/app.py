@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import tornado.httpserver
 import tornado.web
 import zmq
 import zmq.asyncio
+from tornado import httputil
 
 from cachebus.bus.protocol import Codec
 from cachebus.settings import Settings
@@ -26,7 +27,16 @@ from cachebus.settings import Settings
 from .accesslog import log_request
 from .acks import AckListener
 from .events import EventLog
-from .handlers import ClearHandler, ClearRecordHandler, ClearsHandler, EventsHandler, NotFoundHandler, WorkersHandler
+from .handlers import (
+    ClearHandler,
+    ClearRecordHandler,
+    ClearsHandler,
+    EventsHandler,
+    NotFoundHandler,
+    UnreadableRequestHandler,
+    WorkersHandler,
+)
+from .limits import LimitedHTTPServer
 from .metrics import ServiceMetrics, ServiceMetricsHandler
 from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
 from .publisher import Publisher
@@ -99,6 +109,58 @@ class Service:
         self.tokens.close()
 
 
+class _BuildOrRefuse(httputil.HTTPMessageDelegate):
+    """Routes a request whose head Tornado refuses to build into a request to
+    :class:`UnreadableRequestHandler`, so it gets Flextype's 400 and one log line
+    (from Tornado it would get a bare ``400`` and no body)."""
+
+    def __init__(self, app: Application, server_conn: object, request_conn: httputil.HTTPConnection) -> None:
+        self.app = app
+        self.server_conn = server_conn
+        self.request_conn = request_conn
+        self.inner = tornado.web.Application.start_request(app, server_conn, request_conn)
+
+    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        try:
+            return self.inner.headers_received(start_line, headers)
+        except httputil.HTTPInputError:
+            pass
+        assert isinstance(start_line, httputil.RequestStartLine)
+        # Only the query string (too many fields) and Host (missing, malformed, repeated)
+        # fail there: drop the one, and if need be replace the other, to build it.
+        start = httputil.RequestStartLine(start_line.method, start_line.path.partition("?")[0], start_line.version)
+        try:
+            request = self._request(start, headers)
+        except httputil.HTTPInputError:
+            headers["Host"] = "unreadable.invalid"
+            request = self._request(start, headers)
+        self.inner = self.app.get_handler_delegate(request, UnreadableRequestHandler,
+                                                   self.app.settings["default_handler_args"])
+        return self.inner.headers_received(start, headers)
+
+    def _request(self, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> httputil.HTTPServerRequest:
+        return httputil.HTTPServerRequest(connection=self.request_conn, server_connection=self.server_conn,
+                                          start_line=start, headers=headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def on_connection_close(self) -> None:
+        self.inner.on_connection_close()
+
+
+class Application(tornado.web.Application):
+    """Tornado's application, answering even requests Tornado cannot build with Flextype's 400."""
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection
+                      ) -> httputil.HTTPMessageDelegate:
+        return _BuildOrRefuse(self, server_conn, request_conn)
+
+
 def make_app(service: Service) -> tornado.web.Application:
     """The Tornado application serving the Flextype API and the record."""
     args = {"service": service}
@@ -115,27 +177,35 @@ def make_app(service: Service) -> tornado.web.Application:
         (r"/dashboard", DashboardHandler, {}),
         (r"/dashboard/(.+)", DashboardAssetHandler, {}),
     ]
-    return tornado.web.Application(
+    return Application(
         routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
         log_function=log_request,
         cors=service.settings.cors,
+        max_body_size=service.settings.service.max_body_size,
         metrics=service.metrics,
         # Requests are counted by route pattern, never by raw path.
         route_names={handler: pattern for pattern, handler, _ in routes},
     )
 
 
+def make_server(service: Service, app: tornado.web.Application | None = None) -> LimitedHTTPServer:
+    """The HTTP server for ``app`` (by default :func:`make_app`), with the limits of ``http.*``."""
+    return LimitedHTTPServer(app or make_app(service), limits=service.settings.http, metrics=service.metrics)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the service until ``stop`` is set. Raises ``OSError``/``ZMQError`` on bind failure."""
     ctx = zmq.asyncio.Context()
     service = Service.create(settings, ctx)
-    server: tornado.httpserver.HTTPServer | None = None
+    server: LimitedHTTPServer | None = None
     try:
         service.start()
-        server = make_app(service).listen(settings.service.port, address=settings.service.host)
-        log.info("cachebus service ready on http://%s:%d", settings.service.host, settings.service.port)
+        server = make_server(service)
+        server.listen(settings.service.port, address=settings.service.host)
+        log.info("cachebus service ready on http://%s:%d (at most %d connections)", settings.service.host,
+                 settings.service.port, server.max_connections)
         await stop.wait()
     finally:
         if server is not None:

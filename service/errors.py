@@ -35,6 +35,7 @@ _MESSAGES = {
     404: ("Not Found", "The requested resource or endpoint could not be found"),
     405: ("Method Not Allowed", "The requested method is not allowed for this endpoint"),
     413: ("Payload Too Large", "The request body is larger than this endpoint accepts"),
+    415: ("Unsupported Media Type", "The request body's encoding is not supported"),
     500: ("Internal Server Error", "The server could not complete the request"),
 }
 
@@ -57,6 +58,21 @@ class Reason(enum.StrEnum):
     WAIT_NOT_ALL = "wait_not_all"
     API_DISABLED = "api_disabled"
     BODY_TOO_LARGE = "body_too_large"
+    #: A form body (urlencoded or multipart) that does not parse: no boundary, a part without a
+    #: name or headers, no final boundary, part headers that are not UTF-8…
+    MALFORMED_FORM = "malformed_form"
+    #: More fields in a urlencoded body than :data:`~cachebus.service.params.MAX_FIELDS` (a query
+    #: string with more is an ``UNREADABLE_REQUEST``: Tornado refuses to build the request).
+    TOO_MANY_FIELDS = "too_many_fields"
+    #: ``Content-Length`` that is not ASCII digits (``²`` passes ``str.isdigit``), or repeated with
+    #: different values.
+    BAD_CONTENT_LENGTH = "bad_content_length"
+    #: ``Transfer-Encoding`` other than ``chunked``, or together with ``Content-Length``.
+    BAD_TRANSFER_ENCODING = "bad_transfer_encoding"
+    #: A request Tornado could not even build: more than 1,000 query fields, a bad ``Host``.
+    UNREADABLE_REQUEST = "unreadable_request"
+    #: A ``Content-Encoding`` (gzip, br…): bodies are never decompressed (415).
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
     #: ``/metrics`` asks for a bearer token and ``metrics.token`` is not set.
     METRICS_TOKEN_NOT_SET = "metrics_token_not_set"
     #: ``/metrics``: no ``Authorization: Bearer …`` header.

@@ -22,6 +22,7 @@ import asyncio
 import enum
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .record import WorkerState
 
 log = logging.getLogger("cachebus.events")
+
+#: The ``<n>`` of an event id ``<epoch>:<n>`` a client sends back in ``Last-Event-ID``.
+_EVENT_NUMBER = re.compile(r"[0-9]{1,19}")
 
 
 class EventKind(enum.StrEnum):
@@ -330,7 +334,9 @@ class EventLog:
         """Events after the SSE id ``last_event_id``, or None when the history no
         longer reaches back that far, or the id is from another service run."""
         epoch, _, number = last_event_id.partition(":")
-        if epoch != self.epoch or not number.isdigit():
+        # ASCII digits only, and few: the header is the client's, and str.isdigit is
+        # also true for "²", which int() refuses.
+        if epoch != self.epoch or not _EVENT_NUMBER.fullmatch(number):
             return None
         last_id = int(number)
         if last_id > self.last_id:

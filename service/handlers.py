@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
@@ -36,10 +38,51 @@ if TYPE_CHECKING:
 log = logging.getLogger("cachebus.api")
 
 
+#: A ``Content-Length`` value: ASCII digits only. ``str.isdigit`` also accepts ``²`` and ``٣``,
+#: which ``int`` then refuses.
+_LENGTH = re.compile(r"[0-9]+")
+#: Longer than this many digits, a declared length exceeds any body limit (and ``int`` of
+#: thousands of digits is refused outright).
+_LENGTH_DIGITS = 18
+
+
+def declared_length(headers: HTTPHeaders) -> int | None:
+    """The body length ``Content-Length`` declares, or None without one.
+
+    Raises :class:`ApiError` 400 for a value Tornado would refuse after the handler
+    has run (so a client gets Flextype's body rather than Tornado's bare 400).
+    """
+    if "Content-Length" not in headers:
+        return None
+    # Repeated headers arrive joined with commas; equal copies are fine, as Tornado has it.
+    values = {value.strip() for value in headers["Content-Length"].split(",")}
+    if len(values) != 1 or not _LENGTH.fullmatch(value := values.pop()):
+        raise ApiError(400, Reason.BAD_CONTENT_LENGTH)
+    return int(value) if len(value) <= _LENGTH_DIGITS else 10 ** _LENGTH_DIGITS
+
+
+class _EveryMethod(tuple[str, ...]):
+    """``SUPPORTED_METHODS`` of a handler that takes any method, even one HTTP never defined."""
+
+    def __contains__(self, method: object) -> bool:
+        return True
+
+
+@stream_request_body
 class FlextypeResponses(FlextypeErrors):
     """What every response of the service shares: Flextype's CORS headers, an
     empty answer to OPTIONS, Flextype's JSON body for every error, and a count
-    of every request and of every failed authentication."""
+    of every request and of every failed authentication.
+
+    Every route streams its body, so :meth:`prepare` runs as soon as the headers
+    are in: a wrong method (405), malformed framing (400), an encoded body (415) or
+    a declared body over ``service.max_body_size`` (413) is answered before a
+    byte of the body is read and before any credential is looked at. A body
+    that streams past the limit is answered with 413 as soon as it does.
+    """
+
+    _received = 0
+    _too_large = False
 
     def set_default_headers(self) -> None:
         # Runs before initialize(), so the settings come from the application.
@@ -54,10 +97,52 @@ class FlextypeResponses(FlextypeErrors):
         self.finish()
 
     def allowed_methods(self) -> list[str]:
-        return [m for m in ("GET", "POST") if self._implements(m)] + ["OPTIONS"]
+        methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        return [m for m in methods if self._implements(m)] + ["OPTIONS"]
 
     def _implements(self, method: str) -> bool:
         return getattr(type(self), method.lower()) is not getattr(RequestHandler, method.lower())
+
+    async def prepare(self) -> None:
+        method = self.request.method or ""
+        if method != "OPTIONS" and method not in self.allowed_methods():
+            raise HTTPError(405)
+        headers = self.request.headers
+        declared = declared_length(headers)
+        if "Transfer-Encoding" in headers and (
+                declared is not None or headers["Transfer-Encoding"].strip().lower() != "chunked"):
+            raise ApiError(400, Reason.BAD_TRANSFER_ENCODING)
+        if headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # Never decompressed: a small gzip body can inflate a thousandfold.
+            raise ApiError(415, Reason.UNSUPPORTED_ENCODING)
+        if declared is not None and declared > self._limit:
+            self._too_large = True
+            raise ApiError(413, Reason.BODY_TOO_LARGE)
+
+    @property
+    def _limit(self) -> int:
+        return int(self.application.settings["max_body_size"])
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(chunk)
+        if self._received <= self._limit:
+            self.keep(chunk)
+            return
+        self._too_large = True
+        self.keep(None)
+        if not self._finished:
+            # Tornado does not route an exception raised here to send_error: the
+            # connection would log it and close without an answer. So take the
+            # two steps a raised ApiError takes, by hand.
+            error = ApiError(413, Reason.BODY_TOO_LARGE)
+            exc_info = (type(error), error, None)
+            self.log_exception(*exc_info)
+            self.send_error(error.status_code, exc_info=exc_info)
+
+    def keep(self, chunk: bytes | None) -> None:
+        """A chunk of the body (None: forget what was kept). Routes that read no body drop it."""
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if status_code == 405:
@@ -77,56 +162,34 @@ class FlextypeResponses(FlextypeErrors):
         super().log_exception(typ, value, tb)
 
     def on_finish(self) -> None:
-        """Count the response by route pattern (never the raw path), method and status."""
+        """Count the response by route pattern (never the raw path), method and status,
+        and make sure no byte of a body left unread is ever parsed."""
+        # An answer sent before the body was read makes Tornado close the connection
+        # (HTTP1Connection.finish), but only after it has parsed the body's framing,
+        # which it would refuse a second time, with a log line of its own. The body is
+        # never read now, so frame it as empty: none of its bytes is ever parsed.
+        self.request.headers.pop("Transfer-Encoding", None)
+        self.request.headers["Content-Length"] = "0"
         metrics = self._metrics
         if metrics is not None:
             route = self.application.settings["route_names"].get(type(self), "unmatched")
             metrics.http_requests.labels(route, self.request.method, str(self.get_status())).inc()
 
 
-@stream_request_body
 class BaseHandler(FlextypeResponses):
-    """CORS, Flextype error bodies, a bounded body and credential-free logging.
-
-    Bodies are streamed so that one over ``service.max_body_size`` is answered
-    with 413 as soon as it is known to be too large, without buffering it.
-    """
+    """A route of the API: the service, a bounded body, Flextype's parameters and token check."""
 
     service: Service
 
     def initialize(self, service: Service) -> None:
         self.service = service
         self._chunks: list[bytes] = []
-        self._size = 0
-        self._too_large = False
 
-    @property
-    def _limit(self) -> int:
-        return self.service.settings.service.max_body_size
-
-    async def prepare(self) -> None:
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self._limit:
-            self._too_large = True
-            raise ApiError(413, Reason.BODY_TOO_LARGE)
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._too_large:
-            return
-        self._size += len(chunk)
-        if self._size <= self._limit:
+    def keep(self, chunk: bytes | None) -> None:
+        if chunk is None:
+            self._chunks.clear()
+        else:
             self._chunks.append(chunk)
-            return
-        self._too_large = True
-        self._chunks.clear()
-        if not self._finished:
-            # Tornado does not route an exception raised here to send_error: the
-            # connection would log it and close without an answer. So take the
-            # two steps a raised ApiError takes, by hand.
-            error = ApiError(413, Reason.BODY_TOO_LARGE)
-            exc_info = (type(error), error, None)
-            self.log_exception(*exc_info)
-            self.send_error(error.status_code, exc_info=exc_info)
 
     def params(self) -> dict[str, Any]:
         """Query and body parameters, merged the Flextype way."""
@@ -150,11 +213,23 @@ class BaseHandler(FlextypeResponses):
 
 
 class NotFoundHandler(BaseHandler):
-    """Unknown routes: Flextype's 404 body."""
+    """Unknown routes: Flextype's 404 body, whatever the method (not 405: no method is allowed here)."""
+
+    SUPPORTED_METHODS = _EveryMethod(RequestHandler.SUPPORTED_METHODS)
 
     async def prepare(self) -> None:
         if self.request.method != "OPTIONS":
             raise HTTPError(404)
+
+
+class UnreadableRequestHandler(BaseHandler):
+    """A request Tornado refused to build: a query string of more than 1,000 fields, a
+    missing or malformed ``Host``. Flextype's 400, through the one error path."""
+
+    SUPPORTED_METHODS = _EveryMethod(RequestHandler.SUPPORTED_METHODS)
+
+    async def prepare(self) -> None:
+        raise ApiError(400, Reason.UNREADABLE_REQUEST)
 
 
 class ClearHandler(BaseHandler):
@@ -162,12 +237,6 @@ class ClearHandler(BaseHandler):
 
     def allowed_methods(self) -> list[str]:
         return [*self.service.settings.api.cache.methods, "OPTIONS"]
-
-    async def prepare(self) -> None:
-        method = self.request.method or ""
-        if method != "OPTIONS" and method not in self.service.settings.api.cache.methods:
-            raise HTTPError(405)
-        await super().prepare()
 
     async def post(self) -> None:
         if self._too_large:
@@ -218,7 +287,7 @@ class RecordHandler(BaseHandler):
     """Base of the read endpoints: Flextype's token check, without consuming a call."""
 
     async def prepare(self) -> None:
-        await super().prepare()
+        await super().prepare()  # the method first: a PUT is 405 whatever its credentials
         if self.request.method == "OPTIONS":
             return
         # The body has not arrived yet: read endpoints take credentials from the query.

@@ -18,6 +18,7 @@ from cachebus.metrics import MetricsHandler
 
 from .events import ClearAcked, ClearCompleted, ClearPublished, Event, EventLog, WorkerPurged, WorkerStateChanged
 from .handlers import FlextypeResponses
+from .limits import TIMED_PHASES, Refusal
 from .record import Record, WorkerState
 
 #: Seconds; from a loopback millisecond to a worker that took half a minute.
@@ -64,6 +65,18 @@ class ServiceMetrics:
                                      ["reason"], registry=r)
         self.http_requests = Counter("cachebus_http_requests", "HTTP requests by route, method and status",
                                      ["route", "method", "status"], registry=r)
+        self.http_connections_refused = Counter(
+            "cachebus_http_connections_refused",
+            "Connections closed as soon as accepted: http.max_connections open (limit), or no file descriptor "
+            "left (descriptors)", ["reason"], registry=r)
+        self.http_connections_timed_out = Counter(
+            "cachebus_http_connections_timed_out",
+            "Connections closed for taking too long: to send headers (header), a body (body), or a next request "
+            "(idle)", ["phase"], registry=r)
+        for refusal in Refusal:  # every series from the start, at 0
+            self.http_connections_refused.labels(refusal.value)
+        for phase in TIMED_PHASES:
+            self.http_connections_timed_out.labels(phase.value)
         r.register(_StateCollector(record, events))
         events.listeners.append(self.observe)
 

@@ -3,7 +3,9 @@
 Flextype merges the parsed body over the query string, so a body value wins.
 The body may be JSON or form-encoded (urlencoded or multipart). Anything that
 does not parse raises an :class:`~cachebus.service.errors.ApiError` 400, never a 500;
-the handler lets it propagate.
+the handler lets it propagate. Every byte here comes from the network: a parser's
+own exception (Tornado's ``HTTPInputError``, ``RecursionError`` from JSON nested a
+thousand deep, ``OverflowError`` from a number too large for a float) is a 400 too.
 """
 
 from __future__ import annotations
@@ -11,9 +13,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tornado.httputil import HTTPServerRequest, parse_body_arguments
+from tornado.httputil import (
+    HTTPInputError,
+    HTTPServerRequest,
+    ParseBodyConfig,
+    ParseMultipartConfig,
+    ParseUrlEncodedConfig,
+    parse_body_arguments,
+)
 
 from .errors import ApiError, Reason
+
+#: Most fields a form body may have, and most parts a multipart body may have. The clear
+#: reads four; 1,000 is PHP's ``max_input_vars`` (so any body Flextype reads whole, this
+#: reads whole) and Tornado's own cap on a query string's fields. More is a 400.
+MAX_FIELDS = 1000
+
+_FORM_LIMITS = ParseBodyConfig(multipart=ParseMultipartConfig(max_parts=MAX_FIELDS),
+                               urlencoded=ParseUrlEncodedConfig(max_arguments=MAX_FIELDS))
 
 
 def _last_values(arguments: dict[str, list[bytes]]) -> dict[str, Any]:
@@ -34,14 +51,20 @@ def body_params(request: HTTPServerRequest) -> dict[str, Any]:
             not content_type and body.lstrip()[:1] == b"{"):
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ApiError(400, Reason.MALFORMED_JSON) from None
         if not isinstance(data, dict):
             raise ApiError(400, Reason.JSON_NOT_OBJECT)
         return data
     arguments: dict[str, list[bytes]] = {}
     files: dict[str, Any] = {}
-    parse_body_arguments(content_type, body, arguments, files, request.headers)
+    if body.count(b"&") >= MAX_FIELDS and content_type.startswith("application/x-www-form-urlencoded"):
+        raise ApiError(400, Reason.TOO_MANY_FIELDS)  # the count parse_qs refuses, named for the log
+    try:
+        # No headers: a Content-Encoding was refused before the body was read (415).
+        parse_body_arguments(content_type, body, arguments, files, config=_FORM_LIMITS)
+    except HTTPInputError:
+        raise ApiError(400, Reason.MALFORMED_FORM) from None
     return _last_values(arguments)
 
 
@@ -75,7 +98,7 @@ def wait_timeout(params: dict[str, Any], default: float, maximum: float) -> floa
             if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
                 raise ValueError
             timeout = float(raw)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: a JSON integer beyond any float
             raise ApiError(400, Reason.TIMEOUT_NOT_A_NUMBER) from None
         if not 0 < timeout <= maximum:  # also refuses NaN
             raise ApiError(400, Reason.TIMEOUT_OUT_OF_RANGE)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from cachebus.service.app import Service, make_app
+from cachebus.service.app import Service, make_app, make_server
 from cachebus.settings import Settings
 from cachebus.testing import Cluster, copy_demo_content, create_token, free_ports
 
@@ -83,3 +83,13 @@ def service(io_loop: Any, settings: Settings) -> Iterator[Service]:
 @pytest.fixture
 def app(service: Service) -> Any:
     return make_app(service)
+
+
+@pytest.fixture
+def http_server(request: Any, io_loop: Any, app: Any, service: Service, _unused_port: Any) -> Iterator[Any]:
+    """pytest-tornado's server fixture, but the server ``cachebus serve`` runs: with the ``http.*`` limits."""
+    server = make_server(service, app)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=request.config.option.async_test_timeout)
