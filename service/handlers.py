@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cachebus.api")
 
+#: Methods counted under their own name; any other is counted as ``other``, so a
+#: client inventing methods cannot grow the number of metric series without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+
 
 #: A ``Content-Length`` value: ASCII digits only. ``str.isdigit`` also accepts ``²`` and ``٣``,
 #: which ``int`` then refuses.
@@ -173,7 +177,8 @@ class FlextypeResponses(FlextypeErrors):
         metrics = self._metrics
         if metrics is not None:
             route = self.application.settings["route_names"].get(type(self), "unmatched")
-            metrics.http_requests.labels(route, self.request.method, str(self.get_status())).inc()
+            method = self.request.method if self.request.method in HTTP_METHODS else "other"
+            metrics.http_requests.labels(route, method, str(self.get_status())).inc()
 
 
 class BaseHandler(FlextypeResponses):
