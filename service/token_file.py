@@ -69,15 +69,26 @@ MAX_TOKEN_FILE = 1 << 20
 #: Deeper nesting is refused as invalid. Flextype's token files are flat; a deep
 #: one would only exhaust the recursion of the YAML emitter when we write it back.
 MAX_DEPTH = 32
-#: Times a file that does not parse, or lacks Flextype's fields, is read before
-#: it counts as invalid, and the first pause between two reads (doubled each
-#: time): about 30 ms in all, far longer than a PHP truncate-then-write takes.
-READ_ATTEMPTS = 6
+#: Seconds a file that does not parse, or lacks Flextype's fields, is read
+#: again while it is empty or changing, before it counts as invalid; and the
+#: first and the longest pause between two reads. A PHP truncate-then-write
+#: leaves the file empty for microseconds, but one rewriting in a loop on a
+#: journalling file system keeps it empty most of the time, for up to tens of
+#: milliseconds at once: many short pauses find a moment it is whole. The
+#: store remembers a file found invalid, so this is spent once per change.
+READ_PATIENCE = 1.0
 READ_BACKOFF = 0.001
+READ_BACKOFF_MAX = 0.004
+#: Reads that find a non-empty invalid file unchanged (same signature) before
+#: it counts as invalid without waiting out the patience.
+SETTLED_READS = 2
 #: How long a reader waits for a writer's exclusive lock before it reads anyway:
 #: our own writes replace the file atomically, so the lock only guards against
-#: in-place writers, and a stuck lock holder must not stall every request.
-SHARED_LOCK_WAIT = 0.5
+#: in-place writers (and re-reading still does), and a stuck lock holder must
+#: not stall reads for ever. The wait polls, every :data:`SHARED_LOCK_POLL` at
+#: most: a writer that takes the lock again at once would starve a blocked reader.
+SHARED_LOCK_WAIT = 2.0
+SHARED_LOCK_POLL = 0.0005
 #: The mode of a new token file: it holds a hash, so only its owner reads it.
 NEW_FILE_MODE = 0o600
 
@@ -92,12 +103,15 @@ class UnreadableFile(TokenError):
     """An invalid token file that could not be parsed, with the signature of the very file read.
 
     The store remembers that signature, so that the same broken file is
-    refused at once next time rather than read again :data:`READ_ATTEMPTS` times.
+    refused at once next time rather than read again. Not when the read found
+    no bytes (``empty``): that is what a torn write looks like, and the file's
+    size as ``fstat`` saw it a moment before may be the whole file's.
     """
 
-    def __init__(self, signature: Signature) -> None:
+    def __init__(self, signature: Signature, *, empty: bool) -> None:
         super().__init__(Refusal.INVALID_TOKEN_FILE)
         self.signature = signature
+        self.empty = empty
 
 
 class Signature(NamedTuple):
@@ -161,26 +175,50 @@ def _directory(directory: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def read(path: Path, *, lock: bool = True, attempts: int = READ_ATTEMPTS) -> tuple[TokenData, Signature]:
+def read(path: Path, *, lock: bool = True, patience: float = READ_PATIENCE) -> tuple[TokenData, Signature]:
     """The parsed token file and the signature of the very file parsed.
 
     With ``lock`` the file is read under a shared ``flock``; pass False when
     the caller already holds the exclusive one (:func:`locked`). A file that
-    does not parse or lacks Flextype's fields is read up to ``attempts`` times,
-    and then the last outcome stands, so step 4 still decides in Flextype's order.
+    does not parse or lacks Flextype's fields is read again, for up to
+    ``patience`` seconds while it is empty or changing, and then the last
+    outcome stands, so step 4 still decides in Flextype's order. A file that
+    stays the same for :data:`SETTLED_READS` more reads is what it is: a broken
+    file costs a few milliseconds, not the whole patience.
     """
+    deadline = time.monotonic() + patience
+    delay = READ_BACKOFF
+    previous: Signature | None = None
+    unchanged = 0
     with _directory(path.parent) as dir_fd:
-        for attempt in range(attempts):
+        while True:
+            last = time.monotonic() >= deadline
+            error: UnreadableFile | None = None
             try:
                 data, sig = _read_once(dir_fd, path.name, lock=lock)
-                if attempt + 1 < attempts:
-                    check_fields(data)
-                return data, sig
-            except TokenError as exc:
-                if exc.reason is not Refusal.INVALID_TOKEN_FILE or attempt + 1 >= attempts:
+            except UnreadableFile as exc:
+                if last:
                     raise
-            time.sleep(READ_BACKOFF * 2 ** attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
+                error, sig = exc, exc.signature
+            else:
+                if last or _has_fields(data):
+                    return data, sig
+            unchanged = unchanged + 1 if sig == previous else 0
+            previous = sig
+            if (error is None or not error.empty) and unchanged >= SETTLED_READS:
+                if error is not None:
+                    raise error
+                return data, sig
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, READ_BACKOFF_MAX)
+
+
+def _has_fields(data: TokenData) -> bool:
+    try:
+        check_fields(data)
+    except TokenError:
+        return False
+    return True
 
 
 def _read_once(dir_fd: int, name: str, *, lock: bool) -> tuple[TokenData, Signature]:
@@ -203,18 +241,18 @@ def _read_once(dir_fd: int, name: str, *, lock: bool) -> tuple[TokenData, Signat
                 raw = f.read(MAX_TOKEN_FILE + 1)
         finally:
             os.close(fd)
-    read_signature = Signature.of(st)
+    unreadable = UnreadableFile(Signature.of(st), empty=not raw)
     if len(raw) > MAX_TOKEN_FILE:
-        raise UnreadableFile(read_signature)
+        raise unreadable
     # RecursionError: PyYAML's pure-Python parser recurses on deeply nested
     # collections (libyaml stops at a depth limit with a YAMLError instead).
     try:
         data = yaml.load(raw, Loader=_Loader)
     except (yaml.YAMLError, RecursionError):
-        raise UnreadableFile(read_signature) from None
+        raise unreadable from None
     if not isinstance(data, dict) or _too_deep(data):
-        raise UnreadableFile(read_signature)
-    return data, read_signature
+        raise unreadable
+    return data, unreadable.signature
 
 
 def _too_deep(data: Any) -> bool:
@@ -272,7 +310,7 @@ def _shared_lock(dir_fd: int) -> Iterator[None]:
         return
     try:
         deadline = time.monotonic() + SHARED_LOCK_WAIT
-        delay = READ_BACKOFF
+        delay = SHARED_LOCK_POLL / 8
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -281,7 +319,7 @@ def _shared_lock(dir_fd: int) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     break  # read anyway: see SHARED_LOCK_WAIT
                 time.sleep(delay)
-                delay = min(delay * 2, 0.02)
+                delay = min(delay * 2, SHARED_LOCK_POLL)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -314,8 +314,9 @@ class TokenStore:
         try:
             data, signature = token_file.read(path, lock=lock)
         except UnreadableFile as exc:
-            with self._lock:
-                self._parsed[token] = (exc.signature, None)
+            if not exc.empty:  # an empty read may be a torn write of a file with that very signature
+                with self._lock:
+                    self._parsed[token] = (exc.signature, None)
             raise
         with self._lock:
             self._parsed[token] = (signature, dict(data))
