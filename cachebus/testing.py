@@ -219,6 +219,8 @@ while not os.path.exists(stop):
     if lock is not None:
         os.close(lock)
     rounds += 1
+    if rounds == 1:
+        print("writing", flush=True)
 print(rounds, flush=True)
 """
 
@@ -243,6 +245,11 @@ class InPlaceWriter:
                                       str(self.stop_file)], stdout=subprocess.PIPE, text=True)
 
     def __enter__(self) -> InPlaceWriter:
+        """Returns once the writer has done its first round, so that it runs all along."""
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "writing":
+            self.__exit__()
+            raise AssertionError("the in-place writer did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -255,6 +262,8 @@ class InPlaceWriter:
                 self.proc.wait()
             self.stop_file.unlink()
         self.rounds = int(out.strip() or 0)
+        if self.proc.returncode and not any(exc):
+            raise AssertionError(f"the in-place writer exited with {self.proc.returncode}")
 
 
 def copy_demo_content(target: Path) -> Path:

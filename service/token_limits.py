@@ -109,15 +109,26 @@ class FailureLog:
         self._clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def retry_after(self, address: str) -> int:
-        """Whole seconds until ``address`` may try again; 0 when it is not slowed."""
+    def retry_after(self, address: str, pending: int = 0) -> int:
+        """Whole seconds until ``address`` may try again; 0 when it is not slowed.
+
+        ``pending`` counts the address's attempts under way, as if each were
+        to fail: however many it sends at once, it gets at most ``limit``
+        attempts per window, not ``limit`` plus whatever was in flight when the
+        last one failed. While only those keep it over, it may retry in a second.
+        """
+        if self.limit <= 0:
+            return 0
         times = self._failures.get(address)
-        if times is None or len(times) < self.limit:
+        if times is None:
+            return 0 if pending < self.limit else 1
+        now = self._clock()
+        recent = sum(1 for t in times if t > now - self.window)
+        if recent + pending < self.limit:
             return 0
-        wait = times[0] + self.window - self._clock()
-        if wait <= 0:
-            return 0
-        return max(1, math.ceil(wait))
+        if recent < self.limit:
+            return 1
+        return max(1, math.ceil(times[0] + self.window - now))
 
     def failed(self, address: str) -> None:
         """Record one failed authentication of ``address``."""

@@ -37,6 +37,7 @@ failure carries a :class:`~.token_rules.Refusal` only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import os
@@ -108,6 +109,7 @@ class TokenStore:
         self._flushing: dict[str, asyncio.Future[None]] = {}
         # Verifications under way, by verdict key: the same one asked again waits for it.
         self._verifying: dict[VerdictKey, asyncio.Future[bool]] = {}
+        self._verifying_by_address: collections.Counter[str] = collections.Counter()
         # authorize() calls under way, and whether close() was called; on the event loop.
         self._active = 0
         self._closed = False
@@ -207,13 +209,27 @@ class TokenStore:
             return
         key = verdict_key(token, access_token, hashed)
         verifying = self._verifying.get(key)
+        started = verifying is None
         if verifying is None:
+            # The address's verifications under way count as failures to come.
+            if slowed := self.failures.retry_after(address, self._verifying_by_address[address]):
+                raise Overloaded(Busy.FAILURES, slowed)
             verifying = asyncio.ensure_future(self.pool.run(address, functools.partial(self._bcrypt, access_token,
                                                                                           hashed)))
             self._verifying[key] = verifying
             verifying.add_done_callback(functools.partial(self._verify_done, key))
-        # shield: a caller that goes away does not cancel the others' verification.
-        if not await asyncio.shield(verifying):
+            self._verifying_by_address[address] += 1
+        try:
+            # shield: a caller that goes away does not cancel the others' verification.
+            verified = await asyncio.shield(verifying)
+        finally:
+            if started:
+                # Here, not when the verification ends: authorize() records the
+                # failure in this same step, so no one sees it neither under way nor failed.
+                self._verifying_by_address[address] -= 1
+                if not self._verifying_by_address[address]:
+                    del self._verifying_by_address[address]
+        if not verified:
             raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
         self._memo.remember(token, access_token, hashed)
 

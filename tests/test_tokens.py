@@ -689,8 +689,9 @@ def test_the_cost_ceiling_is_a_setting(tokens: Path) -> None:
 # --- the abuse limits, through the store ---------------------------------------------
 
 
-def limited_store(tokens: Path, **pool: int) -> TokenStore:
-    return TokenStore(tokens, pool=BcryptPool(**pool) if pool else None, failures=FailureLog(limit=3, window=60))
+def limited_store(tokens: Path, failures: int = 3, **pool: int) -> TokenStore:
+    return TokenStore(tokens, pool=BcryptPool(**pool) if pool else None,
+                      failures=FailureLog(limit=failures, window=60))
 
 
 def test_bcrypt_runs_on_its_own_threads_and_files_on_theirs(php_token: Path, tokens: Path) -> None:
@@ -738,6 +739,9 @@ def test_an_address_that_keeps_failing_is_slowed_and_its_owner_is_not(tokens: Pa
         assert await attempt("secret", "127.0.0.1") == "ok"  # remembered from here on
         attacker = [await attempt(f"guess-{i}", "127.0.0.2") for i in range(6)]
         assert attacker == ["wrong_access_token"] * 3 + ["too_many_failures"] * 3
+        # At once, the attempts under way count as failures to come: still 3 in all.
+        at_once = await asyncio.gather(*(attempt(f"again-{i}", "127.0.0.3") for i in range(6)))
+        assert sorted(at_once) == ["too_many_failures"] * 3 + ["wrong_access_token"] * 3
         calls = store.bcrypt_calls
         # Slowed: refused before the disk and bcrypt, whatever the token.
         assert await attempt("guess", "127.0.0.2") == "too_many_failures"
@@ -794,12 +798,13 @@ def test_concurrent_identical_verifications_share_one_bcrypt(tokens: Path) -> No
 
 def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None:
     write_token(tokens, "tok", hashed_access_token=bcrypt.hashpw(b"secret", bcrypt.gensalt(12)).decode())
-    store = limited_store(tokens, threads=1, queue=10, per_address=1, per_address_queue=10)
+    store = limited_store(tokens, failures=0, threads=1, queue=10, per_address=1, per_address_queue=10)
 
     async def main() -> list[object]:
         calls = [asyncio.ensure_future(store.authorize("tok", f"guess-{i}", consume=True, client="127.0.0.2"))
                  for i in range(8)]
         while store.pool.admitted < 8:
+            assert not any(call.done() for call in calls), calls
             await asyncio.sleep(0.001)
         store.close()
         return await asyncio.gather(*calls, return_exceptions=True)
