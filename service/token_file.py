@@ -425,7 +425,8 @@ def remove_stale_temporaries(tokens_dir: Path) -> int:
         try:
             removed += _remove_stale_in(tokens_dir / name)
         except (TokenError, OSError) as exc:
-            log.warning("could not clean token directory %s: %s", name, getattr(exc, "strerror", None) or exc)
+            # The directory's name is a token id, a credential: never logged.
+            log.warning("could not clean a token directory: %s", getattr(exc, "strerror", None) or exc)
     return removed
 
 

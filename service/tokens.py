@@ -225,7 +225,8 @@ class TokenStore:
         finally:
             if started:
                 # Here, not when the verification ends: authorize() records the
-                # failure in this same step, so no one sees it neither under way nor failed.
+                # failure in this same step, so there is no moment when another
+                # request would count it as neither under way nor failed.
                 self._verifying_by_address[address] -= 1
                 if not self._verifying_by_address[address]:
                     del self._verifying_by_address[address]
