@@ -42,6 +42,10 @@ def _positive(value: float) -> bool:
     return value > 0
 
 
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
 def _endpoint(value: str) -> bool:
     return value.startswith(("tcp://", "ipc://", "inproc://"))
 
@@ -86,8 +90,22 @@ class CacheApiSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """The ceiling on abuse of the credentials (docs/security.md, "Credentials and abuse")."""
+
+    bcrypt_threads: int = field(default=4, metadata=_check(_positive, "a positive thread count"))
+    bcrypt_queue: int = field(default=64, metadata=_check(_non_negative, "a count >= 0"))
+    per_address: int = field(default=1, metadata=_check(_positive, "a positive count"))
+    per_address_queue: int = field(default=8, metadata=_check(_non_negative, "a count >= 0"))
+    failures: int = field(default=10, metadata=_check(_non_negative, "a count >= 0 (0: never slowed)"))
+    failure_window: float = field(default=60.0, metadata=_check(_positive, "a positive number of seconds"))
+
+
+@dataclass(frozen=True)
 class ApiSettings:
     cache: CacheApiSettings = field(default_factory=CacheApiSettings)
+    max_bcrypt_cost: int = field(default=14, metadata=_check(lambda v: 4 <= v <= 31, "a bcrypt cost 4-31"))
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,69 @@ def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:
     return created.token, created.access_token
 
 
+_IN_PLACE_WRITER = r"""
+import fcntl, os, sys
+path, lock_path, use_lock, stop = sys.argv[1], sys.argv[2], sys.argv[3] == "lock", sys.argv[4]
+rounds = 0
+while not os.path.exists(stop):
+    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644) if use_lock else None
+    if lock is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = os.open(path, os.O_RDWR)
+    data = os.read(fd, 1 << 20)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.close(fd)
+    if lock is not None:
+        os.close(lock)
+    rounds += 1
+    if rounds == 1:
+        print("writing", flush=True)
+print(rounds, flush=True)
+"""
+
+
+class InPlaceWriter:
+    """A process that rewrites a token file in place, in a tight loop, as Flextype's PHP does.
+
+    Each round truncates the file, then writes it back: between the two, a
+    reader finds it empty. With ``lock`` each round holds the token's
+    exclusive lock, as a careful in-place writer would; without, it takes no
+    lock at all, as PHP's ``file_put_contents`` does. It reads and writes
+    through one descriptor, so a rename over the path meanwhile (a count we
+    wrote) is never undone: torn reads, never lost updates. Use as a context
+    manager; ``rounds`` is set on exit.
+    """
+
+    def __init__(self, path: Path, *, lock: bool) -> None:
+        self.stop_file = path.parent / f"stop-writer-{os.getpid()}"
+        self.rounds = 0
+        self.proc = subprocess.Popen([sys.executable, "-c", _IN_PLACE_WRITER, str(path),
+                                      str(path.parent / ".token.yaml.lock"), "lock" if lock else "nolock",
+                                      str(self.stop_file)], stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> InPlaceWriter:
+        """Returns once the writer has done its first round, so that it runs all along."""
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "writing":
+            self.__exit__()
+            raise AssertionError("the in-place writer did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_file.touch()
+        try:
+            out, _ = self.proc.communicate(timeout=DEADLINE)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.stop_file.unlink()
+        self.rounds = int(out.strip() or 0)
+        if self.proc.returncode and not any(exc):
+            raise AssertionError(f"the in-place writer exited with {self.proc.returncode}")
+
+
 def copy_demo_content(target: Path) -> Path:
     """The demo entries (Flextype's layout) copied to ``target``, which must not exist."""
     copy_tree(demo_content(), target)

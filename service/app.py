@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import tornado.web
 import zmq
@@ -41,6 +40,7 @@ from .metrics import ServiceMetrics, ServiceMetricsHandler
 from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
 from .publisher import Publisher
 from .record import Record
+from .token_limits import BcryptPool, FailureLog
 from .tokens import TokenStore
 
 log = logging.getLogger("cachebus.service")
@@ -58,6 +58,9 @@ class Service:
     events: EventLog
     metrics: ServiceMetrics
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    #: Seconds :meth:`stop` gives the requests it answers to be written.
+    STOP_GRACE: ClassVar[float] = 0.5
 
     @classmethod
     def create(cls, settings: Settings, ctx: zmq.asyncio.Context) -> Service:
@@ -78,8 +81,14 @@ class Service:
         acks = AckListener(ctx, bus.acks, codec, record,
                            position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm,
                            heartbeat=bus.heartbeat_interval)
-        executor = ThreadPoolExecutor(settings.service.auth_threads, thread_name_prefix="cachebus-auth")
-        tokens = TokenStore(settings.service.tokens_dir, executor=executor)
+        auth = settings.api.auth
+        tokens = TokenStore(settings.service.tokens_dir, io_threads=settings.service.auth_threads,
+                            pool=BcryptPool(auth.bcrypt_threads, auth.bcrypt_queue, auth.per_address,
+                                            auth.per_address_queue),
+                            failures=FailureLog(auth.failures, auth.failure_window),
+                            max_bcrypt_cost=settings.api.max_bcrypt_cost)
+        if removed := tokens.remove_stale_temporaries():
+            log.info("removed %d temporary token file(s) left by a killed writer", removed)
         return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
                    events=events, metrics=ServiceMetrics(record, events))
 
@@ -99,6 +108,11 @@ class Service:
             self.record.sweep()
 
     async def stop(self) -> None:
+        """Stop at once, whatever is queued: bcrypt and file work that has not
+        started is cancelled, and the requests waiting for it are answered."""
+        # First, so that the requests it answers are written while the loop runs.
+        self.tokens.close()
+        await self.tokens.wait_idle(self.STOP_GRACE)
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -106,7 +120,6 @@ class Service:
                 await task
         self.publisher.close()
         self.acks.close()
-        self.tokens.close()
 
 
 class _BuildOrRefuse(httputil.HTTPMessageDelegate):

@@ -18,12 +18,15 @@ import enum
 import http.client
 import json
 import logging
+import time
+import weakref
 from types import TracebackType
 from typing import Any
 
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import Application, HTTPError, RequestHandler
 
 from .accesslog import redact_uri
+from .token_limits import Busy
 from .token_rules import Refusal
 
 #: The content type of every JSON answer, errors and successes alike.
@@ -36,7 +39,9 @@ _MESSAGES = {
     405: ("Method Not Allowed", "The requested method is not allowed for this endpoint"),
     413: ("Payload Too Large", "The request body is larger than this endpoint accepts"),
     415: ("Unsupported Media Type", "The request body's encoding is not supported"),
+    429: ("Too Many Requests", "Too many requests; retry after the number of seconds in Retry-After"),
     500: ("Internal Server Error", "The server could not complete the request"),
+    503: ("Service Unavailable", "The service is stopping; retry after the number of seconds in Retry-After"),
 }
 
 
@@ -79,6 +84,14 @@ class Reason(enum.StrEnum):
     MISSING_BEARER_TOKEN = "missing_bearer_token"
     #: ``/metrics``: a bearer token that is not ``metrics.token``.
     WRONG_BEARER_TOKEN = "wrong_bearer_token"
+    #: 429: the client's address failed to authenticate too often lately (``api.auth.failures``).
+    TOO_MANY_FAILURES = "too_many_failures"
+    #: 429: the client's address has its share of bcrypt, and its queue is full (``api.auth.per_address*``).
+    ADDRESS_BUSY = "address_busy"
+    #: 429: bcrypt's queue is full (``api.auth.bcrypt_queue``).
+    BCRYPT_BUSY = "bcrypt_busy"
+    #: 503: the service is stopping, and the request's work was cancelled.
+    STOPPING = "stopping"
 
 
 #: Bodies whose message says more than the status's usual one.
@@ -95,7 +108,22 @@ REFUSAL_STATUS: dict[Refusal, int] = {
     Refusal.LIMIT_REACHED: 400,
     Refusal.NO_HASH: 401,
     Refusal.WRONG_ACCESS_TOKEN: 401,
+    # Like Flextype's other problems with the hash (none, or one that cannot verify).
+    Refusal.HASH_TOO_COSTLY: 401,
 }
+
+
+#: The one place a refusal of the abuse limits becomes an HTTP status and a reason.
+BUSY_ANSWER: dict[Busy, tuple[int, Reason]] = {
+    Busy.FAILURES: (429, Reason.TOO_MANY_FAILURES),
+    Busy.ADDRESS: (429, Reason.ADDRESS_BUSY),
+    Busy.POOL: (429, Reason.BCRYPT_BUSY),
+    Busy.STOPPING: (503, Reason.STOPPING),
+}
+
+#: Seconds between two warning lines for refusals a flood produces (those with
+#: ``Retry-After``): one line, then a count of the ones not logged.
+QUIET_SECONDS = 10.0
 
 
 class ApiError(HTTPError):
@@ -106,14 +134,17 @@ class ApiError(HTTPError):
     line's phrase, which stays the standard one. ``auth`` marks a failed
     authentication, which the service counts by ``why``. ``log_message`` adds
     an explanation for the operator to the warning line; like ``why``, it
-    never holds a credential.
+    never holds a credential. ``retry_after`` (seconds) is sent as the
+    ``Retry-After`` header, and makes the warning line rate-limited: such
+    refusals come in floods.
     """
 
     def __init__(self, status: int, why: Reason | Refusal, *, auth: bool = False,
-                 log_message: str | None = None) -> None:
+                 log_message: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(status, log_message)
         self.why = why
         self.auth = auth
+        self.retry_after = retry_after
 
 
 def error_body(status: int, message: str | None = None) -> bytes:
@@ -144,6 +175,8 @@ class FlextypeErrors(RequestHandler):
         """Flextype's body for ``status_code``; the one place an error body is written."""
         error = kwargs.get("exc_info", (None, None, None))[1]
         message = _REASON_MESSAGES.get(error.why) if isinstance(error, ApiError) else None
+        if isinstance(error, ApiError) and error.retry_after is not None:
+            self.set_header("Retry-After", str(error.retry_after))
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(error_body(status_code, message))
 
@@ -157,6 +190,13 @@ class FlextypeErrors(RequestHandler):
         request = self.request
         if isinstance(value, ApiError):
             explained = value.get_message()
+            if value.retry_after is not None:
+                quiet = _quiet.setdefault(self.application, _Quiet())
+                unlogged = quiet.unlogged(value.why)
+                if unlogged is None:
+                    return
+                if unlogged:
+                    explained = f"{explained + '; ' if explained else ''}{unlogged} more since the last such line"
             self.error_log.warning("%s %s -> %d (%s) from %s%s", request.method, request.path, value.status_code,
                                    value.why, request.remote_ip, f": {explained}" if explained else "")
         elif isinstance(value, HTTPError):
@@ -167,3 +207,24 @@ class FlextypeErrors(RequestHandler):
 
     def _request_summary(self) -> str:
         return f"{self.request.method} {redact_uri(self.request.uri or '')} ({self.request.remote_ip})"
+
+
+class _Quiet:
+    """At most one line per reason every :data:`QUIET_SECONDS`, for one application."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def unlogged(self, why: str) -> int | None:
+        """None: do not log this one. Else log it, with how many were not logged since the last line."""
+        now = time.monotonic()
+        last = self._last.get(why)
+        if last is not None and now - last < QUIET_SECONDS:
+            self._unlogged[why] = self._unlogged.get(why, 0) + 1
+            return None
+        self._last[why] = now
+        return self._unlogged.pop(why, 0)
+
+
+_quiet: weakref.WeakKeyDictionary[Application, _Quiet] = weakref.WeakKeyDictionary()

@@ -24,10 +24,11 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from .errors import CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
+from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventKind, EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
 from .record import WorkerState
+from .token_limits import Overloaded
 from .token_rules import TokenError
 
 if TYPE_CHECKING:
@@ -207,14 +208,23 @@ class BaseHandler(FlextypeResponses):
         self.finish(json.dumps(data, separators=(",", ":")))
 
     async def authorize(self, params: dict[str, Any], *, consume: bool) -> None:
-        """Flextype's validation steps 1 to 6; raises :class:`ApiError`."""
+        """Flextype's validation steps 1 to 6, within the abuse limits; raises :class:`ApiError`.
+
+        The limits count by the client's address (``remote_ip``, the socket's
+        peer): a refusal of them is a 429 with ``Retry-After``, counted with
+        the failed authentications.
+        """
         token, access_token = credentials(params)
         if not self.service.settings.api.cache.enabled:
             raise ApiError(400, Reason.API_DISABLED, auth=True)
         try:
-            await self.service.tokens.authorize(token, access_token, consume=consume)
+            await self.service.tokens.authorize(token, access_token, consume=consume,
+                                                client=self.request.remote_ip or "")
         except TokenError as exc:
             raise ApiError(REFUSAL_STATUS[exc.reason], exc.reason, auth=True) from None
+        except Overloaded as exc:
+            status, reason = BUSY_ANSWER[exc.why]
+            raise ApiError(status, reason, auth=status == 429, retry_after=exc.retry_after) from None
 
 
 class NotFoundHandler(BaseHandler):

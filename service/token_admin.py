@@ -75,7 +75,10 @@ def create_token(tokens_dir: str | os.PathLike[str], *, limit_calls: int = 0,
         "created_by": created_by,
     }
     path = directory / token_file.TOKEN_FILE
-    token_file.write(path, data)
+    # Under the lock like every write: a service starting meanwhile then leaves
+    # our temporary file alone (token_file.remove_stale_temporaries).
+    with token_file.locked(directory):
+        token_file.write(path, data)
     return CreatedToken(token=token, access_token=access_token, path=path)
 
 
@@ -123,7 +126,7 @@ def disable_token(tokens_dir: str | os.PathLike[str], token: str) -> None:
         directory = token_file.token_dir(Path(tokens_dir), token)
         with token_file.locked(directory):
             path = directory / token_file.TOKEN_FILE
-            data, _ = token_file.read(path)
+            data, _ = token_file.read(path, lock=False)  # we hold the exclusive lock
             data["state"] = TokenState.DISABLED.value
             token_file.write(path, data)
     except TokenError as exc:

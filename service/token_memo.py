@@ -27,11 +27,12 @@ MEMO_SIZE = 10_000
 #: Signatures of a token file the memo knows to be ours or already seen.
 KNOWN_SIGNATURES = 16
 
-# (token, sha256(access_token), hashed_access_token)
-_Key = tuple[str, bytes, str]
+#: (token, sha256(access_token), hashed_access_token)
+VerdictKey = tuple[str, bytes, str]
 
 
-def _key(token: str, access_token: str, hashed: str) -> _Key:
+def verdict_key(token: str, access_token: str, hashed: str) -> VerdictKey:
+    """What a verdict is remembered by: never the access token itself, only its SHA-256."""
     # surrogatepass: any str must hash, including a lone surrogate from a JSON body.
     return token, hashlib.sha256(access_token.encode("utf-8", "surrogatepass")).digest(), hashed
 
@@ -42,8 +43,8 @@ class VerdictMemo:
     def __init__(self, size: int = MEMO_SIZE) -> None:
         self.size = size
         self._lock = threading.Lock()
-        self._verdicts: OrderedDict[_Key, None] = OrderedDict()
-        self._by_token: dict[str, set[_Key]] = {}
+        self._verdicts: OrderedDict[VerdictKey, None] = OrderedDict()
+        self._by_token: dict[str, set[VerdictKey]] = {}
         # Per token, the file signatures the verdicts are known to agree with:
         # the last one read, plus the ones we wrote since. A deque of several,
         # not one, because group commit may write again while another thread
@@ -57,7 +58,7 @@ class VerdictMemo:
 
     def knows(self, token: str, access_token: str, hashed: str) -> bool:
         """Whether ``access_token`` is remembered to match ``hashed`` for ``token``."""
-        key = _key(token, access_token, hashed)
+        key = verdict_key(token, access_token, hashed)
         with self._lock:
             if key not in self._verdicts:
                 return False
@@ -66,7 +67,7 @@ class VerdictMemo:
 
     def remember(self, token: str, access_token: str, hashed: str) -> None:
         """Record a successful verification, dropping the least recently used past :attr:`size`."""
-        key = _key(token, access_token, hashed)
+        key = verdict_key(token, access_token, hashed)
         with self._lock:
             self._verdicts[key] = None
             self._verdicts.move_to_end(key)

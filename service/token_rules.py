@@ -8,7 +8,8 @@ answer: the HTTP layer maps each :class:`Refusal` to a status in one table
 The steps are Flextype's, and the caller runs them in Flextype's order:
 step 3 (the token exists) is the file's business (:mod:`.token_file`); step 4
 is :func:`check_fields`; step 5 is :func:`check_state` and, only for a call
-that counts, :func:`check_limit`; step 6 is :func:`stored_hash` and then
+that counts, :func:`check_limit`; step 6 is :func:`stored_hash`,
+:func:`check_cost` (cachebus's own ceiling, not Flextype's) and then
 :func:`.token_hash.password_verify`; step 7 (counting the call) is the store's
 write.
 
@@ -19,6 +20,7 @@ error table can name a :class:`Refusal` without pulling in bcrypt.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 #: A parsed ``token.yaml``: ``hashed_access_token``, ``state``, ``calls``,
@@ -38,6 +40,9 @@ class Refusal(enum.StrEnum):
     #: No ``hashed_access_token`` in the file.
     NO_HASH = "no_hash"
     WRONG_ACCESS_TOKEN = "wrong_access_token"
+    #: A bcrypt hash whose cost is above ``api.max_bcrypt_cost``: refused
+    #: without hashing, as one hash could take minutes.
+    HASH_TOO_COSTLY = "hash_too_costly"
 
 
 class TokenError(Exception):
@@ -55,6 +60,13 @@ class TokenState(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
 
+
+#: The default ``api.max_bcrypt_cost``: about a second per hash on a current
+#: core; Flextype writes cost 10, and each step doubles the time.
+DEFAULT_MAX_BCRYPT_COST = 14
+
+# $2$, $2a$, $2b$, $2x$ or $2y$, then the cost as two digits.
+_BCRYPT_COST = re.compile(r"\$2[abxy]?\$(\d\d)\$")
 
 #: The fields step 4 requires.
 REQUIRED_FIELDS = ("state", "limit_calls", "calls")
@@ -115,3 +127,16 @@ def stored_hash(data: TokenData) -> str:
     if not isinstance(hashed, str):
         raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
     return hashed
+
+
+def check_cost(hashed: str, max_cost: int = DEFAULT_MAX_BCRYPT_COST) -> None:
+    """Step 6, between the halves: refuse a bcrypt hash whose cost is above ``max_cost``.
+
+    bcrypt's time doubles with each step of the cost, and ``$2y$31$`` takes
+    days, so the hash is refused by reading its cost, never by running it.
+    Anything that does not look like bcrypt is left to ``password_verify``,
+    which refuses it at once.
+    """
+    match = _BCRYPT_COST.match(hashed)
+    if match is not None and int(match[1]) > max_cost:
+        raise TokenError(Refusal.HASH_TOO_COSTLY)

@@ -19,6 +19,13 @@ adds is speed without losing exactness:
   serves many requests and a busy token is not limited to one call per disk
   flush.
 
+And a ceiling on abuse (:mod:`.token_limits`): file reads and writes run on
+one executor, bcrypt on a :class:`~.token_limits.BcryptPool` of its own with
+a bounded queue and a share per client address, so doomed verifications never
+delay a remembered credential, and a client address that keeps failing is
+refused (:class:`~.token_limits.Overloaded`) without bcrypt. Identical
+verifications in flight at the same time share one bcrypt.
+
 The count stays exact across threads and across service processes sharing
 the directory: every write reads the file again under the token's lock and
 checks each call again against what it finds (state, limit, hash).
@@ -30,18 +37,24 @@ failure carries a :class:`~.token_rules.Refusal` only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import token_file, token_rules
-from .token_file import Signature
+from .token_file import Signature, UnreadableFile
 from .token_hash import password_verify
-from .token_memo import VerdictMemo
-from .token_rules import Refusal, TokenData, TokenError
+from .token_limits import FAILED_AUTHENTICATION, BcryptPool, Busy, FailureLog, Overloaded, address_key
+from .token_memo import VerdictKey, VerdictMemo, verdict_key
+from .token_rules import DEFAULT_MAX_BCRYPT_COST, Refusal, TokenData, TokenError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,20 +73,27 @@ class TokenStore:
 
     :meth:`check` is blocking and safe to call from several threads. The event
     loop uses :meth:`authorize`, which answers from memory when it can and
-    otherwise runs the blocking work on ``executor``, so that neither bcrypt
-    nor file I/O blocks the loop. Without an ``executor`` the store makes a
-    small one of its own, shut down by :meth:`close`.
+    otherwise reads files on ``executor`` and runs bcrypt on ``pool``, so that
+    neither blocks the loop. Without an ``executor`` the store makes one of
+    ``io_threads`` of its own; without a ``pool`` or ``failures``, default ones.
+    :meth:`close` shuts down what the store made, and the pool in any case.
 
     Creating, listing and disabling tokens are :mod:`.token_admin`'s.
     """
 
     def __init__(self, tokens_dir: str | os.PathLike[str],
-                 executor: concurrent.futures.Executor | None = None) -> None:
+                 executor: concurrent.futures.Executor | None = None, *, io_threads: int = 4,
+                 pool: BcryptPool | None = None, failures: FailureLog | None = None,
+                 max_bcrypt_cost: int = DEFAULT_MAX_BCRYPT_COST) -> None:
         self.tokens_dir = Path(tokens_dir)
         self._own_executor = executor is None
         if executor is None:
-            executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cachebus-auth")
+            executor = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads,
+                                                             thread_name_prefix="cachebus-auth-io")
         self._executor = executor
+        self.pool = pool if pool is not None else BcryptPool()
+        self.failures = failures if failures is not None else FailureLog()
+        self.max_bcrypt_cost = max_bcrypt_cost
         #: Actual bcrypt verifications, memo hits excluded.
         self.bcrypt_calls: int = 0
         #: Writes of token files that counted calls; fewer than calls under load.
@@ -81,30 +101,149 @@ class TokenStore:
         self._memo = VerdictMemo()
         # Guards _parsed and the two counters.
         self._lock = threading.Lock()
-        # Per token, the last parse of its file and that file's signature.
-        self._parsed: dict[str, tuple[Signature, TokenData]] = {}
+        # Per token, the last parse of its file and that file's signature; None
+        # for a file known not to parse, so it is not read again until it changes.
+        self._parsed: dict[str, tuple[Signature, TokenData | None]] = {}
         # Group commit state, touched only on the event loop thread.
         self._queued: dict[str, list[_Ticket]] = {}
         self._flushing: dict[str, asyncio.Future[None]] = {}
+        # Verifications under way, by verdict key: the same one asked again waits for it.
+        self._verifying: dict[VerdictKey, asyncio.Future[bool]] = {}
+        self._verifying_by_address: collections.Counter[str] = collections.Counter()
+        # authorize() calls under way, and whether close() was called; on the event loop.
+        self._active = 0
+        self._closed = False
 
     def close(self) -> None:
-        """Shut down the executor if this store created it."""
+        """Stop at once: refuse new work, answer what waits, never wait for bcrypt.
+
+        Queued bcrypt and file work never starts, and what awaits it gets
+        :class:`~.token_limits.Overloaded` (``STOPPING``). The executor is shut
+        down only if this store made it. Called on the event loop when it runs.
+        """
+        self._closed = True
+        self.pool.close()
         if self._own_executor:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def authorize(self, token: str, access_token: str, *, consume: bool) -> None:
-        """:meth:`check` for the event loop; raises :class:`TokenError`.
+    def remove_stale_temporaries(self) -> int:
+        """Remove the temporary files a killed writer left in the token directories; how many."""
+        return token_file.remove_stale_temporaries(self.tokens_dir)
 
-        Steps 3 to 6 run on ``executor`` unless :meth:`_remembered` can answer.
-        Counting calls (step 7) is group-committed: see :meth:`_count`.
+    async def authorize(self, token: str, access_token: str, *, consume: bool, client: str = "") -> None:
+        """:meth:`check` for the event loop, for a request from ``client`` (its address).
+
+        Raises :class:`TokenError`, or :class:`~.token_limits.Overloaded` when
+        the work is refused before it is done. Steps 3 to 6 are answered from
+        memory when :meth:`_remembered` can, else the file is read on
+        ``executor`` and bcrypt runs on the pool. Counting calls (step 7) is
+        group-committed: see :meth:`_count`. A refusal in
+        :data:`~.token_limits.FAILED_AUTHENTICATION` counts against ``client``.
+        """
+        address = address_key(client)
+        self._active += 1
+        try:
+            hashed = await self._authenticated(token, access_token, consume=consume, address=address)
+            if consume:
+                await self._count(token, _Ticket(access_token, hashed, asyncio.get_running_loop().create_future()))
+        except TokenError as exc:
+            if exc.reason in FAILED_AUTHENTICATION:
+                self.failures.failed(address)
+            raise
+        finally:
+            self._active -= 1
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait until no :meth:`authorize` is under way, at most ``timeout`` seconds.
+
+        After :meth:`close`, this lets the requests it answered be written
+        before the event loop stops.
         """
         loop = asyncio.get_running_loop()
-        hashed = self._remembered(token, access_token, consume=consume)
-        if hashed is None:
-            hashed = await loop.run_in_executor(
-                self._executor, functools.partial(self._authenticate, token, access_token, consume=consume))
-        if consume:
-            await self._count(token, _Ticket(access_token, hashed, loop.create_future()))
+        deadline = loop.time() + timeout
+        while self._active and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)  # one more turn: the answers are written as their handlers resume
+
+    async def _authenticated(self, token: str, access_token: str, *, consume: bool, address: str) -> str:
+        """Steps 3 to 6 for the event loop; returns the verified hash.
+
+        An address being slowed is refused before any file or bcrypt work,
+        unless memory alone can say that its credentials are right: a token's
+        owner behind the same address as a flood keeps working.
+        """
+        slowed = self.failures.retry_after(address)
+        try:
+            hashed = self._remembered(token, access_token, consume=consume)
+        except TokenError:
+            if slowed:
+                raise Overloaded(Busy.FAILURES, slowed) from None
+            raise
+        if hashed is not None:
+            return hashed
+        if slowed:
+            raise Overloaded(Busy.FAILURES, slowed)
+        hashed = await self._io(functools.partial(self._usable, token, consume=consume))
+        await self._verified(token, access_token, hashed, address)
+        return hashed
+
+    async def _io(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the file executor; :class:`Overloaded` once the store is closed."""
+        if self._closed:
+            raise Overloaded(Busy.STOPPING)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except asyncio.CancelledError:
+            if self._closed:  # cancelled by close(), not by our caller
+                raise Overloaded(Busy.STOPPING) from None
+            raise
+
+    async def _verified(self, token: str, access_token: str, hashed: str, address: str) -> None:
+        """Step 6's second half on the loop: remembered, or bcrypt on the pool within ``address``'s share.
+
+        The same verification asked again while one runs waits for that one:
+        a client that sends its first few requests at once pays bcrypt once,
+        and within its share only once.
+        """
+        if self._memo.knows(token, access_token, hashed):
+            return
+        key = verdict_key(token, access_token, hashed)
+        verifying = self._verifying.get(key)
+        started = verifying is None
+        if verifying is None:
+            # The address's verifications under way count as failures to come.
+            if slowed := self.failures.retry_after(address, self._verifying_by_address[address]):
+                raise Overloaded(Busy.FAILURES, slowed)
+            verifying = asyncio.ensure_future(self.pool.run(address, functools.partial(self._bcrypt, access_token,
+                                                                                          hashed)))
+            self._verifying[key] = verifying
+            verifying.add_done_callback(functools.partial(self._verify_done, key))
+            self._verifying_by_address[address] += 1
+        try:
+            # shield: a caller that goes away does not cancel the others' verification.
+            verified = await asyncio.shield(verifying)
+        finally:
+            if started:
+                # Here, not when the verification ends: authorize() records the
+                # failure in this same step, so there is no moment when another
+                # request would count it as neither under way nor failed.
+                self._verifying_by_address[address] -= 1
+                if not self._verifying_by_address[address]:
+                    del self._verifying_by_address[address]
+        if not verified:
+            raise TokenError(Refusal.WRONG_ACCESS_TOKEN)
+        self._memo.remember(token, access_token, hashed)
+
+    def _verify_done(self, key: VerdictKey, future: asyncio.Future[bool]) -> None:
+        self._verifying.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved, even if every waiter went away
+
+    def _bcrypt(self, access_token: str, hashed: str) -> bool:
+        """bcrypt itself, on a pool thread. Blocking and slow by design."""
+        with self._lock:
+            self.bcrypt_calls += 1
+        return password_verify(access_token, hashed)
 
     def check(self, token: str, access_token: str, *, consume: bool) -> None:
         """Flextype's validation steps 3 to 7; raises :class:`TokenError`.
@@ -112,7 +251,8 @@ class TokenStore:
         Blocking. With ``consume`` a success also adds one to ``calls`` in the
         token file, after re-checking the state and limit under the file lock.
         Without it, as for reading the record, the call limit is not enforced:
-        it limits clears, and reading never counts as one.
+        it limits clears, and reading never counts as one. bcrypt runs on the
+        calling thread: the pool and the per-address limits are :meth:`authorize`'s.
         """
         hashed = self._authenticate(token, access_token, consume=consume)
         if consume:
@@ -141,11 +281,15 @@ class TokenStore:
 
     def _authenticate(self, token: str, access_token: str, *, consume: bool) -> str:
         """Steps 3 to 6 without counting; returns the verified hash. Blocking."""
-        data, signature = self._load(token, self._path(token))
-        hashed = self._usable_hash(token, data, signature, consume=consume)
+        hashed = self._usable(token, consume=consume)
         # Outside the file lock: a slow bcrypt must not hold up other requests.
         self._verify(token, access_token, hashed)
         return hashed
+
+    def _usable(self, token: str, *, consume: bool) -> str:
+        """Steps 3 to 6's first half: the token file loaded and checked; the hash to verify. Blocking."""
+        data, signature = self._load(token, self._path(token))
+        return self._usable_hash(token, data, signature, consume=consume)
 
     def _path(self, token: str) -> Path:
         """Step 3's first half: the token file's path, for an id that can name one."""
@@ -157,7 +301,9 @@ class TokenStore:
         token_rules.check_usable(data)
         if consume:
             token_rules.check_limit(data)
-        return token_rules.stored_hash(data)
+        hashed = token_rules.stored_hash(data)
+        token_rules.check_cost(hashed, self.max_bcrypt_cost)
+        return hashed
 
     def _verify(self, token: str, access_token: str, hashed: str) -> None:
         """Step 6: the access token against the stored hash, remembered or by bcrypt. Blocking."""
@@ -173,21 +319,37 @@ class TokenStore:
 
     def _load(self, token: str, path: Path) -> tuple[TokenData, Signature]:
         """The token file parsed, and its signature; parsed again only if it changed. Blocking."""
+        return self._load_as(token, path, lock=True)
+
+    def _load_as(self, token: str, path: Path, *, lock: bool) -> tuple[TokenData, Signature]:
+        """:meth:`_load`, read under the shared file lock if ``lock``: False when the
+        caller holds the exclusive one, which a shared lock would wait for."""
         signature = token_file.signature(path)
         data = self._cached_parse(token, signature)
         if data is not None:
             return data, signature
-        data, signature = token_file.read(path)
+        try:
+            data, signature = token_file.read(path, lock=lock)
+        except UnreadableFile as exc:
+            if not exc.empty:  # an empty read may be a torn write of a file with that very signature
+                with self._lock:
+                    self._parsed[token] = (exc.signature, None)
+            raise
         with self._lock:
             self._parsed[token] = (signature, dict(data))
         return data, signature
 
     def _cached_parse(self, token: str, signature: Signature) -> TokenData | None:
-        """A copy of the token file's last parse if the file still has ``signature``, else None."""
+        """A copy of the token file's last parse if the file still has ``signature``, else None.
+
+        Raises the invalid-file refusal if the file with that signature did not parse.
+        """
         with self._lock:
             cached = self._parsed.get(token)
             if cached is None or cached[0] != signature:
                 return None
+            if cached[1] is None:
+                raise TokenError(Refusal.INVALID_TOKEN_FILE)
             return dict(cached[1])
 
     def _wrote(self, token: str, data: TokenData, signature: Signature) -> None:
@@ -214,13 +376,12 @@ class TokenStore:
 
     async def _flush(self, token: str) -> None:
         """Write the token's queued calls, batch after batch, until none are left."""
-        loop = asyncio.get_running_loop()
         try:
             while self._queued.get(token):
                 tickets = self._queued.pop(token)
                 try:
-                    await loop.run_in_executor(self._executor, self._commit, token, tickets)
-                except Exception as exc:  # an I/O failure: every caller in the batch sees it
+                    await self._io(functools.partial(self._commit, token, tickets))
+                except Exception as exc:  # an I/O failure, or closing: every caller in the batch sees it
                     for ticket in tickets:
                         ticket.error = ticket.error or exc
                 for ticket in tickets:
@@ -243,7 +404,7 @@ class TokenStore:
         try:
             path = self._path(token)
             with token_file.locked(path.parent):
-                data, signature = self._load(token, path)
+                data, signature = self._load_as(token, path, lock=False)
                 self._memo.observe(token, signature)
                 token_rules.check_usable(data)
                 counted = 0
@@ -251,7 +412,10 @@ class TokenStore:
                     try:
                         token_rules.check_limit(data, more=counted + 1)
                         if data.get("hashed_access_token") != ticket.hashed:
-                            self._verify(token, ticket.access_token, token_rules.stored_hash(data))
+                            # The hash changed since: rare, and bounded by the cost ceiling.
+                            hashed = token_rules.stored_hash(data)
+                            token_rules.check_cost(hashed, self.max_bcrypt_cost)
+                            self._verify(token, ticket.access_token, hashed)
                         counted += 1
                     except TokenError as exc:
                         ticket.error = exc

@@ -252,3 +252,25 @@ def test_real_responses_and_events_match_the_documented_schemas(cluster: Cluster
 
     status, _, raw = http("GET", cluster.url + "/metrics")
     assert status == 200 and b"cachebus_clears_published_total 1.0" in raw
+
+
+# --- the abuse limits' answers -------------------------------------------------------
+
+#: Statuses cachebus adds to Flextype's, with their exact bodies and a Retry-After header.
+LIMIT_STATUSES = {429: "TooManyRequests", 503: "ServiceUnavailable"}
+
+
+def test_the_abuse_limits_answers_are_documented_on_every_credentialed_route_with_exact_bodies(spec):
+    examples = spec["components"]["examples"]
+    for status, name in LIMIT_STATUSES.items():
+        assert json.dumps(examples[name]["value"], separators=(",", ":")).encode() == error_body(status), name
+    credentialed = [(path, method) for path, item in spec["paths"].items() for method in HTTP_METHODS
+                    if method in item and "401" in item[method]["responses"] and path.startswith("/api/v1/")]
+    assert len(credentialed) >= 5
+    for path, method in credentialed:
+        for status in LIMIT_STATUSES:
+            response = resolve(spec, spec["paths"][path][method]["responses"].get(str(status)))
+            assert response, (path, method, status)
+            assert "Retry-After" in response["headers"], (path, method, status)
+            values = [resolve(spec, e)["value"] for e in response["content"][JSON_TYPE]["examples"].values()]
+            assert [json.dumps(v, separators=(",", ":")).encode() for v in values] == [error_body(status)]

@@ -26,8 +26,10 @@ import yaml
 from cachebus.service.errors import REFUSAL_STATUS
 from cachebus.service.token_admin import TokenSummary, create_token, disable_token, list_tokens
 from cachebus.service.token_file import TOKEN_ID_RE
+from cachebus.service.token_limits import BcryptPool, FailureLog, Overloaded
 from cachebus.service.token_rules import TokenError
 from cachebus.service.tokens import TokenStore
+from cachebus.testing import InPlaceWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
@@ -647,3 +649,197 @@ def test_limit_is_exact_across_processes(tokens: Path) -> None:
     assert outcomes.count("ok") == 30
     assert outcomes.count("limit_reached") == 20
     assert read(path)["calls"] == 30
+
+
+# --- the cost ceiling ------------------------------------------------------------
+
+#: A well-formed bcrypt hash of cost 31, which would take days to check.
+COST_31 = "$2y$31$" + "a" * 53
+
+
+@pytest.mark.parametrize("hashed", [COST_31, "$2b$15$" + "a" * 53, "$2a$99$" + "a" * 53])
+def test_a_hash_above_the_cost_ceiling_is_refused_without_bcrypt(tokens: Path, store: TokenStore,
+                                                                    hashed: str) -> None:
+    path = write_token(tokens, "tok", hashed_access_token=hashed)
+    assert failure(store, "tok", "secret") == (401, "hash_too_costly")
+    assert failure(store, "tok", "secret", consume=True) == (401, "hash_too_costly")
+    assert store.bcrypt_calls == 0
+    assert read(path)["calls"] == 0
+
+    async def main() -> None:
+        with pytest.raises(TokenError) as info:
+            await store.authorize("tok", "secret", consume=True, client="127.0.0.2")
+        assert info.value.reason == "hash_too_costly"
+
+    asyncio.run(main())
+    assert store.bcrypt_calls == 0
+
+
+def test_the_cost_ceiling_is_a_setting(tokens: Path) -> None:
+    write_token(tokens, "tok")  # cost 4
+    store = TokenStore(tokens, max_bcrypt_cost=4)
+    try:
+        store.check("tok", "secret", consume=True)
+        write_token(tokens, "tok", hashed_access_token="$2y$05$" + fast_hash("secret")[7:])
+        assert failure(store, "tok", "secret") == (401, "hash_too_costly")
+    finally:
+        store.close()
+
+
+# --- the abuse limits, through the store ---------------------------------------------
+
+
+def limited_store(tokens: Path, failures: int = 3, **pool: int) -> TokenStore:
+    return TokenStore(tokens, pool=BcryptPool(**pool) if pool else None,
+                      failures=FailureLog(limit=failures, window=60))
+
+
+def test_bcrypt_runs_on_its_own_threads_and_files_on_theirs(php_token: Path, tokens: Path) -> None:
+    threads: dict[str, set[str]] = {"bcrypt": set(), "files": set()}
+
+    class Recording(TokenStore):
+        def _bcrypt(self, access_token: str, hashed: str) -> bool:
+            threads["bcrypt"].add(threading.current_thread().name)
+            return super()._bcrypt(access_token, hashed)
+
+        def _load(self, token: str, path: Path):
+            threads["files"].add(threading.current_thread().name)
+            return super()._load(token, path)
+
+    store = Recording(tokens)
+
+    async def main() -> None:
+        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True)
+        with pytest.raises(TokenError):
+            await store.authorize(PHP_TOKEN, "wrong", consume=False)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert threads["bcrypt"] and all(n.startswith("cachebus-auth-bcrypt") for n in threads["bcrypt"])
+    assert threads["files"] and all(n.startswith("cachebus-auth-io") for n in threads["files"])
+
+
+def test_an_address_that_keeps_failing_is_slowed_and_its_owner_is_not(tokens: Path) -> None:
+    path = write_token(tokens, "tok")
+    store = limited_store(tokens)
+
+    async def attempt(access_token: str, client: str, consume: bool = True) -> str:
+        try:
+            await store.authorize("tok", access_token, consume=consume, client=client)
+            return "ok"
+        except TokenError as exc:
+            return exc.reason
+        except Overloaded as exc:
+            assert exc.retry_after >= 1
+            return exc.why
+
+    async def main() -> None:
+        assert await attempt("secret", "127.0.0.1") == "ok"  # remembered from here on
+        attacker = [await attempt(f"guess-{i}", "127.0.0.2") for i in range(6)]
+        assert attacker == ["wrong_access_token"] * 3 + ["too_many_failures"] * 3
+        # At once, the attempts under way count as failures to come: still 3 in all.
+        at_once = await asyncio.gather(*(attempt(f"again-{i}", "127.0.0.3") for i in range(6)))
+        assert sorted(at_once) == ["too_many_failures"] * 3 + ["wrong_access_token"] * 3
+        calls = store.bcrypt_calls
+        # Slowed: refused before the disk and bcrypt, whatever the token.
+        assert await attempt("guess", "127.0.0.2") == "too_many_failures"
+        with pytest.raises(Overloaded):
+            await store.authorize("no-such-token", "x", consume=False, client="127.0.0.2")
+        assert store.bcrypt_calls == calls
+        # The owner, from its own address, cold or warm, is not slowed.
+        assert await attempt("secret", "127.0.0.1") == "ok"
+        assert await attempt("wrong", "127.0.0.1") == "wrong_access_token"
+        # A credential already verified gets through even from the slowed address.
+        assert await attempt("secret", "127.0.0.2") == "ok"
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert read(path)["calls"] == 3
+
+
+def test_only_failed_authentications_count_against_an_address(tokens: Path) -> None:
+    """A disabled token, a reached limit, a broken file: the token's state, not a guess."""
+    write_token(tokens, "tok", state="disabled")
+    store = limited_store(tokens)
+
+    async def main() -> list[str]:
+        outcomes = []
+        for _ in range(6):
+            try:
+                await store.authorize("tok", "secret", consume=True, client="127.0.0.2")
+            except TokenError as exc:
+                outcomes.append(exc.reason)
+        return outcomes
+
+    try:
+        assert asyncio.run(main()) == ["disabled"] * 6
+    finally:
+        store.close()
+
+
+def test_concurrent_identical_verifications_share_one_bcrypt(tokens: Path) -> None:
+    write_token(tokens, "tok")
+    store = limited_store(tokens, threads=1, queue=0, per_address=1, per_address_queue=0)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(store.authorize("tok", "secret", consume=False, client="127.0.0.1")
+                                      for _ in range(20)), return_exceptions=True)
+
+    try:
+        assert asyncio.run(main()) == [None] * 20  # no queue at all, yet nothing refused
+    finally:
+        store.close()
+    assert store.bcrypt_calls == 1
+
+
+def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None:
+    write_token(tokens, "tok", hashed_access_token=bcrypt.hashpw(b"secret", bcrypt.gensalt(12)).decode())
+    store = limited_store(tokens, failures=0, threads=1, queue=10, per_address=1, per_address_queue=10)
+
+    async def main() -> list[object]:
+        calls = [asyncio.ensure_future(store.authorize("tok", f"guess-{i}", consume=True, client="127.0.0.2"))
+                 for i in range(8)]
+        while store.pool.admitted < 8:
+            assert not any(call.done() for call in calls), calls
+            await asyncio.sleep(0.001)
+        store.close()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, Overloaded) and o.why == "stopping" for o in outcomes), outcomes
+    assert store.bcrypt_calls <= 1  # at most the one already running
+
+
+# --- reading while Flextype's PHP writes in place ------------------------------------
+
+
+@pytest.mark.parametrize("lock", [True, False], ids=["writer-holds-the-lock", "writer-without-lock"])
+def test_in_place_writes_never_cause_a_false_refusal_and_counts_stay_exact(tokens: Path, lock: bool) -> None:
+    path = write_token(tokens, "tok", title="kept")
+    store = TokenStore(tokens)
+    clears, reads = 150, 150
+
+    async def main() -> list[object]:
+        async def one(consume: bool) -> None:
+            await store.authorize("tok", "secret", consume=consume, client="127.0.0.1")
+
+        outcomes: list[object] = []
+        for _ in range(clears // 10):
+            outcomes += await asyncio.gather(*(one(True) for _ in range(10)), *(one(False) for _ in range(10)),
+                                             return_exceptions=True)
+        return outcomes
+
+    try:
+        with InPlaceWriter(path, lock=lock) as writer:
+            outcomes = asyncio.run(main())
+    finally:
+        store.close()
+    assert writer.rounds > 0
+    assert [o for o in outcomes if o is not None] == []
+    assert len(outcomes) == clears + reads
+    data = read(path)
+    assert data["calls"] == clears and data["title"] == "kept"
