@@ -12,6 +12,11 @@ Every message, in either direction, is four ZeroMQ frames::
   shared bus key, or empty when no key is configured.
 * ``body`` is a compact UTF-8 JSON object holding the message's fields.
 
+Every byte comes from the network, so :meth:`Codec.decode` trusts none of them:
+it bounds the size and the nesting of a body before parsing it, refuses numbers
+that are not finite, checks every field's type, and raises nothing but
+:class:`ProtocolError`, so no message can stop a receive loop.
+
 A ROUTER socket prepends the peer's routing id; callers strip it before
 :meth:`Codec.decode`. Both the service and the workers import this module, so
 the format has exactly one definition.
@@ -24,6 +29,7 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +38,23 @@ from typing import Any, ClassVar
 #: Protocol version carried in every message's second frame.
 VERSION = b"1"
 
-#: Sockets refuse larger messages, so garbage cannot grow a peer's memory.
+#: Sockets refuse larger messages, so garbage cannot grow a peer's memory, and
+#: :meth:`Codec.decode` refuses them too, in case a socket option was forgotten.
 MAX_MESSAGE_SIZE = 64 * 1024
+
+#: Most ``[`` and ``{`` bytes a body may hold. Bodies are flat objects and only a
+#: heartbeat's ``stats`` nests one level, so this leaves room for brackets inside
+#: strings, while counting them before parsing makes deep nesting (and the
+#: parser's RecursionError) impossible, at the cost of two ``bytes.count``.
+MAX_BRACKETS = 16
+
+#: A heartbeat's ``stats``: at most this many entries, and this long a key or string value.
+MAX_STATS_ENTRIES = 32
+MAX_STATS_STRING = 256
+
+#: Integers longer than this many digits are refused: a counter or a pid never
+#: needs more, and a bigger one would overflow when read as a float.
+_MAX_INT_DIGITS = 18
 
 
 class PurgeCause(enum.StrEnum):
@@ -114,7 +135,6 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (int, float),
     "bool": (bool,),
-    "dict": (dict,),
 }
 
 #: Fields whose JSON string must be one of an enum's values; decoded into the enum.
@@ -124,6 +144,8 @@ _ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
 
 
 def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
+    if type_name == "dict":
+        return _check_stats(kind, name, value)
     expected = _SIMPLE_TYPES.get(type_name)
     if expected is None:
         enum_type = _ENUM_TYPES.get(type_name)
@@ -138,7 +160,57 @@ def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
     valid = isinstance(value, expected) and (bool in expected or not isinstance(value, bool))
     if not valid:
         raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
+    if type_name == "str" and not _printable(value):
+        raise ProtocolError(f"{kind.decode()}: field {name!r} is not valid UTF-8 text")
     return float(value) if type_name == "float" else value
+
+
+def _printable(text: str) -> bool:
+    """Whether ``text`` can be logged and served: JSON escapes can carry lone
+    surrogates, which no UTF-8 log or response can hold."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_stats(kind: bytes, name: str, value: Any) -> dict[str, Any]:
+    """A flat, bounded mapping of names to finite numbers, strings, booleans or null."""
+    where = f"{kind.decode()}: field {name!r}"
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be an object")
+    if len(value) > MAX_STATS_ENTRIES:
+        raise ProtocolError(f"{where} has more than {MAX_STATS_ENTRIES} entries")
+    for key, item in value.items():
+        if len(key) > MAX_STATS_STRING or not _printable(key):
+            raise ProtocolError(f"{where} has a bad key")
+        if isinstance(item, str):
+            if len(item) > MAX_STATS_STRING or not _printable(item):
+                raise ProtocolError(f"{where} has a bad string value")
+        elif not (item is None or isinstance(item, (bool, int, float))):
+            # Numbers are already finite and bounded (see _parse_float, _parse_int).
+            raise ProtocolError(f"{where} must be flat: numbers, strings, booleans or null")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not a number a message may carry")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError("a number too large to be finite")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ProtocolError("an integer too large")
+    return int(text)
 
 
 # --- Service to workers, on the PUB socket -------------------------------------
@@ -277,14 +349,24 @@ class Codec:
         return mac.hexdigest().encode()
 
     def encode(self, msg: Message) -> list[bytes]:
-        body = json.dumps(msg.to_dict(), separators=(",", ":")).encode()
+        # allow_nan=False: a receiver refuses NaN and Infinity, so the sender finds out at once.
+        body = json.dumps(msg.to_dict(), separators=(",", ":"), allow_nan=False).encode()
         return [msg.KIND, VERSION, self.sign(msg.KIND, VERSION, body), body]
 
     def decode(self, frames: Sequence[bytes]) -> Message:
-        """Turn frames back into a message, or raise :class:`ProtocolError`."""
+        """Turn frames back into a message, or raise :class:`ProtocolError`.
+
+        Nothing else ever leaves here, whatever the frames hold: the receive
+        loops rely on it (and a property test in tests/test_protocol.py checks it).
+        """
         if len(frames) != 4:
             raise ProtocolError(f"expected 4 frames, got {len(frames)}")
-        kind, version, signature, body = (bytes(f) for f in frames)
+        try:
+            kind, version, signature, body = (bytes(f) for f in frames)
+        except TypeError:
+            raise ProtocolError("frames must be bytes") from None
+        if len(kind) + len(version) + len(signature) + len(body) > MAX_MESSAGE_SIZE:
+            raise ProtocolError(f"message larger than {MAX_MESSAGE_SIZE} bytes")
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version[:16]!r}")
         cls = MESSAGE_TYPES.get(kind)
@@ -292,13 +374,23 @@ class Codec:
             raise ProtocolError(f"unknown message kind {kind[:32]!r}")
         if self.key and not hmac.compare_digest(signature, self.sign(kind, version, body)):
             raise ProtocolError("bad signature")
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError(f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ProtocolError("body is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(_parse_body(body))
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    """A body's JSON object, parsed only once it is known to be shallow."""
+    if body.count(b"[") + body.count(b"{") > MAX_BRACKETS:
+        raise ProtocolError("body nests too deep or holds too many brackets")
+    try:
+        data = json.loads(body.decode(), parse_constant=_parse_constant, parse_float=_parse_float,
+                          parse_int=_parse_int)
+    except ProtocolError:
+        raise
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("body is not a JSON object")
+    return data
 
 
 def now() -> float:

@@ -2,8 +2,9 @@
 
 Workers connect a DEALER; the ROUTER's routing id lets the service answer a
 hello with a :class:`~cachebus.bus.protocol.Welcome` addressed to that worker alone.
-Frames that do not decode are logged once per peer and dropped, so a
-misbehaving peer can neither crash the service nor flood its log.
+Frames that do not decode are dropped, and a message whose handling raises is
+reported and skipped, each logged at most once per peer and interval, so a
+misbehaving peer can neither stop the loop nor flood the log.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from cachebus.bus.peers import BadFrames, peer_address
+from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
 from cachebus.bus.sockets import configure, drain, plain
 
@@ -36,7 +37,7 @@ class AckListener:
         self.record = record
         #: Returns the publisher's (epoch, seq) for welcoming a worker.
         self.position = position
-        self.bad_frames = BadFrames(log)
+        self.peers = PeerLog(log)
         self._socket = ctx.socket(zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -53,16 +54,23 @@ class AckListener:
         for one clear cost one trip through the event loop, not a thousand.
         """
         while True:
-            await self._handle(await self._socket.recv_multipart(copy=False))
+            await self._handle_safely(await self._socket.recv_multipart(copy=False))
             for frames in drain(self._waiting, _MAX_BATCH):
-                await self._handle(frames)
+                await self._handle_safely(frames)
+
+    async def _handle_safely(self, frames: list[zmq.Frame]) -> None:
+        """Handle one message; whatever it raises is reported, and the loop goes on."""
+        try:
+            await self._handle(frames)
+        except Exception as exc:
+            self._report(frames, Trouble.FAILED, f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         peer = frames[0].bytes
         try:
             msg = self.codec.decode([f.bytes for f in frames[1:]])
         except ProtocolError as exc:
-            self._bad_frame(peer, frames[0], str(exc))
+            self._report(frames, Trouble.UNDECODABLE, str(exc))
             return
         if isinstance(msg, WorkerIdentity):
             epoch, seq = self.position()
@@ -85,10 +93,13 @@ class AckListener:
         elif isinstance(msg, Bye):
             self.record.bye(msg)
         else:
-            self._bad_frame(peer, frames[0], f"unexpected {msg.KIND.decode()} message on the ack channel")
+            self._report(frames, Trouble.UNDECODABLE, f"unexpected {msg.KIND.decode()} message on the ack channel")
 
-    def _bad_frame(self, peer: bytes, frame: zmq.Frame, reason: str) -> None:
-        self.bad_frames.report(f"{peer_address(frame)} (routing id {peer[:16].hex()})", reason)
+    def _report(self, frames: list[zmq.Frame], trouble: Trouble, reason: str,
+                exc_info: BaseException | None = None) -> None:
+        routing_id = frames[0].bytes
+        self.peers.report(f"{peer_address(frames[0])} (routing id {routing_id[:16].hex()})", trouble, reason,
+                          exc_info=exc_info)
 
     def close(self) -> None:
         self._socket.close(linger=0)

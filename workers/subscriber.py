@@ -42,7 +42,7 @@ import zmq
 import zmq.asyncio
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
-from cachebus.bus.peers import BadFrames, peer_address
+from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import (
     Ack,
     Bye,
@@ -127,7 +127,7 @@ class Subscriber:
         self.purges = 0
         #: How many purges each cause brought about.
         self.purges_by_cause: dict[PurgeCause, int] = {}
-        self.bad_frames = BadFrames(log)
+        self.peers = PeerLog(log)
         self._synced = asyncio.Event()
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
@@ -212,13 +212,26 @@ class Subscriber:
             batch = [await self._sub.recv_multipart(copy=False)]
             lapsed = not self.trusted
             batch += drain(self._waiting, _MAX_BATCH - 1)
-            messages = []
-            for frames in batch:
-                try:
-                    messages.append(self.codec.decode([f.bytes for f in frames]))
-                except ProtocolError as exc:
-                    self.bad_frames.report(peer_address(frames[0]), str(exc))
-            await self._handle(messages, lapsed)
+            try:
+                messages = []
+                for frames in batch:
+                    try:
+                        messages.append(self.codec.decode([f.bytes for f in frames]))
+                    except ProtocolError as exc:
+                        self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
+                await self._handle(messages, lapsed)
+            except Exception as exc:
+                # Half a batch may have been applied (a target's clear raised, say):
+                # distrust the targets, so the next batch purges before they serve again.
+                self._distrust()
+                self.peers.report(peer_address(batch[0][0]), Trouble.FAILED, f"{type(exc).__name__}: {exc}",
+                                  exc_info=exc)
+
+    def _distrust(self) -> None:
+        """Stop trusting the targets now; the next command purges them before renewing the lease."""
+        self.lease_until = time.monotonic()
+        for target in self._leased():
+            target.revoke_lease()
 
     async def _handle(self, messages: list[Message], lapsed: bool = False) -> None:
         """Apply a batch of commands: at most one purge and one ack for all of them.
@@ -285,7 +298,11 @@ class Subscriber:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             if self.epoch is not None and self.trusted:
-                self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
+                try:
+                    self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
+                except Exception as exc:  # a target's stats() raised: report it, keep beating next time
+                    self.peers.report("this process", Trouble.FAILED, f"heartbeat: {type(exc).__name__}: {exc}",
+                                      exc_info=exc)
 
     def _identity(self) -> dict[str, Any]:
         """The fields of :class:`~cachebus.bus.protocol.WorkerIdentity` for this subscriber."""
@@ -337,12 +354,14 @@ class Subscriber:
             frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
+                if isinstance(msg, Welcome):
+                    log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
+                    self._synced.set()
             except ProtocolError as exc:
-                self.bad_frames.report(peer_address(frames[0]), str(exc))
-                continue
-            if isinstance(msg, Welcome):
-                log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
-                self._synced.set()
+                self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
+            except Exception as exc:
+                self.peers.report(peer_address(frames[0]), Trouble.FAILED, f"{type(exc).__name__}: {exc}",
+                                  exc_info=exc)
 
     def _send(self, msg: Message) -> None:
         """Send on the back channel without ever blocking the worker.
