@@ -28,6 +28,8 @@ class Trouble(enum.StrEnum):
     REFUSED = "refused message"
     #: Handling the message raised: a bug, reported so the loop can go on.
     FAILED = "failed to handle message"
+    #: Not a message: a peer that stays silent (a worker waiting for a service that refuses its key).
+    UNANSWERED = "no answer"
 
 
 class PeerLog:

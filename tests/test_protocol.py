@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from cachebus.bus.protocol import (
     Hello,
     ProtocolError,
     PurgeCause,
+    RecentSignatures,
     Welcome,
     WorkerHeartbeat,
     worst,
@@ -67,7 +69,7 @@ def test_signed_bus_rejects_unsigned_and_wrongly_signed_messages():
 @pytest.mark.parametrize("frames, reason", [
     ([], "expected 4 frames"),
     ([b"clear", VERSION, b""], "expected 4 frames"),
-    ([b"clear", b"2", b"", b"{}"], "unsupported protocol version"),
+    ([b"clear", b"1", b"", b"{}"], "unsupported protocol version"),
     ([b"bogus", VERSION, b"", b"{}"], "unknown message kind"),
     ([b"clear", VERSION, b"", b"\xff"], "not JSON"),
     ([b"clear", VERSION, b"", b"[]"], "not a JSON object"),
@@ -207,15 +209,29 @@ bodies = st.one_of(
 )
 
 
+def _signature(codec: Codec, kind: bytes, version: bytes, body: bytes, sent: bytes) -> bytes:
+    return sent + b":" + codec.sign(kind, version, sent, body)
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS) | st.binary(max_size=20),
        version=st.sampled_from([VERSION]) | st.binary(max_size=4),
        body=bodies,
+       signature=st.sampled_from(["empty", "valid", "old", "future", "garbage"]) | st.binary(max_size=100),
        extra=st.lists(st.binary(max_size=50), max_size=6),
        shape=st.sampled_from(["message", "frames"]))
-def test_decode_raises_only_protocol_error_whatever_the_frames(kind, version, body, extra, shape):
-    frames = [kind, version, b"", body] if shape == "message" else extra
-    for codec in (Codec(), Codec(b"key")):
+def test_decode_raises_only_protocol_error_whatever_the_frames(kind, version, body, signature, extra, shape):
+    signed = Codec(b"key")
+    sent = {"valid": b"%.6f" % time.time(), "old": b"%.6f" % (time.time() - 60), "future": b"1e999",
+            "garbage": b"nan"}
+    if isinstance(signature, bytes):
+        frame = signature
+    elif signature == "empty":
+        frame = b""
+    else:  # correctly signed by the key's holder, at a good or a bad time: the body is parsed
+        frame = _signature(signed, kind, version, body, sent[signature])
+    frames = [kind, version, frame, body] if shape == "message" else extra
+    for codec in (Codec(), signed):
         try:
             msg = codec.decode(frames)
         except ProtocolError:
@@ -223,3 +239,59 @@ def test_decode_raises_only_protocol_error_whatever_the_frames(kind, version, bo
         # Whatever got through is a well-typed message that encodes again.
         assert isinstance(msg, MESSAGE_TYPES[kind])
         codec.encode(msg)
+
+
+# --- HMAC mode: replay protection --------------------------------------------------
+
+
+ACK = Ack(name="w", instance="i", epoch="e", seq=1, clear_id="c1", dropped=1, purge_ms=0.1, cause=PurgeCause.CLEAR)
+
+
+def test_a_signed_message_is_accepted_once():
+    sender, receiver = Codec(b"key"), Codec(b"key")
+    frames = sender.encode(ACK)
+    assert receiver.decode(frames) == ACK
+    with pytest.raises(ProtocolError, match="replayed"):
+        receiver.decode(frames)
+    # The same message sent again is a new message.
+    assert receiver.decode(sender.encode(ACK)) == ACK
+
+
+@pytest.mark.parametrize("offset", [-2.0, 2.0, -3600.0])
+def test_a_signed_message_outside_the_lease_window_is_refused(offset):
+    codec = Codec(b"key", max_age=1.5)
+    body = Codec().encode(ACK)[3]
+    sent = b"%.6f" % (time.time() + offset)
+    with pytest.raises(ProtocolError, match=r"outside the 1\.5 s window"):
+        codec.decode([b"ack", VERSION, _signature(codec, b"ack", VERSION, body, sent), body])
+
+
+def test_the_send_time_is_signed():
+    codec = Codec(b"key")
+    kind, version, signature, body = Codec(b"key").encode(ACK)
+    sent, _, digest = signature.partition(b":")
+    later = b"%.6f" % (float(sent) + 0.5)
+    with pytest.raises(ProtocolError, match="bad signature"):
+        codec.decode([kind, version, later + b":" + digest, body])
+
+
+def test_the_replay_memory_is_bounded_and_never_lets_a_replay_through():
+    recent = RecentSignatures(max_age=60, capacity=3)
+    now = time.time()
+    assert all(recent.add(b"sig%d" % i, now - 10 + i, now) for i in range(5))
+    assert len(recent) == 3
+    # The two oldest were forgotten, so nothing sent at or before them is accepted.
+    assert not recent.add(b"sig0", now - 10, now)
+    assert not recent.add(b"new-but-older", now - 9, now)
+    assert not recent.add(b"sig4", now - 6, now)
+    assert recent.add(b"sig5", now - 5, now)
+
+
+def test_remembered_signatures_expire_with_their_window():
+    recent = RecentSignatures(max_age=1.5)
+    now = time.time()
+    assert recent.add(b"a", now, now)
+    assert recent.add(b"b", now + 1, now + 1)
+    assert len(recent) == 2
+    assert recent.add(b"c", now + 2, now + 2)
+    assert len(recent) == 2
