@@ -144,27 +144,32 @@ def ensure_keypair(directory: Path, name: str) -> tuple[Keypair, bool]:
     processes starting at once end up with the same keypair.
     """
     secret_file = directory / f"{name}.key_secret"
-    created = False
-    if not secret_file.exists():
-        private_dir(directory)
-        scratch = Path(tempfile.mkdtemp(prefix=".new-key-", dir=directory))
-        try:
-            public_tmp, secret_tmp = (Path(p) for p in zmq.auth.create_certificates(scratch, name))
-            for path in (public_tmp, secret_tmp):
-                path.chmod(0o600)
-            try:
-                os.link(secret_tmp, secret_file)
-                created = True
-            except FileExistsError:
-                pass  # another process made it first: use theirs
-            if created:
-                os.replace(public_tmp, secret_file.with_suffix(".key"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        created = False if secret_file.exists() else _create_keypair(directory, name, secret_file)
+    except OSError as exc:
+        raise KeyFileError(f"{directory}: cannot create a keypair there ({exc.strerror or exc})") from None
     keypair = load_keypair(secret_file)
     if not keypair.public_file.exists():
         _write_public(keypair)
     return keypair, created
+
+
+def _create_keypair(directory: Path, name: str, secret_file: Path) -> bool:
+    """Create ``secret_file`` and its public file; False if another process made it first."""
+    private_dir(directory)
+    scratch = Path(tempfile.mkdtemp(prefix=".new-key-", dir=directory))
+    try:
+        public_tmp, secret_tmp = (Path(p) for p in zmq.auth.create_certificates(scratch, name))
+        for path in (public_tmp, secret_tmp):
+            path.chmod(0o600)
+        try:
+            os.link(secret_tmp, secret_file)
+        except FileExistsError:
+            return False  # another process made it first: use theirs
+        os.replace(public_tmp, secret_file.with_suffix(".key"))
+        return True
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_public(keypair: Keypair) -> None:
@@ -252,7 +257,10 @@ class ServiceSecurity:
         self.allow_list: AllowList | None = None
         self._authenticator: AsyncioAuthenticator | None = None
         if mode is BusMode.CURVE:
-            private_dir(private_dir(keys_dir) / WORKERS_DIR)
+            try:
+                private_dir(private_dir(keys_dir) / WORKERS_DIR)
+            except OSError as exc:
+                raise KeyFileError(f"{keys_dir}: cannot create the keys directory ({exc.strerror or exc})") from None
             self.keypair, created = ensure_keypair(keys_dir, SERVICE_KEY)
             if created:
                 log.info("created the service's bus keypair in %s", keys_dir)

@@ -223,11 +223,12 @@ class KeysCreate(Command):
             raise UsageError(f"cannot create the keypair in {directory}: {exc}") from None
         print(f"secret key: {keypair.path}\n"
               f"public key: {keypair.public_file}\n"
-              f"The secret key stays on this host: `cachebus worker --name {args.name}` finds it here (or set\n"
-              f"bus.secret_key_file). Then, on another host than the service's:\n"
-              f"  - copy {keypair.public_file} to the service's {WORKERS_DIR}/ directory (its bus.keys_dir):\n"
-              f"    the service allows the key at once, and reserves the name {name} for it;\n"
-              f"  - copy the service's {SERVICE_KEY}.key to {keys / (SERVICE_KEY + '.key')} on this host.")
+              f"For the worker named {args.name}: `cachebus worker --name {args.name}` finds this keypair (or set\n"
+              "bus.secret_key_file to the secret key). The secret key never leaves this host. If the service\n"
+              "runs on another host:\n"
+              f"  - copy {keypair.public_file.name} into <the service's bus.keys_dir>/{WORKERS_DIR}/ there: the\n"
+              "    service allows the key at once;\n"
+              f"  - copy <the service's bus.keys_dir>/{SERVICE_KEY}.key from there to {keys / SERVICE_KEY}.key here.")
         return 0
 
 
