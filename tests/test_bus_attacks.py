@@ -25,7 +25,9 @@ import zmq.asyncio
 from cachebus.bus.peers import PeerLog, Trouble
 from cachebus.bus.protocol import VERSION, Ack, Codec, Hello, Message, PurgeCause, WorkerHeartbeat
 from cachebus.service.app import Service
-from cachebus.testing import Cluster, bus_client, wait_for
+from cachebus.testing import DEADLINE, Cluster, bus_client, wait_for
+from cachebus.workers.cache import Cache
+from cachebus.workers.subscriber import ThreadedSubscriber
 
 #: Defect 1: one 4 KB message that raised RecursionError out of the decoder and killed the ack loop.
 NESTED = [b"ack", VERSION, b"", b"[" * 2000 + b"]" * 2000]
@@ -213,6 +215,7 @@ def frozen_worker_is_never_in_a_proof(cluster: Cluster, attack: Attack) -> None:
             wait_for(lambda: state(cluster, "w1") != "live", what="w1 to fall silent")
             proofs.append(clear_all(cluster, timeout=1))
             assert state(cluster, "w1") != "live", "forged heartbeats kept the frozen worker live"
+            assert worker(cluster, "w1")["last_acked_seq"] == seq, "a forged ack was credited to w1"
     finally:
         frozen.signal(signal.SIGCONT)
     for status, body in proofs:
@@ -220,7 +223,6 @@ def frozen_worker_is_never_in_a_proof(cluster: Cluster, attack: Attack) -> None:
         if status == 200:
             assert body["workers"] == ["w2"], body
     assert proofs[-1][0] == 200
-    assert worker(cluster, "w1")["last_acked_seq"] == seq, "a forged ack was credited to w1"
 
 
 def test_curve_a_frozen_worker_cannot_be_impersonated(cluster: Cluster, tmp_path: Path):
@@ -316,3 +318,40 @@ def test_hmac_a_frozen_worker_cannot_be_impersonated_without_the_key_or_by_repla
     finally:
         cluster.stop()
         proxy.stop()
+
+
+class FailsOnce(Cache):
+    """An application's cache whose next purge fails once armed (its backing store hiccups, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("the application's purge failed")
+        return super().clear(clear_id=clear_id, seq=seq)
+
+
+def test_a_purge_that_raises_does_not_stop_the_subscriber_and_nothing_stale_is_served(cluster: Cluster):
+    cluster.start_service()
+    cache = FailsOnce()
+    subscriber = ThreadedSubscriber([cache], name="app", **cluster.subscriber_options())
+    subscriber.start()
+    try:
+        assert subscriber.wait_synced(DEADLINE)
+        cluster.wait_worker_live_named("app")
+        cache.set("page", "before the clear")
+        cache.armed = True
+        assert cluster.clear()[0] == 204
+        assert subscriber.subscriber is not None
+        peers = subscriber.subscriber.peers
+        wait_for(lambda: peers.counts[Trouble.FAILED] == 1, what="the failed purge to be reported")
+        # Half a batch may have been applied: the cache is not trusted until a purge succeeds.
+        assert cache.get("page") is None
+        _, headers, _ = cluster.clear()
+        cluster.wait_all_acked(headers["Cache-Clear-Id"], {"app"})
+        assert len(cache) == 0 and subscriber.subscriber.trusted
+    finally:
+        subscriber.stop()
