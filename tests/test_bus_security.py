@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from cachebus.bus.protocol import Codec, Hello
+from cachebus.bus.protocol import Ack, Bye, Codec, Hello, PurgeCause, WorkerHeartbeat
 from cachebus.bus.security import INSECURE_WARNING, KeyFileError, ensure_keypair
+from cachebus.service.record import Peer, Record, RecordFull, Refused
 from cachebus.testing import DEADLINE, Cluster, bus_client, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
@@ -176,3 +177,46 @@ def test_keys_create_makes_a_private_keypair_and_says_where_each_file_goes(tmp_p
     assert again.returncode == 2 and "already exists" in again.stderr
     assert again.stderr.count("\n") == 1
     assert (workers / "web-1.key_secret").read_bytes() == before
+
+
+def test_a_full_record_makes_room_only_by_forgetting_a_worker_that_is_gone():
+    record = Record(max_workers=2)
+
+    def hello(name: str) -> Hello:
+        return Hello(name=name, instance=f"{name}-1", host="h", pid=1, endpoint="", epoch="e", seq=0)
+
+    record.hello(hello("a"))
+    record.hello(hello("b"))
+    with pytest.raises(RecordFull, match=r"bus\.max_workers \(2\)"):
+        record.hello(hello("c"))
+    record.bye(Bye(name="a", instance="a-1"))
+    record.hello(hello("c"))
+    assert [w.name for w in record.workers()] == ["b", "c"]
+    # A known worker saying hello again takes no room.
+    record.hello(hello("b"))
+
+
+def test_the_record_binds_a_worker_to_the_key_and_connection_of_its_hello():
+    record = Record()
+    alice, mallory = Peer(routing_id=b"\x00\x01", key="A" * 40), Peer(routing_id=b"\x00\x02", key="M" * 40)
+    record.hello(Hello(name="w1", instance="i1", host="h", pid=1, endpoint="", epoch="e", seq=0), alice)
+    ack = Ack(name="w1", instance="i1", epoch="e", seq=1, clear_id="", dropped=0, purge_ms=0.0,
+              cause=PurgeCause.CLEAR)
+    for peer, reason in ((mallory, "another key"), (Peer(routing_id=b"\x00\x03", key="A" * 40),
+                                                     "another connection")):
+        with pytest.raises(Refused, match=reason):
+            record.acked(ack, peer)
+        with pytest.raises(Refused, match=reason):
+            record.bye(Bye(name="w1", instance="i1"), peer)
+    with pytest.raises(Refused, match="belongs to another key"):
+        record.hello(Hello(name="w1", instance="i2", host="h", pid=2, endpoint="", epoch="e", seq=0), mallory)
+    with pytest.raises(Refused, match="not the one that said hello"):
+        record.acked(Ack(name="w1", instance="i2", epoch="e", seq=1, clear_id="", dropped=0, purge_ms=0.0,
+                         cause=PurgeCause.CLEAR), alice)
+    record.acked(ack, alice)
+    # A heartbeat from the same key on a new connection (the DEALER reconnected) moves the binding.
+    moved = Peer(routing_id=b"\x00\x04", key="A" * 40)
+    record.heartbeat(WorkerHeartbeat(name="w1", instance="i1", host="h", pid=1, endpoint="", epoch="e", seq=1,
+                                     stats={}), moved)
+    record.bye(Bye(name="w1", instance="i1"), moved)
+    assert record.workers()[0].state == "left" and record.workers()[0].key == "A" * 40
