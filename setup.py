@@ -72,6 +72,8 @@ setup(
             "pytest-tornado==0.8.1",
             # pytest-tornado 0.8.1 still imports pkg_resources, which setuptools 82 removed.
             "setuptools<82",
+            # Property tests: the bus decoder meets arbitrary frames (tests/test_protocol.py).
+            "hypothesis>=6.100",
             # Validates the OpenAPI 3.1 document served at /api/openapi.json.
             "openapi-spec-validator>=0.7",
             # Fuzzes the served API against that document (tests/test_fuzz_api.py). Pinned: a new

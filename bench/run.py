@@ -106,12 +106,17 @@ class Started(NamedTuple):
     process: Proc
 
 
+def keys_dir(procs: Processes) -> Path:
+    """The bus keys of this run's services and workers (CURVE, the default): never the repository's var/."""
+    return procs.logs / "keys"
+
+
 def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> Started:
     """A ``cachebus serve`` on free ports, returned once it answers."""
     port, publish_port, acks_port = free_ports(3)
     publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
     process = procs.python(name, "cachebus.service", *extra, "--port", str(port), "--tokens-dir", str(tokens),
-                          "--bus-publish", publish, "--bus-acks", acks)
+                          "--bus-publish", publish, "--bus-acks", acks, "--keys-dir", str(keys_dir(procs)))
     wait_for(lambda: up(port), SETUP_TIMEOUT, "the cachebus service", check=procs.check)
     return Started(port, publish, acks, process)
 
@@ -121,7 +126,7 @@ def start_workers(procs: Processes, prefix: str, count: int, publish: str, acks:
     """``count`` benchmark workers with full caches, returning once the service lists them all live."""
     for i in range(count):
         procs.python(f"{prefix}-{i}", "bench.worker", "--name", f"{prefix}-{i}", "--publish", publish,
-                     "--acks", acks, "--entries", str(entries))
+                     "--acks", acks, "--entries", str(entries), "--keys-dir", str(keys_dir(procs)))
     wait_for(lambda: live_workers(port, token, access_token) == count, SETUP_TIMEOUT,
              f"{count} cachebus workers to join", check=procs.check)
 
@@ -249,7 +254,8 @@ def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: 
     port, publish, acks, service = start_service(procs, "service-scale", tmp / "tokens-scale")
     share, extra = divmod(subscribers, processes)
     for i in range(processes):
-        procs.python(f"swarm-{i}", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)))
+        procs.python(f"swarm-{i}", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)),
+                     str(keys_dir(procs)))
     wait_for(lambda: live_workers(port, token, access_token) == subscribers, 300,
              f"{subscribers} subscribers to join", check=procs.check)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})

@@ -1,4 +1,4 @@
-"""Many subscribers in one process: ``python -m bench.swarm PUBLISH ACKS PREFIX COUNT``.
+"""Many subscribers in one process: ``python -m bench.swarm PUBLISH ACKS PREFIX COUNT [KEYS_DIR]``.
 
 For the fan-out scale measurement: the benchmark spreads 1,000 asyncio
 subscribers over a few of these processes, each subscriber with a small cache.
@@ -12,15 +12,20 @@ import sys
 
 import zmq.asyncio
 
+from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, ClientSecurity
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import Subscriber
 
 
-async def main(publish: str, acks: str, prefix: str, count: int) -> None:
+async def main(publish: str, acks: str, prefix: str, count: int, keys_dir: str = DEFAULT_KEYS_DIR) -> None:
     ctx = zmq.asyncio.Context()
     ctx.set(zmq.MAX_SOCKETS, 4 * count + 16)
+    # One keypair for the whole swarm (one process, one host), named after its prefix.
+    security = ClientSecurity.resolve(BusMode.CURVE, name=prefix, keys_dir=keys_dir)
+    assert security.keypair is not None
     subscribers = [Subscriber([Cache(max_entries=100)], name=f"{prefix}-{i}", publish=publish, acks=acks,
-                              context=ctx) for i in range(count)]
+                              keys_dir=keys_dir, secret_key_file=security.keypair.path, context=ctx)
+                   for i in range(count)]
     for subscriber in subscribers:
         await subscriber.start()
     stop = asyncio.Event()
@@ -34,4 +39,4 @@ async def main(publish: str, acks: str, prefix: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:6]))

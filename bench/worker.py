@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import signal
 
+from cachebus.bus.security import DEFAULT_KEYS_DIR
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import Subscriber
 
@@ -45,12 +46,14 @@ async def main() -> None:
     parser.add_argument("--publish", required=True)
     parser.add_argument("--acks", required=True)
     parser.add_argument("--entries", type=int, default=10_000)
+    parser.add_argument("--keys-dir", default=DEFAULT_KEYS_DIR, help="the service's bus keys (CURVE)")
     args = parser.parse_args()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Subscriber([FullCache(args.entries)], name=args.name, publish=args.publish, acks=args.acks):
+    async with Subscriber([FullCache(args.entries)], name=args.name, publish=args.publish, acks=args.acks,
+                          keys_dir=args.keys_dir):
         await stop.wait()
 
 

@@ -8,9 +8,18 @@ Every message, in either direction, is four ZeroMQ frames::
   socket it is also the subscription topic, so a subscriber can filter by prefix.
 * ``version`` is :data:`VERSION`. A peer speaking another version is rejected
   before its body is parsed.
-* ``signature`` is the hex HMAC-SHA256 of kind, version and body under the
-  shared bus key, or empty when no key is configured.
+* ``signature`` is empty unless the bus uses a shared key (``bus.key``, the
+  HMAC mode of :mod:`cachebus.bus.security`). Then it is ``<sent>:<hmac>``:
+  the send time (Unix seconds, six decimals) and the hex HMAC-SHA256, under the
+  key, of kind, version, send time and body. A receiver refuses a message sent
+  more than a lease ago (or as far in the future), and one whose signature it
+  has already accepted, so a captured message cannot be replayed.
 * ``body`` is a compact UTF-8 JSON object holding the message's fields.
+
+Every byte comes from the network, so :meth:`Codec.decode` trusts none of them:
+it bounds the size and the nesting of a body before parsing it, refuses numbers
+that are not finite, checks every field's type, and raises nothing but
+:class:`ProtocolError`, so no message can stop a receive loop.
 
 A ROUTER socket prepends the peer's routing id; callers strip it before
 :meth:`Codec.decode`. Both the service and the workers import this module, so
@@ -22,18 +31,36 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import heapq
 import hmac
 import json
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-#: Protocol version carried in every message's second frame.
-VERSION = b"1"
+#: Protocol version carried in every message's second frame. Version 2 added the
+#: send time to signatures (replay protection); a version 1 peer is refused.
+VERSION = b"2"
 
-#: Sockets refuse larger messages, so garbage cannot grow a peer's memory.
+#: Sockets refuse larger messages, so garbage cannot grow a peer's memory, and
+#: :meth:`Codec.decode` refuses them too, in case a socket option was forgotten.
 MAX_MESSAGE_SIZE = 64 * 1024
+
+#: Most ``[`` and ``{`` bytes a body may hold. Bodies are flat objects and only a
+#: heartbeat's ``stats`` nests one level, so this leaves room for brackets inside
+#: strings, while counting them before parsing makes deep nesting (and the
+#: parser's RecursionError) impossible, at the cost of two ``bytes.count``.
+MAX_BRACKETS = 16
+
+#: A heartbeat's ``stats``: at most this many entries, and this long a key or string value.
+MAX_STATS_ENTRIES = 32
+MAX_STATS_STRING = 256
+
+#: Integers longer than this many digits are refused: a counter or a pid never
+#: needs more, and a bigger one would overflow when read as a float.
+_MAX_INT_DIGITS = 18
 
 
 class PurgeCause(enum.StrEnum):
@@ -114,7 +141,6 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (int, float),
     "bool": (bool,),
-    "dict": (dict,),
 }
 
 #: Fields whose JSON string must be one of an enum's values; decoded into the enum.
@@ -124,6 +150,8 @@ _ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
 
 
 def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
+    if type_name == "dict":
+        return _check_stats(kind, name, value)
     expected = _SIMPLE_TYPES.get(type_name)
     if expected is None:
         enum_type = _ENUM_TYPES.get(type_name)
@@ -138,7 +166,57 @@ def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
     valid = isinstance(value, expected) and (bool in expected or not isinstance(value, bool))
     if not valid:
         raise ProtocolError(f"{kind.decode()}: field {name!r} must be {type_name}")
+    if type_name == "str" and not _printable(value):
+        raise ProtocolError(f"{kind.decode()}: field {name!r} is not valid UTF-8 text")
     return float(value) if type_name == "float" else value
+
+
+def _printable(text: str) -> bool:
+    """Whether ``text`` can be logged and served: JSON escapes can carry lone
+    surrogates, which no UTF-8 log or response can hold."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_stats(kind: bytes, name: str, value: Any) -> dict[str, Any]:
+    """A flat, bounded mapping of names to finite numbers, strings, booleans or null."""
+    where = f"{kind.decode()}: field {name!r}"
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be an object")
+    if len(value) > MAX_STATS_ENTRIES:
+        raise ProtocolError(f"{where} has more than {MAX_STATS_ENTRIES} entries")
+    for key, item in value.items():
+        if len(key) > MAX_STATS_STRING or not _printable(key):
+            raise ProtocolError(f"{where} has a bad key")
+        if isinstance(item, str):
+            if len(item) > MAX_STATS_STRING or not _printable(item):
+                raise ProtocolError(f"{where} has a bad string value")
+        elif not (item is None or isinstance(item, (bool, int, float))):
+            # Numbers are already finite and bounded (see _parse_float, _parse_int).
+            raise ProtocolError(f"{where} must be flat: numbers, strings, booleans or null")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not a number a message may carry")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError("a number too large to be finite")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ProtocolError("an integer too large")
+    return int(text)
 
 
 # --- Service to workers, on the PUB socket -------------------------------------
@@ -257,48 +335,129 @@ MESSAGE_TYPES: dict[bytes, type[Message]] = {
 }
 
 
+class RecentSignatures:
+    """Signatures of recently accepted messages, to refuse a replay, in bounded memory.
+
+    Like jupyter_client's digest history, but never forgetting one too soon: a
+    signature is kept until its message is too old to be accepted anyway. When
+    more than ``capacity`` are kept, the oldest is dropped and nothing sent
+    before it is accepted any more (:attr:`floor`). A flood can then cost a
+    delayed message, never a replay.
+    """
+
+    def __init__(self, max_age: float, capacity: int = 1 << 16) -> None:
+        self.max_age = max_age
+        self.capacity = capacity
+        #: Messages sent at or before this time are refused.
+        self.floor = float("-inf")
+        self._seen: set[bytes] = set()
+        self._by_age: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, signature: bytes, sent: float, now: float) -> bool:
+        """Remember ``signature``; False if it was already seen or its message is below the floor."""
+        by_age = self._by_age
+        while by_age and by_age[0][0] < now - self.max_age:
+            self._seen.discard(heapq.heappop(by_age)[1])
+        if sent <= self.floor or signature in self._seen:
+            return False
+        self._seen.add(signature)
+        heapq.heappush(by_age, (sent, signature))
+        if len(by_age) > self.capacity:
+            oldest, forgotten = heapq.heappop(by_age)
+            self._seen.discard(forgotten)
+            self.floor = max(self.floor, oldest)
+        return True
+
+
 @dataclass
 class Codec:
     """Encodes and decodes messages, signing them when a key is set.
 
     With an empty ``key`` messages carry an empty signature frame and any
-    signature is ignored; with a key, unsigned or wrongly signed messages are
-    rejected.
+    signature is ignored. With a key, unsigned or wrongly signed messages are
+    rejected, and so are messages sent more than ``max_age`` seconds ago (or
+    ahead: clocks may differ a little) and messages already accepted once.
+    Both ends use the lease, ``heartbeat_interval x liveness``, as ``max_age``.
     """
 
     key: bytes = b""
+    max_age: float = 1.5
+    _recent: RecentSignatures = field(init=False, repr=False)
 
-    def sign(self, kind: bytes, version: bytes, body: bytes) -> bytes:
-        if not self.key:
-            return b""
-        mac = hmac.new(self.key, digestmod=hashlib.sha256)
-        for part in (kind, version, body):
-            mac.update(part)
-        return mac.hexdigest().encode()
+    def __post_init__(self) -> None:
+        self._recent = RecentSignatures(self.max_age)
+
+    def sign(self, kind: bytes, version: bytes, sent: bytes, body: bytes) -> bytes:
+        """The hex HMAC of one message under :attr:`key` (NUL never occurs in the first three parts)."""
+        return hmac.new(self.key, b"\0".join((kind, version, sent, body)), hashlib.sha256).hexdigest().encode()
 
     def encode(self, msg: Message) -> list[bytes]:
-        body = json.dumps(msg.to_dict(), separators=(",", ":")).encode()
-        return [msg.KIND, VERSION, self.sign(msg.KIND, VERSION, body), body]
+        # allow_nan=False: a receiver refuses NaN and Infinity, so the sender finds out at once.
+        body = json.dumps(msg.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+        signature = b""
+        if self.key:
+            sent = b"%.6f" % time.time()
+            signature = sent + b":" + self.sign(msg.KIND, VERSION, sent, body)
+        return [msg.KIND, VERSION, signature, body]
 
     def decode(self, frames: Sequence[bytes]) -> Message:
-        """Turn frames back into a message, or raise :class:`ProtocolError`."""
+        """Turn frames back into a message, or raise :class:`ProtocolError`.
+
+        Nothing else ever leaves here, whatever the frames hold: the receive
+        loops rely on it (and a property test in tests/test_protocol.py checks it).
+        """
         if len(frames) != 4:
             raise ProtocolError(f"expected 4 frames, got {len(frames)}")
-        kind, version, signature, body = (bytes(f) for f in frames)
+        try:
+            kind, version, signature, body = (bytes(f) for f in frames)
+        except TypeError:
+            raise ProtocolError("frames must be bytes") from None
+        if len(kind) + len(version) + len(signature) + len(body) > MAX_MESSAGE_SIZE:
+            raise ProtocolError(f"message larger than {MAX_MESSAGE_SIZE} bytes")
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version[:16]!r}")
         cls = MESSAGE_TYPES.get(kind)
         if cls is None:
             raise ProtocolError(f"unknown message kind {kind[:32]!r}")
-        if self.key and not hmac.compare_digest(signature, self.sign(kind, version, body)):
+        if self.key:
+            self._verify(kind, version, signature, body)
+        return cls.from_dict(_parse_body(body))
+
+    def _verify(self, kind: bytes, version: bytes, signature: bytes, body: bytes) -> None:
+        """Check the signature, then that the message is fresh and new (after the
+        signature, so that only the key's holders can fill the replay memory)."""
+        sent, colon, digest = signature.partition(b":")
+        if not colon or len(sent) > 32 or not hmac.compare_digest(digest, self.sign(kind, version, sent, body)):
             raise ProtocolError("bad signature")
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError(f"body is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ProtocolError("body is not a JSON object")
-        return cls.from_dict(data)
+            sent_at = float(sent)
+        except ValueError:
+            raise ProtocolError("bad send time in the signature") from None
+        now = time.time()
+        age = now - sent_at
+        if not abs(age) <= self.max_age:  # also refuses NaN
+            raise ProtocolError(f"message sent {age:.1f} s ago, outside the {self.max_age:g} s window: "
+                                "too old to trust, or clocks disagree")
+        if not self._recent.add(digest, sent_at, now):
+            raise ProtocolError("repeated signature: a replayed message")
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    """A body's JSON object, parsed only once it is known to be shallow."""
+    if body.count(b"[") + body.count(b"{") > MAX_BRACKETS:
+        raise ProtocolError("body nests too deep or holds too many brackets")
+    try:
+        data = json.loads(body.decode(), parse_constant=_parse_constant, parse_float=_parse_float,
+                          parse_int=_parse_int)
+    except ProtocolError:
+        raise
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("body is not a JSON object")
+    return data
 
 
 def now() -> float:

@@ -22,6 +22,8 @@ from typing import Any
 
 import zmq
 
+from cachebus.bus.security import SERVICE_KEY, WORKERS_DIR, KeyFileError, ensure_keypair, key_name, private_dir
+
 from . import client, logs
 from . import settings as settings_mod
 from .settings import Settings, SettingsError
@@ -79,7 +81,7 @@ class Command:
 
 
 _BUS_FLAGS = (("--bus-publish", "bus.publish", str), ("--bus-acks", "bus.acks", str),
-              ("--log-format", "log.format", str))
+              ("--keys-dir", "bus.keys_dir", str), ("--log-format", "log.format", str))
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -98,6 +100,8 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> in
 
     try:
         asyncio.run(runner())
+    except KeyFileError as exc:
+        raise UsageError(f"bus key: {exc}") from None
     except zmq.ZMQError as exc:
         raise UsageError(f"cannot use bus endpoint: {exc}") from None
     except OSError as exc:
@@ -194,6 +198,37 @@ class TokensDisable(Command):
         except KeyError:
             raise UsageError("no such token") from None
         print("disabled")
+        return 0
+
+
+class KeysCreate(Command):
+    name = "create"
+    help = "create a CURVE keypair for a worker on another host, and say where its files go"
+    setting_flags = (("--keys-dir", "bus.keys_dir", str),)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("name", help="the worker's name (worker.name); names its key files")
+
+    def run(self, args: argparse.Namespace) -> int:
+        keys = Path(self.settings(args).bus.keys_dir)
+        name = key_name(args.name)
+        directory = keys / WORKERS_DIR
+        if (directory / f"{name}.key_secret").exists():
+            raise UsageError(f"{directory / name}.key_secret already exists: a key is never replaced")
+        try:
+            private_dir(keys)
+            keypair, _ = ensure_keypair(directory, name)
+        except (KeyFileError, OSError) as exc:
+            raise UsageError(f"cannot create the keypair in {directory}: {exc}") from None
+        print(f"secret key: {keypair.path}\n"
+              f"public key: {keypair.public_file}\n"
+              f"For the worker named {args.name}: `cachebus worker --name {args.name}` finds this keypair (or set\n"
+              "bus.secret_key_file to the secret key). The secret key never leaves this host. If the service\n"
+              "runs on another host:\n"
+              f"  - copy {keypair.public_file.name} into <the service's bus.keys_dir>/{WORKERS_DIR}/ there: the\n"
+              "    service allows the key at once;\n"
+              f"  - copy <the service's bus.keys_dir>/{SERVICE_KEY}.key from there to {keys / SERVICE_KEY}.key here.")
         return 0
 
 
@@ -373,6 +408,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "serve": Serve(),
     "worker": Worker(),
     "tokens": {"create": TokensCreate(), "list": TokensList(), "disable": TokensDisable()},
+    "keys": {"create": KeysCreate()},
     "demo": Demo(),
     "clear": Clear(),
     "workers": Workers(),

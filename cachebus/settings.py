@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, bus_mode
 
 #: Where a process looks for its settings when neither flag nor env names one.
 DEFAULT_CONFIG_PATH = Path("config/settings.yaml")
@@ -152,7 +153,30 @@ class BusSettings:
     send_hwm: int = field(default=10_000, metadata=_check(_positive, "a positive message count"))
     recv_hwm: int = field(default=10_000, metadata=_check(_positive, "a positive message count"))
     socket_buffer: int = field(default=0, metadata=_check(lambda v: v >= 0, "bytes >= 0 (0: the OS default)"))
+    #: A shared secret: HMAC mode. Empty (and not insecure): CURVE with the keys in keys_dir.
     key: str = ""
+    #: No authentication at all; refused together with a key (see :meth:`problem`).
+    insecure: bool = False
+    keys_dir: str = field(default=DEFAULT_KEYS_DIR, metadata=_check(bool, "a directory"))
+    #: A worker's own secret key file; empty: <keys_dir>/workers/<worker name>.key_secret, made on first start.
+    secret_key_file: str = ""
+    max_workers: int = field(default=10_000, metadata=_check(_positive, "a positive count"))
+
+    def problem(self) -> tuple[str, str] | None:
+        """A contradiction between fields, as (field, what is wrong), or None."""
+        if self.insecure and self.key:
+            return "insecure", ("true together with a bus.key: choose one (a key signs every message, "
+                                "insecure checks nothing)")
+        return None
+
+    @property
+    def mode(self) -> BusMode:
+        return bus_mode(self.key, self.insecure)
+
+    @property
+    def lease(self) -> float:
+        """Seconds a worker trusts its cache after the service was heard: also the HMAC replay window."""
+        return self.heartbeat_interval * self.liveness
 
 
 @dataclass(frozen=True)
@@ -243,7 +267,13 @@ def _build(cls: type, data: Any, source: str, prefix: str, base: Any = None) -> 
         if check is not None and not check(value):
             raise SettingsError(f"{source}: {key}: expected {f.metadata['expected']}, got {value!r}")
         values[name] = value
-    return cls(**values)
+    built = cls(**values)
+    problem = getattr(built, "problem", None)
+    found = problem() if problem is not None else None
+    if found is not None:
+        name, message = found
+        raise SettingsError(f"{source}: {prefix}{name}: {message}")
+    return built
 
 
 def load(path: str | os.PathLike | None = None) -> Settings:

@@ -23,13 +23,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.client import HTTPConnection, HTTPResponse
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from cachebus.bus.security import SERVICE_KEY, BusMode, ClientSecurity, ensure_keypair, load_public
 from cachebus.client import read_events
 from cachebus.workers.content import copy_tree, demo_content
 
@@ -288,6 +289,22 @@ def read_entry(url: str, entry_id: str = "hello") -> tuple[str, dict[str, Any]]:
     return headers["X-Cache"], json.loads(body)
 
 
+# --- bus peers of a test's own ----------------------------------------------------
+
+
+def bus_client(keys_dir: Path, name: str, allowed: bool = True) -> ClientSecurity:
+    """CURVE keys for a socket of a test's own, talking to the service that uses ``keys_dir``.
+
+    ``allowed``: a keypair in the service's allow-list (as a local worker called
+    ``name`` would make); otherwise one the service has never seen. Apply it to
+    a socket with ``.apply(sock)`` before connecting.
+    """
+    if allowed:
+        return ClientSecurity.resolve(BusMode.CURVE, name=name, keys_dir=keys_dir)
+    keypair, _ = ensure_keypair(keys_dir.parent / f"{keys_dir.name}-unknown", name)
+    return ClientSecurity(BusMode.CURVE, keypair, load_public(keys_dir / f"{SERVICE_KEY}.key"))
+
+
 # --- a whole deployment on loopback ------------------------------------------------
 
 
@@ -296,15 +313,20 @@ class Cluster:
 
     The ports are chosen once, so a restarted service comes back where its
     workers expect it. ``cwd`` is where the processes start (settings paths
-    are relative to it).
+    are relative to it). The bus keys live in ``<tmp>/keys`` (never in the
+    repository's ``var/``); ``bus`` holds ``bus.*`` settings for the service
+    and every worker alike, such as ``{"key": "…"}`` for the HMAC mode or
+    ``{"insecure": True}``.
     """
 
     def __init__(self, tmp: Path, tokens_dir: Path, content_dir: Path, bus_host: str = "127.0.0.1",
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, bus: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.tokens_dir = tokens_dir
         self.content_dir = content_dir
         self.cwd = cwd
+        self.bus = dict(bus or {})
+        self.keys_dir = tmp / "keys"
         self.port, publish_port, acks_port = free_ports(3)
         self.publish = f"tcp://{bus_host}:{publish_port}"
         self.acks = f"tcp://{bus_host}:{acks_port}"
@@ -314,14 +336,22 @@ class Cluster:
         self.token, self.access_token = create_token(tokens_dir)
 
     def bus_args(self) -> list[str]:
-        return ["--bus-publish", self.publish, "--bus-acks", self.acks]
+        return ["--bus-publish", self.publish, "--bus-acks", self.acks, "--keys-dir", str(self.keys_dir)]
+
+    def subscriber_options(self) -> dict[str, Any]:
+        """What an embedded :class:`~cachebus.workers.subscriber.Subscriber` needs to join this cluster."""
+        return {"publish": self.publish, "acks": self.acks, "keys_dir": self.keys_dir,
+                "key": self.bus.get("key", ""), "insecure": self.bus.get("insecure", False)}
 
     def config(self, name: str, settings: dict[str, Any] | None) -> list[str]:
-        """``--config FILE`` for nested ``settings``, or nothing."""
-        if not settings:
+        """``--config FILE`` for nested ``settings`` (with the cluster's ``bus`` settings), or nothing."""
+        merged = dict(settings or {})
+        if self.bus:
+            merged["bus"] = {**self.bus, **merged.get("bus", {})}
+        if not merged:
             return []
         path = self.tmp / f"{name}-settings.yaml"
-        path.write_text(yaml.safe_dump(settings))
+        path.write_text(yaml.safe_dump(merged))
         return ["--config", str(path)]
 
     def start_service(self, *extra: str, settings: dict[str, Any] | None = None,
@@ -341,11 +371,16 @@ class Cluster:
         return service
 
     def start_worker(self, name: str, wait: bool = True, settings: dict[str, Any] | None = None,
-                     prefix: list[str] | None = None) -> str:
-        """Start a reference worker called ``name``; returns its read API's URL."""
+                     prefix: list[str] | None = None, args: Sequence[str] = ()) -> str:
+        """Start a reference worker called ``name``; returns its read API's URL.
+
+        ``args`` go last on its command line, so they override the cluster's flags
+        (``("--bus-acks", endpoint)`` to route its back channel through a proxy, say).
+        """
         port = free_port()
         proc = Proc.python("cachebus.workers", ["--name", name, "--http-port", str(port), "--content-dir",
-                                                str(self.content_dir), *self.bus_args(), *self.config(name, settings)],
+                                                str(self.content_dir), *self.bus_args(), *self.config(name, settings),
+                                                *args],
                            self.tmp / f"{name}.log", self.cwd, prefix=prefix)
         host = (settings or {}).get("worker", {}).get("host", "127.0.0.1")
         url = f"http://{host}:{port}"

@@ -2,8 +2,12 @@
 
 Workers connect a DEALER; the ROUTER's routing id lets the service answer a
 hello with a :class:`~cachebus.bus.protocol.Welcome` addressed to that worker alone.
-Frames that do not decode are logged once per peer and dropped, so a
-misbehaving peer can neither crash the service nor flood its log.
+With CURVE, each frame also carries the sender's authenticated public key
+(``User-Id``, set by the ZAP authenticator); the record binds every worker to
+the key and connection of its hello, so a peer can speak only for itself.
+Frames that do not decode are dropped, and a message whose handling raises is
+reported and skipped, each logged at most once per peer and interval, so a
+misbehaving peer can neither stop the loop nor flood the log.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from cachebus.bus.peers import BadFrames, peer_address
+from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure, drain, plain
 
-from .record import Record
+from .record import Peer, Record, RecordFull, Refused
 
 log = logging.getLogger("cachebus.acks")
 
@@ -30,16 +35,20 @@ class AckListener:
     """Receives worker messages and writes them into the record."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec, record: Record,
-                 position: Callable[[], tuple[str, int]], send_hwm: int, heartbeat: float) -> None:
+                 position: Callable[[], tuple[str, int]], send_hwm: int, heartbeat: float,
+                 security: ServiceSecurity) -> None:
         self.endpoint = endpoint
         self.codec = codec
         self.record = record
         #: Returns the publisher's (epoch, seq) for welcoming a worker.
         self.position = position
-        self.bad_frames = BadFrames(log)
+        self.security = security
+        self.peers = PeerLog(log)
         self._socket = ctx.socket(zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
-        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: a peer that sets a routing id already in use is
+        # ignored, so no one can take over a worker's connection by its id.
+        security.apply(self._socket)
         self._waiting = plain(self._socket)
 
     def bind(self) -> None:
@@ -53,17 +62,29 @@ class AckListener:
         for one clear cost one trip through the event loop, not a thousand.
         """
         while True:
-            await self._handle(await self._socket.recv_multipart(copy=False))
+            await self._handle_safely(await self._socket.recv_multipart(copy=False))
             for frames in drain(self._waiting, _MAX_BATCH):
-                await self._handle(frames)
+                await self._handle_safely(frames)
+
+    async def _handle_safely(self, frames: list[zmq.Frame]) -> None:
+        """Handle one message; whatever it raises is reported, and the loop goes on."""
+        try:
+            await self._handle(frames)
+        except RecordFull as exc:
+            # One line for all peers: a full record is one condition, however many knock.
+            self.peers.report("any new worker", Trouble.REFUSED, str(exc))
+        except Refused as exc:
+            self._report(frames, Trouble.REFUSED, str(exc))
+        except Exception as exc:
+            self._report(frames, Trouble.FAILED, f"{type(exc).__name__}: {exc}", exc_info=exc)
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
-        peer = frames[0].bytes
         try:
             msg = self.codec.decode([f.bytes for f in frames[1:]])
         except ProtocolError as exc:
-            self._bad_frame(peer, frames[0], str(exc))
+            self._report(frames, Trouble.UNDECODABLE, str(exc))
             return
+        peer = self._peer(frames)
         if isinstance(msg, WorkerIdentity):
             epoch, seq = self.position()
             if msg.epoch != epoch:
@@ -71,24 +92,36 @@ class AckListener:
                 # restart): it is not in sync yet and will say hello when it is.
                 log.debug("%s from %s for old epoch %s ignored", msg.KIND.decode(), msg.name, msg.epoch)
                 return
+            owner = self.security.owner(msg.name)
+            if owner is not None and owner != peer.key:
+                raise Refused(f"{msg.KIND.decode()} for worker {msg.name}, a name reserved for the key in "
+                              f"{msg.name}.key")
             if isinstance(msg, WorkerHeartbeat):
-                self.record.heartbeat(msg)
+                self.record.heartbeat(msg, peer)
                 return
-            self.record.hello(msg)
+            self.record.hello(msg, peer)
             try:
-                await self._socket.send_multipart([peer, *self.codec.encode(Welcome(epoch=epoch, seq=seq))],
+                await self._socket.send_multipart([peer.routing_id, *self.codec.encode(Welcome(epoch=epoch, seq=seq))],
                                                   zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)
         elif isinstance(msg, Ack):
-            self.record.acked(msg)
+            self.record.acked(msg, peer)
         elif isinstance(msg, Bye):
-            self.record.bye(msg)
+            self.record.bye(msg, peer)
         else:
-            self._bad_frame(peer, frames[0], f"unexpected {msg.KIND.decode()} message on the ack channel")
+            self._report(frames, Trouble.UNDECODABLE, f"unexpected {msg.KIND.decode()} message on the ack channel")
 
-    def _bad_frame(self, peer: bytes, frame: zmq.Frame, reason: str) -> None:
-        self.bad_frames.report(f"{peer_address(frame)} (routing id {peer[:16].hex()})", reason)
+    def _peer(self, frames: list[zmq.Frame]) -> Peer:
+        """The sender as the transport vouches for it: its connection, and with CURVE its key."""
+        key = str(frames[-1].get("User-Id")) if self.security.authenticates else None
+        return Peer(routing_id=frames[0].bytes, key=key)
+
+    def _report(self, frames: list[zmq.Frame], trouble: Trouble, reason: str,
+                exc_info: BaseException | None = None) -> None:
+        routing_id = frames[0].bytes
+        self.peers.report(f"{peer_address(frames[-1])} (routing id {routing_id[:16].hex()})", trouble, reason,
+                          exc_info=exc_info)
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import tornado.web
@@ -20,7 +21,9 @@ import zmq
 import zmq.asyncio
 from tornado import httputil
 
+from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import Codec
+from cachebus.bus.security import ServiceSecurity
 from cachebus.settings import Settings
 
 from .accesslog import log_request
@@ -57,6 +60,8 @@ class Service:
     acks: AckListener
     events: EventLog
     metrics: ServiceMetrics
+    security: ServiceSecurity
+    ctx: zmq.asyncio.Context
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     #: Seconds :meth:`stop` gives the requests it answers to be written.
@@ -64,10 +69,16 @@ class Service:
 
     @classmethod
     def create(cls, settings: Settings, ctx: zmq.asyncio.Context) -> Service:
-        """Build every part from ``settings``; nothing is bound yet."""
+        """Build every part from ``settings``; nothing is bound yet.
+
+        Raises :class:`~cachebus.bus.security.KeyFileError` when the service's
+        keypair cannot be read or created.
+        """
         bus = settings.bus
-        codec = Codec(bus.key.encode())
-        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer)
+        security = ServiceSecurity(bus.mode, Path(bus.keys_dir), PeerLog(logging.getLogger("cachebus.security")))
+        codec = Codec(bus.key.encode(), max_age=bus.lease)
+        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer,
+                              security=security)
         events = EventLog(publisher.epoch, settings.events.history, settings.events.client_queue)
         record = Record(settings.record.max_clears,
                         suspect_after=bus.heartbeat_interval * bus.liveness,
@@ -76,11 +87,12 @@ class Service:
                         complete_within=settings.record.complete_within,
                         stats_interval=settings.events.stats_interval,
                         emit=events.emit,
-                        max_acks=settings.record.max_acks)
+                        max_acks=settings.record.max_acks,
+                        max_workers=bus.max_workers)
         publisher.on_publish.append(record.published)
         acks = AckListener(ctx, bus.acks, codec, record,
                            position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm,
-                           heartbeat=bus.heartbeat_interval)
+                           heartbeat=bus.heartbeat_interval, security=security)
         auth = settings.api.auth
         tokens = TokenStore(settings.service.tokens_dir, io_threads=settings.service.auth_threads,
                             pool=BcryptPool(auth.bcrypt_threads, auth.bcrypt_queue, auth.per_address,
@@ -90,10 +102,15 @@ class Service:
         if removed := tokens.remove_stale_temporaries():
             log.info("removed %d temporary token file(s) left by a killed writer", removed)
         return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
-                   events=events, metrics=ServiceMetrics(record, events))
+                   events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx)
 
     def start(self) -> None:
-        """Bind both bus sockets and start the heartbeat and ack loops."""
+        """Start the authenticator, bind both bus sockets and start the heartbeat and ack loops.
+
+        On the running event loop: the ZAP authenticator answers there, and it
+        must be up before the first client connects.
+        """
+        self.security.start(self.ctx)
         self.publisher.bind()
         self.acks.bind()
         self.tasks = [
@@ -120,6 +137,7 @@ class Service:
                 await task
         self.publisher.close()
         self.acks.close()
+        self.security.stop()
 
 
 class _BuildOrRefuse(httputil.HTTPMessageDelegate):

@@ -155,13 +155,14 @@ class WorkerJoined(RecordEvent):
     epoch: str
     seq: int
     stats: dict[str, Any]
+    key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "instance": self.instance, "host": self.host, "pid": self.pid,
                 "endpoint": self.endpoint, "state": self.state, "joined_at": self.joined_at,
                 "last_seen": self.last_seen, "last_acked_seq": self.last_acked_seq,
                 "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
-                "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats}
+                "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key}
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, now
+from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure, plain
 
 log = logging.getLogger("cachebus.publisher")
@@ -28,7 +29,8 @@ class Publisher:
     """Owns the PUB socket, the epoch and the sequence counter."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec,
-                 heartbeat_interval: float, send_hwm: int, buffer: int = 0) -> None:
+                 heartbeat_interval: float, send_hwm: int, buffer: int = 0,
+                 security: ServiceSecurity | None = None) -> None:
         self.endpoint = endpoint
         self.codec = codec
         self.heartbeat_interval = heartbeat_interval
@@ -38,7 +40,12 @@ class Publisher:
         #: before any ack for it can arrive.
         self.on_publish: list[Callable[[Clear], None]] = []
         self._socket = ctx.socket(zmq.PUB)
+        # No ZMTP heartbeat here: libzmq aborts a subscriber whose full queue meets
+        # a heartbeat timeout (zeromq/libzmq#4767); our own heartbeats do the job.
         configure(self._socket, send_hwm=send_hwm, buffer=buffer)
+        if security is not None:
+            # CURVE: only workers in the allow-list can subscribe and read the clears.
+            security.apply(self._socket)
         self._sender = plain(self._socket)
 
     def bind(self) -> None:

@@ -5,12 +5,18 @@ ack listener tells it about every hello, ack and bye, and the HTTP read
 endpoints only read it. Everything here runs on the event loop thread, so no
 locks are needed.
 
-Memory is bounded twice: by ``max_clears`` (clears kept) and by ``max_acks``
-(acks kept over all those clears, about 140 bytes each), since a clear to two
-thousand workers holds two thousand acks. Clears published while the same
-workers are live share one :class:`Membership` instead of each copying the
-names: 1,000 clears to 2,002 workers that never ack took 213.7 MB with the
-copies and take 0.6 MB shared (tests/test_record.py).
+Memory is bounded by ``max_workers`` and twice over for clears: by
+``max_clears`` (clears kept) and by ``max_acks`` (acks kept over all those
+clears, about 140 bytes each), since a clear to two thousand workers holds two
+thousand acks. Clears published while the same workers are live share one
+:class:`Membership` instead of each copying the names: 1,000 clears to 2,002
+workers that never ack took 213.7 MB with the copies and take 0.6 MB shared
+(tests/test_record.py).
+
+A worker's hello binds its name and instance to the :class:`Peer` that sent it:
+the public key the bus authenticated (CURVE) and the connection's routing id.
+Acks and byes count only from that peer, heartbeats only from that key, so a
+worker can ack only as itself (docs/security.md).
 """
 
 from __future__ import annotations
@@ -60,6 +66,24 @@ class WorkerState(enum.StrEnum):
 
 #: Receives every change to the record, after it is applied.
 Emit = Callable[[RecordEvent], None]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a message on the ack channel, as the transport vouches for it."""
+
+    #: The ROUTER's routing id of the sender's connection.
+    routing_id: bytes = b""
+    #: The sender's z85 CURVE public key, as ZAP authenticated it; None without CURVE.
+    key: str | None = None
+
+
+class Refused(Exception):
+    """A worker message the record will not apply. ``str()`` is one line saying why."""
+
+
+class RecordFull(Refused):
+    """A hello from a new worker while the record holds ``max_workers`` that are all still around."""
 
 
 def _ignore(event: RecordEvent) -> None:
@@ -196,6 +220,10 @@ class WorkerEntry:
     epoch: str = ""
     seq: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    #: The CURVE public key this worker said hello with (None without CURVE); its name is bound to it.
+    key: str | None = None
+    #: The routing id of the connection its hello came on: acks and byes count only from there.
+    routing_id: bytes = field(default=b"", repr=False)
     #: When, and with what, the last ``worker.stats`` event went out.
     _stats_emitted_at: float = field(default=float("-inf"), repr=False)
     _stats_emitted: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -217,7 +245,15 @@ class WorkerEntry:
             "epoch": self.epoch,
             "seq": self.seq,
             "stats": self.stats,
+            "key": self.key,
         }
+
+    def check_peer(self, peer: Peer, what: str) -> None:
+        """Raise :class:`Refused` unless ``peer`` is the connection and key this worker said hello on."""
+        if peer.key != self.key:
+            raise Refused(f"{what} for worker {self.name} with another key than its hello's")
+        if peer.routing_id != self.routing_id:
+            raise Refused(f"{what} for worker {self.name} from another connection than its hello's")
 
 
 def _joined(worker: WorkerEntry) -> WorkerJoined:
@@ -236,10 +272,12 @@ class Record:
     def __init__(self, max_clears: int = 1000, suspect_after: float = 1.5,
                  lost_after: float = 5.0, forget_after: float = 3600.0,
                  complete_within: float = 30.0, stats_interval: float = 2.0,
-                 emit: Emit = _ignore, max_acks: int = 200_000) -> None:
+                 emit: Emit = _ignore, max_acks: int = 200_000, max_workers: int = 10_000) -> None:
         self.max_clears = max_clears
         #: Acks kept over all clears; the oldest clears go first when there are more.
         self.max_acks = max_acks
+        #: Most workers the record holds; a lost or left one makes room for a new one.
+        self.max_workers = max_workers
         self.suspect_after = suspect_after
         self.lost_after = lost_after
         self.forget_after = forget_after
@@ -303,24 +341,37 @@ class Record:
                         acked, expected, self.complete_within, ", ".join(entry.missing), extra={"fields": fields})
         self.emit(event)
 
-    def hello(self, msg: WorkerIdentity) -> WorkerEntry:
-        """Register a worker, or refresh it when it reconnects or restarts."""
+    def hello(self, msg: WorkerIdentity, peer: Peer = Peer()) -> WorkerEntry:
+        """Register a worker, or refresh it when it reconnects or restarts.
+
+        A worker's name stays bound to the key of its first hello for as long as
+        the record keeps it; a hello (or heartbeat, which carries the same
+        identity) from that key with that instance moves the binding to the
+        connection it came on, as after the worker's DEALER reconnected.
+        Raises :class:`Refused` for another key, :class:`RecordFull` for a new
+        worker beyond ``max_workers``.
+        """
         now = time.time()
         known = self._workers.get(msg.name)
+        if known is not None and known.key != peer.key:
+            raise Refused(f"{msg.KIND.decode()} for worker {msg.name}, whose name belongs to another key")
         if known is not None and known.instance == msg.instance:
+            known.routing_id = peer.routing_id
             self._set_state(known, WorkerState.LIVE, now)
             known.last_seen = now
             known.epoch, known.seq = msg.epoch, msg.seq
             if isinstance(msg, Hello):
                 known.synced_seq = msg.seq
             return known
-        if known is not None and known.state == WorkerState.LIVE:
+        if known is None:
+            self._make_room()
+        elif known.state == WorkerState.LIVE:
             log.warning("worker %s (pid %d on %s) replaces a live worker of the same name (pid %d on %s)",
                         msg.name, msg.pid, msg.host, known.pid, known.host)
         worker = WorkerEntry(
             name=msg.name, instance=msg.instance, host=msg.host, pid=msg.pid,
             endpoint=msg.endpoint, joined_at=now, last_seen=now, synced_seq=msg.seq,
-            epoch=msg.epoch, seq=msg.seq,
+            epoch=msg.epoch, seq=msg.seq, key=peer.key, routing_id=peer.routing_id,
         )
         if known is None or known.state != WorkerState.LIVE:  # the live set changes
             self._membership = None
@@ -330,9 +381,26 @@ class Record:
         self.emit(_joined(worker))
         return worker
 
-    def heartbeat(self, msg: WorkerHeartbeat) -> WorkerEntry:
+    def _make_room(self) -> None:
+        """Forget the longest-silent lost or left worker if the record is full; raise :class:`RecordFull` if none is."""
+        if len(self._workers) < self.max_workers:
+            return
+        gone = [w for w in self._workers.values() if w.state in (WorkerState.LOST, WorkerState.LEFT)]
+        if not gone:
+            raise RecordFull(f"the record already holds bus.max_workers ({self.max_workers}) workers")
+        oldest = min(gone, key=lambda w: w.last_seen)
+        self._forget(oldest, time.time() - oldest.last_seen)
+
+    def _forget(self, worker: WorkerEntry, silent: float) -> None:
+        del self._workers[worker.name]
+        log.info("worker %s forgotten after %.0f s", worker.name, silent,
+                 extra={"fields": {"worker": worker.name, "state": WorkerState.FORGOTTEN}})
+        self.emit(WorkerStateChanged(worker=worker.name, state=WorkerState.FORGOTTEN, previous=worker.state,
+                                     last_seen=worker.last_seen))
+
+    def heartbeat(self, msg: WorkerHeartbeat, peer: Peer = Peer()) -> WorkerEntry:
         """A worker is alive; a worker the record does not know joins."""
-        worker = self.hello(msg)
+        worker = self.hello(msg, peer)
         worker.stats = msg.stats
         now = time.monotonic()
         if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
@@ -346,11 +414,7 @@ class Record:
         for worker in list(self._workers.values()):
             silent = now - worker.last_seen
             if silent > self.forget_after and worker.state in (WorkerState.LOST, WorkerState.LEFT):
-                del self._workers[worker.name]
-                log.info("worker %s forgotten after %.0f s", worker.name, silent,
-                         extra={"fields": {"worker": worker.name, "state": WorkerState.FORGOTTEN}})
-                self.emit(WorkerStateChanged(worker=worker.name, state=WorkerState.FORGOTTEN, previous=worker.state,
-                                             last_seen=worker.last_seen))
+                self._forget(worker, silent)
             elif worker.state == WorkerState.LEFT:
                 continue
             elif silent > self.lost_after:
@@ -373,22 +437,30 @@ class Record:
             self._membership = None
         self.emit(WorkerStateChanged(worker=worker.name, state=state, previous=previous, last_seen=worker.last_seen))
 
-    def acked(self, msg: Ack) -> list[ClearEntry]:
+    def acked(self, msg: Ack, peer: Peer = Peer()) -> list[ClearEntry]:
         """Credit ``msg`` to every clear its purge covers; return those clears.
 
         A purge after seeing ``seq`` proves the worker dropped everything that
         any clear up to ``seq`` of that epoch invalidated, including clears
         it never received. Clears from before the worker joined are credited
         only where it was expected.
+
+        Only the instance that said hello, on the same connection with the same
+        key, is credited; anything else raises :class:`Refused`. An ack from a
+        worker the record does not know (sent before its hello reached a
+        restarted service, say) has nothing to credit and is ignored.
         """
         now = time.time()
         worker = self._workers.get(msg.name)
-        if worker is not None and worker.instance != msg.instance:
-            worker = None  # an instance the record no longer knows: its purge still counts for clears
-        if worker is not None:
-            self._set_state(worker, WorkerState.LIVE, now)
-            worker.last_seen = now
-            worker.last_purge_cause = msg.cause
+        if worker is None:
+            log.debug("ack from unknown worker %s ignored", msg.name)
+            return []
+        if worker.instance != msg.instance:
+            raise Refused(f"ack for worker {msg.name} from an instance that is not the one that said hello")
+        worker.check_peer(peer, "ack")
+        self._set_state(worker, WorkerState.LIVE, now)
+        worker.last_seen = now
+        worker.last_purge_cause = msg.cause
         self.emit(WorkerPurged(worker=msg.name, cause=msg.cause, seq=msg.seq, clear_id=msg.clear_id,
                                entries_dropped=msg.dropped, purge_ms=msg.purge_ms))
         updated = []
@@ -424,10 +496,12 @@ class Record:
                 worker.last_acked_clear = newest.id
         return updated
 
-    def bye(self, msg: Bye) -> None:
-        """A worker left cleanly: stop expecting it in new clears."""
+    def bye(self, msg: Bye, peer: Peer = Peer()) -> None:
+        """A worker left cleanly: stop expecting it in new clears. Raises :class:`Refused`
+        for a bye from another connection or key than the instance's hello."""
         worker = self._workers.get(msg.name)
         if worker is not None and worker.instance == msg.instance:
+            worker.check_peer(peer, "bye")
             worker.last_seen = time.time()
             self._set_state(worker, WorkerState.LEFT, worker.last_seen)
 

@@ -56,12 +56,14 @@ def overrides() -> dict[str, Any]:
 
 
 @pytest.fixture
-def settings(tokens_dir: Path, overrides: dict[str, Any]) -> Settings:
+def settings(tmp_path: Path, tokens_dir: Path, overrides: dict[str, Any]) -> Settings:
     publish_port, acks_port = free_ports(2)
     return Settings().replace({
         "service.tokens_dir": str(tokens_dir),
         "bus.publish": f"tcp://127.0.0.1:{publish_port}",
         "bus.acks": f"tcp://127.0.0.1:{acks_port}",
+        # Never the repository's var/keys.
+        "bus.keys_dir": str(tmp_path / "keys"),
         **overrides,
     })
 

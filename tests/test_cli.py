@@ -91,7 +91,8 @@ def test_port_in_use_is_one_line(tmp_path: Path):
         busy.listen()
         port = busy.getsockname()[1]
         result = run("serve", "--port", str(free_port()), "--tokens-dir", str(tmp_path),
-                     "--bus-publish", f"tcp://127.0.0.1:{port}", "--bus-acks", f"tcp://127.0.0.1:{free_port()}")
+                     "--bus-publish", f"tcp://127.0.0.1:{port}", "--bus-acks", f"tcp://127.0.0.1:{free_port()}",
+                     "--keys-dir", str(tmp_path / "keys"))
     assert result.returncode == 2
     assert "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr

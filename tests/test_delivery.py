@@ -178,7 +178,7 @@ def test_a_late_joiner_serves_nothing_older_than_its_start(cluster: Cluster, con
     assert cluster.clear()[0] == 204
     cache = Cache()
     cache.set("page", "cached before the subscriber started")
-    subscriber = ThreadedSubscriber([cache], name="late", publish=cluster.publish, acks=cluster.acks)
+    subscriber = ThreadedSubscriber([cache], name="late", **cluster.subscriber_options())
     subscriber.start()
     try:
         assert cache.get("page") is None  # untrusted until synced

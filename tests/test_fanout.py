@@ -15,7 +15,8 @@ import yaml
 import zmq
 
 from cachebus.bus.protocol import VERSION, Codec, Heartbeat
-from cachebus.testing import Cluster, Proc, edit_entry, free_port, http_json, read_entry, wait_for
+from cachebus.bus.security import ensure_keypair
+from cachebus.testing import Cluster, Proc, bus_client, edit_entry, free_port, http_json, read_entry, wait_for
 
 
 def test_edit_clear_and_every_worker_serves_the_new_value(cluster: Cluster, content_dir: Path):
@@ -83,9 +84,11 @@ def test_garbage_on_both_bus_sockets_is_dropped_and_the_system_keeps_working(clu
 
     ctx = zmq.Context()
     try:
-        # Well-framed ZeroMQ messages that are not cachebus messages.
+        # Well-framed ZeroMQ messages that are not cachebus messages, from peers the
+        # service lets in (their key is in its allow-list).
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, b"junk-dealer")
+        bus_client(cluster.keys_dir, "junk").apply(dealer)
         dealer.connect(cluster.acks)
         junk = [
             [b"hello"],
@@ -101,6 +104,7 @@ def test_garbage_on_both_bus_sockets_is_dropped_and_the_system_keeps_working(clu
             dealer.send_multipart(frames)
         # A subscriber side peer that sends rubbish upstream to the PUB socket.
         xsub = ctx.socket(zmq.XSUB)
+        bus_client(cluster.keys_dir, "junk").apply(xsub)
         xsub.connect(cluster.publish)
         xsub.send(b"\x07garbage")
         xsub.send(b"")
@@ -110,10 +114,8 @@ def test_garbage_on_both_bus_sockets_is_dropped_and_the_system_keeps_working(clu
         assert status == 204
         record = cluster.wait_all_acked(headers["Cache-Clear-Id"], {"w1"})
         assert record["complete"]
-        dealer.close(0)
-        xsub.close(0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
 
     assert service.popen.poll() is None
     # Logged once for that peer, however many bad messages it sent.
@@ -127,6 +129,11 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     router = ctx.socket(zmq.ROUTER)
+    # CURVE servers with a service keypair of the test's own (no ZAP handler: any client may connect).
+    keys, _ = ensure_keypair(tmp_path / "keys", "service")
+    for sock in (pub, router):
+        sock.curve_server = True
+        sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
     pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
     ack_port = router.bind_to_random_port("tcp://127.0.0.1")
     router.rcvtimeo = 200
@@ -134,7 +141,8 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
     worker = Proc.python("cachebus.workers", ["--name", "w", "--http-port", str(free_port()),
                                        "--content-dir", str(content_dir),
                               "--bus-publish", f"tcp://127.0.0.1:{pub_port}",
-                              "--bus-acks", f"tcp://127.0.0.1:{ack_port}"], tmp_path / "w.log")
+                              "--bus-acks", f"tcp://127.0.0.1:{ack_port}",
+                              "--keys-dir", str(tmp_path / "keys")], tmp_path / "w.log")
     try:
         def received(kind: bytes, before=None):
             def check():
@@ -152,7 +160,7 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
         hello = received(b"hello", before=heartbeat)
         assert hello.name == "w"
 
-        for frames in ([b"clear"], [b"clear", VERSION, b"", b"{"], [b"clear", b"2", b"", b"{}"],
+        for frames in ([b"clear"], [b"clear", VERSION, b"", b"{"], [b"clear", b"1", b"", b"{}"],
                        [b"clear", VERSION, b"", b'{"epoch": "e1", "seq": "1", "id": "x", "ts": 0}']):
             pub.send_multipart(frames)
         from cachebus.bus.protocol import Clear

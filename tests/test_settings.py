@@ -41,6 +41,9 @@ def test_missing_default_file_means_built_in_defaults(tmp_path, monkeypatch):
     ("- a\n", "top level: expected a mapping of settings"),
     ("service: [\n", "not valid YAML at line"),
     ("api:\n  cache:\n    enabled: yes please\n", "api.cache.enabled: expected true or false"),
+    ("bus:\n  insecure: true\n  key: s3cret\n", "bus.insecure: true together with a bus.key"),
+    ("bus:\n  max_workers: 0\n", "bus.max_workers: expected a positive count"),
+    ("bus:\n  keys_dir: ''\n", "bus.keys_dir: expected a directory"),
 ])
 def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, message: str):
     path = tmp_path / "settings.yaml"

@@ -12,7 +12,7 @@ from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
 def test_threaded_subscriber_purges_an_embedded_cache_and_acks(cluster: Cluster):
     cluster.start_service()
     cache = Cache()
-    subscriber = ThreadedSubscriber([cache], name="wsgi-app", publish=cluster.publish, acks=cluster.acks)
+    subscriber = ThreadedSubscriber([cache], name="wsgi-app", **cluster.subscriber_options())
     subscriber.start()
     try:
         assert subscriber.wait_synced(DEADLINE)
@@ -35,8 +35,8 @@ def test_asyncio_subscriber_with_several_targets(cluster: Cluster):
     pages, fragments = Cache(), Cache()
 
     async def main() -> None:
-        async with Subscriber([pages, fragments], name="async-app", publish=cluster.publish,
-                              acks=cluster.acks) as subscriber:
+        async with Subscriber([pages, fragments], name="async-app",
+                              **cluster.subscriber_options()) as subscriber:
             assert await subscriber.wait_synced(DEADLINE)
             await asyncio.to_thread(cluster.wait_worker_live_named, "async-app")
             pages.set("a", 1)

@@ -9,7 +9,14 @@ its own event loop in a background thread::
     subscriber.start()
 
 The subscriber connects a SUB socket to the service's commands and a DEALER to
-its ack channel. It says hello once its subscription has delivered a first
+its ack channel. By default both are CURVE clients (:mod:`cachebus.bus.security`):
+the subscriber reads the service's public key from ``<keys_dir>/service.key``
+and uses its own keypair, ``<keys_dir>/workers/<name>.key_secret``, created
+when missing, which a service on the same host with the same ``keys_dir``
+allows. A shared ``key`` selects the HMAC mode instead, and ``insecure=True``
+no authentication at all.
+
+It says hello once its subscription has delivered a first
 message (so the service never expects it before it can hear), purges its
 targets on every clear, and acks each purge. Clears that arrive together are
 coalesced into one purge. It watches the sequence numbers in commands and
@@ -42,7 +49,7 @@ import zmq
 import zmq.asyncio
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
-from cachebus.bus.peers import BadFrames, peer_address
+from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import (
     Ack,
     Bye,
@@ -57,6 +64,7 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     worst,
 )
+from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
 from cachebus.bus.sockets import configure, drain, plain
 
 from .cache import Purgeable
@@ -87,6 +95,13 @@ class Subscriber:
     ``targets`` are objects with ``clear(*, clear_id, seq) -> int`` (see
     :class:`~cachebus.workers.cache.Purgeable`); ``clear`` may also be a coroutine
     function, for targets that do I/O.
+
+    Security, as ``bus.*`` in the settings: by default CURVE with the keys in
+    ``keys_dir`` (``server_key`` gives the service's z85 public key instead of
+    ``<keys_dir>/service.key``, ``secret_key_file`` this process's keypair
+    instead of ``<keys_dir>/workers/<name or hostname>.key_secret``); a shared
+    ``key`` for HMAC; or ``insecure=True``. :meth:`start` raises
+    :class:`~cachebus.bus.security.KeyFileError` when a key it needs is missing.
     """
 
     def __init__(
@@ -98,6 +113,10 @@ class Subscriber:
         acks: str = DEFAULT_ACKS,
         endpoint: str = "",
         key: str | bytes = b"",
+        insecure: bool = False,
+        keys_dir: str | os.PathLike[str] = DEFAULT_KEYS_DIR,
+        server_key: str | bytes | None = None,
+        secret_key_file: str | os.PathLike[str] | None = None,
         heartbeat_interval: float = 0.5,
         liveness: int = 3,
         recv_hwm: int = 10_000,
@@ -112,10 +131,18 @@ class Subscriber:
         self.publish = publish
         self.acks = acks
         self.endpoint = endpoint
-        self.codec = Codec(key.encode() if isinstance(key, str) else key)
+        raw_key = key.encode() if isinstance(key, str) else key
+        self.mode = bus_mode(raw_key, insecure)
         self.heartbeat_interval = heartbeat_interval
         #: How long the service may stay silent before targets stop being trusted.
         self.lease_seconds = heartbeat_interval * liveness
+        self.codec = Codec(raw_key, max_age=self.lease_seconds)
+        # One keypair per configured name, or per host: not per process, as the
+        # default name (with its pid) would make.
+        self._security_options: dict[str, Any] = {
+            "name": key_name(name or socket.gethostname()), "keys_dir": keys_dir, "server_key": server_key,
+            "secret_key_file": secret_key_file}
+        self.security = ClientSecurity(self.mode)
         self.recv_hwm = recv_hwm
         self.socket_buffer = socket_buffer
         #: time.monotonic() until which leased targets are trusted; None before the first sync.
@@ -127,7 +154,7 @@ class Subscriber:
         self.purges = 0
         #: How many purges each cause brought about.
         self.purges_by_cause: dict[PurgeCause, int] = {}
-        self.bad_frames = BadFrames(log)
+        self.peers = PeerLog(log)
         self._synced = asyncio.Event()
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
@@ -135,6 +162,10 @@ class Subscriber:
         self._dealer: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: time.monotonic() of the last hello not yet welcomed.
+        self._hello_at: float | None = None
+        #: time.monotonic() of the SUB socket's last connect.
+        self._connected_at = 0.0
 
     @property
     def synced(self) -> bool:
@@ -153,16 +184,24 @@ class Subscriber:
         """Connect both sockets and start listening."""
         for target in self._leased():
             target.revoke_lease()
+        self.security = ClientSecurity.resolve(self.mode, **self._security_options)
+        if self.mode is BusMode.INSECURE:
+            log.warning(INSECURE_WARNING)
         self._sub = self._ctx.socket(zmq.SUB)
+        # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
+        # heartbeat timeout (zeromq/libzmq#4767); the service's heartbeats and the lease do the job.
         configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
+        self.security.apply(self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(self.publish)
+        self._connected_at = time.monotonic()
         self._waiting = plain(self._sub)
         # A plain socket, watched by the loop directly: every ack and heartbeat
         # goes out here, and zmq.asyncio's per-send future and extra loop pass
         # were a third of a subscriber's CPU with a thousand in one process.
         self._dealer = zmq.Socket(self._ctx, zmq.DEALER)
         configure(self._dealer, heartbeat=self.heartbeat_interval)
+        self.security.apply(self._dealer)
         self._dealer.connect(self.acks)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._dealer.FD, self._replies)
@@ -212,13 +251,26 @@ class Subscriber:
             batch = [await self._sub.recv_multipart(copy=False)]
             lapsed = not self.trusted
             batch += drain(self._waiting, _MAX_BATCH - 1)
-            messages = []
-            for frames in batch:
-                try:
-                    messages.append(self.codec.decode([f.bytes for f in frames]))
-                except ProtocolError as exc:
-                    self.bad_frames.report(peer_address(frames[0]), str(exc))
-            await self._handle(messages, lapsed)
+            try:
+                messages = []
+                for frames in batch:
+                    try:
+                        messages.append(self.codec.decode([f.bytes for f in frames]))
+                    except ProtocolError as exc:
+                        self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
+                await self._handle(messages, lapsed)
+            except Exception as exc:
+                # Half a batch may have been applied (a target's clear raised, say):
+                # distrust the targets, so the next batch purges before they serve again.
+                self._distrust()
+                self.peers.report(peer_address(batch[0][0]), Trouble.FAILED, f"{type(exc).__name__}: {exc}",
+                                  exc_info=exc)
+
+    def _distrust(self) -> None:
+        """Stop trusting the targets now; the next command purges them before renewing the lease."""
+        self.lease_until = time.monotonic()
+        for target in self._leased():
+            target.revoke_lease()
 
     async def _handle(self, messages: list[Message], lapsed: bool = False) -> None:
         """Apply a batch of commands: at most one purge and one ack for all of them.
@@ -261,8 +313,12 @@ class Subscriber:
             await self._purge(cause, newest_clear)
         self._renew_lease(commands[-1])
         if announce:
-            self._synced.clear()
-            self._send(Hello(**self._identity()))
+            self._say_hello()
+
+    def _say_hello(self) -> None:
+        self._synced.clear()
+        self._hello_at = time.monotonic()
+        self._send(Hello(**self._identity()))
 
     def _renew_lease(self, newest: Clear | Heartbeat) -> None:
         """Trust the targets for one lease from when ``newest`` was sent.
@@ -284,8 +340,51 @@ class Subscriber:
         """Tell the service we are alive, while we can vouch for our targets."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            if self.lease_until is None:
+                self._never_heard()
+            if self.epoch is not None and self.trusted and self._unwelcomed():
+                continue
             if self.epoch is not None and self.trusted:
-                self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
+                try:
+                    self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
+                except Exception as exc:  # a target's stats() raised: report it, keep beating next time
+                    self.peers.report("this process", Trouble.FAILED, f"heartbeat: {type(exc).__name__}: {exc}",
+                                      exc_info=exc)
+
+    # libzmq ends a session whose handshake the service refused (a CURVE key not in
+    # its allow-list) and never tries again. So that a key added to the allow-list
+    # later works without restarting the worker, the subscriber connects again
+    # itself while the service stays silent.
+
+    def _never_heard(self) -> None:
+        """Connect the SUB again if nothing came since it connected, a lease ago."""
+        if time.monotonic() - self._connected_at < self.lease_seconds:
+            return
+        assert self._sub is not None
+        self.peers.report(self.publish, Trouble.UNANSWERED, f"nothing heard yet: connecting again{self._key_hint()}")
+        _reconnect(self._sub, self.publish)
+        self._connected_at = time.monotonic()
+
+    def _unwelcomed(self) -> bool:
+        """Connect the back channel again and repeat the hello, if the last hello went
+        unanswered for a lease. Also covers a hello lost while the back channel was down."""
+        if self._synced.is_set() or self._hello_at is None:
+            return False
+        waited = time.monotonic() - self._hello_at
+        if waited < self.lease_seconds:
+            return False
+        assert self._dealer is not None
+        self.peers.report(self.acks, Trouble.UNANSWERED,
+                          f"no welcome {waited:.1f} s after hello: connecting again{self._key_hint()}")
+        _reconnect(self._dealer, self.acks)
+        self._say_hello()
+        return True
+
+    def _key_hint(self) -> str:
+        if self.security.keypair is None:
+            return ""
+        return (f" (is the service running, and does it allow this worker's public key "
+                f"{self.security.keypair.public_file}?)")
 
     def _identity(self) -> dict[str, Any]:
         """The fields of :class:`~cachebus.bus.protocol.WorkerIdentity` for this subscriber."""
@@ -337,12 +436,15 @@ class Subscriber:
             frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
+                if isinstance(msg, Welcome):
+                    log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
+                    self._hello_at = None
+                    self._synced.set()
             except ProtocolError as exc:
-                self.bad_frames.report(peer_address(frames[0]), str(exc))
-                continue
-            if isinstance(msg, Welcome):
-                log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
-                self._synced.set()
+                self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
+            except Exception as exc:
+                self.peers.report(peer_address(frames[0]), Trouble.FAILED, f"{type(exc).__name__}: {exc}",
+                                  exc_info=exc)
 
     def _send(self, msg: Message) -> None:
         """Send on the back channel without ever blocking the worker.
@@ -357,6 +459,15 @@ class Subscriber:
             log.debug("back channel unavailable; %s dropped", msg.KIND.decode())
         if _readable(self._dealer):
             self._loop.call_soon(self._replies)
+
+
+def _reconnect(sock: zmq.Socket, endpoint: str) -> None:
+    """A fresh connection (and handshake) to ``endpoint``."""
+    try:
+        sock.disconnect(endpoint)
+    except zmq.ZMQError:
+        pass  # the session already ended: a refused handshake
+    sock.connect(endpoint)
 
 
 def _readable(sock: zmq.Socket) -> bool:
@@ -377,25 +488,40 @@ class ThreadedSubscriber:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._error: Exception | None = None
         self.subscriber: Subscriber | None = None
 
     def start(self) -> None:
-        """Start the background thread; returns once the sockets are connected."""
+        """Start the background thread; returns once the sockets are connected.
+
+        Raises what :meth:`Subscriber.start` raised (a missing key file, say).
+        """
         self._thread = threading.Thread(target=self._run, name="cachebus-subscriber", daemon=True)
         self._thread.start()
         self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            self._loop = self.subscriber = None
+            raise self._error
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
 
         async def main() -> None:
-            self.subscriber = Subscriber(self._targets, **self._options)
-            await self.subscriber.start()
-            self._started.set()
+            try:
+                self.subscriber = Subscriber(self._targets, **self._options)
+                await self.subscriber.start()
+            except Exception as exc:
+                self._error = exc
+                if self.subscriber is not None:
+                    await self.subscriber.stop()
+            finally:
+                self._started.set()
 
         self._loop.run_until_complete(main())
-        self._loop.run_forever()
+        if self._error is None:
+            self._loop.run_forever()
         self._loop.close()
 
     def wait_synced(self, timeout: float | None = None) -> bool:

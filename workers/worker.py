@@ -9,6 +9,7 @@ and the worker keeps serving the old value until the service publishes a clear.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import tornado.web
 
+from cachebus.bus.security import SERVICE_KEY, BusMode
 from cachebus.metrics import MetricsHandler
 from cachebus.service.errors import CONTENT_TYPE
 from cachebus.settings import Settings
@@ -23,7 +25,7 @@ from cachebus.settings import Settings
 from .cache import Cache
 from .content import EntryError, load_entry
 from .metrics import worker_registry
-from .subscriber import Subscriber, default_name
+from .subscriber import Subscriber
 
 log = logging.getLogger("cachebus.worker")
 
@@ -93,27 +95,47 @@ def make_app(cache: Cache, subscriber: Subscriber, content_dir: Path, settings: 
     ])
 
 
+async def _wait_for_file(path: Path, stop: asyncio.Event) -> None:
+    """Return once ``path`` exists or ``stop`` is set, saying once what is awaited."""
+    if path.exists():
+        return
+    log.info("waiting for the service's public key %s (the service writes it on its first start; "
+             "for a worker on another host, copy it there)", path)
+    while not path.exists() and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Run a reference worker until ``stop`` is set."""
     cfg = settings.worker
     content_dir = Path(cfg.content_dir)
     cache = Cache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl or None)
+    bus = settings.bus
     subscriber = Subscriber(
         [cache],
-        name=cfg.name or default_name(),
-        publish=settings.bus.publish,
-        acks=settings.bus.acks,
+        # Unnamed: <hostname>-<pid>, with one keypair for the host (not one per process).
+        name=cfg.name or None,
+        publish=bus.publish,
+        acks=bus.acks,
         endpoint=f"http://{cfg.host}:{cfg.http_port}",
-        key=settings.bus.key,
-        heartbeat_interval=settings.bus.heartbeat_interval,
-        liveness=settings.bus.liveness,
-        recv_hwm=settings.bus.recv_hwm,
-        socket_buffer=settings.bus.socket_buffer,
+        key=bus.key,
+        insecure=bus.insecure,
+        keys_dir=bus.keys_dir,
+        secret_key_file=bus.secret_key_file or None,
+        heartbeat_interval=bus.heartbeat_interval,
+        liveness=bus.liveness,
+        recv_hwm=bus.recv_hwm,
+        socket_buffer=bus.socket_buffer,
     )
     server = make_app(cache, subscriber, content_dir, settings).listen(cfg.http_port, address=cfg.host)
-    await subscriber.start()
-    log.info("worker %s serving %s on http://%s:%d", subscriber.name, content_dir, cfg.host, cfg.http_port)
     try:
+        if bus.mode is BusMode.CURVE:
+            # `make run` starts the service and its workers at once: wait for the key the service writes.
+            await _wait_for_file(Path(bus.keys_dir) / f"{SERVICE_KEY}.key", stop)
+        if not stop.is_set():
+            await subscriber.start()
+            log.info("worker %s serving %s on http://%s:%d", subscriber.name, content_dir, cfg.host, cfg.http_port)
         await stop.wait()
     finally:
         server.stop()
