@@ -121,9 +121,16 @@ BUSY_ANSWER: dict[Busy, tuple[int, Reason]] = {
     Busy.STOPPING: (503, Reason.STOPPING),
 }
 
-#: Seconds between two warning lines for refusals a flood produces (those with
-#: ``Retry-After``): one line, then a count of the ones not logged.
+#: Every refusal's warning line is rate-limited per reason, so a client that sends
+#: bad requests in a loop cannot fill the disk: within each window of this many
+#: seconds, the first lines of a reason are written, the rest counted, and the
+#: next line written says how many were not.
 QUIET_SECONDS = 10.0
+#: Lines per reason per window: enough that an operator sees each of a few bad
+#: requests; a flood of one kind writes this many lines a window, whatever its rate.
+LINES_PER_WINDOW = 5
+#: Refusals that come in floods by nature (those with ``Retry-After``): one line a window.
+FLOOD_LINES_PER_WINDOW = 1
 
 
 class ApiError(HTTPError):
@@ -190,13 +197,13 @@ class FlextypeErrors(RequestHandler):
         request = self.request
         if isinstance(value, ApiError):
             explained = value.get_message()
-            if value.retry_after is not None:
-                quiet = _quiet.setdefault(self.application, _Quiet())
-                unlogged = quiet.unlogged(value.why)
-                if unlogged is None:
-                    return
-                if unlogged:
-                    explained = f"{explained + '; ' if explained else ''}{unlogged} more since the last such line"
+            quiet = _quiet.setdefault(self.application, _Quiet())
+            budget = LINES_PER_WINDOW if value.retry_after is None else FLOOD_LINES_PER_WINDOW
+            unlogged = quiet.unlogged(value.why, budget)
+            if unlogged is None:
+                return
+            if unlogged:
+                explained = f"{explained + '; ' if explained else ''}{unlogged} more since the last such line"
             self.error_log.warning("%s %s -> %d (%s) from %s%s", request.method, request.path, value.status_code,
                                    value.why, request.remote_ip, f": {explained}" if explained else "")
         elif isinstance(value, HTTPError):
@@ -210,20 +217,27 @@ class FlextypeErrors(RequestHandler):
 
 
 class _Quiet:
-    """At most one line per reason every :data:`QUIET_SECONDS`, for one application."""
+    """At most ``budget`` lines per reason every :data:`QUIET_SECONDS`, for one application.
+
+    Keyed by reason only (a closed set), never by client address, so its memory
+    stays bounded whoever sends what.
+    """
 
     def __init__(self) -> None:
-        self._last: dict[str, float] = {}
+        #: reason -> [start of its window, lines written in it]
+        self._windows: dict[str, list[float]] = {}
         self._unlogged: dict[str, int] = {}
 
-    def unlogged(self, why: str) -> int | None:
+    def unlogged(self, why: str, budget: int) -> int | None:
         """None: do not log this one. Else log it, with how many were not logged since the last line."""
         now = time.monotonic()
-        last = self._last.get(why)
-        if last is not None and now - last < QUIET_SECONDS:
+        window = self._windows.get(why)
+        if window is None or now - window[0] >= QUIET_SECONDS:
+            window = self._windows[why] = [now, 0]
+        if window[1] >= budget:
             self._unlogged[why] = self._unlogged.get(why, 0) + 1
             return None
-        self._last[why] = now
+        window[1] += 1
         return self._unlogged.pop(why, 0)
 
 

@@ -181,3 +181,21 @@ async def test_every_route_counts_its_requests_by_pattern_method_and_status(http
     counted = sum(s.value for m in service.metrics.registry.collect() if m.name == "cachebus_http_requests"
                   for s in m.samples if s.name == "cachebus_http_requests_total")
     assert counted == len(cases)
+
+
+@pytest.mark.gen_test
+async def test_a_flood_of_bad_requests_writes_a_bounded_number_of_lines(http_client, base_url, service: Service,
+                                                                        caplog):
+    from cachebus.service.errors import LINES_PER_WINDOW
+
+    caplog.set_level(logging.INFO)
+    for _ in range(60):
+        response = await http_client.fetch(base_url + "/api/v1/cache/clear", method="POST", body="{not json",
+                                           headers={"Content-Type": "application/json"}, raise_error=False)
+        assert response.code == 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "cachebus.api"]
+    # Every refusal is answered and counted; only the first few of a kind within the window are written.
+    assert sample(service, "cachebus_http_requests_total", route="/api/v1/cache/clear", method="POST",
+                  status="400") == 60
+    assert 1 <= len(lines) <= LINES_PER_WINDOW, lines
+    assert all("(malformed_json)" in line for line in lines)
