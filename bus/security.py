@@ -105,23 +105,26 @@ def _valid(key: bytes | None) -> bool:
         return False
 
 
-def load_public(path: Path) -> bytes:
-    """The z85 public key in the certificate file ``path``."""
+def _read_certificate(path: Path) -> tuple[bytes | None, bytes | None]:
+    """zmq.auth's reading of a certificate file, its failures as one :class:`KeyFileError`."""
     try:
-        public, _ = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"{path}: not a readable key file ({type(exc).__name__})") from None
+
+
+def load_public(path: Path) -> bytes:
+    """The z85 public key in the certificate file ``path``."""
+    public, _ = _read_certificate(path)
     if not _valid(public):
         raise KeyFileError(f"{path}: not a CURVE public key")
+    assert public is not None
     return public
 
 
 def load_keypair(path: Path) -> Keypair:
     """The keypair in the secret certificate file ``path``."""
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"{path}: not a readable key file ({type(exc).__name__})") from None
+    public, secret = _read_certificate(path)
     if not (_valid(public) and _valid(secret)):
         raise KeyFileError(f"{path}: not a CURVE secret key file")
     assert public is not None and secret is not None
