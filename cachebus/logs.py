@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 from cachebus.settings import Settings
@@ -37,6 +38,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class Budget:
+    """At most ``per_window`` events of each key every ``window`` seconds; the rest are counted.
+
+    The core of every rate-limited log line: whoever floods, a key writes a
+    bounded number of lines, and the next line it writes can say how many were
+    held back. Keys must come from a closed set (reasons, message templates),
+    never from what a client sends, so this stays small.
+    """
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        #: key -> [window start, events let through in it]
+        self._windows: dict[str, list[float]] = {}
+        self._held: dict[str, int] = {}
+
+    def take(self, key: str, per_window: int) -> int | None:
+        """None: hold this event back. Else let it through: how many were held back before it."""
+        now = time.monotonic()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.window:
+            window = self._windows[key] = [now, 0]
+        if window[1] >= per_window:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        window[1] += 1
+        return self._held.pop(key, 0)
+
+
+class RateLimit(logging.Filter):
+    """Lets through at most ``per_window`` records of each message template per window.
+
+    For loggers whose lines a client controls: Tornado's ``tornado.general``
+    writes one line per malformed request line, header or chunk, which a
+    client can send in a loop. The next line let through says how many like it
+    were not.
+    """
+
+    def __init__(self, per_window: int = 5, window: float = 10.0) -> None:
+        super().__init__()
+        self.per_window = per_window
+        self._budget = Budget(window)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = self._budget.take(str(record.msg), self.per_window)
+        if held is None:
+            return False
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} more like this not logged)", None
+        return True
+
+
+#: Loggers of libraries that write a line per malformed request, and so need :class:`RateLimit`.
+CLIENT_DRIVEN_LOGGERS = ("tornado.general",)
+
+
 def setup(settings: Settings) -> None:
     """Send every log line to stderr in the format ``log.format`` names."""
     handler = logging.StreamHandler(sys.stderr)
@@ -47,3 +103,7 @@ def setup(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log.level.upper())
+    for name in CLIENT_DRIVEN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimit) for f in logger.filters):
+            logger.addFilter(RateLimit())

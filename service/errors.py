@@ -18,12 +18,13 @@ import enum
 import http.client
 import json
 import logging
-import time
 import weakref
 from types import TracebackType
 from typing import Any
 
 from tornado.web import Application, HTTPError, RequestHandler
+
+from cachebus.logs import Budget
 
 from .accesslog import redact_uri
 from .token_limits import Busy
@@ -128,7 +129,7 @@ BUSY_ANSWER: dict[Busy, tuple[int, Reason]] = {
 QUIET_SECONDS = 10.0
 #: Lines per reason per window: enough that an operator sees each of a few bad
 #: requests; a flood of one kind writes this many lines a window, whatever its rate.
-LINES_PER_WINDOW = 5
+LINES_PER_WINDOW = 10
 #: Refusals that come in floods by nature (those with ``Retry-After``): one line a window.
 FLOOD_LINES_PER_WINDOW = 1
 
@@ -197,9 +198,8 @@ class FlextypeErrors(RequestHandler):
         request = self.request
         if isinstance(value, ApiError):
             explained = value.get_message()
-            quiet = _quiet.setdefault(self.application, _Quiet())
-            budget = LINES_PER_WINDOW if value.retry_after is None else FLOOD_LINES_PER_WINDOW
-            unlogged = quiet.unlogged(value.why, budget)
+            budget = _quiet.setdefault(self.application, Budget(QUIET_SECONDS))
+            unlogged = budget.take(value.why, LINES_PER_WINDOW if value.retry_after is None else FLOOD_LINES_PER_WINDOW)
             if unlogged is None:
                 return
             if unlogged:
@@ -216,29 +216,5 @@ class FlextypeErrors(RequestHandler):
         return f"{self.request.method} {redact_uri(self.request.uri or '')} ({self.request.remote_ip})"
 
 
-class _Quiet:
-    """At most ``budget`` lines per reason every :data:`QUIET_SECONDS`, for one application.
-
-    Keyed by reason only (a closed set), never by client address, so its memory
-    stays bounded whoever sends what.
-    """
-
-    def __init__(self) -> None:
-        #: reason -> [start of its window, lines written in it]
-        self._windows: dict[str, list[float]] = {}
-        self._unlogged: dict[str, int] = {}
-
-    def unlogged(self, why: str, budget: int) -> int | None:
-        """None: do not log this one. Else log it, with how many were not logged since the last line."""
-        now = time.monotonic()
-        window = self._windows.get(why)
-        if window is None or now - window[0] >= QUIET_SECONDS:
-            window = self._windows[why] = [now, 0]
-        if window[1] >= budget:
-            self._unlogged[why] = self._unlogged.get(why, 0) + 1
-            return None
-        window[1] += 1
-        return self._unlogged.pop(why, 0)
-
-
-_quiet: weakref.WeakKeyDictionary[Application, _Quiet] = weakref.WeakKeyDictionary()
+#: One budget per application (keyed by reason, a closed set), so tests' apps do not share one.
+_quiet: weakref.WeakKeyDictionary[Application, Budget] = weakref.WeakKeyDictionary()

@@ -293,6 +293,18 @@ def test_at_the_descriptor_limit_the_service_sheds_without_spinning_and_recovers
 # --- the pieces ------------------------------------------------------------------
 
 
+def test_a_flood_of_malformed_request_lines_writes_a_few_log_lines(cluster: Cluster):
+    cluster.start_service()
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", cluster.port), timeout=DEADLINE) as sock:
+            sock.sendall(b"NOT A REQUEST LINE\r\n\r\n")
+            sock.recv(4096)  # Tornado's bare 400, then the close
+    assert cluster.service is not None
+    # Tornado writes one line per malformed message; the service lets 5 per 10 s through.
+    lines = [line for line in cluster.service.output().splitlines() if "Malformed HTTP" in line]
+    assert 1 <= len(lines) <= 5, lines
+
+
 def test_throttled_log_writes_one_line_per_interval_with_the_count(caplog):
     now = [100.0]
     throttled = ThrottledLog(logging.getLogger("test.throttled"), "refused", interval=10.0, clock=lambda: now[0])
