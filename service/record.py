@@ -466,14 +466,14 @@ class Record:
         updated = []
         # Walk back from the newest clear the purge covers to the last one this
         # worker already acked: the cost follows the clears acked, not the record's size.
-        floor = worker.last_acked_seq if worker is not None and worker.last_acked_seq is not None else 0
+        floor = worker.last_acked_seq if worker.last_acked_seq is not None else 0
         for seq in range(msg.seq, floor, -1):
             entry = self._by_seq.get((msg.epoch, seq))
             if entry is None:
                 break  # older than the record keeps, or from another epoch
             if msg.name in entry.acks:
                 continue
-            if not entry.expects(msg.name) and (worker is None or entry.seq <= worker.synced_seq):
+            if not entry.expects(msg.name) and entry.seq <= worker.synced_seq:
                 continue
             ack = WorkerAck(
                 worker=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
@@ -488,7 +488,7 @@ class Record:
             if entry.complete and entry.id in self._pending:
                 self._complete(entry, now)
         self._trim()
-        if worker is not None and updated:
+        if updated:
             worker.acks += len(updated)
             newest = updated[0]
             if worker.last_acked_seq is None or newest.seq > worker.last_acked_seq:
