@@ -77,6 +77,11 @@ class PeerLog:
         self.log.log(level, "%s from %s: %s%s; more from this peer within %.0f s are counted, not logged",
                      trouble, peer, reason, more, self.interval, exc_info=exc_info)
 
+    def failed(self, peer: str, exc: BaseException, context: str = "") -> None:
+        """Report that handling a message (or ``context``) from ``peer`` raised ``exc``, with its traceback."""
+        where = f"{context}: " if context else ""
+        self.report(peer, Trouble.FAILED, f"{where}{type(exc).__name__}: {exc}", exc_info=exc)
+
     def _remember(self, key: tuple[str, Trouble], logged_at: float) -> list[float]:
         entry = self._peers[key] = [logged_at, 0]
         self._peers.move_to_end(key)

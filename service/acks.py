@@ -76,7 +76,7 @@ class AckListener:
         except Refused as exc:
             self._report(frames, Trouble.REFUSED, str(exc))
         except Exception as exc:
-            self._report(frames, Trouble.FAILED, f"{type(exc).__name__}: {exc}", exc_info=exc)
+            self.peers.failed(self._sender(frames), exc)
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         try:
@@ -117,11 +117,13 @@ class AckListener:
         key = str(frames[-1].get("User-Id")) if self.security.authenticates else None
         return Peer(routing_id=frames[0].bytes, key=key)
 
-    def _report(self, frames: list[zmq.Frame], trouble: Trouble, reason: str,
-                exc_info: BaseException | None = None) -> None:
-        routing_id = frames[0].bytes
-        self.peers.report(f"{peer_address(frames[-1])} (routing id {routing_id[:16].hex()})", trouble, reason,
-                          exc_info=exc_info)
+    def _report(self, frames: list[zmq.Frame], trouble: Trouble, reason: str) -> None:
+        self.peers.report(self._sender(frames), trouble, reason)
+
+    @staticmethod
+    def _sender(frames: list[zmq.Frame]) -> str:
+        """Who sent ``frames``, for a log line: its address and the start of its routing id."""
+        return f"{peer_address(frames[-1])} (routing id {frames[0].bytes[:16].hex()})"
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -263,8 +263,7 @@ class Subscriber:
                 # Half a batch may have been applied (a target's clear raised, say):
                 # distrust the targets, so the next batch purges before they serve again.
                 self._distrust()
-                self.peers.report(peer_address(batch[0][0]), Trouble.FAILED, f"{type(exc).__name__}: {exc}",
-                                  exc_info=exc)
+                self.peers.failed(peer_address(batch[0][0]), exc)
 
     def _distrust(self) -> None:
         """Stop trusting the targets now; the next command purges them before renewing the lease."""
@@ -348,8 +347,7 @@ class Subscriber:
                 try:
                     self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
                 except Exception as exc:  # a target's stats() raised: report it, keep beating next time
-                    self.peers.report("this process", Trouble.FAILED, f"heartbeat: {type(exc).__name__}: {exc}",
-                                      exc_info=exc)
+                    self.peers.failed("this process", exc, "heartbeat")
 
     # libzmq ends a session whose handshake the service refused (a CURVE key not in
     # its allow-list) and never tries again. So that a key added to the allow-list
@@ -443,8 +441,7 @@ class Subscriber:
             except ProtocolError as exc:
                 self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
             except Exception as exc:
-                self.peers.report(peer_address(frames[0]), Trouble.FAILED, f"{type(exc).__name__}: {exc}",
-                                  exc_info=exc)
+                self.peers.failed(peer_address(frames[0]), exc)
 
     def _send(self, msg: Message) -> None:
         """Send on the back channel without ever blocking the worker.
