@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 #: Protocol version carried in every message's second frame. Version 2 added the
-#: send time to signatures (replay protection); a version 1 peer is refused.
-VERSION = b"2"
+#: send time to signatures (replay protection). Version 3 carries the service's
+#: lease terms in welcomes and heartbeats, and a purge's outcome in acks; an older
+#: peer is refused with a line naming the version.
+VERSION = b"3"
 
 #: Sockets refuse larger messages, so garbage cannot grow a peer's memory, and
 #: :meth:`Codec.decode` refuses them too, in case a socket option was forgotten.
@@ -84,6 +86,18 @@ class PurgeCause(enum.StrEnum):
 
 
 _CAUSE_RANK = {cause: rank for rank, cause in enumerate(PurgeCause)}
+
+
+class PurgeOutcome(enum.StrEnum):
+    """Whether every purge target of a worker dropped its entries.
+
+    A failed purge is acked too, so the service knows at once, but it is no
+    proof: the service lists the worker under ``failed`` until a later purge
+    of every target succeeds.
+    """
+
+    OK = "ok"
+    FAILED = "failed"
 
 
 def worst(current: PurgeCause | None, new: PurgeCause) -> PurgeCause:
@@ -146,6 +160,7 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
 #: Fields whose JSON string must be one of an enum's values; decoded into the enum.
 _ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
     "PurgeCause": PurgeCause,
+    "PurgeOutcome": PurgeOutcome,
 }
 
 
@@ -234,7 +249,37 @@ class Clear(Message):
 
 
 @dataclass(frozen=True)
-class Heartbeat(Message):
+class LeaseTerms(Message):
+    """The service's heartbeat interval and liveness, which every worker follows;
+    not sent on its own.
+
+    A worker trusts its targets for ``heartbeat_interval * liveness`` seconds
+    after it last heard the service. The service carries the two values in
+    every welcome and heartbeat, so no worker has to copy them by hand.
+    """
+
+    heartbeat_interval: float
+    liveness: int
+
+    #: Bounds a worker accepts, so that no message can stretch a lease without limit.
+    MAX_HEARTBEAT_INTERVAL: ClassVar[float] = 3600.0
+    MAX_LIVENESS: ClassVar[int] = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval <= self.MAX_HEARTBEAT_INTERVAL:
+            raise ProtocolError(f"{self.KIND.decode()}: heartbeat_interval must be in (0, "
+                                f"{self.MAX_HEARTBEAT_INTERVAL:g}] seconds")
+        if not 1 <= self.liveness <= self.MAX_LIVENESS:
+            raise ProtocolError(f"{self.KIND.decode()}: liveness must be in [1, {self.MAX_LIVENESS}]")
+
+    @property
+    def lease(self) -> float:
+        """Seconds a worker may trust its targets after hearing this message."""
+        return self.heartbeat_interval * self.liveness
+
+
+@dataclass(frozen=True)
+class Heartbeat(LeaseTerms):
     """Sent every heartbeat interval: the last ``seq`` published in ``epoch``.
 
     A worker compares it with the last command it saw to detect losses.
@@ -283,6 +328,10 @@ class Ack(Message):
     arrived together and were coalesced, and after a gap the ones that never
     arrived. ``clear_id`` is the newest clear the worker received (empty when a
     heartbeat revealed the gap); ``cause`` says why it purged.
+
+    ``outcome`` is ``failed`` when a target raised; ``error`` then names the
+    exception's type and message (scrubbed of credentials by the worker), and
+    the ack proves nothing: the worker retries, and acks again.
     """
 
     KIND: ClassVar[bytes] = b"ack"
@@ -294,6 +343,8 @@ class Ack(Message):
     dropped: int
     purge_ms: float
     cause: PurgeCause
+    outcome: PurgeOutcome = PurgeOutcome.OK
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -322,8 +373,8 @@ class Bye(Message):
 
 
 @dataclass(frozen=True)
-class Welcome(Message):
-    """The service's answer to :class:`Hello`: its epoch and current seq."""
+class Welcome(LeaseTerms):
+    """The service's answer to :class:`Hello`: its epoch, current seq and lease terms."""
 
     KIND: ClassVar[bytes] = b"welcome"
     epoch: str

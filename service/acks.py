@@ -35,13 +35,13 @@ class AckListener:
     """Receives worker messages and writes them into the record."""
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec, record: Record,
-                 position: Callable[[], tuple[str, int]], send_hwm: int, heartbeat: float,
+                 welcome: Callable[[], Welcome], send_hwm: int, heartbeat: float,
                  security: ServiceSecurity) -> None:
         self.endpoint = endpoint
         self.codec = codec
         self.record = record
-        #: Returns the publisher's (epoch, seq) for welcoming a worker.
-        self.position = position
+        #: The publisher's answer to a hello: its epoch, seq and lease terms.
+        self.welcome = welcome
         self.security = security
         self.peers = PeerLog(log)
         self._socket = ctx.socket(zmq.ROUTER)
@@ -86,8 +86,8 @@ class AckListener:
             return
         peer = self._peer(frames)
         if isinstance(msg, WorkerIdentity):
-            epoch, seq = self.position()
-            if msg.epoch != epoch:
+            welcome = self.welcome()
+            if msg.epoch != welcome.epoch:
                 # Sent before the worker heard this service (queued across a
                 # restart): it is not in sync yet and will say hello when it is.
                 log.debug("%s from %s for old epoch %s ignored", msg.KIND.decode(), msg.name, msg.epoch)
@@ -101,7 +101,7 @@ class AckListener:
                 return
             self.record.hello(msg, peer)
             try:
-                await self._socket.send_multipart([peer.routing_id, *self.codec.encode(Welcome(epoch=epoch, seq=seq))],
+                await self._socket.send_multipart([peer.routing_id, *self.codec.encode(welcome)],
                                                   zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)

@@ -78,7 +78,7 @@ class Service:
         security = ServiceSecurity(bus.mode, Path(bus.keys_dir), PeerLog(logging.getLogger("cachebus.security")))
         codec = Codec(bus.key.encode(), max_age=bus.lease)
         publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer,
-                              security=security)
+                              security=security, liveness=bus.liveness)
         events = EventLog(publisher.epoch, settings.events.history, settings.events.client_queue)
         record = Record(settings.record.max_clears,
                         suspect_after=bus.heartbeat_interval * bus.liveness,
@@ -91,7 +91,7 @@ class Service:
                         max_workers=bus.max_workers)
         publisher.on_publish.append(record.published)
         acks = AckListener(ctx, bus.acks, codec, record,
-                           position=lambda: (publisher.epoch, publisher.seq), send_hwm=bus.send_hwm,
+                           welcome=publisher.welcome, send_hwm=bus.send_hwm,
                            heartbeat=bus.heartbeat_interval, security=security)
         auth = settings.api.auth
         tokens = TokenStore(settings.service.tokens_dir, io_threads=settings.service.auth_threads,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, now
+from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, Welcome, now
 from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure, plain
 
@@ -30,10 +30,12 @@ class Publisher:
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec,
                  heartbeat_interval: float, send_hwm: int, buffer: int = 0,
-                 security: ServiceSecurity | None = None) -> None:
+                 security: ServiceSecurity | None = None, liveness: int = 3) -> None:
         self.endpoint = endpoint
         self.codec = codec
+        #: The lease terms every heartbeat and welcome carries; workers follow them.
         self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
         self.epoch = secrets.token_hex(8)
         self.seq = 0
         #: Called with each clear just before it is sent, so the record exists
@@ -64,8 +66,14 @@ class Publisher:
     async def run_heartbeats(self) -> None:
         """Publish a heartbeat every interval until cancelled."""
         while True:
-            self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now()))
+            self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now(),
+                                 heartbeat_interval=self.heartbeat_interval, liveness=self.liveness))
             await asyncio.sleep(self.heartbeat_interval)
+
+    def welcome(self) -> Welcome:
+        """The answer to a worker's hello: where the bus stands, and the lease terms."""
+        return Welcome(epoch=self.epoch, seq=self.seq, heartbeat_interval=self.heartbeat_interval,
+                       liveness=self.liveness)
 
     def _send(self, msg: Message) -> None:
         # PUB never blocks: at the high-water mark libzmq drops the message for

@@ -97,7 +97,7 @@ def test_garbage_on_both_bus_sockets_is_dropped_and_the_system_keeps_working(clu
             [b"ack", VERSION, b"", b"[1, 2]"],
             [b"ack", VERSION, b"", b'{"name": 5}'],
             [b"nope", VERSION, b"", b"{}"],
-            Codec().encode(Heartbeat(epoch="x", seq=1, ts=0.0)),
+            Codec().encode(Heartbeat(epoch="x", seq=1, ts=0.0, heartbeat_interval=0.5, liveness=3)),
             [b"x" * 100] * 10,
         ]
         for frames in junk:
@@ -156,7 +156,7 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
             return wait_for(check, what=f"the worker's {kind.decode()}")
 
         def heartbeat() -> None:
-            pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time())))
+            pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time(), heartbeat_interval=0.5, liveness=3)))
         hello = received(b"hello", before=heartbeat)
         assert hello.name == "w"
 

@@ -33,14 +33,14 @@ from cachebus.bus.protocol import (
 
 MESSAGES = [
     Clear(epoch="e", seq=1, id="c1", ts=1.5),
-    Heartbeat(epoch="e", seq=7, ts=2.0),
+    Heartbeat(epoch="e", seq=7, ts=2.0, heartbeat_interval=0.5, liveness=3),
     Hello(name="w", instance="i", host="h", pid=42, endpoint="http://127.0.0.1:1", epoch="e", seq=3),
     Ack(name="w", instance="i", epoch="e", seq=3, clear_id="c3", dropped=10, purge_ms=0.25,
         cause=PurgeCause.GAP),
     WorkerHeartbeat(name="w", instance="i", host="h", pid=42, endpoint="", epoch="e", seq=3,
                     stats={"entries": 5, "hits": 1}),
     Bye(name="w", instance="i"),
-    Welcome(epoch="e", seq=9),
+    Welcome(epoch="e", seq=9, heartbeat_interval=0.5, liveness=3),
 ]
 
 
@@ -100,7 +100,7 @@ def test_an_acks_cause_travels_as_its_string_and_decodes_into_the_enum():
     ack = Ack(name="w", instance="i", epoch="e", seq=1, clear_id="", dropped=0, purge_ms=0.0,
               cause=PurgeCause.RECONNECT)
     frames = Codec().encode(ack)
-    assert frames[3].endswith(b',"cause":"reconnect"}')
+    assert b'"cause":"reconnect"' in frames[3]
     decoded = Codec().decode(frames)
     assert isinstance(decoded, Ack) and type(decoded.cause) is PurgeCause
 
@@ -295,3 +295,15 @@ def test_remembered_signatures_expire_with_their_window():
     assert len(recent) == 2
     assert recent.add(b"c", now + 2, now + 2)
     assert len(recent) == 2
+
+
+def test_lease_terms_a_worker_would_follow_are_bounded():
+    """A welcome or heartbeat cannot stretch a worker's lease without limit (or make it zero)."""
+    codec = Codec()
+    good = codec.encode(Heartbeat(epoch="e", seq=1, ts=1.0, heartbeat_interval=0.5, liveness=3))
+    assert codec.decode(good).lease == 1.5
+    for interval, liveness in ((0, 3), (-1, 3), (1e9, 3), (0.5, 0), (0.5, 10**9)):
+        body = json.dumps({"epoch": "e", "seq": 1, "ts": 1.0, "heartbeat_interval": interval,
+                           "liveness": liveness}).encode()
+        with pytest.raises(ProtocolError):
+            codec.decode([b"heartbeat", VERSION, b"", body])
