@@ -156,7 +156,8 @@ def test_worker_drops_garbage_from_the_bus_and_still_acks(tmp_path: Path, conten
             return wait_for(check, what=f"the worker's {kind.decode()}")
 
         def heartbeat() -> None:
-            pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time(), heartbeat_interval=0.5, liveness=3)))
+            pub.send_multipart(codec.encode(Heartbeat(epoch="e1", seq=0, ts=time.time(), heartbeat_interval=0.5,
+                                                      liveness=3)))
         hello = received(b"hello", before=heartbeat)
         assert hello.name == "w"
 
