@@ -453,7 +453,7 @@ class Cluster:
         """The clear's record once every worker in ``names`` has acked it."""
         def acked() -> dict[str, Any] | None:
             record = self.clear_record(clear_id)
-            return record if {a["worker"] for a in record["acks"]} >= names else None
+            return record if {a["name"] for a in record["acks"]} >= names else None
         return wait_for(acked, what=f"acks from {sorted(names)}")
 
     def stop(self) -> None:
@@ -504,3 +504,9 @@ class EventStream:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def expected_names(clear: dict[str, Any]) -> list[str]:
+    """The names of the worker processes a clear expected, sorted, one per process
+    (a clear lists processes by id; tests start workers by name)."""
+    return sorted(name for name, group in clear["groups"].items() for _ in range(group["expected"]))

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cachebus.bus.protocol import PurgeCause
+from cachebus.bus.protocol import PurgeCause, PurgeOutcome
 
 if TYPE_CHECKING:
     from .record import WorkerState
@@ -76,7 +76,8 @@ class RecordEvent:
 
 @dataclass(slots=True)
 class ClearPublished(RecordEvent):
-    """A clear went on the bus; ``expected`` are the workers live at that moment."""
+    """A clear went on the bus; ``expected`` are the workers (process ids) live at that moment,
+    ``token`` the first characters of the token that asked for it."""
 
     KIND: ClassVar[EventKind] = EventKind.CLEAR_PUBLISHED
     clear_id: str
@@ -84,33 +85,40 @@ class ClearPublished(RecordEvent):
     epoch: str
     published_at: float
     expected: tuple[str, ...]
+    token: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"clear_id": self.clear_id, "seq": self.seq, "epoch": self.epoch,
-                "published_at": self.published_at, "expected": list(self.expected)}
+                "published_at": self.published_at, "expected": list(self.expected), "token": self.token}
 
 
 @dataclass(slots=True)
 class ClearAcked(RecordEvent):
-    """One worker's purge covers a clear; ``acked`` of ``expected`` workers have now acked it."""
+    """One worker's purge covers a clear; ``acked`` of ``expected`` workers have now purged
+    successfully, and ``failed`` report a purge that failed and was not yet retried."""
 
     KIND: ClassVar[EventKind] = EventKind.CLEAR_ACKED
     clear_id: str
     seq: int
     worker: str
+    name: str
     acked_at: float
     latency_ms: float
     entries_dropped: int
     purge_ms: float
     cause: PurgeCause
+    outcome: PurgeOutcome
+    error: str
     acked: int
     expected: int
+    failed: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"clear_id": self.clear_id, "seq": self.seq, "worker": self.worker, "acked_at": self.acked_at,
-                "latency_ms": round(self.latency_ms, 3), "entries_dropped": self.entries_dropped,
-                "purge_ms": round(self.purge_ms, 3), "cause": self.cause,
-                "acked": self.acked, "expected": self.expected}
+        return {"clear_id": self.clear_id, "seq": self.seq, "worker": self.worker, "name": self.name,
+                "acked_at": self.acked_at, "latency_ms": round(self.latency_ms, 3),
+                "entries_dropped": self.entries_dropped, "purge_ms": round(self.purge_ms, 3), "cause": self.cause,
+                "outcome": self.outcome, "error": self.error, "acked": self.acked, "expected": self.expected,
+                "failed": self.failed}
 
 
 @dataclass(slots=True)
@@ -124,12 +132,15 @@ class ClearCompleted(RecordEvent):
     acked: int
     complete: bool
     missing: tuple[str, ...]
+    #: Expected workers whose purge failed and was not retried successfully in time.
+    failed: tuple[str, ...]
     #: From publish to the last ack, or to giving up; already rounded to the microsecond.
     duration_ms: float | None
 
     def to_json(self) -> dict[str, Any]:
         return {"clear_id": self.clear_id, "seq": self.seq, "expected": self.expected, "acked": self.acked,
-                "complete": self.complete, "missing": list(self.missing), "duration_ms": self.duration_ms}
+                "complete": self.complete, "missing": list(self.missing), "failed": list(self.failed),
+                "duration_ms": self.duration_ms}
 
 
 @dataclass(slots=True)
@@ -141,6 +152,7 @@ class WorkerJoined(RecordEvent):
 
     KIND: ClassVar[EventKind] = EventKind.WORKER_JOINED
     name: str
+    #: The process's id on the bus, unique per process start; the record's key.
     instance: str
     host: str
     pid: int
@@ -151,6 +163,8 @@ class WorkerJoined(RecordEvent):
     last_acked_seq: int | None
     last_acked_clear: str | None
     last_purge_cause: PurgeCause | None
+    last_outcome: PurgeOutcome | None
+    last_error: str
     acks: int
     epoch: str
     seq: int
@@ -158,10 +172,11 @@ class WorkerJoined(RecordEvent):
     key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "instance": self.instance, "host": self.host, "pid": self.pid,
-                "endpoint": self.endpoint, "state": self.state, "joined_at": self.joined_at,
+        return {"id": self.instance, "name": self.name, "instance": self.instance, "host": self.host,
+                "pid": self.pid, "endpoint": self.endpoint, "state": self.state, "joined_at": self.joined_at,
                 "last_seen": self.last_seen, "last_acked_seq": self.last_acked_seq,
                 "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
+                "last_outcome": self.last_outcome, "last_error": self.last_error,
                 "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key}
 
 
@@ -171,12 +186,14 @@ class WorkerStateChanged(RecordEvent):
 
     KIND: ClassVar[EventKind] = EventKind.WORKER_STATE
     worker: str
+    name: str
     state: WorkerState
     previous: WorkerState
     last_seen: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"worker": self.worker, "state": self.state, "previous": self.previous, "last_seen": self.last_seen}
+        return {"worker": self.worker, "name": self.name, "state": self.state, "previous": self.previous,
+                "last_seen": self.last_seen}
 
 
 @dataclass(slots=True)
@@ -185,15 +202,19 @@ class WorkerPurged(RecordEvent):
 
     KIND: ClassVar[EventKind] = EventKind.WORKER_PURGED
     worker: str
+    name: str
     cause: PurgeCause
     seq: int
     clear_id: str
     entries_dropped: int
     purge_ms: float
+    outcome: PurgeOutcome
+    error: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"worker": self.worker, "cause": self.cause, "seq": self.seq, "clear_id": self.clear_id,
-                "entries_dropped": self.entries_dropped, "purge_ms": round(self.purge_ms, 3)}
+        return {"worker": self.worker, "name": self.name, "cause": self.cause, "seq": self.seq,
+                "clear_id": self.clear_id, "entries_dropped": self.entries_dropped,
+                "purge_ms": round(self.purge_ms, 3), "outcome": self.outcome, "error": self.error}
 
 
 @dataclass(slots=True)
@@ -205,11 +226,12 @@ class WorkerStats(RecordEvent):
 
     KIND: ClassVar[EventKind] = EventKind.WORKER_STATS
     worker: str
+    name: str
     last_seen: float
     stats: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"worker": self.worker, "last_seen": self.last_seen, "stats": self.stats}
+        return {"worker": self.worker, "name": self.name, "last_seen": self.last_seen, "stats": self.stats}
 
 
 def _encode(kind: EventKind | str, data: dict[str, Any], id: str | None = None) -> bytes:

@@ -27,7 +27,6 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventKind, EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
-from .record import WorkerState
 from .token_limits import Overloaded
 from .token_rules import TokenError
 
@@ -262,7 +261,7 @@ class ClearHandler(BaseHandler):
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
         await self.authorize(params, consume=True)
-        clear = await self.service.publisher.publish_clear()
+        clear = await self.service.publisher.publish_clear(token=credentials(params)[0])
         entry = self.service.record.clear(clear.id)
         assert entry is not None
         log.debug("clear %s published: seq %d, %d workers expected", clear.id, clear.seq, len(entry.expected))
@@ -279,23 +278,33 @@ class ClearHandler(BaseHandler):
         return self.post()
 
     async def _answer_with_proof(self, entry: ClearEntry, timeout: float) -> None:
-        """200 once every worker live at publish time acked; 202 with ``missing`` at the timeout."""
+        """200 once every worker live at publish time acked a successful purge; else 202 with ``reason``.
+
+        With nobody live at publish time there is nothing to wait for, and nothing
+        proven: 202 at once, so a deploy script is never told "all purged" when
+        nobody was listening.
+        """
         record = self.service.record
-        complete = await record.wait(entry, timeout)
-        body = {
-            "id": entry.id,
-            "seq": entry.seq,
-            "published_at": entry.published_at,
-            "elapsed_ms": round((time.time() - entry.published_at) * 1000, 3),
-            "workers": list(entry.expected),
-            "acks": [ack.to_json() for ack in entry.acks.values()],
-        }
+        complete = bool(entry.expected) and await record.wait(entry, timeout)
+        body = record.clear_json(entry)
+        body["elapsed_ms"] = round((time.time() - entry.published_at) * 1000, 3)
         if not complete:
-            body["missing"] = [{"name": name, "state": worker.state if worker else WorkerState.FORGOTTEN,
-                                "last_seen": worker.last_seen if worker else None}
-                               for name in entry.missing
-                               for worker in (record.worker(name),)]
+            body["reason"] = _unproven(entry, timeout)
         self.write_json(body, 200 if complete else 202)
+
+
+def _unproven(entry: ClearEntry, timeout: float) -> str:
+    """One sentence saying why a clear is not (yet) proof that every process purged."""
+    expected = len(entry.expected)
+    if not expected:
+        return "no live worker at publish time: nobody was expected to purge"
+    parts = []
+    if failed := len(entry.failed):
+        parts.append(f"{failed} failed to purge")
+    if missing := len(entry.missing):
+        parts.append(f"{missing} did not answer")
+    return (f"{entry.acked_count} of {expected} processes purged within {timeout:g} s; "
+            f"{' and '.join(parts) or 'the rest is pending'}")
 
 
 class RecordHandler(BaseHandler):
@@ -314,7 +323,8 @@ class ClearsHandler(RecordHandler):
 
     def get(self) -> None:
         limit = self.service.settings.record.list_limit
-        self.write_json({"clears": [c.to_json() for c in self.service.record.recent(limit)]})
+        record = self.service.record
+        self.write_json({"clears": [record.clear_json(c) for c in record.recent(limit)]})
 
 
 class ClearRecordHandler(RecordHandler):
@@ -324,7 +334,7 @@ class ClearRecordHandler(RecordHandler):
         entry = self.service.record.clear(clear_id)
         if entry is None:
             raise HTTPError(404)
-        self.write_json(entry.to_json())
+        self.write_json(self.service.record.clear_json(entry))
 
 
 class WorkersHandler(RecordHandler):
@@ -415,5 +425,5 @@ class EventsHandler(RecordHandler):
         return {
             "epoch": self.service.publisher.epoch,
             "workers": [w.to_json() for w in record.workers()],
-            "clears": [c.to_json() for c in record.recent(self.service.settings.record.list_limit)],
+            "clears": [record.clear_json(c) for c in record.recent(self.service.settings.record.list_limit)],
         }

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cachebus.bus.protocol import PurgeOutcome
 from cachebus.metrics import MetricsHandler
 
 from .events import ClearAcked, ClearCompleted, ClearPublished, Event, EventLog, WorkerPurged, WorkerStateChanged
@@ -33,12 +34,19 @@ class _StateCollector(Collector):
         self.events = events
 
     def collect(self) -> Iterator[Metric]:
-        workers = GaugeMetricFamily("cachebus_workers", "Workers the record knows, by state", labels=["state"])
-        counts = collections.Counter(worker.state for worker in self.record.workers())
+        workers = GaugeMetricFamily("cachebus_workers", "Worker processes the record knows, by state",
+                                    labels=["state"])
+        by_name = GaugeMetricFamily("cachebus_worker_processes", "Worker processes the record knows, by name and "
+                                    "state", labels=["name", "state"])
+        known = self.record.workers()
+        counts = collections.Counter(worker.state for worker in known)
         for state in WorkerState:
             if state != WorkerState.FORGOTTEN:  # a forgotten worker is no longer in the record
                 workers.add_metric([state.value], counts[state])
+        for (name, state_name), count in sorted(collections.Counter((w.name, w.state.value) for w in known).items()):
+            by_name.add_metric([name, state_name], count)
         yield workers
+        yield by_name
         yield GaugeMetricFamily("cachebus_event_stream_clients", "Open event streams", value=self.events.clients)
         yield CounterMetricFamily("cachebus_event_stream_dropped", "Event stream clients dropped for falling behind",
                                   value=self.events.dropped_clients)
@@ -56,11 +64,14 @@ class ServiceMetrics:
                                         ["outcome"], registry=r)
         self.acks_received = Counter("cachebus_acks_received", "Acks received from workers", registry=r)
         self.ack_latency = Histogram("cachebus_ack_latency_seconds",
-                                     "Publish to one worker's ack, per worker and clear",
-                                     ["worker"], buckets=LATENCY_BUCKETS, registry=r)
+                                     "Publish to one worker process's successful ack, per clear, by worker name",
+                                     ["name"], buckets=LATENCY_BUCKETS, registry=r)
         self.all_acked = Histogram("cachebus_clear_all_acked_seconds", "Publish to the last expected ack",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.purges = Counter("cachebus_worker_purges", "Purges workers reported, by cause", ["cause"], registry=r)
+        self.failed_purges = Counter("cachebus_worker_purges_failed",
+                                     "Purges workers reported as failed (a target raised), by worker name",
+                                     ["name"], registry=r)
         self.auth_failures = Counter("cachebus_auth_failures", "Requests refused by authentication, by reason",
                                      ["reason"], registry=r)
         self.http_requests = Counter("cachebus_http_requests", "HTTP requests by route, method and status",
@@ -77,6 +88,7 @@ class ServiceMetrics:
             self.http_connections_refused.labels(refusal.value)
         for phase in TIMED_PHASES:
             self.http_connections_timed_out.labels(phase.value)
+        self.record = record
         r.register(_StateCollector(record, events))
         events.listeners.append(self.observe)
 
@@ -84,20 +96,25 @@ class ServiceMetrics:
         match event.payload:
             case ClearPublished():
                 self.clears_published.inc()
-            case ClearAcked(worker=worker, latency_ms=latency_ms):
-                self.ack_latency.labels(worker).observe(latency_ms / 1000)
-            case ClearCompleted(complete=complete, duration_ms=duration_ms):
-                self.clears_completed.labels("complete" if complete else "timeout").inc()
+            case ClearAcked(name=name, latency_ms=latency_ms, outcome=PurgeOutcome.OK):
+                self.ack_latency.labels(name).observe(latency_ms / 1000)
+            case ClearCompleted(complete=complete, expected=expected, duration_ms=duration_ms):
+                self.clears_completed.labels("complete" if complete else "timeout" if expected else "empty").inc()
                 if complete and duration_ms is not None:
                     self.all_acked.observe(duration_ms / 1000)
-            case WorkerPurged(cause=cause):
+            case WorkerPurged(cause=cause, outcome=outcome, name=name):
                 self.acks_received.inc()
                 self.purges.labels(cause.value).inc()
-            case WorkerStateChanged(worker=worker, state=WorkerState.FORGOTTEN):
-                try:
-                    self.ack_latency.remove(worker)
-                except KeyError:
-                    pass
+                if outcome is PurgeOutcome.FAILED:
+                    self.failed_purges.labels(name).inc()
+            case WorkerStateChanged(name=name, state=WorkerState.FORGOTTEN):
+                # Series are per name, which many processes share: drop them with the last one.
+                if not any(worker.name == name for worker in self.record.workers()):
+                    for metric in (self.ack_latency, self.failed_purges):
+                        try:
+                            metric.remove(name)
+                        except KeyError:
+                            pass
 
 
 class ServiceMetricsHandler(FlextypeResponses, MetricsHandler):

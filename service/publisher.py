@@ -38,9 +38,9 @@ class Publisher:
         self.liveness = liveness
         self.epoch = secrets.token_hex(8)
         self.seq = 0
-        #: Called with each clear just before it is sent, so the record exists
-        #: before any ack for it can arrive.
-        self.on_publish: list[Callable[[Clear], None]] = []
+        #: Called with each clear and the token that asked for it just before the
+        #: clear is sent, so the record exists before any ack for it can arrive.
+        self.on_publish: list[Callable[[Clear, str], None]] = []
         self._socket = ctx.socket(zmq.PUB)
         # No ZMTP heartbeat here: libzmq aborts a subscriber whose full queue meets
         # a heartbeat timeout (zeromq/libzmq#4767); our own heartbeats do the job.
@@ -54,12 +54,12 @@ class Publisher:
         self._socket.bind(self.endpoint)
         log.info("publishing on %s (epoch %s)", self.endpoint, self.epoch)
 
-    async def publish_clear(self) -> Clear:
-        """Publish one clear-all command and return it."""
+    async def publish_clear(self, token: str = "") -> Clear:
+        """Publish one clear-all command, asked for by ``token``, and return it."""
         self.seq += 1
         clear = Clear(epoch=self.epoch, seq=self.seq, id=uuid.uuid4().hex, ts=now())
         for listener in self.on_publish:
-            listener(clear)
+            listener(clear, token)
         self._send(clear)
         return clear
 

@@ -13,10 +13,20 @@ thousand acks. Clears published while the same workers are live share one
 workers that never ack took 213.7 MB with the copies and take 0.6 MB shared
 (tests/test_record.py).
 
-A worker's hello binds its name and instance to the :class:`Peer` that sent it:
-the public key the bus authenticated (CURVE) and the connection's routing id.
+A worker is one process, known by its ``instance`` (host, pid and a random
+part, unique per process start); its ``name`` is a label that many processes
+share, a role such as ``web``. Clears expect processes, and answers group them
+by name. Under ``gunicorn -w 3`` with one name, three processes are expected
+and listed, not one.
+
+A worker's hello binds its instance to the :class:`Peer` that sent it: the
+public key the bus authenticated (CURVE) and the connection's routing id.
 Acks and byes count only from that peer, heartbeats only from that key, so a
 worker can ack only as itself (docs/security.md).
+
+An ack says whether the purge worked. A failed one is recorded and shown, but
+proves nothing: the clear counts the worker as purged only once an ack with
+outcome ``ok`` covers it (the worker retries the failed target and acks again).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, PurgeOutcome, WorkerHeartbeat, WorkerIdentity
 
 from .events import (
     ClearAcked,
@@ -67,6 +77,9 @@ class WorkerState(enum.StrEnum):
 #: Receives every change to the record, after it is applied.
 Emit = Callable[[RecordEvent], None]
 
+#: How many characters of the token that asked for a clear the record keeps and shows.
+TOKEN_SHOWN = 8
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -92,39 +105,59 @@ def _ignore(event: RecordEvent) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """The workers expected to ack a clear, in join order, and the same names as a set.
+    """The workers expected to ack a clear (their ids, in join order, with their names),
+    the same ids as a set, and the workers known but not expected: suspect or lost then.
 
-    Immutable, so every clear published while the live workers stay the same
+    Immutable, so every clear published while the workers' states stay the same
     holds this one snapshot.
     """
 
+    ids: tuple[str, ...]
     names: tuple[str, ...]
     lookup: frozenset[str]
+    excluded: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, names: tuple[str, ...]) -> Membership:
-        return cls(names, frozenset(names))
+    def of(cls, workers: list[WorkerEntry]) -> Membership:
+        live = [w for w in workers if w.state == WorkerState.LIVE]
+        ids = tuple(w.instance for w in live)
+        return cls(ids, tuple(w.name for w in live), frozenset(ids),
+                   tuple(w.instance for w in workers if w.state in (WorkerState.SUSPECT, WorkerState.LOST)))
+
+    def name_of(self, worker: str) -> str:
+        """The name an expected worker had at publish time (it may be forgotten since)."""
+        return self.names[self.ids.index(worker)]
 
 
 @dataclass(slots=True)
 class WorkerAck:
-    """One worker's proof that it purged after a clear was published."""
+    """One worker's report that it purged after a clear was published: a proof when ``ok``."""
 
     worker: str
+    name: str
     acked_at: float
     latency_ms: float
     dropped: int
     purge_ms: float
     cause: PurgeCause
+    outcome: PurgeOutcome = PurgeOutcome.OK
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is PurgeOutcome.OK
 
     def to_json(self) -> dict[str, Any]:
         return {
             "worker": self.worker,
+            "name": self.name,
             "acked_at": self.acked_at,
             "latency_ms": round(self.latency_ms, 3),
             "entries_dropped": self.dropped,
             "purge_ms": round(self.purge_ms, 3),
             "cause": self.cause,
+            "outcome": self.outcome,
+            "error": self.error,
         }
 
 
@@ -137,20 +170,26 @@ class ClearEntry:
     epoch: str
     published_at: float
     membership: Membership
+    #: The first characters of the token that asked for the clear, so operators can tell who did.
+    token: str = ""
+    #: Each worker's ack, by worker id: its successful one once there is one, else its latest failed one.
     acks: dict[str, WorkerAck] = field(default_factory=dict)
     #: When the last expected ack arrived, or when the record stopped waiting for it.
     completed_at: float | None = None
-    #: How many of the expected workers acked: a count, so an ack costs O(1) with a
-    #: thousand workers and no clear keeps a set of its own.
+    #: How many of the expected workers acked a successful purge: a count, so an ack
+    #: costs O(1) with a thousand workers and no clear keeps a set of its own.
     acked_count: int = 0
+    #: How many of the expected workers' acks are failed purges not yet made good.
+    failed_count: int = 0
     _done: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def expected(self) -> tuple[str, ...]:
-        return self.membership.names
+        """The ids of the workers expected to ack."""
+        return self.membership.ids
 
-    def expects(self, name: str) -> bool:
-        return name in self.membership.lookup
+    def expects(self, worker: str) -> bool:
+        return worker in self.membership.lookup
 
     @property
     def done(self) -> asyncio.Event:
@@ -161,34 +200,44 @@ class ClearEntry:
                 self._done.set()
         return self._done
 
-    def add_ack(self, ack: WorkerAck) -> None:
-        """Keep ``ack``; the first one from each expected worker counts towards completion."""
-        if ack.worker not in self.acks and self.expects(ack.worker):
-            self.acked_count += 1
+    def add_ack(self, ack: WorkerAck) -> bool:
+        """Keep ``ack`` unless the worker already proved its purge; return whether it was kept.
+
+        The first successful ack from each expected worker counts towards completion;
+        a failed one is kept (and counted as failed) until a successful one replaces it.
+        """
+        previous = self.acks.get(ack.worker)
+        if previous is not None and previous.ok:
+            return False
+        if self.expects(ack.worker):
+            if previous is not None:
+                self.failed_count -= 1
+            if ack.ok:
+                self.acked_count += 1
+            else:
+                self.failed_count += 1
         self.acks[ack.worker] = ack
         if self._done is not None and self.complete:
             self._done.set()
+        return True
 
     @property
     def missing(self) -> list[str]:
-        return [name for name in self.expected if name not in self.acks]
+        """Expected workers that sent no ack at all."""
+        return [worker for worker in self.expected if worker not in self.acks]
+
+    @property
+    def failed(self) -> list[str]:
+        """Expected workers whose purge failed and was not made good yet."""
+        if not self.failed_count:
+            return []
+        return [worker for worker in self.expected if (ack := self.acks.get(worker)) is not None and not ack.ok]
 
     @property
     def complete(self) -> bool:
-        return self.acked_count == len(self.expected)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "seq": self.seq,
-            "epoch": self.epoch,
-            "published_at": self.published_at,
-            "workers": list(self.expected),
-            "acks": [ack.to_json() for ack in self.acks.values()],
-            "missing": self.missing,
-            "complete": self.complete,
-            "duration_ms": self.duration_ms,
-        }
+        """Every expected worker proved its purge; never true when nobody was expected,
+        since then nothing was proven."""
+        return self.acked_count == len(self.expected) > 0
 
     @property
     def duration_ms(self) -> float | None:
@@ -200,9 +249,10 @@ class ClearEntry:
 
 @dataclass
 class WorkerEntry:
-    """What the service knows about one worker, keyed by its name."""
+    """What the service knows about one worker process, keyed by its instance."""
 
     name: str
+    #: The process's id on the bus (host, pid, a random part): the record's key.
     instance: str
     host: str
     pid: int
@@ -215,6 +265,9 @@ class WorkerEntry:
     last_acked_seq: int | None = None
     last_acked_clear: str | None = None
     last_purge_cause: PurgeCause | None = None
+    last_outcome: PurgeOutcome | None = None
+    #: The error of the last purge when it failed, as the worker reported it.
+    last_error: str = ""
     acks: int = 0
     #: The worker's view of the bus and its cache counters, from its heartbeats.
     epoch: str = ""
@@ -230,6 +283,7 @@ class WorkerEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "id": self.instance,
             "name": self.name,
             "instance": self.instance,
             "host": self.host,
@@ -241,6 +295,8 @@ class WorkerEntry:
             "last_acked_seq": self.last_acked_seq,
             "last_acked_clear": self.last_acked_clear,
             "last_purge_cause": self.last_purge_cause,
+            "last_outcome": self.last_outcome,
+            "last_error": self.last_error,
             "acks": self.acks,
             "epoch": self.epoch,
             "seq": self.seq,
@@ -251,9 +307,14 @@ class WorkerEntry:
     def check_peer(self, peer: Peer, what: str) -> None:
         """Raise :class:`Refused` unless ``peer`` is the connection and key this worker said hello on."""
         if peer.key != self.key:
-            raise Refused(f"{what} for worker {self.name} with another key than its hello's")
+            raise Refused(f"{what} for worker {self.instance} with another key than its hello's")
         if peer.routing_id != self.routing_id:
-            raise Refused(f"{what} for worker {self.name} from another connection than its hello's")
+            raise Refused(f"{what} for worker {self.instance} from another connection than its hello's")
+
+    def brief(self) -> dict[str, Any]:
+        """Who and where the worker is, as answers list a missing or excluded one."""
+        return {"worker": self.instance, "name": self.name, "host": self.host, "pid": self.pid,
+                "state": self.state, "last_seen": self.last_seen}
 
 
 def _joined(worker: WorkerEntry) -> WorkerJoined:
@@ -298,20 +359,23 @@ class Record:
 
     # --- writers: the publisher and the ack listener -------------------------
 
-    def published(self, clear: Clear) -> None:
-        """Start tracking ``clear``; every live worker is expected to ack it."""
+    def published(self, clear: Clear, token: str = "") -> None:
+        """Start tracking ``clear``; every live worker is expected to ack it.
+
+        ``token`` is the token that asked for the clear; only its first
+        :data:`TOKEN_SHOWN` characters are kept, enough to tell tokens apart.
+        """
         if self._membership is None:
-            self._membership = Membership.of(
-                tuple(w.name for w in self._workers.values() if w.state == WorkerState.LIVE))
+            self._membership = Membership.of(list(self._workers.values()))
         entry = ClearEntry(id=clear.id, seq=clear.seq, epoch=clear.epoch, published_at=clear.ts,
-                           membership=self._membership)
+                           membership=self._membership, token=token[:TOKEN_SHOWN])
         self._clears[clear.id] = entry
         self._by_seq[(clear.epoch, clear.seq)] = entry
         self._trim()
         self.emit(ClearPublished(clear_id=entry.id, seq=entry.seq, epoch=entry.epoch,
-                                 published_at=entry.published_at, expected=entry.expected))
+                                 published_at=entry.published_at, expected=entry.expected, token=entry.token))
         self._pending[entry.id] = entry
-        if entry.complete:
+        if not entry.expected:
             self._complete(entry, time.time())
 
     def _trim(self) -> None:
@@ -326,36 +390,45 @@ class Record:
             self.acks_kept -= len(oldest.acks)
 
     def _complete(self, entry: ClearEntry, now: float) -> None:
-        """Stop waiting for ``entry``: every expected worker acked, or time ran out."""
+        """Stop waiting for ``entry``: every expected worker acked, nobody was expected, or time ran out."""
         del self._pending[entry.id]
         entry.completed_at = now
         acked, expected = entry.acked_count, len(entry.expected)
         event = ClearCompleted(clear_id=entry.id, seq=entry.seq, expected=expected, acked=acked,
-                               complete=entry.complete, missing=tuple(entry.missing), duration_ms=entry.duration_ms)
+                               complete=entry.complete, missing=tuple(entry.missing), failed=tuple(entry.failed),
+                               duration_ms=entry.duration_ms)
         fields = event.to_json()
         if entry.complete:
             log.info("clear %s seq %d: %d of %d workers acked in %.1f ms", entry.id, entry.seq, acked, expected,
                      entry.duration_ms, extra={"fields": {**fields, "all_acked_ms": entry.duration_ms}})
+        elif not expected:
+            log.warning("clear %s seq %d: no live worker at publish time, so nobody purged", entry.id, entry.seq,
+                        extra={"fields": fields})
         else:
-            log.warning("clear %s seq %d: %d of %d workers acked within %.0f s; missing %s", entry.id, entry.seq,
-                        acked, expected, self.complete_within, ", ".join(entry.missing), extra={"fields": fields})
+            log.warning("clear %s seq %d: %d of %d workers purged within %.0f s; failed %s; missing %s", entry.id,
+                        entry.seq, acked, expected, self.complete_within, ", ".join(entry.failed) or "none",
+                        ", ".join(entry.missing) or "none", extra={"fields": fields})
         self.emit(event)
 
     def hello(self, msg: WorkerIdentity, peer: Peer = Peer()) -> WorkerEntry:
-        """Register a worker, or refresh it when it reconnects or restarts.
+        """Register a worker process, or refresh it when it reconnects.
 
-        A worker's name stays bound to the key of its first hello for as long as
+        An instance stays bound to the key of its first hello for as long as
         the record keeps it; a hello (or heartbeat, which carries the same
-        identity) from that key with that instance moves the binding to the
-        connection it came on, as after the worker's DEALER reconnected.
-        Raises :class:`Refused` for another key, :class:`RecordFull` for a new
-        worker beyond ``max_workers``.
+        identity) from that key moves the binding to the connection it came
+        on, as after the worker's DEALER reconnected. Raises :class:`Refused`
+        for another key or another name, and for a new instance whose name
+        known instances hold with another key (processes sharing a name share
+        its keypair); :class:`RecordFull` for a new worker beyond ``max_workers``.
         """
         now = time.time()
-        known = self._workers.get(msg.name)
-        if known is not None and known.key != peer.key:
-            raise Refused(f"{msg.KIND.decode()} for worker {msg.name}, whose name belongs to another key")
-        if known is not None and known.instance == msg.instance:
+        known = self._workers.get(msg.instance)
+        if known is not None:
+            if known.key != peer.key:
+                raise Refused(f"{msg.KIND.decode()} for worker {msg.instance}, which belongs to another key")
+            if known.name != msg.name:
+                raise Refused(f"{msg.KIND.decode()} for worker {msg.instance} under the name {msg.name!r}; "
+                              f"it said hello as {known.name!r}")
             known.routing_id = peer.routing_id
             self._set_state(known, WorkerState.LIVE, now)
             known.last_seen = now
@@ -363,21 +436,21 @@ class Record:
             if isinstance(msg, Hello):
                 known.synced_seq = msg.seq
             return known
-        if known is None:
-            self._make_room()
-        elif known.state == WorkerState.LIVE:
-            log.warning("worker %s (pid %d on %s) replaces a live worker of the same name (pid %d on %s)",
-                        msg.name, msg.pid, msg.host, known.pid, known.host)
+        if peer.key is not None and any(w.name == msg.name and w.key != peer.key for w in self._workers.values()):
+            # All processes of one name share the name's keypair: another key may not join them.
+            raise Refused(f"{msg.KIND.decode()} for worker {msg.instance} named {msg.name}, a name that belongs "
+                          f"to another key")
+        self._make_room()
         worker = WorkerEntry(
             name=msg.name, instance=msg.instance, host=msg.host, pid=msg.pid,
             endpoint=msg.endpoint, joined_at=now, last_seen=now, synced_seq=msg.seq,
             epoch=msg.epoch, seq=msg.seq, key=peer.key, routing_id=peer.routing_id,
         )
-        if known is None or known.state != WorkerState.LIVE:  # the live set changes
-            self._membership = None
-        self._workers[msg.name] = worker
-        log.info("worker %s joined: pid %d on %s, read API %s", msg.name, msg.pid, msg.host,
-                 msg.endpoint or "none", extra={"fields": {"worker": msg.name, "state": worker.state}})
+        self._membership = None  # the live set changes
+        self._workers[msg.instance] = worker
+        log.info("worker %s joined: %s, pid %d on %s, read API %s", msg.instance, msg.name, msg.pid, msg.host,
+                 msg.endpoint or "none",
+                 extra={"fields": {"worker": msg.instance, "name": msg.name, "state": worker.state}})
         self.emit(_joined(worker))
         return worker
 
@@ -392,11 +465,12 @@ class Record:
         self._forget(oldest, time.time() - oldest.last_seen)
 
     def _forget(self, worker: WorkerEntry, silent: float) -> None:
-        del self._workers[worker.name]
-        log.info("worker %s forgotten after %.0f s", worker.name, silent,
-                 extra={"fields": {"worker": worker.name, "state": WorkerState.FORGOTTEN}})
-        self.emit(WorkerStateChanged(worker=worker.name, state=WorkerState.FORGOTTEN, previous=worker.state,
-                                     last_seen=worker.last_seen))
+        del self._workers[worker.instance]
+        self._membership = None  # the excluded set changes
+        log.info("worker %s forgotten after %.0f s", worker.instance, silent,
+                 extra={"fields": {"worker": worker.instance, "name": worker.name, "state": WorkerState.FORGOTTEN}})
+        self.emit(WorkerStateChanged(worker=worker.instance, name=worker.name, state=WorkerState.FORGOTTEN,
+                                     previous=worker.state, last_seen=worker.last_seen))
 
     def heartbeat(self, msg: WorkerHeartbeat, peer: Peer = Peer()) -> WorkerEntry:
         """A worker is alive; a worker the record does not know joins."""
@@ -405,7 +479,8 @@ class Record:
         now = time.monotonic()
         if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
             worker._stats_emitted, worker._stats_emitted_at = msg.stats, now
-            self.emit(WorkerStats(worker=worker.name, last_seen=worker.last_seen, stats=msg.stats))
+            self.emit(WorkerStats(worker=worker.instance, name=worker.name, last_seen=worker.last_seen,
+                                  stats=msg.stats))
         return worker
 
     def sweep(self) -> None:
@@ -429,13 +504,14 @@ class Record:
     def _set_state(self, worker: WorkerEntry, state: WorkerState, now: float) -> None:
         if worker.state == state:
             return
-        log.info("worker %s: %s -> %s (last heard %.1f s ago)", worker.name, worker.state, state,
-                 now - worker.last_seen,
-                 extra={"fields": {"worker": worker.name, "state": state, "previous": worker.state}})
+        log.info("worker %s (%s): %s -> %s (last heard %.1f s ago)", worker.instance, worker.name, worker.state,
+                 state, now - worker.last_seen,
+                 extra={"fields": {"worker": worker.instance, "name": worker.name, "state": state,
+                                   "previous": worker.state}})
         previous, worker.state = worker.state, state
-        if WorkerState.LIVE in (previous, state):
-            self._membership = None
-        self.emit(WorkerStateChanged(worker=worker.name, state=state, previous=previous, last_seen=worker.last_seen))
+        self._membership = None  # who is expected, or who is excluded, changes
+        self.emit(WorkerStateChanged(worker=worker.instance, name=worker.name, state=state, previous=previous,
+                                     last_seen=worker.last_seen))
 
     def acked(self, msg: Ack, peer: Peer = Peer()) -> list[ClearEntry]:
         """Credit ``msg`` to every clear its purge covers; return those clears.
@@ -443,7 +519,8 @@ class Record:
         A purge after seeing ``seq`` proves the worker dropped everything that
         any clear up to ``seq`` of that epoch invalidated, including clears
         it never received. Clears from before the worker joined are credited
-        only where it was expected.
+        only where it was expected. A failed purge is recorded on the same
+        clears, as a failure, until a successful one covers them.
 
         Only the instance that said hello, on the same connection with the same
         key, is credited; anything else raises :class:`Refused`. An ack from a
@@ -451,18 +528,26 @@ class Record:
         restarted service, say) has nothing to credit and is ignored.
         """
         now = time.time()
-        worker = self._workers.get(msg.name)
+        worker = self._workers.get(msg.instance)
         if worker is None:
-            log.debug("ack from unknown worker %s ignored", msg.name)
+            log.debug("ack from unknown worker %s ignored", msg.instance)
             return []
-        if worker.instance != msg.instance:
-            raise Refused(f"ack for worker {msg.name} from an instance that is not the one that said hello")
+        if worker.name != msg.name:
+            raise Refused(f"ack for worker {msg.instance} under the name {msg.name!r}; "
+                          f"it said hello as {worker.name!r}")
         worker.check_peer(peer, "ack")
         self._set_state(worker, WorkerState.LIVE, now)
         worker.last_seen = now
         worker.last_purge_cause = msg.cause
-        self.emit(WorkerPurged(worker=msg.name, cause=msg.cause, seq=msg.seq, clear_id=msg.clear_id,
-                               entries_dropped=msg.dropped, purge_ms=msg.purge_ms))
+        worker.last_outcome = msg.outcome
+        worker.last_error = msg.error
+        ok = msg.outcome is PurgeOutcome.OK
+        if not ok:
+            log.warning("worker %s (%s) failed to purge: %s", msg.instance, msg.name, msg.error or "no reason given",
+                        extra={"fields": {"worker": msg.instance, "name": msg.name, "outcome": msg.outcome}})
+        self.emit(WorkerPurged(worker=msg.instance, name=msg.name, cause=msg.cause, seq=msg.seq,
+                               clear_id=msg.clear_id, entries_dropped=msg.dropped, purge_ms=msg.purge_ms,
+                               outcome=msg.outcome, error=msg.error))
         updated = []
         # Walk back from the newest clear the purge covers to the last one this
         # worker already acked: the cost follows the clears acked, not the record's size.
@@ -471,24 +556,27 @@ class Record:
             entry = self._by_seq.get((msg.epoch, seq))
             if entry is None:
                 break  # older than the record keeps, or from another epoch
-            if msg.name in entry.acks:
+            previous = entry.acks.get(msg.instance)
+            if previous is not None and (previous.ok or not ok):
                 continue
-            if not entry.expects(msg.name) and entry.seq <= worker.synced_seq:
+            if not entry.expects(msg.instance) and entry.seq <= worker.synced_seq:
                 continue
             ack = WorkerAck(
-                worker=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
-                dropped=msg.dropped, purge_ms=msg.purge_ms, cause=msg.cause,
+                worker=msg.instance, name=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
+                dropped=msg.dropped, purge_ms=msg.purge_ms, cause=msg.cause, outcome=msg.outcome, error=msg.error,
             )
             entry.add_ack(ack)
-            self.acks_kept += 1
+            if previous is None:
+                self.acks_kept += 1
             updated.append(entry)
-            self.emit(ClearAcked(clear_id=entry.id, seq=entry.seq, worker=ack.worker, acked_at=ack.acked_at,
-                                 latency_ms=ack.latency_ms, entries_dropped=ack.dropped, purge_ms=ack.purge_ms,
-                                 cause=ack.cause, acked=entry.acked_count, expected=len(entry.expected)))
+            self.emit(ClearAcked(clear_id=entry.id, seq=entry.seq, worker=ack.worker, name=ack.name,
+                                 acked_at=ack.acked_at, latency_ms=ack.latency_ms, entries_dropped=ack.dropped,
+                                 purge_ms=ack.purge_ms, cause=ack.cause, outcome=ack.outcome, error=ack.error,
+                                 acked=entry.acked_count, expected=len(entry.expected), failed=entry.failed_count))
             if entry.complete and entry.id in self._pending:
                 self._complete(entry, now)
         self._trim()
-        if updated:
+        if updated and ok:
             worker.acks += len(updated)
             newest = updated[0]
             if worker.last_acked_seq is None or newest.seq > worker.last_acked_seq:
@@ -499,8 +587,8 @@ class Record:
     def bye(self, msg: Bye, peer: Peer = Peer()) -> None:
         """A worker left cleanly: stop expecting it in new clears. Raises :class:`Refused`
         for a bye from another connection or key than the instance's hello."""
-        worker = self._workers.get(msg.name)
-        if worker is not None and worker.instance == msg.instance:
+        worker = self._workers.get(msg.instance)
+        if worker is not None and worker.name == msg.name:
             worker.check_peer(peer, "bye")
             worker.last_seen = time.time()
             self._set_state(worker, WorkerState.LEFT, worker.last_seen)
@@ -515,13 +603,56 @@ class Record:
         return list(itertools.islice(reversed(self._clears.values()), limit))
 
     def workers(self) -> list[WorkerEntry]:
-        return sorted(self._workers.values(), key=lambda w: w.name)
+        """Every known worker process, grouped by name (then by id)."""
+        return sorted(self._workers.values(), key=lambda w: (w.name, w.instance))
 
-    def worker(self, name: str) -> WorkerEntry | None:
-        return self._workers.get(name)
+    def worker(self, instance: str) -> WorkerEntry | None:
+        return self._workers.get(instance)
+
+    def clear_json(self, entry: ClearEntry) -> dict[str, Any]:
+        """A clear as every answer shows it: the one serializer of the proof.
+
+        ``missing``, ``failed`` and ``excluded`` list workers with where they
+        stand now; ``groups`` counts the expected ones by name.
+        """
+        membership = entry.membership
+        groups: dict[str, dict[str, int]] = {}
+        for worker, name in zip(membership.ids, membership.names, strict=True):
+            group = groups.setdefault(name, {"expected": 0, "acked": 0, "failed": 0, "missing": 0})
+            group["expected"] += 1
+            ack = entry.acks.get(worker)
+            group["acked" if ack is not None and ack.ok else "failed" if ack is not None else "missing"] += 1
+        failed = []
+        for worker in entry.failed:
+            ack = entry.acks[worker]
+            failed.append({**self._brief(worker, membership), "error": ack.error, "cause": ack.cause,
+                           "acked_at": ack.acked_at})
+        return {
+            "id": entry.id,
+            "seq": entry.seq,
+            "epoch": entry.epoch,
+            "published_at": entry.published_at,
+            "token": entry.token,
+            "workers": list(entry.expected),
+            "acks": [ack.to_json() for ack in entry.acks.values()],
+            "missing": [self._brief(worker, membership) for worker in entry.missing],
+            "failed": failed,
+            "excluded": [self._brief(worker, membership) for worker in membership.excluded],
+            "groups": groups,
+            "complete": entry.complete,
+            "duration_ms": entry.duration_ms,
+        }
+
+    def _brief(self, worker: str, membership: Membership) -> dict[str, Any]:
+        known = self._workers.get(worker)
+        if known is not None:
+            return known.brief()
+        name = membership.name_of(worker) if worker in membership.lookup else ""
+        return {"worker": worker, "name": name, "host": None, "pid": None, "state": WorkerState.FORGOTTEN,
+                "last_seen": None}
 
     async def wait(self, entry: ClearEntry, timeout: float) -> bool:
-        """Wait until every expected worker acked ``entry``; False on timeout."""
+        """Wait until every expected worker acked ``entry`` with a successful purge; False on timeout."""
         try:
             await asyncio.wait_for(entry.done.wait(), timeout)
         except TimeoutError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -421,14 +422,19 @@ async def test_no_credential_reaches_a_log_line(http_client, base_url, credentia
 
 
 @pytest.mark.gen_test
-async def test_wait_all_with_no_workers_answers_200_at_once(http_client, base_url, credentials):
+async def test_wait_all_with_no_workers_is_no_proof_and_answers_202_at_once(http_client, base_url, credentials):
+    """Nobody listening is not "all purged": a deploy script must not be told it was."""
     token, access = credentials
+    started = time.monotonic()
     response = await fetch(http_client, base_url, CLEAR,
-                           body=form(token=token, access_token=access, wait="all", timeout="3"), headers=FORM)
-    assert response.code == 200
+                           body=form(token=token, access_token=access, wait="all", timeout="30"), headers=FORM)
+    assert response.code == 202
+    assert time.monotonic() - started < 30, "answered at once, not at the timeout"
     body = json.loads(response.body)
     assert body["id"] == response.headers["Cache-Clear-Id"]
-    assert body["workers"] == [] and body["acks"] == [] and "missing" not in body
+    assert body["workers"] == [] and body["acks"] == [] and body["missing"] == [] and body["failed"] == []
+    assert body["complete"] is False and body["reason"].startswith("no live worker at publish time")
+    assert body["token"] == token[:8]
     assert isinstance(body["seq"], int) and body["elapsed_ms"] >= 0
 
 
@@ -452,7 +458,7 @@ async def test_wait_parameters_from_a_json_body(http_client, base_url, credentia
     body = {"token": token, "access_token": access, "wait": "all", "timeout": 2.5}
     response = await fetch(http_client, base_url, CLEAR, body=json.dumps(body),
                            headers={"Content-Type": "application/json"})
-    assert response.code == 200
+    assert response.code == 202, "accepted: nobody is listening, so nothing is proven"
     body["timeout"] = True
     response = await fetch(http_client, base_url, CLEAR, body=json.dumps(body),
                            headers={"Content-Type": "application/json"})

@@ -56,10 +56,10 @@ def test_stream_starts_with_a_snapshot_and_follows_a_clear_to_completion(cluster
     kinds = [kind for _, kind, data in seen if data.get("clear_id") == clear_id]
     assert kinds[0] == "clear.published"
     acked = [data for _, kind, data in seen if kind == "clear.acked" and data["clear_id"] == clear_id]
-    assert {a["worker"] for a in acked} == {"w1", "w2"}
+    assert {a["name"] for a in acked} == {"w1", "w2"}
     assert sorted(a["acked"] for a in acked) == [1, 2] and all(a["expected"] == 2 for a in acked)
     purged = [data for _, kind, data in seen if kind == "worker.purged"]
-    assert {p["worker"] for p in purged if p["cause"] == "clear"} >= {"w1", "w2"}
+    assert {p["name"] for p in purged if p["cause"] == "clear"} >= {"w1", "w2"}
     completed = seen[-1][2]
     assert completed["complete"] is True and completed["missing"] == [] and completed["duration_ms"] >= 0
     numbers = [int(event_id.rsplit(":", 1)[1]) for event_id, _, _ in seen]
@@ -126,7 +126,7 @@ def test_a_slow_client_is_dropped_without_slowing_the_bus(cluster: Cluster, stre
         cluster.flood(50)
     # Every clear was still published and acked while the client was stuck.
     status, _, body = cluster.clear(wait="all", timeout="20")
-    assert status == 200 and json.loads(body)["acks"][0]["worker"] == "w1"
+    assert status == 200 and json.loads(body)["acks"][0]["name"] == "w1"
     kinds = []
     while (event := slow.next()) is not None:
         kinds.append(event[1])
@@ -168,7 +168,7 @@ def test_a_workers_cache_counters_are_streamed_and_replayed_newest_only(cluster:
     resume_from = stream.last_id
 
     def stats_event(**expected: Any) -> Callable[[str, Any], bool]:
-        return lambda kind, data: (kind == "worker.stats" and data["worker"] == "w1"
+        return lambda kind, data: (kind == "worker.stats" and data["name"] == "w1"
                                    and all(data["stats"].get(k) == v for k, v in expected.items()))
 
     assert http("GET", worker_url + "/entries/hello")[1]["X-Cache"] == "MISS"
@@ -202,7 +202,7 @@ def published(clear_id: str) -> ClearPublished:
 
 
 def stats(worker: str, **counters: int) -> WorkerStats:
-    return WorkerStats(worker=worker, last_seen=0.0, stats=counters)
+    return WorkerStats(worker=worker, name=worker, last_seen=0.0, stats=counters)
 
 
 def test_replay_keeps_the_newest_stats_per_worker_within_the_history_bound():
@@ -210,7 +210,7 @@ def test_replay_keeps_the_newest_stats_per_worker_within_the_history_bound():
     log.emit(published("a"))  # 1
     for n in range(3):  # 2, 3, 4: one worker's counters, superseded twice
         log.emit(stats("w1", entries=n))
-    log.emit(ClearCompleted(clear_id="a", seq=1, expected=0, acked=0, complete=True, missing=(),
+    log.emit(ClearCompleted(clear_id="a", seq=1, expected=0, acked=0, complete=True, missing=(), failed=(),
                             duration_ms=0.0))  # 5
     assert [(e.id, e.kind) for e in log.since("e:0")] == [(1, "clear.published"), (4, "worker.stats"),
                                                           (5, "clear.completed")]
@@ -238,49 +238,53 @@ def hello(name: str, seq: int = 0) -> Hello:
     return Hello(name=name, instance=f"{name}-1", host="h", pid=7, endpoint="http://127.0.0.1:1", epoch="e", seq=seq)
 
 
-def test_the_record_emits_each_change_with_the_fields_the_stream_always_had():
+def test_the_record_emits_each_change_with_the_fields_the_stream_documents():
     emitted: list[RecordEvent] = []
     record = Record(complete_within=0.0, stats_interval=0.0, emit=emitted.append)
 
     record.hello(hello("w1"))
     record.hello(hello("w2"))
-    w1 = record.worker("w1")
+    w1 = record.worker("w1-1")
     assert w1 is not None
     joined = emitted[0]
     assert isinstance(joined, WorkerJoined)
     assert json_of(joined) == list({
-        "name": "w1", "instance": "w1-1", "host": "h", "pid": 7, "endpoint": "http://127.0.0.1:1", "state": "live",
-        "joined_at": w1.joined_at, "last_seen": w1.last_seen, "last_acked_seq": None, "last_acked_clear": None,
-        "last_purge_cause": None, "acks": 0, "epoch": "e", "seq": 0, "stats": {}, "key": None,
+        "id": "w1-1", "name": "w1", "instance": "w1-1", "host": "h", "pid": 7, "endpoint": "http://127.0.0.1:1",
+        "state": "live", "joined_at": w1.joined_at, "last_seen": w1.last_seen, "last_acked_seq": None,
+        "last_acked_clear": None, "last_purge_cause": None, "last_outcome": None, "last_error": "", "acks": 0,
+        "epoch": "e", "seq": 0, "stats": {}, "key": None,
     }.items())
     assert json_of(joined) == list(w1.to_json().items()), "worker.joined carries the worker as /workers shows it"
 
     published_at = time.time()
-    record.published(Clear(epoch="e", seq=1, id="c1", ts=published_at))
+    record.published(Clear(epoch="e", seq=1, id="c1", ts=published_at), "0123456789abcdef")
     assert json_of(emitted[2]) == list({"clear_id": "c1", "seq": 1, "epoch": "e", "published_at": published_at,
-                                        "expected": ["w1", "w2"]}.items())
+                                        "expected": ["w1-1", "w2-1"], "token": "01234567"}.items())
 
     del emitted[:]
     record.acked(Ack(name="w1", instance="w1-1", epoch="e", seq=1, clear_id="c1", dropped=5, purge_ms=0.1234567,
                      cause=PurgeCause.CLEAR))
     entry = record.clear("c1")
     assert entry is not None
-    ack = entry.acks["w1"]
+    ack = entry.acks["w1-1"]
     assert [event.KIND for event in emitted] == ["worker.purged", "clear.acked"]
-    assert json_of(emitted[0]) == list({"worker": "w1", "cause": "clear", "seq": 1, "clear_id": "c1",
-                                        "entries_dropped": 5, "purge_ms": 0.123}.items())
-    assert json_of(emitted[1]) == list({"clear_id": "c1", "seq": 1, "worker": "w1", "acked_at": ack.acked_at,
-                                        "latency_ms": round(ack.latency_ms, 3), "entries_dropped": 5,
-                                        "purge_ms": 0.123, "cause": "clear", "acked": 1, "expected": 2}.items())
+    assert json_of(emitted[0]) == list({"worker": "w1-1", "name": "w1", "cause": "clear", "seq": 1,
+                                        "clear_id": "c1", "entries_dropped": 5, "purge_ms": 0.123,
+                                        "outcome": "ok", "error": ""}.items())
+    assert json_of(emitted[1]) == list({"clear_id": "c1", "seq": 1, "worker": "w1-1", "name": "w1",
+                                        "acked_at": ack.acked_at, "latency_ms": round(ack.latency_ms, 3),
+                                        "entries_dropped": 5, "purge_ms": 0.123, "cause": "clear", "outcome": "ok",
+                                        "error": "", "acked": 1, "expected": 2, "failed": 0}.items())
 
     del emitted[:]
     record.sweep()  # complete_within 0: w2's ack is given up on
     assert json_of(emitted[0]) == list({"clear_id": "c1", "seq": 1, "expected": 2, "acked": 1, "complete": False,
-                                        "missing": ["w2"], "duration_ms": entry.duration_ms}.items())
+                                        "missing": ["w2-1"], "failed": [],
+                                        "duration_ms": entry.duration_ms}.items())
 
     del emitted[:]
     record.heartbeat(WorkerHeartbeat(**vars(hello("w1", seq=1)), stats={"entries": 3, "hits": 1}))
-    assert json_of(emitted[0]) == list({"worker": "w1", "last_seen": w1.last_seen,
+    assert json_of(emitted[0]) == list({"worker": "w1-1", "name": "w1", "last_seen": w1.last_seen,
                                         "stats": {"entries": 3, "hits": 1}}.items())
 
     del emitted[:]
@@ -288,8 +292,10 @@ def test_the_record_emits_each_change_with_the_fields_the_stream_always_had():
     record.forget_after = -1.0
     record.sweep()
     assert [json_of(event) for event in emitted] == [
-        list({"worker": "w1", "state": "left", "previous": "live", "last_seen": w1.last_seen}.items()),
-        list({"worker": "w1", "state": "forgotten", "previous": "left", "last_seen": w1.last_seen}.items()),
+        list({"worker": "w1-1", "name": "w1", "state": "left", "previous": "live",
+              "last_seen": w1.last_seen}.items()),
+        list({"worker": "w1-1", "name": "w1", "state": "forgotten", "previous": "left",
+              "last_seen": w1.last_seen}.items()),
     ]
 
 
@@ -309,8 +315,9 @@ def test_an_event_is_encoded_once_and_only_when_a_stream_reads_it(monkeypatch: p
     assert replay is not None and [event.kind for event in replay] == [
         "worker.joined", "clear.published", "worker.purged", "clear.acked", "clear.completed"]
     purged = replay[2]
-    assert purged.sse == (b'id: e:3\nevent: worker.purged\ndata: {"worker":"w1","cause":"gap","seq":1,'
-                          b'"clear_id":"c1","entries_dropped":0,"purge_ms":0.5}\n\n')
+    assert purged.sse == (b'id: e:3\nevent: worker.purged\ndata: {"worker":"w1-1","name":"w1","cause":"gap",'
+                          b'"seq":1,"clear_id":"c1","entries_dropped":0,"purge_ms":0.5,"outcome":"ok",'
+                          b'"error":""}\n\n')
     assert purged.sse is purged.sse, "encoded once, then shared by every reader"
 
 

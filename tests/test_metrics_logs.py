@@ -47,10 +47,11 @@ def test_service_metrics_count_clears_acks_states_auth_failures_and_requests(clu
     assert m["cachebus_clears_published_total"] == 3
     assert m["cachebus_acks_received_total"] >= 6
     assert m['cachebus_worker_purges_total{cause="clear"}'] >= 6
-    assert m['cachebus_ack_latency_seconds_count{worker="w1"}'] == 3
-    assert m['cachebus_ack_latency_seconds_count{worker="w2"}'] == 3
+    assert m['cachebus_ack_latency_seconds_count{name="w1"}'] == 3
+    assert m['cachebus_ack_latency_seconds_count{name="w2"}'] == 3
     assert m["cachebus_clear_all_acked_seconds_count"] == 3
     assert m['cachebus_workers{state="live"}'] == 2
+    assert m['cachebus_worker_processes{name="w1",state="live"}'] == 1
     assert m['cachebus_auth_failures_total{reason="wrong_access_token"}'] == 1
     assert m['cachebus_auth_failures_total{reason="missing_credentials"}'] == 1
     assert m['cachebus_http_requests_total{method="POST",route="/api/v1/cache/clear",status="200"}'] == 3
