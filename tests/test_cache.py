@@ -7,6 +7,8 @@ import json
 import random
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -445,6 +447,17 @@ def test_get_or_set_loads_once_and_caches_none_too():
     assert cache.stats()["hits"] == 2
 
 
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on a loop of its own. Not asyncio.run(), which leaves the main thread with no
+    current loop: a later test whose Tornado code asks for one would fail."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
 class RacingLoader:
     """A loader that stops half-way, so a test can run a real clear while it holds a pre-clear value."""
 
@@ -527,7 +540,7 @@ def test_aget_or_set_with_a_racing_clear():
         assert await cache.aget_or_set("k", fresh) is None
         assert "k" in cache  # None is a value like any other
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_cached_decorator_keys_by_function_and_arguments():
@@ -589,4 +602,4 @@ def test_cached_async_function_caches_the_result_and_guards_the_race():
         assert len(cache) == 0  # read before the clear: not kept
         assert await fetch(1) == 10 and len(cache) == 1
 
-    asyncio.run(main())
+    run(main())
