@@ -74,6 +74,8 @@ setup(
             "setuptools<82",
             # Property tests: the bus decoder meets arbitrary frames (tests/test_protocol.py).
             "hypothesis>=6.100",
+            # Real third-party caches as purge targets and behind the lease wrapper.
+            "cachetools>=5",
             # Validates the OpenAPI 3.1 document served at /api/openapi.json.
             "openapi-spec-validator>=0.7",
             # Fuzzes the served API against that document (tests/test_fuzz_api.py). Pinned: a new

@@ -1,15 +1,18 @@
-"""The worker's in-memory cache: LRU, TTL, stats, clears, bypass and threads."""
+"""The worker's in-memory cache: LRU, TTL, stats, clears, bypass, threads, and reading through it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
-from cachebus.workers.cache import Cache, Purgeable
+from cachebus.workers.cache import Cache, Purgeable, cached
 
 STATS_KEYS = {"entries", "max_entries", "ttl", "hits", "misses", "hit_ratio", "evictions", "purges",
               "last_clear_id", "last_clear_seq", "last_purge_at", "bypass", "bypass_seconds"}
@@ -425,3 +428,178 @@ def test_set_many_warms_the_cache_under_the_same_rules_as_set():
     assert cache.set_many({"x": 1}, generation=generation) == 0
     cache.set_bypass(True)
     assert cache.set_many({"y": 1}) == 0
+
+
+# --- reading through the cache: get_or_set, aget_or_set, @cached ------------------
+
+
+def test_get_or_set_loads_once_and_caches_none_too():
+    cache = Cache()
+    calls: list[str] = []
+
+    def load() -> None:
+        calls.append("load")
+
+    assert cache.get_or_set("absent-upstream", load) is None
+    assert cache.get_or_set("absent-upstream", load) is None
+    assert calls == ["load"]
+    assert cache.get_or_set("n", lambda: 0) == 0 and cache.get_or_set("n", lambda: 1) == 0
+    assert cache.stats()["hits"] == 2
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on a loop of its own. Not asyncio.run(), which leaves the main thread with no
+    current loop: a later test whose Tornado code asks for one would fail."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+class RacingLoader:
+    """A loader that stops half-way, so a test can run a real clear while it holds a pre-clear value."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        self.reading = threading.Event()
+        self.go_on = threading.Event()
+
+    def __call__(self) -> str:
+        self.reading.set()
+        assert self.go_on.wait(30)
+        return self.value
+
+
+def test_get_or_set_never_stores_what_was_read_before_a_racing_clear():
+    cache = Cache()
+    loader = RacingLoader("read before the clear")
+    results: list[str] = []
+    reader = threading.Thread(target=lambda: results.append(cache.get_or_set("k", loader)))
+    reader.start()
+    assert loader.reading.wait(30)
+    assert cache.clear() == 0  # a clear lands while the reader holds the old value
+    loader.go_on.set()
+    reader.join()
+    assert results == ["read before the clear"]  # this one caller asked before the clear
+    assert "k" not in cache  # but nobody after it is served that value
+    assert cache.get_or_set("k", lambda: "fresh") == "fresh"
+    assert cache.get("k") == "fresh"
+
+
+def test_get_or_set_stores_when_nothing_raced():
+    cache = Cache()
+    loader = RacingLoader("value")
+    reader = threading.Thread(target=cache.get_or_set, args=("k", loader))
+    reader.start()
+    assert loader.reading.wait(30)
+    cache.set("other", 1)  # a write is not a clear: no reason to drop the value
+    loader.go_on.set()
+    reader.join()
+    assert cache.get("k") == "value"
+
+
+def test_get_or_set_does_not_store_across_a_revoked_lease():
+    clock = FakeClock()
+    cache = Cache(clock=clock)
+    cache.hold_lease(clock.now + 10)
+    loader = RacingLoader("read before the revoke")
+    reader = threading.Thread(target=cache.get_or_set, args=("k", loader))
+    reader.start()
+    assert loader.reading.wait(30)
+    cache.revoke_lease()
+    cache.hold_lease(clock.now + 10)  # renewed before the loader returns: the generation still refuses it
+    loader.go_on.set()
+    reader.join()
+    assert "k" not in cache
+
+
+def test_aget_or_set_with_a_racing_clear():
+    cache = Cache()
+
+    async def main() -> None:
+        reading, go_on = asyncio.Event(), asyncio.Event()
+
+        async def load() -> str:
+            reading.set()
+            await go_on.wait()
+            return "read before the clear"
+
+        task = asyncio.create_task(cache.aget_or_set("k", load))
+        await reading.wait()
+        # From another thread, as a ThreadedSubscriber's purge would come.
+        await asyncio.to_thread(cache.clear)
+        go_on.set()
+        assert await task == "read before the clear"
+        assert "k" not in cache
+
+        async def fresh() -> None:
+            return None
+
+        assert await cache.aget_or_set("k", fresh) is None
+        assert "k" in cache  # None is a value like any other
+
+    run(main())
+
+
+def test_cached_decorator_keys_by_function_and_arguments():
+    cache = Cache()
+    calls: list[tuple[object, ...]] = []
+
+    @cached(cache)
+    def page(path: str, *, lang: str = "en", draft: bool = False) -> str | None:
+        calls.append((path, lang, draft))
+        return None if path == "/gone" else f"{path}:{lang}"
+
+    @cached(cache)
+    def other(path: str) -> str:
+        return "other"
+
+    assert page("/a", lang="de", draft=False) == "/a:de"
+    assert page("/a", draft=False, lang="de") == "/a:de"  # keyword order does not matter
+    assert page("/gone") is None and page("/gone") is None  # a None result is cached
+    assert other("/a") == "other"  # another function's entries never collide
+    assert calls == [("/a", "de", False), ("/gone", "en", False)]
+    assert page.__name__ == "page"
+    cache.clear()
+    assert page("/a", lang="de", draft=False) == "/a:de"
+    assert len(calls) == 3
+
+
+def test_cached_with_a_key_function():
+    cache = Cache()
+
+    @cached(cache, key=lambda user_id, request=None: ("user", user_id))
+    def user(user_id: int, request: object = None) -> dict[str, int]:
+        return {"id": user_id}
+
+    assert user(7, request=object()) == {"id": 7}
+    assert cache.get(("user", 7)) == {"id": 7}
+
+
+def test_cached_async_function_caches_the_result_and_guards_the_race():
+    cache = Cache()
+    calls: list[int] = []
+    reading, go_on = asyncio.Event(), asyncio.Event()
+
+    @cached(cache)
+    async def fetch(n: int) -> int:
+        calls.append(n)
+        if n == 1:
+            reading.set()
+            await go_on.wait()
+        return n * 10
+
+    async def main() -> None:
+        assert await fetch(2) == 20 and await fetch(2) == 20
+        assert calls == [2]
+        task = asyncio.create_task(fetch(1))
+        await reading.wait()
+        cache.clear()
+        go_on.set()
+        assert await task == 10
+        assert len(cache) == 0  # read before the clear: not kept
+        assert await fetch(1) == 10 and len(cache) == 1
+
+    run(main())

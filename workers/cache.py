@@ -17,15 +17,25 @@ data that a clear should have removed:
 * a *generation*, bumped by every clear, by entering bypass and by a lease
   that lapsed. A caller that reads the generation before fetching a value from
   its source passes it to ``set``; if a clear ran in between, the value may
-  predate it and is dropped.
+  predate it and is dropped. :meth:`Cache.get_or_set` and :func:`cached` do
+  this for the caller.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: "No entry": a cached None (or any falsy value) is a hit, so a miss needs a value of its own.
+_ABSENT: Final = object()
 
 
 @runtime_checkable
@@ -48,7 +58,84 @@ class Purgeable(Protocol):
         ...
 
 
-class Cache:
+class ReadThrough:
+    """Reads through a cache to a loader, with the generation guard built in.
+
+    A subclass provides :meth:`_lookup` and ``set(key, value, *, generation=)``.
+    :meth:`get_or_set` takes the generation in the same step as the lookup that
+    missed, before the loader runs; if a clear (or a lapsed or revoked lease)
+    comes while the loader runs, ``set`` refuses the value, which may predate
+    that clear. The value is still returned: this one caller asked before the
+    clear, so it may see what it read, but nobody after it will.
+
+    Two callers that miss the same key at once both run the loader: there is
+    no lock held around it, so a slow loader never blocks a purge.
+    """
+
+    def _lookup(self, key: Hashable) -> tuple[Any, int]:
+        """The value for ``key`` (or ``_ABSENT``) and the generation, read together."""
+        raise NotImplementedError
+
+    def set(self, key: Hashable, value: Any, *, generation: int | None = None) -> None:
+        raise NotImplementedError
+
+    def get_or_set(self, key: Hashable, loader: Callable[[], T]) -> T:
+        """The cached value for ``key``, or ``loader()``'s, stored unless a clear ran meanwhile.
+
+        Whatever ``loader`` returns is cached, ``None`` included.
+        """
+        value, generation = self._lookup(key)
+        if value is not _ABSENT:
+            return cast(T, value)
+        loaded = loader()
+        self.set(key, loaded, generation=generation)
+        return loaded
+
+    async def aget_or_set(self, key: Hashable, loader: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`get_or_set` with an async ``loader`` (``lambda: fetch(key)``)."""
+        value, generation = self._lookup(key)
+        if value is not _ABSENT:
+            return cast(T, value)
+        loaded = await loader()
+        self.set(key, loaded, generation=generation)
+        return loaded
+
+
+def cached(cache: ReadThrough,
+           key: Callable[..., Hashable] | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function (sync or ``async def``) to read through ``cache``.
+
+    Calls go through :meth:`ReadThrough.get_or_set` (or ``aget_or_set``), so a
+    call that races a clear never stores what it read before the clear. The key
+    is ``key(*args, **kwargs)``, by default the function's module and qualified
+    name, the positional arguments and the sorted keyword arguments: as with
+    :func:`functools.lru_cache`, arguments must be hashable, and ``f(1)`` and
+    ``f(x=1)`` are cached apart. For an ``async def`` function the awaited
+    result is cached, never the coroutine.
+    """
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        name = f"{func.__module__}.{func.__qualname__}"
+
+        def key_of(*args: Any, **kwargs: Any) -> Hashable:
+            if key is not None:
+                return key(*args, **kwargs)
+            return (name, args, tuple(sorted(kwargs.items())))
+
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def read_through_async(*args: Any, **kwargs: Any) -> Any:
+                return await cache.aget_or_set(key_of(*args, **kwargs), lambda: func(*args, **kwargs))
+            return cast(Callable[P, R], read_through_async)
+
+        @functools.wraps(func)
+        def read_through(*args: P.args, **kwargs: P.kwargs) -> R:
+            return cache.get_or_set(key_of(*args, **kwargs), lambda: func(*args, **kwargs))
+        return read_through
+
+    return decorate
+
+
+class Cache(ReadThrough):
     """A thread-safe LRU cache with optional TTL, hit/miss stats and bypass.
 
     ``clock`` measures TTLs and time spent in bypass; it must never go
@@ -150,20 +237,12 @@ class Cache:
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value for ``key``, or ``default``; a hit makes it most recently used."""
         with self._lock:
-            now = self._clock()
-            if self._untrusted(now):
-                self._misses += 1
-                self._bypass_misses += 1
-                return default
-            self._expire(now)
-            try:
-                value = self._data.pop(key)
-            except KeyError:
-                self._misses += 1
-                return default
-            self._data[key] = value
-            self._hits += 1
-            return value
+            value = self._get(key)
+        return default if value is _ABSENT else value
+
+    def _lookup(self, key: Hashable) -> tuple[Any, int]:
+        with self._lock:
+            return self._get(key), self._generation
 
     def set(self, key: Hashable, value: Any, *, generation: int | None = None) -> None:
         """Store ``value`` as the most recently used entry, evicting the least.
@@ -295,6 +374,23 @@ class Cache:
             }
 
     # --- helpers; the caller holds the lock ----------------------------------
+
+    def _get(self, key: Hashable) -> Any:
+        """:meth:`get`'s lookup, ``_ABSENT`` on a miss."""
+        now = self._clock()
+        if self._untrusted(now):
+            self._misses += 1
+            self._bypass_misses += 1
+            return _ABSENT
+        self._expire(now)
+        try:
+            value = self._data.pop(key)
+        except KeyError:
+            self._misses += 1
+            return _ABSENT
+        self._data[key] = value
+        self._hits += 1
+        return value
 
     def _untrusted(self, now: float) -> bool:
         return self._bypass or (self._lease is not None and now >= self._lease)

@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, cast, runtime_checkable
 
 import zmq
@@ -457,6 +457,23 @@ class Subscriber:
         if _readable(self._dealer):
             self._loop.call_soon(self._replies)
 
+    @classmethod
+    def from_settings(cls, targets: Iterable[Purgeable], path: str | os.PathLike[str] | None = None, *,
+                      environ: Mapping[str, str] = os.environ, **overrides: Any) -> Subscriber:
+        """A subscriber configured as the service is: keywords > environment > settings file.
+
+        The file is ``path``, else ``$CACHEBUS_CONFIG``, else none (the built-in
+        defaults); the variables are ``CACHEBUS_PUBLISH``, ``CACHEBUS_ACKS``,
+        ``CACHEBUS_KEY`` and the others in :mod:`cachebus.workers.options`,
+        which says what is read from where. A bad value raises
+        :class:`~cachebus.settings.SettingsError`, one line naming the file and
+        key or the variable.
+        """
+        # Imported here only to keep this addition in one place; options imports nothing of this module.
+        from .options import embedder_settings, subscriber_options
+        settings = embedder_settings(path, environ=environ)
+        return cls(targets, **subscriber_options(settings, environ=environ, **overrides))
+
 
 def _reconnect(sock: zmq.Socket, endpoint: str) -> None:
     """A fresh connection (and handshake) to ``endpoint``."""
@@ -535,3 +552,12 @@ class ThreadedSubscriber:
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join()
+
+    @classmethod
+    def from_settings(cls, targets: Iterable[Purgeable], path: str | os.PathLike[str] | None = None, *,
+                      environ: Mapping[str, str] = os.environ, **overrides: Any) -> ThreadedSubscriber:
+        """:meth:`Subscriber.from_settings` for the threaded flavour; settings are read (and
+        checked) now, in the calling thread."""
+        from .options import embedder_settings, subscriber_options
+        settings = embedder_settings(path, environ=environ)
+        return cls(targets, **subscriber_options(settings, environ=environ, **overrides))

@@ -25,6 +25,7 @@ from cachebus.settings import Settings
 from .cache import Cache
 from .content import EntryError, load_entry
 from .metrics import worker_registry
+from .options import subscriber_options
 from .subscriber import Subscriber
 
 log = logging.getLogger("cachebus.worker")
@@ -112,22 +113,16 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     content_dir = Path(cfg.content_dir)
     cache = Cache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl or None)
     bus = settings.bus
-    subscriber = Subscriber(
-        [cache],
-        # Unnamed: <hostname>-<pid>, with one keypair for the host (not one per process).
-        name=cfg.name or None,
-        publish=bus.publish,
-        acks=bus.acks,
+    # The options an embedder's Subscriber.from_settings reads, from the same settings. No environment:
+    # the command-line flags are already in `settings`, and a variable must not override them.
+    subscriber = Subscriber([cache], **subscriber_options(
+        settings,
+        environ={},
         endpoint=f"http://{cfg.host}:{cfg.http_port}",
-        key=bus.key,
-        insecure=bus.insecure,
-        keys_dir=bus.keys_dir,
-        secret_key_file=bus.secret_key_file or None,
+        # Until the subscriber follows the service's lease terms (issue 13 item 5): then these two go.
         heartbeat_interval=bus.heartbeat_interval,
         liveness=bus.liveness,
-        recv_hwm=bus.recv_hwm,
-        socket_buffer=bus.socket_buffer,
-    )
+    ))
     server = make_app(cache, subscriber, content_dir, settings).listen(cfg.http_port, address=cfg.host)
     try:
         if bus.mode is BusMode.CURVE:
