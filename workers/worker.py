@@ -114,7 +114,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     bus = settings.bus
     subscriber = Subscriber(
         [cache],
-        # Unnamed: <hostname>-<pid>, with one keypair for the host (not one per process).
+        # Unnamed: the host name, a label (and a keypair) every unnamed worker on this host shares;
+        # the service tells the processes apart by their instance.
         name=cfg.name or None,
         publish=bus.publish,
         acks=bus.acks,
@@ -123,8 +124,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         insecure=bus.insecure,
         keys_dir=bus.keys_dir,
         secret_key_file=bus.secret_key_file or None,
-        heartbeat_interval=bus.heartbeat_interval,
-        liveness=bus.liveness,
         recv_hwm=bus.recv_hwm,
         socket_buffer=bus.socket_buffer,
     )
