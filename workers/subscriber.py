@@ -628,9 +628,10 @@ class Subscriber:
         if errors:
             self._failed_purge = _FailedPurge(cause, clear_id, dropped, purge_ms)
             self._withdraw_leases()
-            log.warning("purge failed: %d of %d targets raised; acked as failed, leases withdrawn, retrying on "
-                        "the next command or heartbeat (cause: %s, seq %d)",
-                        len(errors), len(self._targets), cause, self.seq)
+            # Each target's failure had its (rate-limited) line; this one follows every purge.
+            log.debug("purge failed: %d of %d targets raised; acked as failed, leases withdrawn, retrying on "
+                      "the next command or heartbeat (cause: %s, seq %d)",
+                      len(errors), len(self._targets), cause, self.seq)
             self._ack(cause, clear_id, dropped, purge_ms, _one_error(errors))
             return
         self._failed_purge = None
@@ -669,7 +670,8 @@ class Subscriber:
                 self.failing[target] = error
                 self.purge_failures += 1
                 self.peers.report(target.label, Trouble.FAILED,
-                                  f"purge ({cause}, seq {self.seq}): {error}\n{describe_traceback(exc)}\n")
+                                  f"purge ({cause}, seq {self.seq}) acked as failed, retried on every command and "
+                                  f"heartbeat: {error}\n{describe_traceback(exc)}\n")
             else:
                 if self.failing.pop(target, None) is not None:
                     log.info("%s purged again after failing", target.label)
@@ -775,7 +777,7 @@ class ThreadedSubscriber:
             raise RuntimeError("this ThreadedSubscriber was started already")
         self._reported.clear()
         self._abandoned, self._error = False, None
-        thread = threading.Thread(target=self._run, name="cachebus-subscriber", daemon=True)
+        thread = threading.Thread(target=self._run, name=f"cachebus-subscriber-{self.subscriber.name}", daemon=True)
         thread.start()
         if not self._reported.wait(timeout):
             with self._lock:

@@ -180,10 +180,13 @@ def _binds_signature(signature: inspect.Signature, **kwargs: Any) -> bool:
 
 
 def _signature_text(function: Any) -> str:
+    """``function``'s parameters as an error message shows them: names, without annotations."""
     try:
-        return str(inspect.signature(function))
+        signature = inspect.signature(function)
     except (TypeError, ValueError):
         return "(...)"
+    bare = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=bare, return_annotation=signature.empty))
 
 
 def _has_len(obj: Any) -> bool:
