@@ -83,6 +83,8 @@ setup(
             "schemathesis==4.32.5",
             # Builds the wheel in the packaging test.
             "wheel",
+            # Real third-party purge targets for the subscriber's tests (tests/test_targets.py).
+            "cachetools>=5",
         ],
     },
     entry_points={"console_scripts": ["cachebus=cachebus.cli:main"]},

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
@@ -36,6 +38,32 @@ R = TypeVar("R")
 
 #: "No entry": a cached None (or any falsy value) is a hit, so a miss needs a value of its own.
 _ABSENT: Final = object()
+
+
+#: Every object whose lock :func:`fork_safe_lock` made, to renew it in a forked child.
+_LOCK_OWNERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def fork_safe_lock(owner: Any) -> threading.Lock:
+    """A lock for ``owner`` that a forked child gets afresh.
+
+    A child process starts with only the thread that forked: a lock another
+    thread held at that moment would stay held for good, and the child's first
+    ``get`` (or the subscriber's fork hook, which revokes the lease) would hang.
+    Like :mod:`logging`'s handlers, each owner's lock is replaced in the child.
+    """
+    _LOCK_OWNERS.add(owner)
+    return threading.Lock()
+
+
+def _renew_locks_in_child() -> None:
+    for owner in list(_LOCK_OWNERS):
+        owner._lock = threading.Lock()
+
+
+# Registered at import, before the subscriber's own hook (which revokes leases, taking these
+# locks): after-fork hooks run in the order they were registered.
+os.register_at_fork(after_in_child=_renew_locks_in_child)
 
 
 @runtime_checkable
@@ -158,7 +186,7 @@ class Cache(ReadThrough):
         self._max_entries = max_entries
         self._ttl = ttl
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock(self)
         # Plain dicts keep insertion order: re-inserting a key makes it the
         # newest. They are used rather than OrderedDict because a purge of a
         # full cache, which is on the path to every ack, drops a plain dict

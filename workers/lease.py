@@ -20,12 +20,11 @@ mapping inside and reads it directly is not.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, MutableMapping
 from typing import Any
 
-from .cache import _ABSENT, ReadThrough
+from .cache import _ABSENT, ReadThrough, fork_safe_lock
 
 
 class LeasedMapping(ReadThrough):
@@ -48,7 +47,7 @@ class LeasedMapping(ReadThrough):
     def __init__(self, mapping: MutableMapping[Any, Any], *, clock: Callable[[], float] = time.monotonic) -> None:
         self._mapping = mapping
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = fork_safe_lock(self)
         self._generation = 0
         # None: no lease is held, and the entries are trusted (standalone use).
         self._lease: float | None = None

@@ -1,4 +1,4 @@
-"""The reference worker's Prometheus metrics: its cache's counters and its purges by cause.
+"""The reference worker's Prometheus metrics: its cache's counters, its purges by cause, and failed purges.
 
 Read from the cache and the subscriber when scraped, so serving reads costs
 nothing extra.
@@ -35,6 +35,12 @@ class _CacheCollector(Collector):
         for cause, count in sorted(self.subscriber.purges_by_cause.items()):
             purges.add_metric([cause.value], count)
         yield purges
+        yield CounterMetricFamily("cachebus_worker_purge_failures",
+                                  "Purge target clears that raised, in purges and in retries",
+                                  value=self.subscriber.purge_failures)
+        yield GaugeMetricFamily("cachebus_worker_failing_targets",
+                                "Purge targets whose last clear raised; retried on every command and heartbeat",
+                                value=len(self.subscriber.failing))
 
 
 def worker_registry(cache: Cache, subscriber: Subscriber) -> CollectorRegistry:

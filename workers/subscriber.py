@@ -5,45 +5,78 @@ Celery worker) use :class:`ThreadedSubscriber`, which runs the same code on
 its own event loop in a background thread::
 
     cache = Cache()
-    subscriber = ThreadedSubscriber([cache], name="web-1")
-    subscriber.start()
+    subscriber = ThreadedSubscriber([cache, TTLCache(1000, 60), load_page], name="web")
+    subscriber.start()          # in each process: after the fork, never before
 
-The subscriber connects a SUB socket to the service's commands and a DEALER to
-its ack channel. By default both are CURVE clients (:mod:`cachebus.bus.security`):
-the subscriber reads the service's public key from ``<keys_dir>/service.key``
-and uses its own keypair, ``<keys_dir>/workers/<name>.key_secret``, created
-when missing, which a service on the same host with the same ``keys_dir``
-allows. A shared ``key`` selects the HMAC mode instead, and ``insecure=True``
-no authentication at all.
+**Targets.** Any cache object is a target, checked once when the subscriber is
+built (:mod:`cachebus.workers.targets`): a ``clear(*, clear_id, seq)``
+(:class:`~cachebus.workers.cache.Cache`), a ``clear()`` with no arguments
+(``dict``, ``cachetools``, any ``MutableMapping``, Django cache backends), a
+``functools.lru_cache``/``cache`` function (``cache_clear()``), or an async
+``clear()``. Anything else is a :class:`TypeError` at construction.
 
-It says hello once its subscription has delivered a first
-message (so the service never expects it before it can hear), purges its
-targets on every clear, and acks each purge. Clears that arrive together are
-coalesced into one purge. It watches the sequence numbers in commands and
-heartbeats: a gap or a new epoch means it may have missed a clear, and it
-purges everything, because a clear-all is idempotent and always safe.
+**Identity.** ``name`` is a label many processes share, a role such as
+``web`` (default: the host name); it also names the CURVE keypair. Each
+process that starts a subscriber gets its own :attr:`Subscriber.instance`,
+``<host>:<pid>:<random>``, made by :meth:`Subscriber.start`, and the service
+counts processes by it. A subscriber started in one process and used in a
+child forked from it would share the parent's sockets and identity: at fork
+the child marks every started subscriber as forked, withdraws its targets'
+leases and drops (never closes) the inherited sockets, and any later use
+raises :class:`ForkedSubscriberError`. Start subscribers after the fork:
+gunicorn's ``post_fork`` hook, uvicorn's startup/lifespan.
 
-Targets that hold a lease (``hold_lease``/``revoke_lease``, as
+**Security.** The subscriber connects a SUB socket to the service's commands
+and a DEALER to its ack channel. By default both are CURVE clients
+(:mod:`cachebus.bus.security`): it reads the service's public key from
+``<keys_dir>/service.key`` and uses the keypair
+``<keys_dir>/workers/<name>.key_secret``, created when missing, which a
+service on the same host with the same ``keys_dir`` allows. A shared ``key``
+selects the HMAC mode instead, and ``insecure=True`` no authentication at all.
+
+**Purges.** It says hello once its subscription has delivered a first message
+(so the service never expects it before it can hear), purges its targets on
+every clear, and acks each purge. Clears that arrive together are coalesced
+into one purge. It watches the sequence numbers in commands and heartbeats: a
+gap or a new epoch means it may have missed a clear, and it purges
+everything, because a clear-all is idempotent and always safe.
+
+**Failing targets.** A target whose clear raises never stops the subscriber.
+The error is logged with its traceback (one line per target per minute),
+counted (:attr:`Subscriber.purge_failures`), and acked at once as a failed
+purge, its type and message scrubbed of credentials. While a target fails
+the subscriber still hears the service and heartbeats (its stats say
+``failing``), but withdraws the lease of every leased target. It retries the
+failed targets, and only those, on the next command or service heartbeat;
+once all have succeeded it acks the purge as ok and renews the leases. A new
+clear meanwhile purges every target, as always.
+
+**The lease.** Targets that hold a lease (``hold_lease``/``revoke_lease``, as
 :class:`~cachebus.workers.cache.Cache` does) are trusted only for
 ``heartbeat_interval * liveness`` seconds after the service was last heard.
-When the lease lapses they bypass themselves; when the service is heard again
-the subscriber purges once (cause ``reconnect``) before renewing it. A target
-starts without a lease, so nothing cached before the subscriber synced is
-served.
+Both values come from the service, in every welcome and heartbeat; a
+subscriber configured with others logs one warning and follows the service.
+When the lease lapses the targets bypass themselves; when the service is
+heard again the subscriber purges once (cause ``reconnect``) before renewing
+it. A target starts without a lease, so nothing cached before the subscriber
+synced is served. Targets without a lease are purged, but nothing stops them
+serving while the service is unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
+import re
+import secrets
 import socket
 import threading
 import time
-import uuid
+import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, cast, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -57,9 +90,11 @@ from cachebus.bus.protocol import (
     Codec,
     Heartbeat,
     Hello,
+    LeaseTerms,
     Message,
     ProtocolError,
     PurgeCause,
+    PurgeOutcome,
     Welcome,
     WorkerHeartbeat,
     worst,
@@ -67,46 +102,115 @@ from cachebus.bus.protocol import (
 from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
 from cachebus.bus.sockets import configure, drain, plain
 
-from .cache import Purgeable
+from .targets import MAX_ERROR, Leased, Target, adapt, describe_error, describe_traceback
+
+__all__ = ["ForkedSubscriberError", "Leased", "Subscriber", "ThreadedSubscriber", "default_name"]
 
 log = logging.getLogger("cachebus.subscriber")
 
 #: Most commands handled in one batch; the batch is purged once.
 _MAX_BATCH = 1000
 
+#: Lease terms until the service is heard, when none were configured: they only time the reconnects
+#: before the first message, since every welcome and heartbeat carries the service's own.
+_INITIAL_HEARTBEAT_INTERVAL = 0.5
+_INITIAL_LIVENESS = 3
 
-@runtime_checkable
-class Leased(Protocol):
-    """A purge target that stops trusting its entries when its lease lapses."""
+#: A ZeroMQ endpoint: transport://address. ZeroMQ itself checks the address when connecting.
+_ENDPOINT = re.compile(r"(?:tcp|ipc|inproc|pgm|epgm|norm|vmci|udp|ws|wss|tipc)://\S+")
 
-    def hold_lease(self, until: float) -> None: ...
+#: Heartbeat stats summed over the targets that have ``stats()``.
+_SUMMED_STATS = ("entries", "hits", "misses", "evictions", "bypass_seconds")
 
-    def revoke_lease(self) -> None: ...
+
+class ForkedSubscriberError(RuntimeError):
+    """A subscriber started in one process was used in a child forked from it.
+
+    The child shares the parent's sockets and identity, so it can neither
+    purge nor prove anything: each process must start its own subscriber,
+    after the fork.
+    """
+
+    def __init__(self, started_pid: int, pid: int) -> None:
+        self.started_pid = started_pid
+        self.pid = pid
+        super().__init__(
+            f"this subscriber was started in process {started_pid}, and this is process {pid}, forked from it: "
+            "a forked child must not use its parent's sockets or identity. Build and start the subscriber after "
+            "the fork, in each process: in gunicorn's post_fork or post_worker_init hook, with uvicorn in the "
+            "application's startup or lifespan handler")
+
+
+#: Subscribers started (and not stopped) in this process, for the at-fork hook.
+_started: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+#: Instances made in this process: unique within it, whatever the random part draws.
+_instances: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: no subscriber of the parent may serve, purge or ack here."""
+    for subscriber in list(_started):
+        subscriber._forked()
+    _started.clear()
+    _instances.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_name() -> str:
-    """``<hostname>-<pid>``: unique enough when no name is configured."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """The host name: the label every unnamed subscriber on this host shares (processes differ by instance)."""
+    return socket.gethostname()
+
+
+def new_instance() -> str:
+    """``<host>:<pid>:<random>``: this process's identity on the bus, new at every start."""
+    while True:
+        instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        if instance not in _instances:
+            _instances.add(instance)
+            return instance
+
+
+def _check_endpoint(option: str, endpoint: str) -> str:
+    if not isinstance(endpoint, str) or not _ENDPOINT.fullmatch(endpoint):
+        raise ValueError(f"{option}: {endpoint!r} is not a ZeroMQ endpoint (tcp://host:port, ipc:///path, …)")
+    return endpoint
+
+
+@dataclass
+class _FailedPurge:
+    """A purge some target failed: what the ok ack says once every target has been purged since."""
+
+    cause: PurgeCause
+    clear_id: str
+    dropped: int
+    purge_ms: float
 
 
 class Subscriber:
     """Purges ``targets`` when the service says so, and acks each purge.
 
-    ``targets`` are objects with ``clear(*, clear_id, seq) -> int`` (see
-    :class:`~cachebus.workers.cache.Purgeable`); ``clear`` may also be a coroutine
-    function, for targets that do I/O.
+    ``targets`` are any cache objects :mod:`cachebus.workers.targets` accepts;
+    one it cannot purge is a :class:`TypeError` here. ``name`` is a label many
+    processes may share (default: the host name); each started process has
+    its own :attr:`instance`.
 
     Security, as ``bus.*`` in the settings: by default CURVE with the keys in
     ``keys_dir`` (``server_key`` gives the service's z85 public key instead of
     ``<keys_dir>/service.key``, ``secret_key_file`` this process's keypair
-    instead of ``<keys_dir>/workers/<name or hostname>.key_secret``); a shared
-    ``key`` for HMAC; or ``insecure=True``. :meth:`start` raises
+    instead of ``<keys_dir>/workers/<name>.key_secret``); a shared ``key`` for
+    HMAC; or ``insecure=True``. :meth:`start` raises
     :class:`~cachebus.bus.security.KeyFileError` when a key it needs is missing.
+
+    ``heartbeat_interval`` and ``liveness`` may be left out: the service sends
+    its own, and the subscriber follows them (with one warning if given values
+    differ). Until it hears the service they only time reconnects.
     """
 
     def __init__(
         self,
-        targets: Iterable[Purgeable],
+        targets: Iterable[Any],
         *,
         name: str | None = None,
         publish: str = DEFAULT_PUBLISH,
@@ -117,35 +221,44 @@ class Subscriber:
         keys_dir: str | os.PathLike[str] = DEFAULT_KEYS_DIR,
         server_key: str | bytes | None = None,
         secret_key_file: str | os.PathLike[str] | None = None,
-        heartbeat_interval: float = 0.5,
-        liveness: int = 3,
+        heartbeat_interval: float | None = None,
+        liveness: int | None = None,
         recv_hwm: int = 10_000,
         socket_buffer: int = 0,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        self.targets = list(targets)
-        # isinstance against a runtime-checkable Protocol is slow: decide once.
-        self._leased_targets: list[Leased] = [t for t in self.targets if isinstance(t, Leased)]
+        self._targets: list[Target] = adapt(targets)
+        #: The target objects, as given.
+        self.targets = [target.obj for target in self._targets]
+        self._leased_targets: list[Leased] = [t.leased for t in self._targets if t.leased is not None]
         self.name = name or default_name()
-        self.instance = uuid.uuid4().hex
-        self.publish = publish
-        self.acks = acks
+        #: ``<host>:<pid>:<random>``, made by :meth:`start` (so a subscriber built before a fork and
+        #: started after it gets the child's); empty before.
+        self.instance = ""
+        self.publish = _check_endpoint("publish", publish)
+        self.acks = _check_endpoint("acks", acks)
         self.endpoint = endpoint
         raw_key = key.encode() if isinstance(key, str) else key
         self.mode = bus_mode(raw_key, insecure)
-        self.heartbeat_interval = heartbeat_interval
-        #: How long the service may stay silent before targets stop being trusted.
-        self.lease_seconds = heartbeat_interval * liveness
+        if heartbeat_interval is not None and not heartbeat_interval > 0:
+            raise ValueError(f"heartbeat_interval must be a positive number of seconds, not {heartbeat_interval!r}")
+        if liveness is not None and not liveness >= 1:
+            raise ValueError(f"liveness must be a positive count of heartbeats, not {liveness!r}")
+        self._configured_terms = (heartbeat_interval, liveness)
+        #: The lease terms in force: the service's once heard (:attr:`terms_from_service`), until then the
+        #: configured or initial ones.
+        self.heartbeat_interval: float = heartbeat_interval or _INITIAL_HEARTBEAT_INTERVAL
+        self.liveness: int = liveness or _INITIAL_LIVENESS
+        self.terms_from_service = False
+        self._warned_terms = False
         self.codec = Codec(raw_key, max_age=self.lease_seconds)
-        # One keypair per configured name, or per host: not per process, as the
-        # default name (with its pid) would make.
         self._security_options: dict[str, Any] = {
-            "name": key_name(name or socket.gethostname()), "keys_dir": keys_dir, "server_key": server_key,
+            "name": key_name(self.name), "keys_dir": keys_dir, "server_key": server_key,
             "secret_key_file": secret_key_file}
         self.security = ClientSecurity(self.mode)
         self.recv_hwm = recv_hwm
         self.socket_buffer = socket_buffer
-        #: time.monotonic() until which leased targets are trusted; None before the first sync.
+        #: time.monotonic() until which the service counts as heard; None before the first message.
         self.lease_until: float | None = None
         self.last_cause: PurgeCause | None = None
         #: The service epoch and last command seq this subscriber has seen.
@@ -154,18 +267,33 @@ class Subscriber:
         self.purges = 0
         #: How many purges each cause brought about.
         self.purges_by_cause: dict[PurgeCause, int] = {}
+        #: Target clears that raised, in purges and in retries.
+        self.purge_failures = 0
+        #: The targets whose last clear raised, with the error their failed ack carried.
+        self.failing: dict[Target, str] = {}
+        self._failed_purge: _FailedPurge | None = None
         self.peers = PeerLog(log)
         self._synced = asyncio.Event()
-        self._own_context = context is None
-        self._ctx = context or zmq.asyncio.Context()
+        self._context = context
+        self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.asyncio.Socket | None = None
+        self._waiting: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: The pid :meth:`start` ran in, while started.
+        self._started_pid: int | None = None
+        #: Set in a forked child: the pid the subscriber was started in.
+        self._forked_from: int | None = None
         #: time.monotonic() of the last hello not yet welcomed.
         self._hello_at: float | None = None
         #: time.monotonic() of the SUB socket's last connect.
         self._connected_at = 0.0
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long the service may stay silent before targets stop being trusted."""
+        return self.heartbeat_interval * self.liveness
 
     @property
     def synced(self) -> bool:
@@ -173,46 +301,63 @@ class Subscriber:
         return self._synced.is_set()
 
     @property
-    def trusted(self) -> bool:
-        """True while the service was heard recently enough to trust the targets."""
+    def heard(self) -> bool:
+        """True while the service was heard within a lease."""
         return self.lease_until is not None and time.monotonic() < self.lease_until
 
-    def _leased(self) -> list[Leased]:
-        return self._leased_targets
+    @property
+    def trusted(self) -> bool:
+        """True while the targets may serve: the service was heard within a lease and no target is failing."""
+        return self.heard and not self.failing
 
     async def start(self) -> None:
-        """Connect both sockets and start listening."""
-        for target in self._leased():
+        """Connect both sockets and start listening. In a forked child, raises :class:`ForkedSubscriberError`."""
+        self._check_process()
+        if self._started_pid is not None:
+            raise RuntimeError(f"subscriber {self.name} is started already")
+        for target in self._leased_targets:
             target.revoke_lease()
         self.security = ClientSecurity.resolve(self.mode, **self._security_options)
         if self.mode is BusMode.INSECURE:
             log.warning(INSECURE_WARNING)
-        self._sub = self._ctx.socket(zmq.SUB)
-        # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
-        # heartbeat timeout (zeromq/libzmq#4767); the service's heartbeats and the lease do the job.
-        configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
-        self.security.apply(self._sub)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(self.publish)
-        self._connected_at = time.monotonic()
-        self._waiting = plain(self._sub)
-        # A plain socket, watched by the loop directly: every ack and heartbeat
-        # goes out here, and zmq.asyncio's per-send future and extra loop pass
-        # were a third of a subscriber's CPU with a thousand in one process.
-        self._dealer = zmq.Socket(self._ctx, zmq.DEALER)
-        configure(self._dealer, heartbeat=self.heartbeat_interval)
-        self.security.apply(self._dealer)
-        self._dealer.connect(self.acks)
+        self.instance = new_instance()
         self._loop = asyncio.get_running_loop()
+        # Made here, not when built: a context made before a fork is unusable in the child.
+        self._ctx = self._context or zmq.asyncio.Context()
+        try:
+            self._sub = self._ctx.socket(zmq.SUB)
+            # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
+            # heartbeat timeout (zeromq/libzmq#4767); the service's heartbeats and the lease do the job.
+            configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
+            self.security.apply(self._sub)
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sub.connect(self.publish)
+            self._connected_at = time.monotonic()
+            self._waiting = plain(self._sub)
+            # A plain socket, watched by the loop directly: every ack and heartbeat
+            # goes out here, and zmq.asyncio's per-send future and extra loop pass
+            # were a third of a subscriber's CPU with a thousand in one process.
+            self._dealer = zmq.Socket(self._ctx, zmq.DEALER)
+            # The ZMTP heartbeat keeps the interval known at start, even once the service's differs.
+            configure(self._dealer, heartbeat=self.heartbeat_interval)
+            self.security.apply(self._dealer)
+            self._dealer.connect(self.acks)
+        except BaseException:
+            self._close()
+            raise
         self._loop.add_reader(self._dealer.FD, self._replies)
         self._tasks = [
             asyncio.create_task(self._commands(), name=f"{self.name}-commands"),
             asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeats"),
         ]
-        log.info("subscriber %s listening to %s, acking to %s", self.name, self.publish, self.acks)
+        self._started_pid = os.getpid()
+        _started.add(self)
+        log.info("subscriber %s (instance %s) listening to %s, acking to %s",
+                 self.name, self.instance, self.publish, self.acks)
 
     async def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until :attr:`synced`; False if ``timeout`` passed first."""
+        self._check_process()
         try:
             await asyncio.wait_for(self._synced.wait(), timeout)
         except TimeoutError:
@@ -221,6 +366,8 @@ class Subscriber:
 
     async def stop(self) -> None:
         """Say bye, stop listening and close the sockets."""
+        self._check_process()
+        _started.discard(self)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -230,11 +377,38 @@ class Subscriber:
             self._loop.remove_reader(self._dealer.FD)
             self._send(Bye(name=self.name, instance=self.instance))
             self._dealer.close(linger=500)
-            self._dealer = None
-        if self._sub is not None:
-            self._sub.close(linger=0)
-        if self._own_context:
+        self._close()
+        self._started_pid = None
+
+    def _close(self) -> None:
+        """Close whatever sockets :meth:`start` made, and the context if it made that too."""
+        for sock in (self._dealer, self._sub):
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        self._dealer = self._sub = self._waiting = None
+        if self._ctx is not None and self._context is None:
             self._ctx.term()
+        self._ctx = None
+
+    def _check_process(self) -> None:
+        if self._forked_from is not None:
+            raise ForkedSubscriberError(self._forked_from, os.getpid())
+
+    def _forked(self) -> None:
+        """Called in a forked child (see :func:`_after_fork_in_child`); must never raise or block on the bus."""
+        self._forked_from = self._started_pid or 0
+        # The child's caches must not serve on the parent's lease, not even for a moment.
+        for target in self._leased_targets:
+            try:
+                target.revoke_lease()
+            except Exception:  # nothing may escape an at-fork hook
+                pass
+        self.lease_until = None
+        # Dropped, never closed: the sockets and context are the parent's, and using them here,
+        # even to close them, is unsafe (pyzmq makes close and term no-ops in a child anyway).
+        self._sub = self._waiting = self._dealer = None
+        self._ctx = None
+        self._tasks = []
 
     async def __aenter__(self) -> Subscriber:
         await self.start()
@@ -246,11 +420,14 @@ class Subscriber:
     # --- commands from the PUB socket ---------------------------------------
 
     async def _commands(self) -> None:
-        assert self._sub is not None
+        sub, waiting = self._sub, self._waiting
+        assert sub is not None and waiting is not None
         while True:
-            batch = [await self._sub.recv_multipart(copy=False)]
-            lapsed = not self.trusted
-            batch += drain(self._waiting, _MAX_BATCH - 1)
+            batch = [await sub.recv_multipart(copy=False)]
+            if self._forked_from is not None:
+                return
+            lapsed = not self.heard
+            batch += drain(waiting, _MAX_BATCH - 1)
             try:
                 messages = []
                 for frames in batch:
@@ -260,15 +437,18 @@ class Subscriber:
                         self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
                 await self._handle(messages, lapsed)
             except Exception as exc:
-                # Half a batch may have been applied (a target's clear raised, say):
-                # distrust the targets, so the next batch purges before they serve again.
+                # A bug of ours (a target's failure never gets here): distrust the targets,
+                # so the next batch purges before they serve again.
                 self._distrust()
                 self.peers.failed(peer_address(batch[0][0]), exc)
 
     def _distrust(self) -> None:
         """Stop trusting the targets now; the next command purges them before renewing the lease."""
         self.lease_until = time.monotonic()
-        for target in self._leased():
+        self._withdraw_leases()
+
+    def _withdraw_leases(self) -> None:
+        for target in self._leased_targets:
             target.revoke_lease()
 
     async def _handle(self, messages: list[Message], lapsed: bool = False) -> None:
@@ -276,7 +456,7 @@ class Subscriber:
 
         ``lapsed`` says the lease had run out before the batch arrived: the
         targets may have missed anything, so they are purged before the lease
-        is renewed.
+        is renewed. Without a purge to do, targets that failed are retried.
         """
         commands = [m for m in messages if isinstance(m, (Clear, Heartbeat))]
         if not commands:
@@ -292,6 +472,8 @@ class Subscriber:
                 log.warning("heard the service again after %.1f s of silence: purging",
                             time.monotonic() - self.lease_until + self.lease_seconds)
         for msg in commands:
+            if isinstance(msg, Heartbeat):
+                self._follow_terms(msg)
             if msg.epoch != self.epoch:
                 if self.epoch is not None:
                     log.warning("service epoch changed from %s to %s: purging", self.epoch, msg.epoch)
@@ -310,9 +492,34 @@ class Subscriber:
             self.seq = max(self.seq, msg.seq)
         if cause is not None:
             await self._purge(cause, newest_clear)
+        elif self.failing:
+            await self._retry()
         self._renew_lease(commands[-1])
         if announce:
             self._say_hello()
+
+    def _follow_terms(self, terms: LeaseTerms) -> None:
+        """Use the service's heartbeat interval and liveness: for the lease, the signatures' window and
+        the heartbeats. Nobody has to copy them, and a different configuration cannot break the bound."""
+        interval, liveness = terms.heartbeat_interval, terms.liveness
+        if self.terms_from_service and (interval, liveness) == (self.heartbeat_interval, self.liveness):
+            return
+        configured_interval, configured_liveness = self._configured_terms
+        differs = ((configured_interval is not None and configured_interval != interval)
+                   or (configured_liveness is not None and configured_liveness != liveness))
+        if differs and not self._warned_terms:
+            self._warned_terms = True
+            log.warning("subscriber %s was given heartbeat_interval %s s and liveness %s, the service uses %g s "
+                        "and %d: following the service (a lease of %g s); leave both unset to follow it silently",
+                        self.name, configured_interval, configured_liveness, interval, liveness, terms.lease)
+        else:
+            log.info("following the service's lease terms: heartbeat_interval %g s x liveness %d = %g s",
+                     interval, liveness, terms.lease)
+        self.heartbeat_interval, self.liveness = interval, liveness
+        self.terms_from_service = True
+        # Updated in place, so the signatures accepted so far stay remembered (no replay window opens).
+        self.codec.max_age = self.lease_seconds
+        self.codec._recent.max_age = self.lease_seconds
 
     def _say_hello(self) -> None:
         self._synced.clear()
@@ -320,7 +527,8 @@ class Subscriber:
         self._send(Hello(**self._identity()))
 
     def _renew_lease(self, newest: Clear | Heartbeat) -> None:
-        """Trust the targets for one lease from when ``newest`` was sent.
+        """Count the service as heard for one lease from when ``newest`` was sent, and trust the
+        targets as long, unless one is failing.
 
         The message's age (by the wall clocks of service and worker) is taken
         off, so a backlog of old messages cannot extend trust; clock skew that
@@ -332,20 +540,24 @@ class Subscriber:
             log.debug("newest command is %.1f s old: lease not renewed", age)
             return
         self.lease_until = until
-        for target in self._leased():
+        if self.failing:
+            return
+        for target in self._leased_targets:
             target.hold_lease(until)
 
     async def _heartbeats(self) -> None:
-        """Tell the service we are alive, while we can vouch for our targets."""
+        """Tell the service we are alive, while we hear it (also while a target fails: the acks say so)."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            if self._forked_from is not None:
+                return
             if self.lease_until is None:
                 self._never_heard()
-            if self.epoch is not None and self.trusted and self._unwelcomed():
+            if self.epoch is not None and self.heard and self._unwelcomed():
                 continue
-            if self.epoch is not None and self.trusted:
+            if self.epoch is not None and self.heard:
                 try:
-                    self._send(WorkerHeartbeat(**self._identity(), stats=self._stats()))
+                    self._send(WorkerHeartbeat(**self._identity(), stats=self.stats()))
                 except Exception as exc:  # a target's stats() raised: report it, keep beating next time
                     self.peers.failed("this process", exc, "heartbeat")
 
@@ -389,36 +601,86 @@ class Subscriber:
         return {"name": self.name, "instance": self.instance, "host": socket.gethostname(),
                 "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq}
 
-    def _stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
+        """What each heartbeat tells the service: purges, failures, and the targets' summed counters."""
         totals: dict[str, Any] = {"purges": self.purges, "last_purge_cause": self.last_cause,
-                                  "bypass": not self.trusted}
-        for target in self.targets:
-            stats = getattr(target, "stats", None)
-            if callable(stats):
-                for key, value in stats().items():
-                    if key in ("entries", "hits", "misses", "evictions", "bypass_seconds"):
+                                  "bypass": not self.trusted, "failing": bool(self.failing),
+                                  "failing_targets": len(self.failing), "purge_failures": self.purge_failures}
+        for target in self._targets:
+            if target.stats is not None:
+                for key, value in target.stats().items():
+                    if key in _SUMMED_STATS:
                         totals[key] = totals.get(key, 0) + value
         lookups = totals.get("hits", 0) + totals.get("misses", 0)
         if lookups:
             totals["hit_ratio"] = totals["hits"] / lookups
         return totals
 
+    # --- purges ---------------------------------------------------------------
+
     async def _purge(self, cause: PurgeCause, clear: Clear | None) -> None:
-        started = time.perf_counter()
-        dropped = 0
-        for target in self.targets:
-            result = target.clear(clear_id=clear.id if clear else None, seq=self.seq)
-            if inspect.isawaitable(result):
-                result = await result
-            dropped += int(result or 0)
-        purge_ms = (time.perf_counter() - started) * 1000
+        """Purge every target and ack: ok, or failed if any target raised."""
+        clear_id = clear.id if clear else ""
+        dropped, purge_ms, errors = await self._clear(self._targets, clear_id or None, cause)
         self.purges += 1
         self.purges_by_cause[cause] = self.purges_by_cause.get(cause, 0) + 1
         self.last_cause = cause
+        if errors:
+            self._failed_purge = _FailedPurge(cause, clear_id, dropped, purge_ms)
+            self._withdraw_leases()
+            # Each target's failure had its (rate-limited) line; this one follows every purge.
+            log.debug("purge failed: %d of %d targets raised; acked as failed, leases withdrawn, retrying on "
+                      "the next command or heartbeat (cause: %s, seq %d)",
+                      len(errors), len(self._targets), cause, self.seq)
+            self._ack(cause, clear_id, dropped, purge_ms, _one_error(errors))
+            return
+        self._failed_purge = None
         log.info("purged %d entries in %.2f ms (cause: %s, seq %d)", dropped, purge_ms, cause, self.seq)
+        self._ack(cause, clear_id, dropped, purge_ms)
+
+    async def _retry(self) -> None:
+        """Clear the failed targets again; once none fails, ack the failed purge as ok."""
+        failed = self._failed_purge
+        assert failed is not None
+        dropped, purge_ms, _ = await self._clear(list(self.failing), failed.clear_id or None, failed.cause)
+        failed.dropped += dropped
+        failed.purge_ms += purge_ms
+        if self.failing:
+            return
+        self._failed_purge = None
+        log.info("purge retried: every target purged; acking seq %d as ok (cause: %s)", self.seq, failed.cause)
+        self._ack(failed.cause, failed.clear_id, failed.dropped, failed.purge_ms)
+
+    async def _clear(self, targets: list[Target], clear_id: str | None,
+                     cause: PurgeCause) -> tuple[int, float, list[str]]:
+        """Clear ``targets``: entries dropped, milliseconds taken, and the errors of those that raised.
+
+        A target's exception never escapes: it is counted, logged with its
+        traceback (one line per target per interval) and kept in :attr:`failing`.
+        """
+        started = time.perf_counter()
+        dropped = 0
+        errors = []
+        for target in targets:
+            try:
+                dropped += await target.purge(clear_id, self.seq)
+            except Exception as exc:
+                error = describe_error(exc)
+                errors.append(error)
+                self.failing[target] = error
+                self.purge_failures += 1
+                self.peers.report(target.label, Trouble.FAILED,
+                                  f"purge ({cause}, seq {self.seq}) acked as failed, retried on every command and "
+                                  f"heartbeat: {error}\n{describe_traceback(exc)}\n")
+            else:
+                if self.failing.pop(target, None) is not None:
+                    log.info("%s purged again after failing", target.label)
+        return dropped, (time.perf_counter() - started) * 1000, errors
+
+    def _ack(self, cause: PurgeCause, clear_id: str, dropped: int, purge_ms: float, error: str = "") -> None:
         self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,
-                       clear_id=clear.id if clear else "", dropped=dropped, purge_ms=purge_ms,
-                       cause=cause))
+                       clear_id=clear_id, dropped=dropped, purge_ms=purge_ms, cause=cause,
+                       outcome=PurgeOutcome.FAILED if error else PurgeOutcome.OK, error=error))
 
     # --- replies on the DEALER socket ---------------------------------------
 
@@ -436,6 +698,7 @@ class Subscriber:
                 msg = self.codec.decode([f.bytes for f in frames])
                 if isinstance(msg, Welcome):
                     log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
+                    self._follow_terms(msg)
                     self._hello_at = None
                     self._synced.set()
             except ProtocolError as exc:
@@ -458,7 +721,7 @@ class Subscriber:
             self._loop.call_soon(self._replies)
 
     @classmethod
-    def from_settings(cls, targets: Iterable[Purgeable], path: str | os.PathLike[str] | None = None, *,
+    def from_settings(cls, targets: Iterable[Any], path: str | os.PathLike[str] | None = None, *,
                       environ: Mapping[str, str] = os.environ, **overrides: Any) -> Subscriber:
         """A subscriber configured as the service is: keywords > environment > settings file.
 
@@ -473,6 +736,17 @@ class Subscriber:
         from .options import embedder_settings, subscriber_options
         settings = embedder_settings(path, environ=environ)
         return cls(targets, **subscriber_options(settings, environ=environ, **overrides))
+
+
+def _one_error(errors: list[str]) -> str:
+    """The error a failed ack carries: the first target's, and how many others failed."""
+    if len(errors) == 1:
+        return errors[0]
+    more = f" (and {len(errors) - 1} more failing targets)"
+    first = errors[0]
+    if len(first) + len(more) > MAX_ERROR:
+        first = first[:MAX_ERROR - len(more) - 1] + "…"
+    return first + more
 
 
 def _reconnect(sock: zmq.Socket, endpoint: str) -> None:
@@ -492,69 +766,96 @@ def _readable(sock: zmq.Socket) -> bool:
 class ThreadedSubscriber:
     """A :class:`Subscriber` on its own event loop in a daemon thread.
 
-    For applications without asyncio. Targets must be thread-safe, as
-    :class:`~cachebus.workers.cache.Cache` is.
+    For applications without asyncio. Takes the same arguments as
+    :class:`Subscriber`, and checks them (and the targets) at once. Targets
+    must be thread-safe, as :class:`~cachebus.workers.cache.Cache` is.
     """
 
-    def __init__(self, targets: Iterable[Purgeable], **options: Any) -> None:
-        self._targets = list(targets)
-        self._options = options
+    def __init__(self, targets: Iterable[Any], **options: Any) -> None:
+        self.subscriber = Subscriber(targets, **options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: Exception | None = None
-        self.subscriber: Subscriber | None = None
+        #: Guards the hand-over between start() and the thread: reported, or abandoned.
+        self._lock = threading.Lock()
+        self._reported = threading.Event()
+        self._abandoned = False
+        self._error: BaseException | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float | None = 10.0) -> None:
         """Start the background thread; returns once the sockets are connected.
 
-        Raises what :meth:`Subscriber.start` raised (a missing key file, say).
+        Raises what :meth:`Subscriber.start` raised (a missing key file, a bad
+        endpoint), and :class:`TimeoutError` if the thread has not reported
+        within ``timeout`` seconds (a key file that blocks on reading, say);
+        that thread then stops the subscriber itself if it ever starts.
         """
-        self._thread = threading.Thread(target=self._run, name="cachebus-subscriber", daemon=True)
-        self._thread.start()
-        self._started.wait()
+        self.subscriber._check_process()
+        if self._thread is not None:
+            raise RuntimeError("this ThreadedSubscriber was started already")
+        self._reported.clear()
+        self._abandoned, self._error = False, None
+        thread = threading.Thread(target=self._run, name=f"cachebus-subscriber-{self.subscriber.name}", daemon=True)
+        thread.start()
+        if not self._reported.wait(timeout):
+            with self._lock:
+                self._abandoned = not self._reported.is_set()
+            if self._abandoned:
+                raise TimeoutError(f"the subscriber's thread did not report within {timeout:g} s: its start "
+                                   "is blocked (on reading a key file, say)")
         if self._error is not None:
-            self._thread.join()
-            self._loop = self.subscriber = None
+            thread.join()
             raise self._error
+        self._thread = thread
 
     def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
 
-        async def main() -> None:
+        async def main() -> bool:
+            """Start the subscriber; whether the loop should keep running it."""
             try:
-                self.subscriber = Subscriber(self._targets, **self._options)
                 await self.subscriber.start()
-            except Exception as exc:
-                self._error = exc
-                if self.subscriber is not None:
-                    await self.subscriber.stop()
-            finally:
-                self._started.set()
+            except BaseException as exc:
+                with self._lock:
+                    self._error = exc
+                    self._reported.set()
+                return False
+            with self._lock:
+                if not self._abandoned:
+                    self._loop = loop
+                    self._reported.set()
+                    return True
+            # start() stopped waiting and raised: nobody will stop this subscriber but us.
+            await self.subscriber.stop()
+            return False
 
-        self._loop.run_until_complete(main())
-        if self._error is None:
-            self._loop.run_forever()
-        self._loop.close()
+        try:
+            if loop.run_until_complete(main()):
+                loop.run_forever()
+        finally:
+            loop.close()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Block until the service has welcomed this subscriber."""
-        assert self._loop is not None and self.subscriber is not None
+        self.subscriber._check_process()
+        if self._loop is None:
+            raise RuntimeError("this ThreadedSubscriber is not started")
         future = asyncio.run_coroutine_threadsafe(self.subscriber.wait_synced(timeout), self._loop)
         return future.result()
 
     def stop(self) -> None:
         """Say bye, close the sockets and end the thread."""
-        if self._loop is None or self.subscriber is None:
+        self.subscriber._check_process()
+        if self._loop is None:
             return
         asyncio.run_coroutine_threadsafe(self.subscriber.stop(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join()
+        self._loop = self._thread = None
 
     @classmethod
-    def from_settings(cls, targets: Iterable[Purgeable], path: str | os.PathLike[str] | None = None, *,
+    def from_settings(cls, targets: Iterable[Any], path: str | os.PathLike[str] | None = None, *,
                       environ: Mapping[str, str] = os.environ, **overrides: Any) -> ThreadedSubscriber:
         """:meth:`Subscriber.from_settings` for the threaded flavour; settings are read (and
         checked) now, in the calling thread."""

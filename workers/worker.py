@@ -114,14 +114,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     cache = Cache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl or None)
     bus = settings.bus
     # The options an embedder's Subscriber.from_settings reads, from the same settings. No environment:
-    # the command-line flags are already in `settings`, and a variable must not override them.
+    # the command-line flags are already in `settings`, and a variable must not override them. Unnamed:
+    # the host name, a label (and a keypair) every unnamed worker on this host shares; the service tells
+    # the processes apart by their instance. The lease terms come from the service.
     subscriber = Subscriber([cache], **subscriber_options(
         settings,
         environ={},
         endpoint=f"http://{cfg.host}:{cfg.http_port}",
-        # Until the subscriber follows the service's lease terms (issue 13 item 5): then these two go.
-        heartbeat_interval=bus.heartbeat_interval,
-        liveness=bus.liveness,
     ))
     server = make_app(cache, subscriber, content_dir, settings).listen(cfg.http_port, address=cfg.host)
     try:
