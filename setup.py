@@ -76,6 +76,8 @@ setup(
             "hypothesis>=6.100",
             # Real third-party caches as purge targets and behind the lease wrapper.
             "cachetools>=5",
+            # A real Django cache backend as a purge target (its clear() takes no arguments).
+            "django>=4.2",
             # Validates the OpenAPI 3.1 document served at /api/openapi.json.
             "openapi-spec-validator>=0.7",
             # Fuzzes the served API against that document (tests/test_fuzz_api.py). Pinned: a new
@@ -85,6 +87,8 @@ setup(
             "wheel",
             # Real third-party purge targets for the subscriber's tests (tests/test_targets.py).
             "cachetools>=5",
+            # A real Django cache backend as a purge target (its clear() takes no arguments).
+            "django>=4.2",
         ],
     },
     entry_points={"console_scripts": ["cachebus=cachebus.cli:main"]},

@@ -441,6 +441,11 @@ class Codec:
     def __post_init__(self) -> None:
         self._recent = RecentSignatures(self.max_age)
 
+    def follow_lease(self, seconds: float) -> None:
+        """Accept messages up to ``seconds`` old from now on (a worker follows the
+        service's lease terms). The replay memory is kept, so no window opens."""
+        self.max_age = self._recent.max_age = seconds
+
     def sign(self, kind: bytes, version: bytes, sent: bytes, body: bytes) -> bytes:
         """The hex HMAC of one message under :attr:`key` (NUL never occurs in the first three parts)."""
         return hmac.new(self.key, b"\0".join((kind, version, sent, body)), hashlib.sha256).hexdigest().encode()

@@ -11,6 +11,7 @@ need the ``service`` extra: ``pip install 'cachebus[service]'``.
 
 from cachebus.workers.cache import Cache, Purgeable, cached
 from cachebus.workers.lease import LeasedMapping
-from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
+from cachebus.workers.subscriber import ForkedSubscriberError, Subscriber, ThreadedSubscriber
 
-__all__ = ["Cache", "LeasedMapping", "Purgeable", "Subscriber", "ThreadedSubscriber", "cached"]
+__all__ = ["Cache", "ForkedSubscriberError", "LeasedMapping", "Purgeable", "Subscriber", "ThreadedSubscriber",
+           "cached"]

@@ -84,10 +84,12 @@ def test_the_base_install_embeds_the_subscriber_without_the_service(wheel: Path,
                    check=True, timeout=600)
     probe = """
 import importlib.util, sys
-from cachebus import Cache, Subscriber, ThreadedSubscriber
+from cachebus import Cache, ForkedSubscriberError, LeasedMapping, Subscriber, ThreadedSubscriber, cached
 cache = Cache(max_entries=2)
 cache.set("k", 1)
 assert cache.get("k") == 1
+assert cache.get_or_set("j", lambda: 2) == 2 and LeasedMapping({}).get("k") is None
+Subscriber.from_settings([cache], environ={"CACHEBUS_INSECURE": "1"})  # embedders' settings: the base install
 missing = [m for m in ("tornado", "bcrypt", "prometheus_client", "service", "workers", "bus")
            if importlib.util.find_spec(m) is not None]
 print("missing-ok" if not missing else f"present: {missing}")

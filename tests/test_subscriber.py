@@ -103,6 +103,15 @@ class AsyncStore:
         self.data.clear()
 
 
+def django_cache() -> Any:
+    """Django's local-memory cache backend, configured as a Django project would."""
+    from django.conf import settings
+    if not settings.configured:
+        settings.configure(CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}})
+    from django.core.cache import caches
+    return caches["default"]
+
+
 def test_every_kind_of_target_is_purged_by_a_real_clear(cluster: Cluster):
     cluster.start_service()
 
@@ -116,9 +125,9 @@ def test_every_kind_of_target_is_purged_by_a_real_clear(cluster: Cluster):
 
     cache, plain, user_dict = Cache(), {}, UserDict()
     ttl, lru = cachetools.TTLCache(maxsize=100, ttl=600), cachetools.LRUCache(maxsize=100)
-    store = AsyncStore()
-    subscriber = ThreadedSubscriber([cache, plain, user_dict, ttl, lru, render, lookup, store], name="any-cache",
-                                    **cluster.subscriber_options())
+    store, django = AsyncStore(), django_cache()
+    subscriber = ThreadedSubscriber([cache, plain, user_dict, ttl, lru, render, lookup, store, django],
+                                    name="any-cache", **cluster.subscriber_options())
     subscriber.start()
     try:
         assert subscriber.wait_synced(DEADLINE)
@@ -131,11 +140,13 @@ def test_every_kind_of_target_is_purged_by_a_real_clear(cluster: Cluster):
         render("/"), render("/about")
         lookup("a")
         store.data["a"] = 1  # counted as 0: no len(), no count returned
+        django.set("page", "<html>", None)  # counted as 0 too
         _, headers, _ = cluster.clear()
         record = cluster.wait_all_acked(headers["Cache-Clear-Id"], {"any-cache"})
         assert record["acks"][0]["entries_dropped"] == 1 + 1 + 1 + 2 + 1 + 2 + 1
         assert len(cache) == len(plain) == len(user_dict) == len(ttl) == len(lru) == len(store.data) == 0
         assert render.cache_info().currsize == lookup.cache_info().currsize == 0
+        assert django.get("page") is None
         assert subscriber.subscriber.stats()["failing"] is False
     finally:
         subscriber.stop()

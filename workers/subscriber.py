@@ -517,9 +517,7 @@ class Subscriber:
                      interval, liveness, terms.lease)
         self.heartbeat_interval, self.liveness = interval, liveness
         self.terms_from_service = True
-        # Updated in place, so the signatures accepted so far stay remembered (no replay window opens).
-        self.codec.max_age = self.lease_seconds
-        self.codec._recent.max_age = self.lease_seconds
+        self.codec.follow_lease(self.lease_seconds)
 
     def _say_hello(self) -> None:
         self._synced.clear()
