@@ -81,6 +81,11 @@ setup(
             "schemathesis==4.32.5",
             # Builds the wheel in the packaging test.
             "wheel",
+            # Real pre-fork and multi-process servers embedding the subscriber (tests/test_deployments.py):
+            # gunicorn for its post_fork hook (23 fixed request smuggling), uvicorn for --workers with a
+            # supervisor that replaces dead workers (0.30).
+            "gunicorn>=23",
+            "uvicorn>=0.30",
         ],
     },
     entry_points={"console_scripts": ["cachebus=cachebus.cli:main"]},
