@@ -82,9 +82,10 @@ setup(
             # Builds the wheel in the packaging test.
             "wheel",
             # Real pre-fork and multi-process servers embedding the subscriber (tests/test_deployments.py):
-            # gunicorn for its post_fork hook (23 fixed request smuggling), uvicorn for --workers with a
+            # gunicorn for its post_fork hook (25.1 for --no-control-socket: tests run several gunicorns at
+            # once, which must not share the one control socket in $HOME), uvicorn for --workers with a
             # supervisor that replaces dead workers (0.30).
-            "gunicorn>=23",
+            "gunicorn>=25.1",
             "uvicorn>=0.30",
         ],
     },
