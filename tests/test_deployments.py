@@ -121,8 +121,13 @@ def warm_processes(cluster: Cluster, master: Proc, name: str, count: int) -> Wor
 
 
 def warmed(cluster: Cluster, servers: Processes, master: Proc, name: str, count: int) -> Workers:
-    return wait_for(lambda: warm_processes(cluster, master, name, count), check=servers.check,
-                    what=f"{count} {name} processes of pid {master.pid} to join and warm their caches")
+    try:
+        return wait_for(lambda: warm_processes(cluster, master, name, count), check=servers.check,
+                        what=f"{count} {name} processes of pid {master.pid} to join and warm their caches")
+    except AssertionError as exc:
+        record = [(w["pid"], w["name"], w["state"], entries(w)) for w in cluster.worker_list()]
+        raise AssertionError(f"{exc}\nserver's processes: {sorted(serving(master.pid))}\n"
+                             f"record (pid, name, state, entries): {record}\n{master.output()[-3000:]}") from None
 
 
 def prove(cluster: Cluster, name: str, workers: Workers) -> dict[str, Any]:
