@@ -89,6 +89,12 @@ setup(
             "cachetools>=5",
             # A real Django cache backend as a purge target (its clear() takes no arguments).
             "django>=4.2",
+            # Real pre-fork and multi-process servers embedding the subscriber (tests/test_deployments.py):
+            # gunicorn for its post_fork hook (25.1 for --no-control-socket: tests run several gunicorns at
+            # once, which must not share the one control socket in $HOME), uvicorn for --workers with a
+            # supervisor that replaces dead workers (0.30).
+            "gunicorn>=25.1",
+            "uvicorn>=0.30",
         ],
     },
     entry_points={"console_scripts": ["cachebus=cachebus.cli:main"]},
