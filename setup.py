@@ -85,10 +85,6 @@ setup(
             "schemathesis==4.32.5",
             # Builds the wheel in the packaging test.
             "wheel",
-            # Real third-party purge targets for the subscriber's tests (tests/test_targets.py).
-            "cachetools>=5",
-            # A real Django cache backend as a purge target (its clear() takes no arguments).
-            "django>=4.2",
             # Real pre-fork and multi-process servers embedding the subscriber (tests/test_deployments.py):
             # gunicorn for its post_fork hook (25.1 for --no-control-socket: tests run several gunicorns at
             # once, which must not share the one control socket in $HOME), uvicorn for --workers with a
