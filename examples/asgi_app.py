@@ -29,17 +29,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 cache = Cache(max_entries=10_000)
 
 
-def bus_options() -> dict[str, Any]:
-    """The subscriber's bus settings from ``CACHEBUS_*`` variables (unset ones keep their defaults)."""
-    env = os.environ
-    options: dict[str, Any] = {"name": env.get("CACHEBUS_NAME", "api")}
-    for option in ("publish", "acks", "keys_dir", "key"):
-        if env.get(f"CACHEBUS_{option.upper()}"):
-            options[option] = env[f"CACHEBUS_{option.upper()}"]
-    options["insecure"] = env.get("CACHEBUS_INSECURE", "").lower() in ("1", "true", "yes")
-    return options
-
-
 async def warm(subscriber: Subscriber) -> None:
     """Load the hot entries once the bus is in sync (before, the cache keeps nothing)."""
     if await subscriber.wait_synced():
@@ -49,7 +38,7 @@ async def warm(subscriber: Subscriber) -> None:
 async def lifespan(receive: Receive, send: Send) -> None:
     message = await receive()
     assert message["type"] == "lifespan.startup"
-    subscriber = Subscriber([cache], **bus_options())
+    subscriber = Subscriber.from_settings([cache])
     await subscriber.start()
     warming = asyncio.create_task(warm(subscriber))
     await send({"type": "lifespan.startup.complete"})

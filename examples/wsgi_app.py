@@ -9,10 +9,11 @@ makes it so); the subscriber may not, because its sockets and its thread would
 not survive the fork. So this module only *offers* :func:`start_subscriber`, and
 gunicorn's ``post_fork`` hook calls it in each worker process.
 
-The bus settings come from the environment, as for any cachebus process:
-``CACHEBUS_PUBLISH``, ``CACHEBUS_ACKS``, ``CACHEBUS_KEYS_DIR``, ``CACHEBUS_KEY``,
-``CACHEBUS_INSECURE`` and ``CACHEBUS_NAME`` (every process of this app shares
-the one name, ``web`` by default; the service tells the processes apart).
+The bus settings come from ``from_settings``: the environment
+(``CACHEBUS_PUBLISH``, ``CACHEBUS_ACKS``, ``CACHEBUS_KEYS_DIR``, ``CACHEBUS_KEY``,
+``CACHEBUS_INSECURE``, ``CACHEBUS_NAME``, …), else the service's settings file
+named by ``CACHEBUS_CONFIG``, else the defaults. Every process of this app
+shares the one name (``web`` above); the service tells the processes apart.
 """
 
 from __future__ import annotations
@@ -32,21 +33,10 @@ cache = Cache(max_entries=10_000)
 subscriber: ThreadedSubscriber | None = None
 
 
-def bus_options() -> dict[str, Any]:
-    """The subscriber's bus settings from ``CACHEBUS_*`` variables (unset ones keep their defaults)."""
-    env = os.environ
-    options: dict[str, Any] = {"name": env.get("CACHEBUS_NAME", "web")}
-    for option in ("publish", "acks", "keys_dir", "key"):
-        if env.get(f"CACHEBUS_{option.upper()}"):
-            options[option] = env[f"CACHEBUS_{option.upper()}"]
-    options["insecure"] = env.get("CACHEBUS_INSECURE", "").lower() in ("1", "true", "yes")
-    return options
-
-
 def start_subscriber() -> None:
     """Join the bus from this process: call it once per process, after the fork."""
     global subscriber
-    subscriber = ThreadedSubscriber([cache], **bus_options())
+    subscriber = ThreadedSubscriber.from_settings([cache])
     subscriber.start()
     threading.Thread(target=warm, args=(subscriber,), name="warm-cache", daemon=True).start()
 
