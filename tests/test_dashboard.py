@@ -265,3 +265,56 @@ def test_clear_now_shows_flextype_s_error_message(cluster: Cluster, browser: Bro
     assert "HTTP 400: Validation for this particular item failed" in text
     assert status(browser) == "live"
     assert browser.evaluate("document.querySelectorAll('#clears [data-clear]').length") == 1
+
+
+# --- GET /: the index (no browser) -------------------------------------------------
+
+INDEX_LINKS = {"dashboard": "/dashboard", "openapi": "/api/openapi.json", "metrics": "/metrics"}
+
+
+@pytest.mark.gen_test
+async def test_the_index_lists_every_endpoint_without_credentials(http_client, base_url):
+    async def fetch(path: str, method: str = "GET") -> Any:
+        return await http_client.fetch(base_url + path, method=method, raise_error=False,
+                                       allow_nonstandard_methods=True)
+
+    response = await fetch("/")
+    assert response.code == 200
+    assert response.headers["Content-Type"] == "application/json;charset=UTF-8"
+    # The CORS headers of every other answer, and compact JSON as the record's.
+    other = await fetch("/api/v1/cache/workers")
+    assert other.code == 400
+    for name in ("Access-Control-Allow-Origin", "Access-Control-Allow-Headers", "Access-Control-Allow-Methods"):
+        assert response.headers[name] == other.headers[name]
+    index = json.loads(response.body)
+    assert response.body == json.dumps(index, separators=(",", ":")).encode()
+    assert index["service"] == "cachebus" and index["links"] == INDEX_LINKS
+
+    endpoints = index["endpoints"]
+    assert endpoints["clearCache"] == {"method": "POST", "path": "/api/v1/cache/clear",
+                                       "summary": "Publish a clear to every worker"}
+    assert "clearCacheWithGet" not in endpoints, "GET on the clear route is off by default"
+    assert {e["path"] for e in endpoints.values()} == {
+        "/", "/api/v1/cache/clear", "/api/v1/cache/clears", "/api/v1/cache/clears/{clear_id}",
+        "/api/v1/cache/workers", "/api/v1/cache/events", "/metrics", "/dashboard", "/dashboard/{asset}",
+        "/api/openapi.json"}
+    assert all(e["method"] in ("GET", "POST") and e["summary"] for e in endpoints.values())
+    # Every link leads somewhere, without credentials.
+    for path in INDEX_LINKS.values():
+        assert (await fetch(path)).code == 200, path
+
+    # Like every route: OPTIONS empty, another method Flextype's 405 with Allow.
+    options = await fetch("/", "OPTIONS")
+    assert options.code == 200 and options.body == b""
+    for method in ("POST", "DELETE", "HEAD"):
+        refused = await fetch("/", method)
+        assert refused.code == 405 and refused.headers["Allow"] == "GET, OPTIONS", method
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("overrides", [{"api.cache.methods": ["POST", "GET"]}])
+async def test_the_index_lists_the_clear_route_s_configured_methods(http_client, base_url, overrides):
+    response = await http_client.fetch(base_url + "/")
+    endpoints = json.loads(response.body)["endpoints"]
+    assert endpoints["clearCacheWithGet"]["method"] == "GET"
+    assert endpoints["clearCache"]["method"] == "POST"
