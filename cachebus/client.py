@@ -336,7 +336,7 @@ class ClearProgress:
 
     def ack_time_ms(self) -> float | None:
         """Publish to the last expected ack, as the service measured each ack."""
-        latencies = [self.ok[wid].get("latency_ms") for wid in self.expected or []]
+        latencies = [self.ok.get(wid, {}).get("latency_ms") for wid in self.expected or []]
         numbers = [float(v) for v in latencies if isinstance(v, (int, float))]
         return max(numbers) if numbers else None
 
