@@ -155,11 +155,14 @@ def read_events(stream: IO[bytes]) -> Iterator[tuple[str | None, str, Any]]:
     """Parse Server-Sent Events from ``stream``: ``(id or None, kind, decoded JSON data)`` per event.
 
     Comment lines (the service's keep-alives) are skipped; an event's ``id`` is
-    what a client sends back as ``Last-Event-ID``.
+    what a client sends back as ``Last-Event-ID``. The stream ends when the
+    server ends it, cleanly or by closing the connection inside a chunk (as it
+    drops a client that fell behind); an event cut short is dropped, as the SSE
+    specification has it.
     """
     fields: dict[str, str] = {}
     data: list[str] = []
-    for line in iter(stream.readline, b""):
+    for line in _lines(stream):
         text = line.decode("utf-8", "replace").rstrip("\r\n")
         if text == "":
             if data or "event" in fields:
@@ -172,6 +175,13 @@ def read_events(stream: IO[bytes]) -> Iterator[tuple[str | None, str, Any]]:
                 data.append(value)
             else:
                 fields[name] = value
+
+
+def _lines(stream: IO[bytes]) -> Iterator[bytes]:
+    try:
+        yield from iter(stream.readline, b"")
+    except http.client.IncompleteRead:
+        return
 
 
 def _reason(exc: BaseException) -> str:
