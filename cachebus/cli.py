@@ -2,9 +2,25 @@
 
 Each subcommand is a small :class:`Command` class. Errors a user can fix (a bad
 flag, a bad settings file, a port in use) end the process with one line on
-stderr and exit status 2, never a traceback. The client commands (``clear``,
-``workers``) keep 2 for a ``--wait`` that timed out, so their usage errors, HTTP
-errors and an unreachable service exit with 1.
+stderr, never a traceback.
+
+Exit statuses:
+
+- ``serve``, ``worker``, ``tokens``, ``keys``, ``demo``: 0 done; 2 an error the
+  user can fix (a bad flag or settings file, a port in use, an unknown token).
+- ``clear`` and ``workers`` keep 2 and 3 for what ``clear --wait`` found, so
+  their own errors exit with 1:
+
+  - 0: accepted; with ``--wait``, every worker process live at publish time
+    acked a successful purge (and at least N did, with ``--expect N``), or
+    nobody was live and ``--allow-empty`` was given;
+  - 1: a usage error, missing credentials, an HTTP error or an unreachable
+    service;
+  - 2: ``--wait`` found no proof: it timed out, a purge failed (and no
+    successful one from that process followed), or fewer than N processes
+    acked with ``--expect N``;
+  - 3: ``--wait`` found nobody listening: no worker process was live when the
+    clear was published (unless ``--allow-empty``).
 """
 
 from __future__ import annotations
@@ -337,22 +353,36 @@ class ClientCommand(Command):
 
 class Clear(ClientCommand):
     name = "clear"
-    help = "clear every worker's cache through the service; with --wait, until every live worker acked"
+    help = ("clear every worker's cache through the service; with --wait, until every worker process live at "
+            "publish time acked a successful purge")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument("--wait", action="store_true",
-                            help="follow the clear on the service's event stream until every worker live at "
-                                 "publish time acked (exit 2 on timeout)")
+                            help="follow the clear on the service's event stream until every worker process "
+                                 "live at publish time acked a successful purge (exit 0); exit 2 on timeout or "
+                                 "a failed purge, 3 when no worker process was live")
         parser.add_argument("--timeout", type=float, metavar="S",
                             help="seconds --wait waits (default: the setting api.cache.wait_timeout, as the "
                                  "service's own wait=all)")
+        parser.add_argument("--expect", type=int, metavar="N",
+                            help="with --wait: exit 2 unless at least N worker processes acked a successful "
+                                 "purge (a deploy knows how many it started)")
+        parser.add_argument("--allow-empty", action="store_true",
+                            help="with --wait: exit 0, not 3, when no worker process was live to purge")
 
     def run(self, args: argparse.Namespace) -> int:
-        if args.timeout is not None and not args.wait:
-            raise UsageError("--timeout: only with --wait", 1)
+        for flag, given in (("--timeout", args.timeout is not None), ("--expect", args.expect is not None),
+                            ("--allow-empty", args.allow_empty)):
+            if given and not args.wait:
+                raise UsageError(f"{flag}: only with --wait", 1)
         if args.timeout is not None and not args.timeout > 0:
             raise UsageError("--timeout: expected a positive number of seconds", 1)
+        if args.expect is not None and args.expect < 1:
+            raise UsageError("--expect: expected a whole number of processes >= 1", 1)
+        if args.expect is not None and args.allow_empty:
+            raise UsageError("--expect and --allow-empty exclude each other: one asks for acks, the other "
+                             "accepts none", 1)
         api = self.api(args)
         try:
             if not args.wait:
@@ -362,16 +392,19 @@ class Clear(ClientCommand):
                 return 0
             timeout = args.timeout if args.timeout is not None else self.wait_timeout(args)
             # Opened before the clear is published, so not one of its events can be missed;
-            # the stream's first event (the snapshot) says the service is sending.
+            # the stream's first event (the snapshot) says the service is sending, and its
+            # worker list names the processes that the clear's events give by id.
             stream = api.events()
             try:
-                next(stream.events(), None)
+                snapshot = next(stream.events(), None)
                 deadline = time.monotonic() + timeout
                 clear_id = api.clear()
                 if clear_id is None:
                     raise client.ClientError("the service sent no Cache-Clear-Id header: "
                                              "--wait cannot follow this clear")
-                return client.follow_clear(api, stream, clear_id, deadline, sys.stdout, sys.stdout.isatty())
+                return client.follow_clear(api, stream, clear_id, deadline, sys.stdout, sys.stdout.isatty(),
+                                           names=client.names_from_snapshot(snapshot[2] if snapshot else None),
+                                           expect=args.expect, allow_empty=args.allow_empty)
             finally:
                 stream.close()
         finally:
@@ -386,7 +419,8 @@ class Clear(ClientCommand):
 
 class Workers(ClientCommand):
     name = "workers"
-    help = "show every worker the service knows: state, last ack, cache entries and hit ratio"
+    help = ("show every worker process the service knows, grouped by name: state, last ack, cache entries and "
+            "hit ratio")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)

@@ -40,7 +40,7 @@ from .handlers import (
 )
 from .limits import LimitedHTTPServer
 from .metrics import ServiceMetrics, ServiceMetricsHandler
-from .pages import DashboardAssetHandler, DashboardHandler, OpenApiHandler
+from .pages import DashboardAssetHandler, DashboardHandler, IndexHandler, OpenApiHandler
 from .publisher import Publisher
 from .record import Record
 from .token_limits import BcryptPool, FailureLog
@@ -198,6 +198,7 @@ def make_app(service: Service) -> tornado.web.Application:
     metrics = {"registry": service.metrics.registry, "settings": service.settings.metrics,
                "listen_host": service.settings.service.host}
     routes: list[tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]] = [
+        (r"/", IndexHandler, args),
         (r"/api/v1/cache/clear", ClearHandler, args),
         (r"/api/v1/cache/clears", ClearsHandler, args),
         (r"/api/v1/cache/clears/([^/]+)", ClearRecordHandler, args),

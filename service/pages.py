@@ -1,4 +1,4 @@
-"""Documents the service serves as they are: the dashboard and the OpenAPI description.
+"""Documents the service serves as they are: the index, the dashboard and the OpenAPI description.
 
 Every byte comes from files in this package, so the dashboard works with no
 network beyond the service itself.
@@ -9,15 +9,53 @@ from __future__ import annotations
 import functools
 import json
 from importlib.resources import as_file, files
+from typing import Any
 
 import tornado.web
 import yaml
 
-from .handlers import FlextypeResponses
+from .handlers import BaseHandler, FlextypeResponses
 
 PACKAGE = files("cachebus.service")
 DASHBOARD = PACKAGE / "dashboard"
 OPENAPI_FILE = PACKAGE / "openapi.yaml"
+
+#: The route whose methods are a setting (``api.cache.methods``).
+CLEAR_PATH = "/api/v1/cache/clear"
+#: The methods the index lists; OPTIONS (every route) and HEAD (with a GET) go without saying.
+INDEX_METHODS = ("get", "post", "put", "patch", "delete")
+#: Where a person or a crawler goes next.
+LINKS = {"dashboard": "/dashboard", "openapi": "/api/openapi.json", "metrics": "/metrics"}
+
+
+class IndexHandler(BaseHandler):
+    """``GET /``: what the service serves, as a small JSON document, rather than a 404.
+
+    It asks for no credentials and reveals nothing the OpenAPI description does
+    not: it is made from that description, so it lists every route there is.
+    """
+
+    def get(self) -> None:
+        methods = {method.lower() for method in self.service.settings.api.cache.methods}
+        endpoints = {name: {"method": method.upper(), "path": path, "summary": summary}
+                     for name, method, path, summary in operations()
+                     if path != CLEAR_PATH or method in methods}
+        self.write_json({"service": "cachebus", "endpoints": endpoints, "links": LINKS})
+
+
+@functools.cache
+def openapi_spec() -> dict[str, Any]:
+    with OPENAPI_FILE.open(encoding="utf-8") as f:
+        spec: dict[str, Any] = yaml.safe_load(f)
+    return spec
+
+
+@functools.cache
+def operations() -> tuple[tuple[str, str, str, str], ...]:
+    """``(operationId, method, path, summary)`` of each operation the description documents."""
+    return tuple((operation["operationId"], method, path, operation.get("summary", ""))
+                 for path, item in openapi_spec()["paths"].items()
+                 for method, operation in item.items() if method in INDEX_METHODS)
 
 
 class DashboardHandler(FlextypeResponses):
@@ -45,8 +83,7 @@ class DashboardAssetHandler(FlextypeResponses, tornado.web.StaticFileHandler):
 @functools.cache
 def openapi_document() -> bytes:
     """The OpenAPI 3.1 description, kept as YAML in the package and served as JSON."""
-    with OPENAPI_FILE.open(encoding="utf-8") as f:
-        return json.dumps(yaml.safe_load(f), indent=1).encode()
+    return json.dumps(openapi_spec(), indent=1).encode()
 
 
 class OpenApiHandler(FlextypeResponses):

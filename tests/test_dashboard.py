@@ -9,6 +9,7 @@ worker, a restarted service). Screenshots at a desktop and a phone size go to
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from cachebus.testing import DEADLINE, Cluster, create_token, http
+from cachebus import Cache, ThreadedSubscriber
+from cachebus.testing import DEADLINE, Cluster, create_token, http, http_json, wait_for
 
 from .browser import Browser, find_chromium
 
@@ -46,8 +48,8 @@ def js(value: Any) -> str:
 
 
 def worker_field(name: str, field: str) -> str:
-    """JS: a worker row's cell text, or null while the row is missing."""
-    return (f"(document.querySelector('#workers tr[data-worker={js(name)}] [data-field={field}]')"
+    """JS: the cell text of the (first) row of a worker called ``name``, or null while there is none."""
+    return (f"(document.querySelector('#workers tr[data-name={js(name)}] [data-field={field}]')"
             f"?.textContent ?? null)")
 
 
@@ -57,10 +59,16 @@ def clear_view(browser: Browser, clear_id: str) -> dict[str, Any] | None:
         const li = document.querySelector('#clears [data-clear=' + CSS.escape({js(clear_id)}) + ']');
         if (!li) return null;
         const outcome = li.querySelector('[data-field=duration]');
+        const field = (name) => li.querySelector('[data-field=' + name + ']');
         return {{
-            acked: [...li.querySelectorAll('.chip[data-acked=true]')].map(c => c.dataset.ackWorker).sort(),
-            chips: [...li.querySelectorAll('.chip')].map(c => c.dataset.ackWorker).sort(),
-            progress: li.querySelector('[data-field=progress]').textContent,
+            acked: [...li.querySelectorAll('.chip[data-acked=true]')].map(c => c.dataset.ackName).sort(),
+            chips: [...li.querySelectorAll('.chip')].map(c => c.dataset.ackName).sort(),
+            chip_ids: [...li.querySelectorAll('.chip')].map(c => c.dataset.ackWorker).sort(),
+            dropped: Object.fromEntries([...li.querySelectorAll('.chip')].map(
+                c => [c.dataset.ackName, c.querySelector('[data-field=dropped]')?.textContent ?? null])),
+            progress: field('progress').textContent,
+            published_at: field('published_at').textContent,
+            token: field('token')?.textContent ?? null,
             outcome: outcome.dataset.outcome,
             text: outcome.textContent,
         }};
@@ -78,6 +86,45 @@ def wait_for_acks(browser: Browser, clear_id: str, workers: list[str]) -> dict[s
     view = clear_view(browser, clear_id)
     assert view is not None
     return view
+
+
+def clear_now(browser: Browser) -> None:
+    """Press "Clear now" and confirm it in the page's dialog."""
+    browser.click("#clear-now")
+    browser.wait_for("document.getElementById('confirm-clear').open", what="the confirmation dialog")
+    browser.click("#confirm-clear-ok")
+
+
+def log_in(browser: Browser, token: str, access_token: str) -> None:
+    browser.type("#token", token)
+    browser.type("#access-token", access_token)
+    browser.click("#login-submit")
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", what="the stream to open")
+
+
+def every_time_carries_its_date(browser: Browser) -> int:
+    """Every <time> the page shows has its full date as title, and no visible text holds a
+    time of day without its date; the number of <time> elements."""
+    shown = browser.evaluate(r"""(() => {
+        const full = /^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$/;
+        const times = [...document.querySelectorAll('time')];
+        const text = document.body.innerText;
+        const bare = [...text.matchAll(/\b\d{2}:\d{2}:\d{2}\b/g)]
+            .filter(m => !/\d{4}-\d{2}-\d{2} $/.test(text.slice(Math.max(0, m.index - 11), m.index)))
+            .map(m => text.slice(Math.max(0, m.index - 20), m.index + 10));
+        return {count: times.length, bare: bare,
+                bad: times.filter(t => !full.test(t.title) || !t.dateTime).map(t => t.outerHTML)};
+    })()""")
+    assert shown["bad"] == [] and shown["bare"] == [], shown
+    return int(shown["count"])
+
+
+def local_date(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def clear_count(cluster: Cluster) -> int:
+    return len(http_json(f"{cluster.url}/api/v1/cache/clears?{cluster.creds()}")["clears"])
 
 
 def status(browser: Browser) -> str:
@@ -136,20 +183,32 @@ def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, br
         [cluster.token, cluster.access_token, 0, ""]
     assert cluster.access_token not in browser.evaluate("document.documentElement.outerHTML")
 
-    # Both workers, live, from the snapshot.
+    # Both workers, live, from the snapshot: one row per process, in a group per name.
     browser.wait_for(f"{worker_field('w1', 'state')} === 'live' && {worker_field('w2', 'state')} === 'live'",
                      what="both workers to show live")
+    ids = {w["name"]: w.get("id", w["name"]) for w in cluster.worker_list()}
     for name, pid in pids.items():
         assert browser.evaluate(worker_field(name, "pid")) == str(pid)
         assert browser.evaluate(worker_field(name, "host")) not in ("", "–")
+        assert browser.evaluate(f"document.querySelector('#workers tr[data-name={js(name)}]').dataset.worker"
+                                ) == ids[name]
+    assert browser.evaluate("[...document.querySelectorAll('#workers tbody')].map(b => [b.dataset.group,"
+                            " b.querySelector('[data-field=group-count]').textContent,"
+                            " b.querySelectorAll('tr[data-worker]').length])") == \
+        [["w1", "1 process, 1 live", 1], ["w2", "1 process, 1 live", 1]]
 
     # A clear from another client: every worker's ack shows up under its id.
     first = http_clear(cluster)
     view = wait_for_acks(browser, first, ["w1", "w2"])
     assert view["acked"] == ["w1", "w2"] and view["chips"] == ["w1", "w2"]
+    assert view["chip_ids"] == sorted(ids.values())
     assert view["progress"] == "2/2"
     assert view["text"].startswith("all acked in ")
-    assert cluster.clear_record(first)["complete"] is True
+    record = cluster.clear_record(first)
+    assert record["complete"] is True
+    # Its time carries its date, as every time on the page does.
+    assert view["published_at"] == local_date(record["published_at"])
+    assert every_time_carries_its_date(browser) >= 3
     browser.wait_for(f"{worker_field('w1', 'last_purge_cause')} === 'clear'"
                      f" && {worker_field('w2', 'last_purge_cause')} === 'clear'",
                      what="the purges to show in the worker rows")
@@ -164,17 +223,27 @@ def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, br
     browser.wait_for(f"{worker_field('w1', 'entries')} === '1' && {worker_field('w1', 'hit_ratio')} === '50.0 %'",
                      what="w1's cache entries and hit ratio to update")
 
-    # "Clear now" on the page: a new clear, newest first, acked by both.
+    # "Clear now" asks first: cancelled, nothing is sent.
+    clears_before = clear_count(cluster)
     browser.click("#clear-now")
+    browser.wait_for("document.getElementById('confirm-clear').open", what="the confirmation dialog")
+    assert browser.evaluate("document.getElementById('clear-result').hidden") is True
+    browser.click("#confirm-clear-cancel")
+    browser.wait_for("!document.getElementById('confirm-clear').open", what="the dialog to close")
+
+    # Confirmed: a new clear, newest first, acked by both; w1 dropped the entry it cached.
+    clear_now(browser)
     second = browser.wait_for(
         f"(() => {{ const id = document.getElementById('clear-result').dataset.clearId;"
         f" return id && id !== {js(first)} ? id : null; }})()",
         what="the page's own clear to be accepted")
     view = wait_for_acks(browser, second, ["w1", "w2"])
     assert view["progress"] == "2/2"
+    assert view["dropped"] == {"w1": "1 entry dropped", "w2": "0 entries dropped"}
     assert browser.evaluate("[...document.querySelectorAll('#clears [data-clear]')].map(li => li.dataset.clear)"
                             )[:2] == [second, first]
     assert browser.evaluate("document.getElementById('clear-result').dataset.kind") == "ok"
+    assert clear_count(cluster) == clears_before + 1, "the cancelled clear was sent"
 
     # A worker killed without a goodbye: a clear published at once still expects it (it
     # was live a moment ago) and times out naming it; then it turns lost, and its last
@@ -185,17 +254,23 @@ def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, br
                      f" + CSS.escape({js(orphan)}) + '] [data-field=duration]')?.dataset.outcome)",
                      timeout=DEADLINE + 3.0, what="the clear published as w2 died to complete or time out")
     record, view = cluster.clear_record(orphan), clear_view(browser, orphan)
-    assert view is not None and view["chips"] == sorted(record["workers"])
-    if "w2" in record["workers"]:  # it almost always is: w2 was live a few ms earlier
-        assert record["complete"] is False and record["missing"] == ["w2"]
+    assert view is not None and view["chip_ids"] == sorted(record["workers"])
+    if ids["w2"] in record["workers"]:  # it almost always is: w2 was live a few ms earlier
+        missing = [m if isinstance(m, str) else m["worker"] for m in record["missing"]]
+        assert record["complete"] is False and missing == [ids["w2"]]
         assert view["outcome"] == "timeout" and view["acked"] == ["w1"] and view["progress"] == "1/2"
         assert view["text"].startswith("timed out after ") and view["text"].endswith(", missing: w2")
     browser.wait_for(f"{worker_field('w2', 'state')} === 'lost'", what="the killed worker to show lost")
-    assert browser.evaluate("document.querySelector('#workers tr[data-worker=w2] .badge').dataset.state") == "lost"
+    assert browser.evaluate("document.querySelector('#workers tr[data-name=w2] .badge').dataset.state") == "lost"
     assert browser.evaluate(worker_field("w1", "state")) == "live"
     seen = browser.evaluate(worker_field("w2", "last_seen"))
     assert seen.endswith(" ago"), seen
     browser.wait_for(f"{worker_field('w2', 'last_seen')} !== {js(seen)}", what="last seen to tick")
+    # Relative, with the full date it counts from as its title.
+    w2_seen = next(w["last_seen"] for w in cluster.worker_list() if w["name"] == "w2")
+    assert browser.evaluate("document.querySelector('#workers tr[data-name=w2] [data-field=last_seen] time').title"
+                            ) == local_date(w2_seen)
+    every_time_carries_its_date(browser)
 
     # Published with only w1 live, so only w1 is expected.
     third = http_clear(cluster)
@@ -247,21 +322,189 @@ def test_clear_now_shows_flextype_s_error_message(cluster: Cluster, browser: Bro
     cluster.start_service(settings=SETTINGS)
     token, access_token = create_token(cluster.tokens_dir, limit_calls=1)
     browser.navigate(cluster.url + "/dashboard")
-    browser.type("#token", token)
-    browser.type("#access-token", access_token)
-    browser.click("#login-submit")
-    browser.wait_for("document.getElementById('status').dataset.state === 'live'", what="the stream to open")
+    log_in(browser, token, access_token)
 
-    browser.click("#clear-now")
+    clear_now(browser)
     accepted = browser.wait_for("document.getElementById('clear-result').dataset.clearId",
                                 what="the first clear to be accepted")
     browser.wait_for(f"!!document.querySelector('#clears [data-clear=' + CSS.escape({js(accepted)}) + ']')",
                      what="the accepted clear to be listed")
     # The token's one call is used: Flextype's 400, whose message the page shows; reading still works.
-    browser.click("#clear-now")
+    clear_now(browser)
     text = browser.wait_for("document.getElementById('clear-result').dataset.kind === 'error'"
                             " && document.getElementById('clear-result').textContent",
                             what="the refused clear's message")
     assert "HTTP 400: Validation for this particular item failed" in text
     assert status(browser) == "live"
     assert browser.evaluate("document.querySelectorAll('#clears [data-clear]').length") == 1
+
+
+# --- GET /: the index (no browser) -------------------------------------------------
+
+INDEX_LINKS = {"dashboard": "/dashboard", "openapi": "/api/openapi.json", "metrics": "/metrics"}
+
+
+@pytest.mark.gen_test
+async def test_the_index_lists_every_endpoint_without_credentials(http_client, base_url):
+    async def fetch(path: str, method: str = "GET") -> Any:
+        return await http_client.fetch(base_url + path, method=method, raise_error=False,
+                                       allow_nonstandard_methods=True)
+
+    response = await fetch("/")
+    assert response.code == 200
+    assert response.headers["Content-Type"] == "application/json;charset=UTF-8"
+    # The CORS headers of every other answer, and compact JSON as the record's.
+    other = await fetch("/api/v1/cache/workers")
+    assert other.code == 400
+    for name in ("Access-Control-Allow-Origin", "Access-Control-Allow-Headers", "Access-Control-Allow-Methods"):
+        assert response.headers[name] == other.headers[name]
+    index = json.loads(response.body)
+    assert response.body == json.dumps(index, separators=(",", ":")).encode()
+    assert index["service"] == "cachebus" and index["links"] == INDEX_LINKS
+
+    endpoints = index["endpoints"]
+    assert endpoints["clearCache"] == {"method": "POST", "path": "/api/v1/cache/clear",
+                                       "summary": "Publish a clear to every worker"}
+    assert "clearCacheWithGet" not in endpoints, "GET on the clear route is off by default"
+    assert {e["path"] for e in endpoints.values()} == {
+        "/", "/api/v1/cache/clear", "/api/v1/cache/clears", "/api/v1/cache/clears/{clear_id}",
+        "/api/v1/cache/workers", "/api/v1/cache/events", "/metrics", "/dashboard", "/dashboard/{asset}",
+        "/api/openapi.json"}
+    assert all(e["method"] in ("GET", "POST") and e["summary"] for e in endpoints.values())
+    # Every link leads somewhere, without credentials.
+    for path in INDEX_LINKS.values():
+        assert (await fetch(path)).code == 200, path
+
+    # Like every route: OPTIONS empty, another method Flextype's 405 with Allow.
+    options = await fetch("/", "OPTIONS")
+    assert options.code == 200 and options.body == b""
+    for method in ("POST", "DELETE", "HEAD"):
+        refused = await fetch("/", method)
+        assert refused.code == 405 and refused.headers["Allow"] == "GET, OPTIONS", method
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("overrides", [{"api.cache.methods": ["POST", "GET"]}])
+async def test_the_index_lists_the_clear_route_s_configured_methods(http_client, base_url, overrides):
+    response = await http_client.fetch(base_url + "/")
+    endpoints = json.loads(response.body)["endpoints"]
+    assert endpoints["clearCacheWithGet"]["method"] == "GET"
+    assert endpoints["clearCache"]["method"] == "POST"
+
+
+# --- needs the issue 13 service: workers keyed by process, tokens, failed purges ---------
+
+
+def requires_process_identity(cluster: Cluster) -> None:
+    """Skip until the service keys workers by process (``id``); the issue 13 record does."""
+    workers = cluster.worker_list()
+    assert workers, "call this once a worker is live"
+    if "id" not in workers[0]:
+        pytest.skip("needs the issue 13 record (workers keyed by process id, tokens, failed purges)")
+
+
+class Flaky(Cache):
+    """An application's cache whose purges raise while ``failing`` is set (its backing store is down)."""
+
+    failing = False
+
+    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
+        if self.failing:
+            raise RuntimeError("the backing store is down")
+        return super().clear(clear_id=clear_id, seq=seq)
+
+
+def is_red(browser: Browser, selector: str) -> bool:
+    """Whether the element's text has the page's colour for what is lost or failed."""
+    return browser.evaluate(f"""(() => {{
+        const probe = document.createElement('span');
+        probe.style.color = 'var(--lost)';
+        document.body.append(probe);
+        const red = getComputedStyle(probe).color;
+        probe.remove();
+        const el = document.querySelector({js(selector)});
+        return !!el && getComputedStyle(el).color === red;
+    }})()""")
+
+
+def test_processes_by_group_the_token_of_each_clear_and_failed_purges_in_red(cluster: Cluster, browser: Browser):
+    cluster.start_service(settings=SETTINGS)
+    cluster.start_worker("w1")
+    requires_process_identity(cluster)
+    flaky = Flaky()
+    options = cluster.subscriber_options()
+    subscribers = [ThreadedSubscriber([Cache()], name="web", **options) for _ in range(2)]
+    subscribers.append(ThreadedSubscriber([flaky], name="flaky", **options))
+    try:
+        for subscriber in subscribers:
+            subscriber.start()
+            assert subscriber.wait_synced(DEADLINE)
+        wait_for(lambda: sorted(w["name"] for w in cluster.worker_list() if w["state"] == "live")
+                 == ["flaky", "w1", "web", "web"], what="every process to be live")
+        web_ids = sorted(w["id"] for w in cluster.worker_list() if w["name"] == "web")
+
+        browser.set_viewport(1280, 800)
+        browser.navigate(cluster.url + "/dashboard")
+        log_in(browser, cluster.token, cluster.access_token)
+        rows = "#workers tbody[data-group=web] tr[data-worker]"
+        browser.wait_for(f"document.querySelectorAll({js(rows)}).length === 2", what="both web processes")
+        assert browser.evaluate(f"[...document.querySelectorAll({js(rows)})].map(tr => tr.dataset.worker)") == web_ids
+        assert browser.evaluate(f"[...document.querySelectorAll({js(rows + ' [data-field=id]')})]"
+                                f".map(td => td.textContent)") == web_ids
+        assert browser.evaluate("document.querySelector('#workers tbody[data-group=web] [data-field=group-count]')"
+                                ".textContent") == "2 processes, 2 live"
+        assert browser.evaluate("[...document.querySelectorAll('#workers tbody')].map(b => b.dataset.group)") == \
+            ["flaky", "w1", "web"]
+
+        # A clear that flaky's purge fails: its chip, the clear and its row turn red, with the error.
+        flaky.failing = True
+        clear_id = http_clear(cluster)
+        item = f"#clears [data-clear={js(clear_id)}]"
+        chip = f"{item} .chip[data-ack-name=flaky]"
+        browser.wait_for(f"document.querySelector({js(chip)})?.dataset.outcome === 'failed'",
+                         what="flaky's failed purge on its chip")
+        assert is_red(browser, chip) and browser.evaluate(f"document.querySelector({js(chip)}).dataset.acked") == \
+            "false"
+        title = browser.evaluate(f"document.querySelector({js(chip)}).title")
+        assert "RuntimeError" in title and "the backing store is down" in title
+        assert is_red(browser, f"{item} [data-field=failed_count]")
+        # Which token started it: its first 8 characters, from the clear.published event.
+        view = clear_view(browser, clear_id)
+        assert view is not None and view["token"] == "token " + cluster.token[:8]
+        assert cluster.access_token[:8] not in browser.evaluate("document.body.innerText")
+        # Two processes share the name web: each chip says which one it is.
+        web_chips = browser.evaluate(f"[...document.querySelectorAll({js(item + ' .chip[data-ack-name=web]')})]"
+                                     ".map(c => c.querySelector('.chip-name').textContent)")
+        assert sorted(web_chips) == sorted("web " + wid.split(":", 1)[1] for wid in web_ids)
+        browser.wait_for(f"['timeout', 'failed'].includes(document.querySelector({js(item)}"
+                         f" + ' [data-field=duration]')?.dataset.outcome)", timeout=DEADLINE + 3.0,
+                         what="the record to stop waiting for the failed purge")
+        view = clear_view(browser, clear_id)
+        assert view is not None and "failed: flaky" in view["text"] and view["progress"] == "3/4"
+        assert is_red(browser, f"{item} [data-field=duration]")
+        purge_cell = "#workers tr[data-name=flaky] [data-field=last_purge_cause]"
+        browser.wait_for(f"document.querySelector({js(purge_cell)})?.dataset.outcome === 'failed'",
+                         what="flaky's row to show its failed purge")
+        assert is_red(browser, purge_cell)
+        assert "the backing store is down" in browser.evaluate(f"document.querySelector({js(purge_cell)}).title")
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.screenshot(ARTIFACTS / "dashboard-failed-purge-1280x800.png")
+
+        # Reloaded, the page shows the same from the snapshot's clear JSON.
+        browser.navigate(cluster.url + "/dashboard")
+        browser.wait_for(f"document.querySelector({js(chip)})?.dataset.outcome === 'failed'",
+                         what="the failed purge, from the snapshot")
+        view = clear_view(browser, clear_id)
+        assert view is not None and view["token"] == "token " + cluster.token[:8]
+        assert "failed: flaky" in view["text"] and is_red(browser, chip)
+        every_time_carries_its_date(browser)
+
+        # The store is back: the subscriber's retry succeeds and the row is no longer red.
+        flaky.failing = False
+        browser.wait_for(f"document.querySelector({js(purge_cell)})?.dataset.outcome === 'ok'",
+                         what="flaky's retried purge to succeed")
+        assert not is_red(browser, purge_cell)
+        assert browser.problems() == []
+    finally:
+        for subscriber in subscribers:
+            subscriber.stop()

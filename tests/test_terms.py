@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from cachebus.bus.protocol import PurgeCause
+from cachebus.bus.protocol import PurgeCause, PurgeOutcome
 from cachebus.service.events import EventKind
 from cachebus.service.pages import DASHBOARD
 from cachebus.service.record import WorkerState
@@ -19,7 +19,8 @@ from cachebus.service.record import WorkerState
 APP_JS = (DASHBOARD / "app.js").read_text(encoding="utf-8")
 
 #: The JS constant that mirrors each enum.
-MIRRORS: dict[str, type[enum.StrEnum]] = {"EVENT": EventKind, "STATE": WorkerState, "CAUSE": PurgeCause}
+MIRRORS: dict[str, type[enum.StrEnum]] = {"EVENT": EventKind, "STATE": WorkerState, "CAUSE": PurgeCause,
+                                          "OUTCOME": PurgeOutcome}
 
 
 def js_constants(source: str) -> dict[str, dict[str, str]]:
@@ -34,12 +35,12 @@ def test_dashboard_constants_equal_the_python_enums(js_name: str):
     assert js_constants(APP_JS).get(js_name) == members
 
 
-def test_the_dashboard_spells_event_kinds_and_states_only_in_its_constants():
-    constants_end = APP_JS.index("const CAUSE = ")
-    rest = APP_JS[APP_JS.index("});", constants_end):]
-    # "live" is also the connection status the page shows, and "clear" a CSS class:
-    # those two words cannot be checked this way.
-    terms = [*EventKind, *(state for state in WorkerState if state != WorkerState.LIVE)]
+def test_the_dashboard_spells_event_kinds_states_and_outcomes_only_in_its_constants():
+    last_block = max(APP_JS.index(f"const {name} = ") for name in MIRRORS)
+    rest = APP_JS[APP_JS.index("});", last_block):]
+    # "live" is also the connection status the page shows, "clear" a CSS class and "ok"
+    # the kind of a notice: those words cannot be checked this way.
+    terms = [*EventKind, *(state for state in WorkerState if state != WorkerState.LIVE), PurgeOutcome.FAILED]
     assert [term.value for term in terms if f'"{term}"' in rest] == []
 
 
@@ -47,6 +48,7 @@ def test_enum_values_are_the_strings_on_the_wire():
     # JSON on the bus, over HTTP and on the event stream carries these exact strings.
     assert [cause.value for cause in PurgeCause] == ["clear", "reconnect", "gap", "epoch"]
     assert [state.value for state in WorkerState] == ["live", "suspect", "lost", "left", "forgotten"]
+    assert [outcome.value for outcome in PurgeOutcome] == ["ok", "failed"]
     assert [kind.value for kind in EventKind] == ["clear.published", "clear.acked", "clear.completed",
                                                   "worker.joined", "worker.state", "worker.purged",
                                                   "worker.stats", "snapshot", "overflow"]

@@ -14,8 +14,9 @@
 
   // The service's terms, spelled as its Python enums spell them: event kinds
   // (EventKind in service/events.py), worker states (WorkerState in
-  // service/record.py) and purge causes (PurgeCause in bus/protocol.py; the
-  // page shows them as sent, so a new one needs no code, only this list).
+  // service/record.py), purge causes (PurgeCause in bus/protocol.py; the
+  // page shows them as sent, so a new one needs no code, only this list) and
+  // purge outcomes (PurgeOutcome in bus/protocol.py).
   // tests/test_terms.py fails when these and the enums differ; write no other
   // literal for them below.
   const EVENT = Object.freeze({
@@ -42,12 +43,16 @@
     GAP: "gap",
     EPOCH: "epoch",
   });
+  const OUTCOME = Object.freeze({
+    OK: "ok",
+    FAILED: "failed",
+  });
 
   const $ = (id) => document.getElementById(id);
 
   // --- state ------------------------------------------------------------------
 
-  /** name -> worker object, as /api/v1/cache/workers gives it. */
+  /** worker id -> worker object, as /api/v1/cache/workers gives it; one per process. */
   let workers = new Map();
   /** id -> clear view; `clearOrder` holds ids newest first. */
   let clears = new Map();
@@ -69,19 +74,48 @@
     return new URLSearchParams(creds).toString();
   }
 
+  // A worker's id: one per process. A service from before process ids keyed
+  // workers (and named them in events) by name.
+  function idOf(w) {
+    return w.id || w.name;
+  }
+
+  // An id named in a clear's `missing` or `failed`: the id itself, or a worker object.
+  function refId(ref) {
+    return typeof ref === "string" ? ref : ref.worker;
+  }
+
+  function newClear(id, seq, publishedAt, token, expected) {
+    return { id: id, seq: seq, published_at: publishedAt, token: token || "",
+             expected: expected, acks: new Map(), names: new Map(), completed: null };
+  }
+
+  // An ack as the clear keeps it: a successful purge is proof, and a later
+  // failure of the same process does not take it back; a failure shows until then.
+  function keepAck(view, ack) {
+    const kept = view.acks.get(ack.worker);
+    if (!kept || kept.outcome === OUTCOME.FAILED) view.acks.set(ack.worker, ack);
+    if (ack.name) view.names.set(ack.worker, ack.name);
+  }
+
+  function isFailed(ack) {
+    return !!ack && ack.outcome === OUTCOME.FAILED;
+  }
+
+  function isOk(ack) {
+    return !!ack && !isFailed(ack);
+  }
+
   // A clear as the page keeps it: acks by worker, and its outcome once completed.
   function clearFromRecord(c) {
-    const view = {
-      id: c.id,
-      seq: c.seq,
-      published_at: c.published_at,
-      expected: (c.workers || []).slice(),
-      acks: new Map(),
-      completed: null,
-    };
-    for (const ack of c.acks || []) view.acks.set(ack.worker, ack);
+    const view = newClear(c.id, c.seq, c.published_at, c.token, (c.workers || []).slice());
+    for (const ack of c.acks || []) keepAck(view, ack);
+    for (const ref of [].concat(c.missing || [], c.failed || [])) {
+      if (typeof ref === "object" && ref.name) view.names.set(ref.worker, ref.name);
+    }
     if (c.duration_ms !== null && c.duration_ms !== undefined) {
-      view.completed = { complete: c.complete, missing: c.missing || [], duration_ms: c.duration_ms };
+      view.completed = { complete: c.complete, missing: (c.missing || []).map(refId),
+                         failed: (c.failed || []).map(refId), duration_ms: c.duration_ms };
     }
     return view;
   }
@@ -103,7 +137,7 @@
     [EVENT.SNAPSHOT]: (d) => {
       epoch = d.epoch || "";
       workers = new Map();
-      for (const w of d.workers || []) workers.set(w.name, w);
+      for (const w of d.workers || []) workers.set(idOf(w), w);
       clears = new Map();
       clearOrder = [];
       for (const c of d.clears || []) {
@@ -115,20 +149,20 @@
       renderAll();
     },
     [EVENT.CLEAR_PUBLISHED]: (d) => {
-      addClear({ id: d.clear_id, seq: d.seq, published_at: d.published_at,
-                 expected: (d.expected || []).slice(), acks: new Map(), completed: null });
+      addClear(newClear(d.clear_id, d.seq, d.published_at, d.token, (d.expected || []).slice()));
       renderClears();
     },
     [EVENT.CLEAR_ACKED]: (d) => {
       let view = clears.get(d.clear_id);
       if (!view) {
         // Published before this page knew of it: keep what the ack tells.
-        view = { id: d.clear_id, seq: d.seq, published_at: null, expected: [], acks: new Map(), completed: null };
+        view = newClear(d.clear_id, d.seq, null, "", null);
         addClear(view);
       }
-      view.acks.set(d.worker, d);
+      keepAck(view, d);
       const w = workers.get(d.worker);
-      if (w && (w.last_acked_seq === null || w.last_acked_seq === undefined || d.seq > w.last_acked_seq)) {
+      if (w && isOk(d) && (w.last_acked_seq === null || w.last_acked_seq === undefined
+                           || d.seq > w.last_acked_seq)) {
         w.last_acked_seq = d.seq;
         w.last_acked_clear = d.clear_id;
         renderWorkers();
@@ -138,11 +172,12 @@
     [EVENT.CLEAR_COMPLETED]: (d) => {
       const view = clears.get(d.clear_id);
       if (!view) return;
-      view.completed = { complete: d.complete, missing: d.missing || [], duration_ms: d.duration_ms };
+      view.completed = { complete: d.complete, missing: (d.missing || []).map(refId),
+                         failed: (d.failed || []).map(refId), duration_ms: d.duration_ms };
       renderClears();
     },
     [EVENT.WORKER_JOINED]: (d) => {
-      workers.set(d.name, d);
+      workers.set(idOf(d), d);
       renderWorkers();
     },
     [EVENT.WORKER_STATE]: (d) => {
@@ -160,8 +195,11 @@
       const w = workers.get(d.worker);
       if (!w) return;
       w.last_purge_cause = d.cause;
+      w.last_outcome = d.outcome || OUTCOME.OK;
+      w.last_error = d.error || "";
       // A purge empties the worker's cache; its next `worker.stats` says what refilled it.
-      w.stats = Object.assign({}, w.stats, { entries: 0 });
+      // A failed one may have dropped part of it: the next `worker.stats` tells.
+      if (!isFailed(d)) w.stats = Object.assign({}, w.stats, { entries: 0 });
       renderWorkers();
     },
     [EVENT.WORKER_STATS]: (d) => {
@@ -272,6 +310,14 @@
 
   // --- actions ----------------------------------------------------------------
 
+  // "Clear now" empties every cache in the deployment: ask first, in the page.
+  function askToClear() {
+    if (!credentials()) return showLogin("");
+    const dialog = $("confirm-clear");
+    dialog.returnValue = "";
+    dialog.showModal();
+  }
+
   async function clearNow() {
     const creds = credentials();
     if (!creds) return showLogin("");
@@ -363,6 +409,25 @@
     return value === null || value === undefined || value === "" ? "–" : String(value);
   }
 
+  function pad(n) {
+    return String(n).padStart(2, "0");
+  }
+
+  // Every time the page shows carries its date: "2026-11-29 08:12:03", local time.
+  function fullDate(ts) {
+    const d = new Date(ts * 1000);
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+  }
+
+  // A <time> element: `text` (the full date unless given), the full date as its title.
+  function timeEl(ts, attrs, text) {
+    const node = el("time", attrs, text === undefined ? fullDate(ts) : text);
+    node.dateTime = new Date(ts * 1000).toISOString();
+    node.title = fullDate(ts);
+    return node;
+  }
+
   function ago(ts) {
     if (!ts) return "–";
     const seconds = Math.max(0, Date.now() / 1000 - ts);
@@ -374,7 +439,7 @@
   }
 
   // A live worker was heard within the liveness window (its heartbeats move no
-  // event); for the other states last_seen is exact, so the time ticks from it.
+  // event); for the other states last seen is exact, so the time ticks from it.
   function lastSeenText(w) {
     return w.state === STATE.LIVE ? "just now" : ago(w.last_seen);
   }
@@ -390,15 +455,26 @@
     return typeof value === "number" ? (value * 100).toFixed(1) + " %" : "–";
   }
 
+  function plural(n, one, many) {
+    return n + " " + (n === 1 ? one : many);
+  }
+
   function cell(field, label, text, numeric) {
     return el("td", { "data-field": field, "data-label": label, "class": numeric ? "num" : "" }, text);
   }
 
   function workerRow(w) {
     const stats = w.stats && typeof w.stats === "object" ? w.stats : {};
-    const tr = el("tr", { "data-worker": w.name, "data-state": w.state });
+    const failed = w.last_outcome === OUTCOME.FAILED;
+    const tr = el("tr", { "data-worker": idOf(w), "data-name": w.name, "data-state": w.state,
+                          "data-outcome": failed ? OUTCOME.FAILED : OUTCOME.OK });
     tr.append(
       cell("name", "Name", w.name),
+      (() => {
+        const td = cell("id", "Process");
+        td.append(el("code", {}, dash(w.id || w.instance)));
+        return td;
+      })(),
       (() => {
         const td = cell("state", "State");
         td.dataset.state = w.state;
@@ -408,52 +484,127 @@
       cell("host", "Host", dash(w.host)),
       cell("pid", "PID", dash(w.pid), true),
       (() => {
-        const td = cell("last_seen", "Last seen", lastSeenText(w));
+        const td = cell("last_seen", "Last seen");
         td.dataset.ts = String(w.last_seen || "");
-        if (w.last_seen) td.title = new Date(w.last_seen * 1000).toLocaleString();
+        if (w.last_seen) td.append(timeEl(w.last_seen, {}, lastSeenText(w)));
+        else td.textContent = "–";
         return td;
       })(),
       cell("last_acked_seq", "Last acked seq", dash(w.last_acked_seq), true),
       cell("entries", "Cache entries", dash(stats.entries), true),
       cell("hit_ratio", "Hit ratio", ratio(stats.hit_ratio), true),
-      cell("last_purge_cause", "Last purge", dash(w.last_purge_cause)),
+      (() => {
+        const td = cell("last_purge_cause", "Last purge", dash(w.last_purge_cause));
+        td.dataset.outcome = failed ? OUTCOME.FAILED : OUTCOME.OK;
+        if (failed) {
+          td.append(el("span", { "class": "failed-note" }, " failed"));
+          td.title = "The last purge failed: " + (w.last_error || "no error message");
+        }
+        return td;
+      })(),
     );
     return tr;
   }
 
+  // One <tbody> per name: a header row with the group's count, then one row per process.
   function renderWorkers() {
-    const body = $("workers").tBodies[0];
-    const names = Array.from(workers.keys()).sort();
-    body.replaceChildren(...names.map((name) => workerRow(workers.get(name))));
-    $("no-workers").hidden = names.length > 0;
-    const live = names.filter((n) => workers.get(n).state === STATE.LIVE).length;
-    $("worker-count").textContent = names.length ? live + " of " + names.length + " live" : "";
+    const table = $("workers");
+    const groups = new Map();
+    for (const w of workers.values()) {
+      const name = String(w.name || "");
+      if (!groups.has(name)) groups.set(name, []);
+      groups.get(name).push(w);
+    }
+    const bodies = [];
+    for (const name of Array.from(groups.keys()).sort()) {
+      const members = groups.get(name).sort((a, b) => String(idOf(a)).localeCompare(String(idOf(b))));
+      const live = members.filter((w) => w.state === STATE.LIVE).length;
+      const failed = members.filter((w) => w.last_outcome === OUTCOME.FAILED).length;
+      const body = el("tbody", { "data-group": name });
+      const head = el("tr", { "class": "group" });
+      const th = el("th", { "colSpan": 10, "scope": "rowgroup" });
+      th.append(el("span", { "class": "group-name" }, name),
+                el("span", { "class": "group-count", "data-field": "group-count" },
+                   plural(members.length, "process", "processes") + ", " + live + " live" +
+                   (failed ? ", " + failed + " failed" : "")));
+      head.append(th);
+      body.append(head, ...members.map(workerRow));
+      bodies.push(body);
+    }
+    for (const old of Array.from(table.tBodies)) old.remove();
+    table.append(...bodies);
+    $("no-workers").hidden = workers.size > 0;
+    const live = Array.from(workers.values()).filter((w) => w.state === STATE.LIVE).length;
+    $("worker-count").textContent = workers.size
+      ? live + " of " + plural(workers.size, "process", "processes") + " live, " + plural(groups.size, "name", "names") : "";
+  }
+
+  // How a clear names a process: its name, and when the name is not unique among
+  // the clear's processes, the rest of its id (host:pid:random) after the host.
+  function nameOf(view, id) {
+    const w = workers.get(id);
+    return view.names.get(id) || (w && w.name) || id;
+  }
+
+  function labels(view) {
+    const ids = chipIds(view);
+    const names = ids.map((id) => nameOf(view, id));
+    const count = new Map();
+    for (const name of names) count.set(name, (count.get(name) || 0) + 1);
+    return new Map(ids.map((id, i) => [id, count.get(names[i]) > 1 && id !== names[i]
+      ? names[i] + " " + String(id).split(":").slice(1).join(":") : names[i]]));
+  }
+
+  // The processes a clear expected, then any other that acked it.
+  function chipIds(view) {
+    const expected = view.expected || [];
+    return expected.concat(Array.from(view.acks.keys()).filter((id) => !expected.includes(id)));
   }
 
   function clearItem(view) {
-    const expected = view.expected;
-    const acked = expected.filter((n) => view.acks.has(n)).length;
+    const expected = view.expected || [];
+    const acked = expected.filter((id) => isOk(view.acks.get(id))).length;
+    const failing = Array.from(view.acks.values()).filter(isFailed).length;
     const li = el("li", { "data-clear": view.id, "data-seq": String(view.seq),
                           "class": "clear", "data-done": view.completed ? "true" : "false" });
     const head = el("div", { "class": "clear-head" });
     head.append(
       el("span", { "class": "seq", "data-field": "seq" }, "#" + view.seq),
       el("code", { "class": "clear-id", "data-field": "id", "title": view.id }, view.id),
-      el("span", { "class": "when", "data-field": "published_at" },
-         view.published_at ? new Date(view.published_at * 1000).toLocaleTimeString() : ""),
-      el("span", { "class": "progress", "data-field": "progress",
-                   "data-complete": acked === expected.length ? "true" : "false" },
-         acked + "/" + expected.length),
+      view.published_at ? timeEl(view.published_at, { "class": "when", "data-field": "published_at" })
+        : el("span", { "class": "when", "data-field": "published_at" }, ""),
     );
+    if (view.token) {
+      head.append(el("code", { "class": "token", "data-field": "token",
+                               "title": "The first 8 characters of the token that started this clear" },
+                     "token " + view.token.slice(0, 8)));
+    }
+    head.append(el("span", { "class": "progress", "data-field": "progress",
+                             "data-complete": expected.length > 0 && acked === expected.length ? "true" : "false" },
+                   acked + "/" + expected.length));
+    if (failing) {
+      head.append(el("span", { "class": "failed-count", "data-field": "failed_count",
+                               "data-outcome": OUTCOME.FAILED }, failing + " failed"));
+    }
     const outcome = el("span", { "class": "outcome", "data-field": "duration" });
-    if (view.completed && view.completed.complete) {
+    const done = view.completed;
+    const label = labels(view);
+    const named = (ids) => ids.map((id) => label.get(id) || nameOf(view, id)).join(", ");
+    if (view.expected && expected.length === 0) {
+      outcome.dataset.outcome = "empty";
+      outcome.textContent = "nobody was listening: no live worker when it was published";
+    } else if (done && done.complete) {
       outcome.dataset.outcome = "complete";
-      outcome.textContent = expected.length === 0 ? "no live worker to ack"
-        : "all acked in " + ms(view.completed.duration_ms);
-    } else if (view.completed) {
-      outcome.dataset.outcome = "timeout";
-      outcome.textContent = "timed out after " + ms(view.completed.duration_ms) +
-        ", missing: " + view.completed.missing.join(", ");
+      outcome.textContent = "all acked in " + ms(done.duration_ms);
+    } else if (done) {
+      // No proof: a process never acked (the record stopped waiting), or its purge failed.
+      const missing = done.missing.filter((id) => !isOk(view.acks.get(id)));
+      const failed = done.failed.filter((id) => !isOk(view.acks.get(id)));
+      outcome.dataset.outcome = missing.length || !failed.length ? "timeout" : OUTCOME.FAILED;
+      outcome.textContent = (missing.length || !failed.length ? "timed out after " : "no proof after ") +
+        ms(done.duration_ms) +
+        (missing.length ? ", missing: " + named(missing) : "") +
+        (failed.length ? ", failed: " + named(failed) : "");
     } else {
       outcome.dataset.outcome = "waiting";
       outcome.dataset.since = String(view.published_at || "");
@@ -461,24 +612,35 @@
     }
     head.append(outcome);
     const chips = el("div", { "class": "chips" });
-    const names = expected.concat(Array.from(view.acks.keys()).filter((n) => !expected.includes(n)));
-    for (const name of names) {
-      const ack = view.acks.get(name);
-      const chip = el("span", { "class": "chip", "data-ack-worker": name,
-                                "data-acked": ack ? "true" : "false",
-                                "data-expected": expected.includes(name) ? "true" : "false" });
-      chip.append(el("span", { "class": "chip-name" }, name));
-      if (ack) {
-        chip.append(el("span", { "class": "chip-detail" }, ms(ack.latency_ms)));
-        chip.title = name + " acked after " + ms(ack.latency_ms) + ", dropped " + ack.entries_dropped +
-          " entries in " + ms(ack.purge_ms) + " (cause: " + ack.cause + ")";
-      } else {
-        chip.title = name + ": no ack yet";
-      }
-      chips.append(chip);
-    }
+    for (const id of chipIds(view)) chips.append(chip(view, id, label.get(id), expected.includes(id)));
     li.append(head, chips);
     return li;
+  }
+
+  // One process's part in a clear: its ack (the entries it dropped), its failure, or nothing yet.
+  function chip(view, id, label, expected) {
+    const ack = view.acks.get(id);
+    const node = el("span", { "class": "chip", "data-ack-worker": id, "data-ack-name": nameOf(view, id),
+                              "data-acked": isOk(ack) ? "true" : "false",
+                              "data-outcome": ack ? (isFailed(ack) ? OUTCOME.FAILED : OUTCOME.OK) : "",
+                              "data-expected": expected ? "true" : "false" });
+    node.append(el("span", { "class": "chip-name" }, label));
+    const who = label === id ? id : label + " (" + id + ")";
+    const at = ack && ack.acked_at ? " at " + fullDate(ack.acked_at) : "";
+    if (isFailed(ack)) {
+      node.append(el("span", { "class": "chip-detail", "data-field": "error" }, OUTCOME.FAILED));
+      node.title = who + ": purge failed" + at + " (cause: " + ack.cause + "): " + (ack.error || "no error message");
+    } else if (ack) {
+      node.append(el("span", { "class": "chip-detail", "data-field": "latency" }, ms(ack.latency_ms)),
+                  el("span", { "class": "chip-detail", "data-field": "dropped" },
+                     plural(Number(ack.entries_dropped) || 0, "entry", "entries") + " dropped"));
+      node.title = who + " acked" + at + ", " + ms(ack.latency_ms) + " after the clear: dropped " +
+        plural(Number(ack.entries_dropped) || 0, "entry", "entries") + " in " + ms(ack.purge_ms) +
+        " (cause: " + ack.cause + ")";
+    } else {
+      node.title = who + ": no ack yet";
+    }
+    return node;
   }
 
   function waitingText(since) {
@@ -503,7 +665,8 @@
   function tick() {
     for (const td of document.querySelectorAll("#workers td[data-field=last_seen]")) {
       const w = workers.get(td.parentElement.dataset.worker);
-      if (w) td.textContent = lastSeenText(w);
+      const time = td.querySelector("time");
+      if (w && time) time.textContent = lastSeenText(w);
     }
     for (const span of document.querySelectorAll("#clears [data-outcome=waiting]")) {
       span.textContent = waitingText(Number(span.dataset.since) || 0);
@@ -528,7 +691,10 @@
       $("token").value = "";
       showLogin("Credentials forgotten.", "info");
     });
-    $("clear-now").addEventListener("click", clearNow);
+    $("clear-now").addEventListener("click", askToClear);
+    $("confirm-clear").addEventListener("close", () => {
+      if ($("confirm-clear").returnValue === "clear") clearNow();
+    });
     window.addEventListener("pagehide", stopStream);
     setInterval(tick, 1000);
     if (credentials()) showDashboard();
