@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from cachebus import Cache, ThreadedSubscriber
 from cachebus.client import ClearProgress, ack_line, progress_bar, worker_table
 from cachebus.testing import DEADLINE, Cluster, free_port, http_json, wait_for
@@ -291,15 +289,7 @@ def test_what_proves_a_clear():
     assert list(late.failed) == ["x"] and not late.proven
 
 
-# --- needs the issue 13 service: workers keyed by process, failed purges, excluded workers -----
-
-
-def requires_process_identity(cluster: Cluster) -> None:
-    """Skip until the service keys workers by process (``id``); the issue 13 record does."""
-    workers = cluster.worker_list()
-    assert workers, "call this once a worker is live"
-    if "id" not in workers[0]:
-        pytest.skip("needs the issue 13 record (workers keyed by process id, failed purges, excluded)")
+# --- processes grouped by name, failed purges, excluded workers ---------------------------
 
 
 class Flaky(Cache):
@@ -315,7 +305,6 @@ class Flaky(Cache):
 
 def test_processes_sharing_a_name_are_each_expected_and_listed_by_group(cluster: Cluster):
     start_with_workers(cluster, "w1")
-    requires_process_identity(cluster)
     subscribers = [ThreadedSubscriber([Cache()], name="web", **cluster.subscriber_options()) for _ in range(2)]
     try:
         for subscriber in subscribers:
@@ -343,7 +332,6 @@ def test_processes_sharing_a_name_are_each_expected_and_listed_by_group(cluster:
 
 def test_a_failed_purge_is_no_proof_and_names_the_error(cluster: Cluster):
     start_with_workers(cluster, "w1")
-    requires_process_identity(cluster)
     cache = Flaky()
     subscriber = ThreadedSubscriber([cache], name="flaky", **cluster.subscriber_options())
     subscriber.start()
@@ -376,7 +364,6 @@ def test_a_failed_purge_is_no_proof_and_names_the_error(cluster: Cluster):
 
 def test_workers_not_live_at_publish_time_are_named_outside_the_proof(cluster: Cluster):
     start_with_workers(cluster, "w1", "w2", settings={"record": {"lost_after": 120.0}})
-    requires_process_identity(cluster)
     frozen = cluster.workers["w2"][0]
     frozen.signal(signal.SIGSTOP)
     try:

@@ -392,15 +392,7 @@ async def test_the_index_lists_the_clear_route_s_configured_methods(http_client,
     assert endpoints["clearCache"]["method"] == "POST"
 
 
-# --- needs the issue 13 service: workers keyed by process, tokens, failed purges ---------
-
-
-def requires_process_identity(cluster: Cluster) -> None:
-    """Skip until the service keys workers by process (``id``); the issue 13 record does."""
-    workers = cluster.worker_list()
-    assert workers, "call this once a worker is live"
-    if "id" not in workers[0]:
-        pytest.skip("needs the issue 13 record (workers keyed by process id, tokens, failed purges)")
+# --- processes grouped by name, tokens, failed purges ------------------------------------
 
 
 class Flaky(Cache):
@@ -430,7 +422,6 @@ def is_red(browser: Browser, selector: str) -> bool:
 def test_processes_by_group_the_token_of_each_clear_and_failed_purges_in_red(cluster: Cluster, browser: Browser):
     cluster.start_service(settings=SETTINGS)
     cluster.start_worker("w1")
-    requires_process_identity(cluster)
     flaky = Flaky()
     options = cluster.subscriber_options()
     subscribers = [ThreadedSubscriber([Cache()], name="web", **options) for _ in range(2)]
