@@ -377,6 +377,11 @@ class Cluster:
         ``args`` go last on its command line, so they override the cluster's flags
         (``("--bus-acks", endpoint)`` to route its back channel through a proxy, say).
         """
+        running = self.workers.get(name)
+        if running is not None and running[0].alive():
+            # Workers are kept by name here: a second one would never be stopped. Many processes may
+            # share a name on the bus; start them as embedded subscribers (subscriber_options()).
+            raise ValueError(f"a worker named {name} is still running in this cluster")
         port = free_port()
         proc = Proc.python("cachebus.workers", ["--name", name, "--http-port", str(port), "--content-dir",
                                                 str(self.content_dir), *self.bus_args(), *self.config(name, settings),

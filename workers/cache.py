@@ -293,7 +293,7 @@ class Cache(ReadThrough):
             self._expire(now)
             self._store(key, value, now)
 
-    def set_many(self, items: Mapping[Hashable, Any] | Iterable[tuple[Hashable, Any]], *,
+    def set_many(self, items: Mapping[Any, Any] | Iterable[tuple[Hashable, Any]], *,
                  generation: int | None = None) -> int:
         """:meth:`set` for many entries under one lock, as when warming a cache; returns how many were kept."""
         pairs = items.items() if isinstance(items, Mapping) else items
