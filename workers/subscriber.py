@@ -66,6 +66,8 @@ serving while the service is unreachable.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import os
 import re
@@ -830,27 +832,43 @@ class ThreadedSubscriber:
         try:
             if loop.run_until_complete(main()):
                 loop.run_forever()
+        except BaseException:
+            # Nothing should end the loop but stop(); if something does, say what, once.
+            log.exception("the subscriber thread of %s ended unexpectedly", self.subscriber.name)
+            raise
         finally:
             loop.close()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Block until the service has welcomed this subscriber."""
         self.subscriber._check_process()
-        if self._loop is None:
-            raise RuntimeError("this ThreadedSubscriber is not started")
+        if self._loop is None or self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("this ThreadedSubscriber is not running")
         future = asyncio.run_coroutine_threadsafe(self.subscriber.wait_synced(timeout), self._loop)
         return future.result()
 
-    def stop(self) -> None:
-        """Say bye, close the sockets and end the thread."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Say bye, close the sockets and end the thread, waiting at most ``timeout`` seconds.
+
+        Never blocks for good: if the thread has already ended (or does not
+        answer in time), there is nothing left to stop and this returns.
+        """
         self.subscriber._check_process()
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.subscriber.stop(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join()
+        loop, thread = self._loop, self._thread
         self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        if thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self.subscriber.stop(), loop).result(timeout)
+            except (RuntimeError, TimeoutError, concurrent.futures.TimeoutError) as exc:
+                # The loop closed or hangs: its thread will not say bye any more.
+                log.warning("the subscriber thread of %s did not stop within %g s: %s", self.subscriber.name,
+                            timeout, exc or type(exc).__name__)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
 
     @classmethod
     def from_settings(cls, targets: Iterable[Any], path: str | os.PathLike[str] | None = None, *,
