@@ -665,6 +665,8 @@ class Subscriber:
             try:
                 dropped += await target.purge(clear_id, self.seq)
             except Exception as exc:
+                # First of all: half a purge may have been applied, so no leased target serves from now on.
+                self._withdraw_leases()
                 error = describe_error(exc)
                 errors.append(error)
                 self.failing[target] = error
