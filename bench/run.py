@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cachebus.testing import Proc, Processes, answers, create_token, free_port, free_ports, wait_for
+from cachebus.workers.cache import Cache
 
 from . import floor_zmq, peers
 from .stats import Summary
@@ -122,22 +124,45 @@ def start_service(procs: Processes, name: str, tokens: Path, *extra: str) -> Sta
 
 
 def start_workers(procs: Processes, prefix: str, count: int, publish: str, acks: str, entries: int,
-                  port: int, token: str, access_token: str) -> None:
+                  port: int, token: str, access_token: str) -> list[Proc]:
     """``count`` benchmark workers with full caches, returning once the service lists them all live."""
-    for i in range(count):
-        procs.python(f"{prefix}-{i}", "bench.worker", "--name", f"{prefix}-{i}", "--publish", publish,
-                     "--acks", acks, "--entries", str(entries), "--keys-dir", str(keys_dir(procs)))
+    started = [procs.python(f"{prefix}-{i}", "bench.worker", "--name", f"{prefix}-{i}", "--publish", publish,
+                            "--acks", acks, "--entries", str(entries), "--keys-dir", str(keys_dir(procs)))
+               for i in range(count)]
     wait_for(lambda: live_workers(port, token, access_token) == count, SETUP_TIMEOUT,
              f"{count} cachebus workers to join", check=procs.check)
+    return started
 
 
-def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Summary:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuPerClear(NamedTuple):
+    """CPU milliseconds per clear: the service's, and the median worker's."""
+
+    service: float
+    worker: float
+
+
+class Measured(NamedTuple):
+    latency: Summary
+    cpu: CpuPerClear
+
+
+def cachebus(procs: Processes, tokens: Path, workers: int, count: int, entries: int) -> Measured:
     token, access_token = create_token(tokens)
-    port, publish, acks, _ = start_service(procs, "service", tokens)
-    start_workers(procs, "bench", workers, publish, acks, entries, port, token, access_token)
+    port, publish, acks, service = start_service(procs, "service", tokens)
+    started = start_workers(procs, "bench", workers, publish, acks, entries, port, token, access_token)
     body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
     timed_posts(port, "/api/v1/cache/clear", body, 10, 200)
-    return Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
+    pids = [service.pid, *(w.pid for w in started)]
+    before = [cpu_seconds(pid) for pid in pids]
+    latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
+    spent = [(cpu_seconds(pid) - was) * 1000 / count for pid, was in zip(pids, before, strict=True)]
+    return Measured(latency, CpuPerClear(service=spent[0], worker=statistics.median(spent[1:])))
 
 
 def redis_peer(procs: Processes, workers: int, count: int, entries: int) -> Summary | None:
@@ -377,11 +402,30 @@ def machine() -> str:
 class Row:
     workers: int
     cachebus: Summary
+    cpu: CpuPerClear
     cachebus_tmpfs: Summary | None
     zmq_floor: Summary
     tornado_floor: Summary
     redis: Summary | None
     http: Summary | None
+
+
+def _verdict(value: float, budget: float) -> str:
+    return "(within)" if value <= budget else "(over)"
+
+
+def purge_cpu_ms(entries: int, rounds: int = 200) -> float:
+    """CPU milliseconds one benchmark worker spends to purge and refill a full cache, measured here."""
+    from bench.worker import FullCache
+
+    cache = FullCache(entries)
+    spent = []
+    for _ in range(rounds):
+        started = time.thread_time()
+        Cache.clear(cache)
+        cache.refill()
+        spent.append((time.thread_time() - started) * 1000)
+    return statistics.median(spent)
 
 
 def _speedup(peer: Summary | None, ours: Summary) -> str:
@@ -393,7 +437,7 @@ def _cells(summary: Summary | None) -> str:
 
 
 def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood: Burst | None, clears: int,
-           entries: int, elapsed: float, abuse: CredentialFlood | None = None) -> str:
+           entries: int, elapsed: float, abuse: CredentialFlood | None = None, purge_ms: float = 0.0) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -424,6 +468,24 @@ def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood:
         "fsync costs nothing: the difference between the two is the price of counting each call",
         "durably (fsync of the token file and of its directory, before the clear is published).",
     ]
+    lines += [
+        "",
+        "## CPU per clear",
+        "",
+        f"User plus system CPU from `/proc/<pid>/stat` around the {clears} timed clears above, divided by",
+        "the clears: the service's, and the median worker's. A worker's figure includes its purge of",
+        f"{entries:,} entries and the benchmark's refill of them; *worker, without purge* takes off",
+        f"what that purge and refill cost, {purge_ms * 1000:.0f} µs, measured on its own in this run.",
+        "Budgets (issue 14): service 0.4 ms + 20 µs per worker acked, worker 60 µs without the purge.",
+        "",
+        "| N | service | budget | worker | worker, without purge | budget |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        budget = 0.4 + 0.02 * row.workers
+        bare = row.cpu.worker - purge_ms
+        lines.append(f"| {row.workers} | {row.cpu.service:.3f} {_verdict(row.cpu.service, budget)} | {budget:.2f} | "
+                     f"{row.cpu.worker:.3f} | {bare:.3f} {_verdict(bare, 0.06)} | 0.06 |")
     lines += [
         "",
         "## Peers doing the same job",
@@ -604,13 +666,13 @@ def main(argv: list[str] | None = None) -> int:
                 floor = zmq_floor(procs, n, args.clears)
                 procs.stop()
                 print(f"N={n}: cachebus", flush=True)
-                ours = cachebus(procs, tmp / f"tokens-{n}", n, args.clears, args.entries)
+                ours, cpu = cachebus(procs, tmp / f"tokens-{n}", n, args.clears, args.entries)
                 procs.stop()
                 print(f"N={n}: cachebus, token files on tmpfs", flush=True)
                 ours_tmpfs = None
                 if SHM.is_dir():
                     with tempfile.TemporaryDirectory(dir=SHM) as shm:
-                        ours_tmpfs = cachebus(procs, Path(shm), n, args.clears, args.entries)
+                        ours_tmpfs = cachebus(procs, Path(shm), n, args.clears, args.entries).latency
                         procs.stop()
                 print(f"N={n}: Redis pub/sub peer", flush=True)
                 via_redis = redis_peer(procs, n, args.clears, args.entries)
@@ -618,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"N={n}: naive HTTP fan-out peer", flush=True)
                 via_http = http_peer(procs, n, args.clears, args.entries)
                 procs.stop()
-                rows.append(Row(n, ours, ours_tmpfs, floor, tornado, via_redis, via_http))
+                rows.append(Row(n, ours, cpu, ours_tmpfs, floor, tornado, via_redis, via_http))
                 print(f"N={n}: cachebus p50 {ours.p50:.2f} ms, floors {floor.p50:.2f} + {tornado.p50:.2f} ms",
                       flush=True)
             print("throughput with wrk", flush=True)
@@ -634,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             abuse = credential_flood(procs, tmp, args.flood_samples)
         finally:
             procs.stop()
-    text = report(rows, load, swarm, flood, args.clears, args.entries, time.monotonic() - started, abuse)
+    text = report(rows, load, swarm, flood, args.clears, args.entries, time.monotonic() - started, abuse,
+                  purge_cpu_ms(args.entries))
     # The profiles and fixes behind these numbers are kept by hand, beside the code.
     text += "\n" + (Path(__file__).parent / "history.md").read_text()
     output = Path(args.output)
