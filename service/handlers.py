@@ -10,12 +10,13 @@ refuses a request by raising :class:`~cachebus.service.errors.ApiError`;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from .events import EventKind, EventQueue, unnumbered
 from .params import credentials, request_params, wait_timeout
 from .token_limits import Overloaded
 from .token_rules import TokenError
+from .tokens import Counted
 
 if TYPE_CHECKING:
     from .app import Service
@@ -206,9 +208,11 @@ class BaseHandler(FlextypeResponses):
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(json.dumps(data, separators=(",", ":")))
 
-    async def authorize(self, params: dict[str, Any], *, consume: bool) -> None:
-        """Flextype's validation steps 1 to 6, within the abuse limits; raises :class:`ApiError`.
+    async def authorize(self, params: dict[str, Any], *, consume: bool) -> Counted:
+        """Flextype's validation steps 1 to 7, within the abuse limits; raises :class:`ApiError`.
 
+        Returns once the call is admitted; with ``consume``, its count is still
+        being made durable: pass the result to :meth:`durably` before answering.
         The limits count by the client's address (``remote_ip``, the socket's
         peer): a refusal of them is a 429 with ``Retry-After``, counted with
         the failed authentications.
@@ -216,14 +220,26 @@ class BaseHandler(FlextypeResponses):
         token, access_token = credentials(params)
         if not self.service.settings.api.cache.enabled:
             raise ApiError(400, Reason.API_DISABLED, auth=True)
-        try:
-            await self.service.tokens.authorize(token, access_token, consume=consume,
-                                                client=self.request.remote_ip or "")
-        except TokenError as exc:
-            raise ApiError(REFUSAL_STATUS[exc.reason], exc.reason, auth=True) from None
-        except Overloaded as exc:
-            status, reason = BUSY_ANSWER[exc.why]
-            raise ApiError(status, reason, auth=status == 429, retry_after=exc.retry_after) from None
+        with _token_errors():
+            return await self.service.tokens.admit(token, access_token, consume=consume,
+                                                   client=self.request.remote_ip or "")
+
+    async def durably(self, counted: Counted) -> None:
+        """Wait until an admitted call's count is durable; a failed write is answered as a refusal."""
+        with _token_errors():
+            await counted.durable()
+
+
+@contextlib.contextmanager
+def _token_errors() -> Iterator[None]:
+    """The token layer's refusals, as the answers the API gives them."""
+    try:
+        yield
+    except TokenError as exc:
+        raise ApiError(REFUSAL_STATUS[exc.reason], exc.reason, auth=True) from None
+    except Overloaded as exc:
+        status, reason = BUSY_ANSWER[exc.why]
+        raise ApiError(status, reason, auth=status == 429, retry_after=exc.retry_after) from None
 
 
 class NotFoundHandler(BaseHandler):
@@ -260,8 +276,12 @@ class ClearHandler(BaseHandler):
         credentials(params)
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
-        await self.authorize(params, consume=True)
-        clear = await self.service.publisher.publish_clear(token=credentials(params)[0])
+        counted = await self.authorize(params, consume=True)
+        try:
+            # Published as soon as the call is admitted: the count's fsync overlaps the bus.
+            clear = await self.service.publisher.publish_clear(token=credentials(params)[0])
+        finally:
+            await self.durably(counted)  # 2xx still means counted durably, and published
         entry = self.service.record.clear(clear.id)
         assert entry is not None
         log.debug("clear %s published: seq %d, %d workers expected", clear.id, clear.seq, len(entry.expected))

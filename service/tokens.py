@@ -18,6 +18,14 @@ adds is speed without losing exactness:
   written wait and are counted together in the next write, so one ``fsync``
   serves many requests and a busy token is not limited to one call per disk
   flush.
+- Admission before durability (:meth:`admit`): a call is admitted as soon as
+  the limit is checked under the file lock, before the write's ``fsync``. The
+  caller publishes then, and answers only once the count is durable
+  (:meth:`Counted.durable`), so the disk's latency overlaps the bus's instead
+  of adding to it. Flextype's order of decisions holds, and so does the exact
+  count across processes: the lock is held until the new count is in place.
+  A crash between the publish and the rename can lose that one count, never a
+  clear.
 
 And a ceiling on abuse (:mod:`.token_limits`): file reads and writes run on
 one executor, bcrypt on a :class:`~.token_limits.BcryptPool` of its own with
@@ -64,8 +72,36 @@ class _Ticket:
     access_token: str
     #: The hash the access token was verified against before queueing.
     hashed: str
+    #: Done once the call is counted durably (or refused).
     future: asyncio.Future[None] | None = None
     error: Exception | None = None
+    #: Done once the call passed the checks under the file lock, before its count is durable.
+    admitted: asyncio.Future[None] | None = None
+
+
+class Counted:
+    """A call admitted by :meth:`TokenStore.admit` whose count is being made durable.
+
+    Await :meth:`durable` before answering: it raises what the write raised
+    (an I/O error, or :class:`~.token_limits.Overloaded` when the store closes).
+    """
+
+    def __init__(self, store: TokenStore | None = None, future: asyncio.Future[None] | None = None) -> None:
+        self._store = store
+        self._future = future
+
+    async def durable(self) -> None:
+        store, self._store = self._store, None
+        if store is None or self._future is None:
+            return
+        try:
+            await self._future
+        finally:
+            store._active -= 1
+
+
+#: What :meth:`TokenStore.admit` returns for a call that counts nothing.
+NOTHING_TO_COUNT = Counted()
 
 
 class TokenStore:
@@ -140,18 +176,34 @@ class TokenStore:
         group-committed: see :meth:`_count`. A refusal in
         :data:`~.token_limits.FAILED_AUTHENTICATION` counts against ``client``.
         """
+        await (await self.admit(token, access_token, consume=consume, client=client)).durable()
+
+    async def admit(self, token: str, access_token: str, *, consume: bool, client: str = "") -> Counted:
+        """:meth:`authorize` up to the moment the call is admitted: for a counted call,
+        once its limit was checked under the file lock, before its count is durable.
+
+        Await the result's :meth:`Counted.durable` before answering.
+        """
         address = address_key(client)
         self._active += 1
+        counting = False
         try:
             hashed = await self._authenticated(token, access_token, consume=consume, address=address)
-            if consume:
-                await self._count(token, _Ticket(access_token, hashed, asyncio.get_running_loop().create_future()))
+            if not consume:
+                return NOTHING_TO_COUNT
+            loop = asyncio.get_running_loop()
+            ticket = _Ticket(access_token, hashed, loop.create_future(), admitted=loop.create_future())
+            await self._count(token, ticket)
+            counting = True
+            assert ticket.future is not None
+            return Counted(self, ticket.future)
         except TokenError as exc:
             if exc.reason in FAILED_AUTHENTICATION:
                 self.failures.failed(address)
             raise
         finally:
-            self._active -= 1
+            if not counting:
+                self._active -= 1
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait until no :meth:`authorize` is under way, at most ``timeout`` seconds.
@@ -362,44 +414,53 @@ class TokenStore:
     # --- step 7: counting calls -----------------------------------------------------
 
     async def _count(self, token: str, ticket: _Ticket) -> None:
-        """Queue ``ticket`` for the token's next write, and wait for that write.
+        """Queue ``ticket`` for the token's next write, and wait until that write admits it.
 
         While a write for the token is under way, calls queue up; the next
         write counts them all at once. One write per batch keeps the number of
         ``fsync`` calls, not the number of requests, the limit on a busy token.
+        ``ticket.future`` is done once the count is durable.
         """
         self._queued.setdefault(token, []).append(ticket)
         if token not in self._flushing:
             self._flushing[token] = asyncio.ensure_future(self._flush(token))
-        assert ticket.future is not None
-        await ticket.future
+        assert ticket.admitted is not None
+        await ticket.admitted
 
     async def _flush(self, token: str) -> None:
         """Write the token's queued calls, batch after batch, until none are left."""
         try:
             while self._queued.get(token):
                 tickets = self._queued.pop(token)
+                admit = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, _admit, tickets)
                 try:
-                    await self._io(functools.partial(self._commit, token, tickets))
+                    await self._io(functools.partial(self._commit, token, tickets, admit))
                 except Exception as exc:  # an I/O failure, or closing: every caller in the batch sees it
                     for ticket in tickets:
                         ticket.error = ticket.error or exc
                 for ticket in tickets:
-                    assert ticket.future is not None
+                    assert ticket.future is not None and ticket.admitted is not None
                     if ticket.error is not None:
-                        ticket.future.set_exception(ticket.error)
+                        if ticket.admitted.done():
+                            ticket.future.set_exception(ticket.error)
+                        else:  # refused before admission: the caller hears it from admit()
+                            ticket.admitted.set_exception(ticket.error)
+                            ticket.future.cancel()
                     else:
+                        if not ticket.admitted.done():
+                            ticket.admitted.set_result(None)
                         ticket.future.set_result(None)
         finally:
             del self._flushing[token]
 
-    def _commit(self, token: str, tickets: list[_Ticket]) -> None:
+    def _commit(self, token: str, tickets: list[_Ticket], admit: Callable[[], object] = lambda: None) -> None:
         """Step 7 for a batch: add one to ``calls`` per ticket still allowed, in one write.
 
         Under the token's file lock, the file is read again: another thread or
         process may have counted calls, disabled the token or changed its hash
         since each ticket was authenticated. A ticket that no longer passes
-        gets its :class:`TokenError` in ``ticket.error``.
+        gets its :class:`TokenError` in ``ticket.error``. ``admit`` is called
+        once the tickets are checked, before the write, still under the lock.
         """
         try:
             path = self._path(token)
@@ -421,9 +482,17 @@ class TokenStore:
                         ticket.error = exc
                 if counted:
                     data["calls"] += counted
+                    admit()
                     token_file.write(path, data, functools.partial(self._wrote, token, data))
                     with self._lock:
                         self.commits += 1
         except TokenError as exc:
             for ticket in tickets:
                 ticket.error = ticket.error or exc
+
+
+def _admit(tickets: list[_Ticket]) -> None:
+    """On the event loop: let every ticket that passed its checks go on (its count is being written)."""
+    for ticket in tickets:
+        if ticket.error is None and ticket.admitted is not None and not ticket.admitted.done():
+            ticket.admitted.set_result(None)

@@ -470,9 +470,9 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
             threads.append(threading.current_thread().name)  # bcrypt may run
             super()._verify(token, access_token, hashed)
 
-        def _commit(self, token, tickets) -> None:
+        def _commit(self, token, tickets, admit=lambda: None) -> None:
             threads.append(threading.current_thread().name)
-            super()._commit(token, tickets)
+            super()._commit(token, tickets, admit)
 
     store = Recording(tokens)
 
@@ -490,6 +490,35 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
         store.close()
     assert read(php_token)["calls"] == 6
     assert threads and all(name.startswith("cachebus-auth") for name in threads)
+
+
+def test_a_call_is_admitted_before_its_count_is_durable_and_durable_before_answering(php_token: Path,
+                                                                                    tokens: Path) -> None:
+    """The clear may go out while the count's fsync runs; the answer waits for it (issue 14)."""
+    release = threading.Event()
+
+    class HeldWrite(TokenStore):
+        def _commit(self, token, tickets, admit=lambda: None) -> None:
+            def admit_then_hold() -> None:
+                admit()
+                assert release.wait(10), "the test never released the write"
+
+            super()._commit(token, tickets, admit_then_hold)
+
+    store = HeldWrite(tokens)
+
+    async def main() -> tuple[int, int]:
+        counted = await store.admit(PHP_TOKEN, PHP_ACCESS, consume=True)
+        while_held = read(php_token)["calls"]  # admitted, under the lock, before the write
+        release.set()
+        await counted.durable()
+        return while_held, read(php_token)["calls"]
+
+    try:
+        assert asyncio.run(main()) == (0, 1)
+    finally:
+        release.set()
+        store.close()
 
 
 def test_a_remembered_verdict_is_answered_on_the_loop(php_token: Path, tokens: Path) -> None:
