@@ -21,7 +21,7 @@ import zmq.asyncio
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import configure, drain, plain
+from cachebus.bus.sockets import batches, configure
 
 from .record import Peer, Record, RecordFull, Refused
 
@@ -44,12 +44,12 @@ class AckListener:
         self.welcome = welcome
         self.security = security
         self.peers = PeerLog(log)
-        self._socket = ctx.socket(zmq.ROUTER)
+        # A plain socket, watched by the loop directly (see batches()), not a zmq.asyncio one.
+        self._socket = zmq.Socket(ctx, zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
         # No ROUTER_HANDOVER: a peer that sets a routing id already in use is
         # ignored, so no one can take over a worker's connection by its id.
         security.apply(self._socket)
-        self._waiting = plain(self._socket)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)
@@ -61,15 +61,14 @@ class AckListener:
         Messages already waiting are handled in one go, so a thousand acks
         for one clear cost one trip through the event loop, not a thousand.
         """
-        while True:
-            await self._handle_safely(await self._socket.recv_multipart(copy=False))
-            for frames in drain(self._waiting, _MAX_BATCH):
-                await self._handle_safely(frames)
+        async for batch in batches(self._socket, _MAX_BATCH):
+            for frames in batch:
+                self._handle_safely(frames)
 
-    async def _handle_safely(self, frames: list[zmq.Frame]) -> None:
+    def _handle_safely(self, frames: list[zmq.Frame]) -> None:
         """Handle one message; whatever it raises is reported, and the loop goes on."""
         try:
-            await self._handle(frames)
+            self._handle(frames)
         except RecordFull as exc:
             # One line for all peers: a full record is one condition, however many knock.
             self.peers.report("any new worker", Trouble.REFUSED, str(exc))
@@ -78,7 +77,7 @@ class AckListener:
         except Exception as exc:
             self.peers.failed(self._sender(frames), exc)
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self, frames: list[zmq.Frame]) -> None:
         try:
             msg = self.codec.decode([f.bytes for f in frames[1:]])
         except ProtocolError as exc:
@@ -101,8 +100,7 @@ class AckListener:
                 return
             self.record.hello(msg, peer)
             try:
-                await self._socket.send_multipart([peer.routing_id, *self.codec.encode(welcome)],
-                                                  zmq.NOBLOCK)
+                self._socket.send_multipart([peer.routing_id, *self.codec.encode(welcome)], zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)
         elif isinstance(msg, Ack):

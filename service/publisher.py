@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, Welcome, now
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import configure, plain
+from cachebus.bus.sockets import configure
 
 log = logging.getLogger("cachebus.publisher")
 
@@ -41,14 +41,14 @@ class Publisher:
         #: Called with each clear and the token that asked for it just before the
         #: clear is sent, so the record exists before any ack for it can arrive.
         self.on_publish: list[Callable[[Clear, str], None]] = []
-        self._socket = ctx.socket(zmq.PUB)
+        # A plain socket: it only sends, never waits, so zmq.asyncio would add nothing but cost.
+        self._socket = zmq.Socket(ctx, zmq.PUB)
         # No ZMTP heartbeat here: libzmq aborts a subscriber whose full queue meets
         # a heartbeat timeout (zeromq/libzmq#4767); our own heartbeats do the job.
         configure(self._socket, send_hwm=send_hwm, buffer=buffer)
         if security is not None:
             # CURVE: only workers in the allow-list can subscribe and read the clears.
             security.apply(self._socket)
-        self._sender = plain(self._socket)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)
@@ -78,7 +78,7 @@ class Publisher:
     def _send(self, msg: Message) -> None:
         # PUB never blocks: at the high-water mark libzmq drops the message for
         # that subscriber, which then sees a gap. So a plain send is enough.
-        self._sender.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
+        self._socket.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -78,7 +78,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -102,7 +102,7 @@ from cachebus.bus.protocol import (
     worst,
 )
 from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
-from cachebus.bus.sockets import configure, drain, plain
+from cachebus.bus.sockets import batches, configure, readable
 
 from .targets import MAX_ERROR, Leased, Target, adapt, describe_error, describe_traceback
 
@@ -278,8 +278,7 @@ class Subscriber:
         self._synced = asyncio.Event()
         self._context = context
         self._ctx: zmq.asyncio.Context | None = None
-        self._sub: zmq.asyncio.Socket | None = None
-        self._waiting: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -327,7 +326,9 @@ class Subscriber:
         # Made here, not when built: a context made before a fork is unusable in the child.
         self._ctx = self._context or zmq.asyncio.Context()
         try:
-            self._sub = self._ctx.socket(zmq.SUB)
+            # Plain sockets, watched by the loop directly (bus.sockets.batches): zmq.asyncio's
+            # future per receive was a large share of a worker's CPU per clear.
+            self._sub = zmq.Socket(self._ctx, zmq.SUB)
             # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
             # heartbeat timeout (zeromq/libzmq#4767); the service's heartbeats and the lease do the job.
             configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
@@ -335,7 +336,6 @@ class Subscriber:
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             self._sub.connect(self.publish)
             self._connected_at = time.monotonic()
-            self._waiting = plain(self._sub)
             # A plain socket, watched by the loop directly: every ack and heartbeat
             # goes out here, and zmq.asyncio's per-send future and extra loop pass
             # were a third of a subscriber's CPU with a thousand in one process.
@@ -387,7 +387,7 @@ class Subscriber:
         for sock in (self._dealer, self._sub):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
-        self._dealer = self._sub = self._waiting = None
+        self._dealer = self._sub = None
         if self._ctx is not None and self._context is None:
             self._ctx.term()
         self._ctx = None
@@ -408,7 +408,7 @@ class Subscriber:
         self.lease_until = None
         # Dropped, never closed: the sockets and context are the parent's, and using them here,
         # even to close them, is unsafe (pyzmq makes close and term no-ops in a child anyway).
-        self._sub = self._waiting = self._dealer = None
+        self._sub = self._dealer = None
         self._ctx = None
         self._tasks = []
 
@@ -422,14 +422,12 @@ class Subscriber:
     # --- commands from the PUB socket ---------------------------------------
 
     async def _commands(self) -> None:
-        sub, waiting = self._sub, self._waiting
-        assert sub is not None and waiting is not None
-        while True:
-            batch = [await sub.recv_multipart(copy=False)]
+        sub = self._sub
+        assert sub is not None
+        async for batch in batches(sub, _MAX_BATCH):
             if self._forked_from is not None:
                 return
             lapsed = not self.heard
-            batch += drain(waiting, _MAX_BATCH - 1)
             try:
                 messages = []
                 for frames in batch:
@@ -695,7 +693,7 @@ class Subscriber:
         when a send may have taken the signal for a reply that arrived meanwhile.
         """
         dealer = self._dealer
-        while dealer is not None and _readable(dealer):
+        while dealer is not None and readable(dealer):
             frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
@@ -720,7 +718,7 @@ class Subscriber:
             self._dealer.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             log.debug("back channel unavailable; %s dropped", msg.KIND.decode())
-        if _readable(self._dealer):
+        if readable(self._dealer):
             self._loop.call_soon(self._replies)
 
     @classmethod
@@ -759,11 +757,6 @@ def _reconnect(sock: zmq.Socket, endpoint: str) -> None:
     except zmq.ZMQError:
         pass  # the session already ended: a refused handshake
     sock.connect(endpoint)
-
-
-def _readable(sock: zmq.Socket) -> bool:
-    """Whether a message waits on ``sock`` (ZMQ_EVENTS is an int option; pyzmq types every option int | bytes)."""
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 class ThreadedSubscriber:
