@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cachebus.bus.protocol import PurgeOutcome
+from cachebus.bus.protocol import PurgeCause, PurgeOutcome
 from cachebus.metrics import MetricsHandler
 
 from .events import ClearAcked, ClearCompleted, ClearPublished, Event, EventLog, WorkerPurged, WorkerStateChanged
@@ -89,6 +90,9 @@ class ServiceMetrics:
         for phase in TIMED_PHASES:
             self.http_connections_timed_out.labels(phase.value)
         self.record = record
+        #: Children of labelled metrics looked up once, since every ack updates them.
+        self._latency_by_name: dict[str, Any] = {}
+        self._purges_by_cause = {cause: self.purges.labels(cause.value) for cause in PurgeCause}
         r.register(_StateCollector(record, events))
         events.listeners.append(self.observe)
 
@@ -97,19 +101,23 @@ class ServiceMetrics:
             case ClearPublished():
                 self.clears_published.inc()
             case ClearAcked(name=name, latency_ms=latency_ms, outcome=PurgeOutcome.OK):
-                self.ack_latency.labels(name).observe(latency_ms / 1000)
+                latency = self._latency_by_name.get(name)
+                if latency is None:  # labels() takes a lock and builds a key: once per name, not per ack
+                    latency = self._latency_by_name[name] = self.ack_latency.labels(name)
+                latency.observe(latency_ms / 1000)
             case ClearCompleted(complete=complete, expected=expected, duration_ms=duration_ms):
                 self.clears_completed.labels("complete" if complete else "timeout" if expected else "empty").inc()
                 if complete and duration_ms is not None:
                     self.all_acked.observe(duration_ms / 1000)
             case WorkerPurged(cause=cause, outcome=outcome, name=name):
                 self.acks_received.inc()
-                self.purges.labels(cause.value).inc()
+                self._purges_by_cause[cause].inc()
                 if outcome is PurgeOutcome.FAILED:
                     self.failed_purges.labels(name).inc()
             case WorkerStateChanged(name=name, state=WorkerState.FORGOTTEN):
                 # Series are per name, which many processes share: drop them with the last one.
                 if not any(worker.name == name for worker in self.record.workers()):
+                    self._latency_by_name.pop(name, None)
                     for metric in (self.ack_latency, self.failed_purges):
                         try:
                             metric.remove(name)
