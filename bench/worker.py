@@ -47,13 +47,14 @@ async def main() -> None:
     parser.add_argument("--acks", required=True)
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--keys-dir", default=DEFAULT_KEYS_DIR, help="the service's bus keys (CURVE)")
+    parser.add_argument("--insecure", action="store_true", help="no bus authentication (to measure CURVE's share)")
     args = parser.parse_args()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Subscriber([FullCache(args.entries)], name=args.name, publish=args.publish, acks=args.acks,
-                          keys_dir=args.keys_dir):
+                          keys_dir=args.keys_dir, insecure=args.insecure):
         await stop.wait()
 
 

@@ -12,6 +12,7 @@ misbehaving peer can neither stop the loop nor flood the log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ import zmq.asyncio
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import batches, configure
+from cachebus.bus.sockets import configure, drain, readable
 
 from .record import Peer, Record, RecordFull, Refused
 
@@ -58,12 +59,32 @@ class AckListener:
     async def run(self) -> None:
         """Handle worker messages until cancelled.
 
-        Messages already waiting are handled in one go, so a thousand acks
-        for one clear cost one trip through the event loop, not a thousand.
+        The loop calls :meth:`_on_readable` when the socket's FD signals, and it
+        handles every waiting message right there: no task to wake, no future
+        per message. Messages already waiting are handled in one go, so a
+        thousand acks for one clear cost one trip through the event loop, not a
+        thousand.
         """
-        async for batch in batches(self._socket, _MAX_BATCH):
-            for frames in batch:
-                self._handle_safely(frames)
+        loop = asyncio.get_running_loop()
+        fd = self._socket.FD
+        loop.add_reader(fd, self._on_readable)
+        loop.call_soon(self._on_readable)  # anything that arrived before the reader was added
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            loop.remove_reader(fd)
+
+    def _on_readable(self) -> None:
+        """Handle up to a batch of waiting messages; schedule the rest for the next loop turn.
+
+        ZeroMQ's FD is edge-triggered: everything readable is read now (a welcome
+        sent meanwhile may have taken the edge, so readiness is asked again).
+        """
+        batch = drain(self._socket, _MAX_BATCH)
+        for frames in batch:
+            self._handle_safely(frames)
+        if len(batch) == _MAX_BATCH or (batch and readable(self._socket)):
+            asyncio.get_running_loop().call_soon(self._on_readable)
 
     def _handle_safely(self, frames: list[zmq.Frame]) -> None:
         """Handle one message; whatever it raises is reported, and the loop goes on."""
