@@ -465,8 +465,9 @@ def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood:
     lines += [
         "",
         "The *tokens on tmpfs* columns rerun cachebus with its token files on `/dev/shm`, where an",
-        "fsync costs nothing: the difference between the two is the price of counting each call",
-        "durably (fsync of the token file and of its directory, before the clear is published).",
+        "fsync costs nothing: the difference between the two is what counting each call durably",
+        "still adds (the fsyncs of the token file and its directory run while the clear is on the",
+        "bus, and the answer waits for them).",
     ]
     lines += [
         "",
