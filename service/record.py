@@ -19,10 +19,11 @@ share, a role such as ``web``. Clears expect processes, and answers group them
 by name. Under ``gunicorn -w 3`` with one name, three processes are expected
 and listed, not one.
 
-A worker's hello binds its instance to the :class:`Peer` that sent it: the
-public key the bus authenticated (CURVE) and the connection's routing id.
-Acks and byes count only from that peer, heartbeats only from that key, so a
-worker can ack only as itself (docs/security.md).
+A worker's hello binds its instance to the public key the bus authenticated
+(CURVE) of the :class:`Peer` that sent it, and notes the connection's routing
+id for replies. Acks, byes and heartbeats count only from that key, so a
+worker can ack only as itself or as a process sharing its keypair
+(docs/security.md).
 
 An ack says whether the purge worked. A failed one is recorded and shown, but
 proves nothing: the clear counts the worker as purged only once an ack with
@@ -275,7 +276,7 @@ class WorkerEntry:
     stats: dict[str, Any] = field(default_factory=dict)
     #: The CURVE public key this worker said hello with (None without CURVE); its name is bound to it.
     key: str | None = None
-    #: The routing id of the connection its hello came on: acks and byes count only from there.
+    #: The routing id of the connection the worker last spoke on (hello, heartbeat, ack or bye).
     routing_id: bytes = field(default=b"", repr=False)
     #: When, and with what, the last ``worker.stats`` event went out.
     _stats_emitted_at: float = field(default=float("-inf"), repr=False)
@@ -305,11 +306,17 @@ class WorkerEntry:
         }
 
     def check_peer(self, peer: Peer, what: str) -> None:
-        """Raise :class:`Refused` unless ``peer`` is the connection and key this worker said hello on."""
+        """Raise :class:`Refused` unless ``peer`` holds the key this worker said hello with.
+
+        A message from another connection of that key moves the binding there,
+        as a heartbeat does: the worker's back channel reconnected, and its
+        first message on the new connection may well be an ack. (Refusing it
+        lost that clear's ack; and a process that holds the key could move the
+        binding with a heartbeat anyway, so the connection adds no protection.)
+        """
         if peer.key != self.key:
             raise Refused(f"{what} for worker {self.instance} with another key than its hello's")
-        if peer.routing_id != self.routing_id:
-            raise Refused(f"{what} for worker {self.instance} from another connection than its hello's")
+        self.routing_id = peer.routing_id
 
     def brief(self) -> dict[str, Any]:
         """Who and where the worker is, as answers list a missing or excluded one."""
@@ -586,7 +593,7 @@ class Record:
 
     def bye(self, msg: Bye, peer: Peer = Peer()) -> None:
         """A worker left cleanly: stop expecting it in new clears. Raises :class:`Refused`
-        for a bye from another connection or key than the instance's hello."""
+        for a bye with another key than the instance's hello."""
         worker = self._workers.get(msg.instance)
         if worker is not None and worker.name == msg.name:
             worker.check_peer(peer, "bye")

@@ -202,12 +202,10 @@ def test_the_record_binds_a_worker_to_the_key_and_connection_of_its_hello():
     record.hello(Hello(name="w1", instance="i1", host="h", pid=1, endpoint="", epoch="e", seq=0), alice)
     ack = Ack(name="w1", instance="i1", epoch="e", seq=1, clear_id="", dropped=0, purge_ms=0.0,
               cause=PurgeCause.CLEAR)
-    for peer, reason in ((mallory, "another key"), (Peer(routing_id=b"\x00\x03", key="A" * 40),
-                                                     "another connection")):
-        with pytest.raises(Refused, match=reason):
-            record.acked(ack, peer)
-        with pytest.raises(Refused, match=reason):
-            record.bye(Bye(name="w1", instance="i1"), peer)
+    with pytest.raises(Refused, match="another key"):
+        record.acked(ack, mallory)
+    with pytest.raises(Refused, match="another key"):
+        record.bye(Bye(name="w1", instance="i1"), mallory)
     with pytest.raises(Refused, match="belongs to another key"):
         record.hello(Hello(name="w1", instance="i2", host="h", pid=2, endpoint="", epoch="e", seq=0), mallory)
     # An instance that never said hello has nothing to credit, whoever sends its ack.
