@@ -32,6 +32,7 @@ import yaml
 
 from cachebus.bus.security import SERVICE_KEY, BusMode, ClientSecurity, ensure_keypair, load_public
 from cachebus.client import read_events
+from cachebus.workers.cache import Cache
 from cachebus.workers.content import copy_tree, demo_content
 
 #: Generous: a loaded 2-core CI machine can be slow, and waits end as soon as
@@ -515,3 +516,27 @@ def expected_names(clear: dict[str, Any]) -> list[str]:
     """The names of the worker processes a clear expected, sorted, one per process
     (a clear lists processes by id; tests start workers by name)."""
     return sorted(name for name, group in clear["groups"].items() for _ in range(group["expected"]))
+
+
+class FakeClock:
+    """A clock that moves only when told to, for the caches' and leases' ``clock``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FlakyCache(Cache):
+    """An application's cache whose purges raise while ``failing`` is set (its backing store is down)."""
+
+    failing = False
+
+    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
+        if self.failing:
+            raise RuntimeError("the backing store is down")
+        return super().clear(clear_id=clear_id, seq=seq)

@@ -12,23 +12,11 @@ from typing import Any
 
 import pytest
 
+from cachebus.testing import FakeClock
 from cachebus.workers.cache import Cache, Purgeable, cached
 
 STATS_KEYS = {"entries", "max_entries", "ttl", "hits", "misses", "hit_ratio", "evictions", "purges",
               "last_clear_id", "last_clear_seq", "last_purge_at", "bypass", "bypass_seconds"}
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_get_set_delete():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cachebus import Cache, ThreadedSubscriber
 from cachebus.client import ClearProgress, ack_line, progress_bar, worker_table
-from cachebus.testing import DEADLINE, Cluster, free_port, http_json, wait_for
+from cachebus.testing import DEADLINE, Cluster, FlakyCache, free_port, http_json, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -292,17 +292,6 @@ def test_what_proves_a_clear():
 # --- processes grouped by name, failed purges, excluded workers ---------------------------
 
 
-class Flaky(Cache):
-    """An application's cache whose purges raise while ``failing`` is set (its backing store is down)."""
-
-    failing = False
-
-    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
-        if self.failing:
-            raise RuntimeError("the backing store is down")
-        return super().clear(clear_id=clear_id, seq=seq)
-
-
 def test_processes_sharing_a_name_are_each_expected_and_listed_by_group(cluster: Cluster):
     start_with_workers(cluster, "w1")
     subscribers = [ThreadedSubscriber([Cache()], name="web", **cluster.subscriber_options()) for _ in range(2)]
@@ -332,7 +321,7 @@ def test_processes_sharing_a_name_are_each_expected_and_listed_by_group(cluster:
 
 def test_a_failed_purge_is_no_proof_and_names_the_error(cluster: Cluster):
     start_with_workers(cluster, "w1")
-    cache = Flaky()
+    cache = FlakyCache()
     subscriber = ThreadedSubscriber([cache], name="flaky", **cluster.subscriber_options())
     subscriber.start()
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from cachebus import Cache, ThreadedSubscriber
-from cachebus.testing import DEADLINE, Cluster, create_token, http, http_json, wait_for
+from cachebus.testing import DEADLINE, Cluster, FlakyCache, create_token, http, http_json, wait_for
 
 from .browser import Browser, find_chromium
 
@@ -395,17 +395,6 @@ async def test_the_index_lists_the_clear_route_s_configured_methods(http_client,
 # --- processes grouped by name, tokens, failed purges ------------------------------------
 
 
-class Flaky(Cache):
-    """An application's cache whose purges raise while ``failing`` is set (its backing store is down)."""
-
-    failing = False
-
-    def clear(self, *, clear_id: str | None = None, seq: int | None = None) -> int:
-        if self.failing:
-            raise RuntimeError("the backing store is down")
-        return super().clear(clear_id=clear_id, seq=seq)
-
-
 def is_red(browser: Browser, selector: str) -> bool:
     """Whether the element's text has the page's colour for what is lost or failed."""
     return browser.evaluate(f"""(() => {{
@@ -422,7 +411,7 @@ def is_red(browser: Browser, selector: str) -> bool:
 def test_processes_by_group_the_token_of_each_clear_and_failed_purges_in_red(cluster: Cluster, browser: Browser):
     cluster.start_service(settings=SETTINGS)
     cluster.start_worker("w1")
-    flaky = Flaky()
+    flaky = FlakyCache()
     options = cluster.subscriber_options()
     subscribers = [ThreadedSubscriber([Cache()], name="web", **options) for _ in range(2)]
     subscribers.append(ThreadedSubscriber([flaky], name="flaky", **options))

@@ -11,22 +11,9 @@ import cachetools
 import pytest
 
 from cachebus import LeasedMapping, cached
-from cachebus.testing import DEADLINE, Cluster, wait_for
+from cachebus.testing import DEADLINE, Cluster, FakeClock, wait_for
 from cachebus.workers.cache import Cache, Purgeable
 from cachebus.workers.subscriber import Leased, ThreadedSubscriber
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class PlainMapping(MutableMapping[Any, Any]):

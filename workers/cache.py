@@ -129,6 +129,61 @@ class ReadThrough:
         return loaded
 
 
+class LeaseHolder(ReadThrough):
+    """The lease and the generation, as :class:`Cache` and
+    :class:`~cachebus.workers.lease.LeasedMapping` both keep them.
+
+    A subclass calls :meth:`_init_lease` and sets ``_lock`` (held around every
+    access) and ``_clock`` (the clock ``until`` is measured on). With no lease
+    ever held the entries are trusted (standalone use). A renewal after a lapse
+    and a revoke bump the generation, so a value read before them is not stored.
+    """
+
+    _lock: threading.Lock
+    _clock: Callable[[], float]
+
+    def _init_lease(self) -> None:
+        self._generation = 0
+        # None: no lease is held, and the entries are trusted (standalone use).
+        self._lease: float | None = None
+        #: Seconds the lease spent lapsed, up to its last renewal.
+        self._lapsed_total = 0.0
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever what is stored may predate a clear: every clear, a revoke, a renewal
+        after a lapse (and for :class:`Cache`, entering bypass); see ``set``."""
+        with self._lock:
+            return self._generation
+
+    def hold_lease(self, until: float) -> None:
+        """Trust the entries until ``until`` (on this object's clock).
+
+        The bus subscriber renews the lease each time it hears the service. If
+        the previous lease had lapsed, entries may have missed a clear; the
+        caller must have cleared them before renewing.
+        """
+        with self._lock:
+            now = self._clock()
+            if self._lease_lapsed(now):
+                assert self._lease is not None
+                self._lapsed_total += now - self._lease
+                self._generation += 1
+            self._lease = until
+
+    def revoke_lease(self) -> None:
+        """Stop trusting the entries now, until :meth:`hold_lease` is called."""
+        with self._lock:
+            now = self._clock()
+            if self._lease is None or self._lease > now:
+                self._lease = now
+                self._generation += 1
+
+    def _lease_lapsed(self, now: float) -> bool:
+        """Whether a lease is held and has run out (or was revoked); the caller holds the lock."""
+        return self._lease is not None and now >= self._lease
+
+
 def cached(cache: ReadThrough,
            key: Callable[..., Hashable] | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function (sync or ``async def``) to read through ``cache``.
@@ -163,7 +218,7 @@ def cached(cache: ReadThrough,
     return decorate
 
 
-class Cache(ReadThrough):
+class Cache(LeaseHolder):
     """A thread-safe LRU cache with optional TTL, hit/miss stats and bypass.
 
     ``clock`` measures TTLs and time spent in bypass; it must never go
@@ -197,7 +252,7 @@ class Cache(ReadThrough):
         # (fixed TTL, clock never goes back), so re-inserting the key keeps
         # this sorted and expired entries can be popped from the front.
         self._expires: dict[Hashable, float] = {}
-        self._generation = 0
+        self._init_lease()
         self._hits = 0
         self._misses = 0
         self._evictions = 0
@@ -209,9 +264,6 @@ class Cache(ReadThrough):
         self._bypass_since = 0.0
         self._bypass_total = 0.0
         self._bypass_misses = 0
-        # None: no lease is held, and the cache trusts its entries (standalone use).
-        self._lease: float | None = None
-        self._lapsed_total = 0.0
 
     @property
     def max_entries(self) -> int:
@@ -222,39 +274,11 @@ class Cache(ReadThrough):
         return self._ttl
 
     @property
-    def generation(self) -> int:
-        """Changes on every clear and on entering bypass; see :meth:`set`."""
-        with self._lock:
-            return self._generation
-
-    @property
     def bypass(self) -> bool:
         """Whether the cache is bypassed (by :meth:`set_bypass` or a lapsed lease):
         ``get`` misses and ``set`` keeps nothing."""
         with self._lock:
             return self._untrusted(self._clock())
-
-    def hold_lease(self, until: float) -> None:
-        """Trust the entries until ``until`` (on this cache's clock).
-
-        The bus subscriber renews the lease each time it hears the service. If
-        the previous lease had lapsed, entries may have missed a clear; the
-        caller must have cleared them before renewing.
-        """
-        with self._lock:
-            now = self._clock()
-            if self._lease is not None and now >= self._lease:
-                self._lapsed_total += now - self._lease
-                self._generation += 1
-            self._lease = until
-
-    def revoke_lease(self) -> None:
-        """Stop trusting the entries now, until :meth:`hold_lease` is called."""
-        with self._lock:
-            now = self._clock()
-            if self._lease is None or self._lease > now:
-                self._lease = now
-                self._generation += 1
 
     @property
     def bypass_misses(self) -> int:
@@ -383,7 +407,8 @@ class Cache(ReadThrough):
             bypass_seconds = self._bypass_total + self._lapsed_total
             if self._bypass:
                 bypass_seconds += now - self._bypass_since
-            if self._lease is not None and now >= self._lease:
+            if self._lease_lapsed(now):
+                assert self._lease is not None
                 bypass_seconds += now - self._lease
             return {
                 "entries": len(self._data),
@@ -421,7 +446,7 @@ class Cache(ReadThrough):
         return value
 
     def _untrusted(self, now: float) -> bool:
-        return self._bypass or (self._lease is not None and now >= self._lease)
+        return self._bypass or self._lease_lapsed(now)
 
     def _remove(self, key: Hashable) -> bool:
         self._expires.pop(key, None)

@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Hashable, Iterator, MutableMapping
 from typing import Any
 
-from .cache import _ABSENT, ReadThrough, fork_safe_lock
+from .cache import _ABSENT, LeaseHolder, fork_safe_lock
 
 
-class LeasedMapping(ReadThrough):
+class LeasedMapping(LeaseHolder):
     """``mapping`` behind the same lease, clock and generation rules as :class:`~cachebus.workers.cache.Cache`.
 
     While no lease has ever been held the wrapper trusts its entries, as a
@@ -48,30 +48,7 @@ class LeasedMapping(ReadThrough):
         self._mapping = mapping
         self._clock = clock
         self._lock = fork_safe_lock(self)
-        self._generation = 0
-        # None: no lease is held, and the entries are trusted (standalone use).
-        self._lease: float | None = None
-
-    @property
-    def generation(self) -> int:
-        """Changes on every clear, revoke and renewal after a lapse; see :meth:`set`."""
-        with self._lock:
-            return self._generation
-
-    def hold_lease(self, until: float) -> None:
-        """Trust the entries until ``until``; after a lapse, the caller must have cleared them first."""
-        with self._lock:
-            if self._lease is not None and self._clock() >= self._lease:
-                self._generation += 1
-            self._lease = until
-
-    def revoke_lease(self) -> None:
-        """Stop trusting the entries now, until :meth:`hold_lease` is called."""
-        with self._lock:
-            now = self._clock()
-            if self._lease is None or self._lease > now:
-                self._lease = now
-                self._generation += 1
+        self._init_lease()
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value for ``key``, or ``default`` (always while the lease is lapsed)."""
@@ -140,4 +117,4 @@ class LeasedMapping(ReadThrough):
 
     def _lapsed(self) -> bool:
         """Whether the lease has run out or was revoked; the caller holds the lock."""
-        return self._lease is not None and self._clock() >= self._lease
+        return self._lease_lapsed(self._clock())
