@@ -273,13 +273,13 @@ class ClearHandler(BaseHandler):
             return
         api = self.service.settings.api.cache
         params = self.params()
-        credentials(params)
+        token, _ = credentials(params)
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
         counted = await self.authorize(params, consume=True)
         try:
             # Published as soon as the call is admitted: the count's fsync overlaps the bus.
-            clear = await self.service.publisher.publish_clear(token=credentials(params)[0])
+            clear = await self.service.publisher.publish_clear(token=token)
         finally:
             await self.durably(counted)  # 2xx still means counted durably, and published
         entry = self.service.record.clear(clear.id)
