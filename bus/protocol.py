@@ -455,8 +455,7 @@ class Codec:
         return hmac.new(self.key, b"\0".join((kind, version, sent, body)), hashlib.sha256).hexdigest().encode()
 
     def encode(self, msg: Message) -> list[bytes]:
-        # allow_nan=False: a receiver refuses NaN and Infinity, so the sender finds out at once.
-        body = json.dumps(msg.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+        body = _ENCODER.encode(msg.to_dict()).encode()
         signature = b""
         if self.key:
             sent = b"%.6f" % time.time()
@@ -503,6 +502,10 @@ class Codec:
                                 "too old to trust, or clocks disagree")
         if not self._recent.add(digest, sent_at, now):
             raise ProtocolError("repeated signature: a replayed message")
+
+#: One encoder for every body: json.dumps with options builds a new JSONEncoder per call.
+#: allow_nan=False: a receiver refuses NaN and Infinity, so the sender finds out at once.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 #: One decoder for every body: json.loads with hooks builds a new JSONDecoder per call.
 _DECODER = json.JSONDecoder(parse_constant=_parse_constant, parse_float=_parse_float, parse_int=_parse_int)

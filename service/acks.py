@@ -21,8 +21,9 @@ import zmq.asyncio
 
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.reader import Batch, Reader, send_now
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import configure, drain, readable
+from cachebus.bus.sockets import configure
 
 from .record import Peer, Record, RecordFull, Refused
 
@@ -45,12 +46,13 @@ class AckListener:
         self.welcome = welcome
         self.security = security
         self.peers = PeerLog(log)
-        # A plain socket, watched by the loop directly (see batches()), not a zmq.asyncio one.
+        # A plain socket, read from the loop's reader callback (bus.reader), not a zmq.asyncio one.
         self._socket = zmq.Socket(ctx, zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
         # No ROUTER_HANDOVER: a peer that sets a routing id already in use is
         # ignored, so no one can take over a worker's connection by its id.
         security.apply(self._socket)
+        self._reader = Reader(self._socket, self._on_batch, _MAX_BATCH)
 
     def bind(self) -> None:
         self._socket.bind(self.endpoint)
@@ -59,32 +61,20 @@ class AckListener:
     async def run(self) -> None:
         """Handle worker messages until cancelled.
 
-        The loop calls :meth:`_on_readable` when the socket's FD signals, and it
-        handles every waiting message right there: no task to wake, no future
-        per message. Messages already waiting are handled in one go, so a
-        thousand acks for one clear cost one trip through the event loop, not a
-        thousand.
+        The loop hands every waiting message to :meth:`_on_batch` when the
+        socket's FD signals: no task to wake, no future per message. Messages
+        already waiting are handled in one go, so a thousand acks for one clear
+        cost one trip through the event loop, not a thousand.
         """
-        loop = asyncio.get_running_loop()
-        fd = self._socket.FD
-        loop.add_reader(fd, self._on_readable)
-        loop.call_soon(self._on_readable)  # anything that arrived before the reader was added
+        self._reader.start()
         try:
             await asyncio.Future()  # until cancelled
         finally:
-            loop.remove_reader(fd)
+            self._reader.close()
 
-    def _on_readable(self) -> None:
-        """Handle up to a batch of waiting messages; schedule the rest for the next loop turn.
-
-        ZeroMQ's FD is edge-triggered: everything readable is read now (a welcome
-        sent meanwhile may have taken the edge, so readiness is asked again).
-        """
-        batch = drain(self._socket, _MAX_BATCH)
+    def _on_batch(self, batch: Batch) -> None:
         for frames in batch:
             self._handle_safely(frames)
-        if len(batch) == _MAX_BATCH or (batch and readable(self._socket)):
-            asyncio.get_running_loop().call_soon(self._on_readable)
 
     def _handle_safely(self, frames: list[zmq.Frame]) -> None:
         """Handle one message; whatever it raises is reported, and the loop goes on."""
@@ -121,7 +111,7 @@ class AckListener:
                 return
             self.record.hello(msg, peer)
             try:
-                self._socket.send_multipart([peer.routing_id, *self.codec.encode(welcome)], zmq.NOBLOCK)
+                send_now(self._socket, [peer.routing_id, *self.codec.encode(welcome)])
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)
         elif isinstance(msg, Ack):

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, Welcome, now
+from cachebus.bus.reader import send_now
 from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure
 
@@ -78,7 +79,7 @@ class Publisher:
     def _send(self, msg: Message) -> None:
         # PUB never blocks: at the high-water mark libzmq drops the message for
         # that subscriber, which then sees a gap. So a plain send is enough.
-        self._socket.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
+        send_now(self._socket, self.codec.encode(msg))
 
     def close(self) -> None:
         self._socket.close(linger=0)

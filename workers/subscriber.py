@@ -76,9 +76,9 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -101,8 +101,9 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     worst,
 )
+from cachebus.bus.reader import Batch, Reader, send_now
 from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
-from cachebus.bus.sockets import batches, configure, readable
+from cachebus.bus.sockets import configure
 
 from .targets import MAX_ERROR, Leased, Target, adapt, describe_error, describe_traceback
 
@@ -281,6 +282,8 @@ class Subscriber:
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._commands: Reader | None = None
+        self._replies: Reader | None = None
         self._tasks: list[asyncio.Task[None]] = []
         #: The pid :meth:`start` ran in, while started.
         self._started_pid: int | None = None
@@ -328,7 +331,7 @@ class Subscriber:
         # Made here, not when built: a context made before a fork is unusable in the child.
         self._ctx = self._context or zmq.asyncio.Context()
         try:
-            # Plain sockets, watched by the loop directly (bus.sockets.batches): zmq.asyncio's
+            # Plain sockets, read from the loop's reader callbacks (bus.reader): zmq.asyncio's
             # future per receive was a large share of a worker's CPU per clear.
             self._sub = zmq.Socket(self._ctx, zmq.SUB)
             # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
@@ -349,11 +352,11 @@ class Subscriber:
         except BaseException:
             self._close()
             raise
-        self._loop.add_reader(self._dealer.FD, self._replies)
-        self._tasks = [
-            asyncio.create_task(self._commands(), name=f"{self.name}-commands"),
-            asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeats"),
-        ]
+        self._commands = Reader(self._sub, self._on_commands, _MAX_BATCH)
+        self._replies = Reader(self._dealer, self._on_replies, _MAX_BATCH)
+        self._commands.start()
+        self._replies.start()
+        self._tasks = [asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeats")]
         self._started_pid = os.getpid()
         _started.add(self)
         log.info("subscriber %s (instance %s) listening to %s, acking to %s",
@@ -374,11 +377,14 @@ class Subscriber:
         _started.discard(self)
         for task in self._tasks:
             task.cancel()
+        for reader in (self._commands, self._replies):
+            pending = reader.close() if reader is not None else None
+            if pending is not None:
+                self._tasks.append(cast("asyncio.Task[None]", pending))
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._commands = self._replies = None
         if self._dealer is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(self._dealer.FD)
             self._send(Bye(name=self.name, instance=self.instance))
             self._dealer.close(linger=500)
         self._close()
@@ -423,26 +429,26 @@ class Subscriber:
 
     # --- commands from the PUB socket ---------------------------------------
 
-    async def _commands(self) -> None:
-        sub = self._sub
-        assert sub is not None
-        async for batch in batches(sub, _MAX_BATCH):
-            if self._forked_from is not None:
-                return
-            lapsed = not self.heard
+    def _on_commands(self, batch: Batch) -> Coroutine[Any, Any, None] | None:
+        """Decode a batch from the SUB socket; the coroutine that applies it (run eagerly by the reader)."""
+        if self._forked_from is not None:
+            return None
+        messages = []
+        for frames in batch:
             try:
-                messages = []
-                for frames in batch:
-                    try:
-                        messages.append(self.codec.decode([f.bytes for f in frames]))
-                    except ProtocolError as exc:
-                        self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
-                await self._handle(messages, lapsed)
-            except Exception as exc:
-                # A bug of ours (a target's failure never gets here): distrust the targets,
-                # so the next batch purges before they serve again.
-                self._distrust()
-                self.peers.failed(peer_address(batch[0][0]), exc)
+                messages.append(self.codec.decode([f.bytes for f in frames]))
+            except ProtocolError as exc:
+                self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
+        return self._handle_safely(messages, not self.heard, batch[0][0])
+
+    async def _handle_safely(self, messages: list[Message], lapsed: bool, first: zmq.Frame) -> None:
+        try:
+            await self._handle(messages, lapsed)
+        except Exception as exc:
+            # A bug of ours (a target's failure never gets here): distrust the targets,
+            # so the next batch purges before they serve again.
+            self._distrust()
+            self.peers.failed(peer_address(first), exc)
 
     def _distrust(self) -> None:
         """Stop trusting the targets now; the next command purges them before renewing the lease."""
@@ -702,16 +708,9 @@ class Subscriber:
 
     # --- replies on the DEALER socket ---------------------------------------
 
-    def _replies(self) -> None:
-        """Handle every reply waiting on the DEALER (the loop calls this when its FD signals).
-
-        ZeroMQ's FD is edge-triggered: it signals a change, not a level, so
-        everything readable is read now, and :meth:`_send` calls this again
-        when a send may have taken the signal for a reply that arrived meanwhile.
-        """
-        dealer = self._dealer
-        while dealer is not None and readable(dealer):
-            frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+    def _on_replies(self, batch: Batch) -> None:
+        """Handle the replies waiting on the DEALER: the service's welcomes."""
+        for frames in batch:
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
                 if isinstance(msg, Welcome):
@@ -730,13 +729,13 @@ class Subscriber:
         With no service connected the message is dropped: acks for an epoch
         the service no longer has would be ignored anyway.
         """
-        assert self._dealer is not None and self._loop is not None
+        assert self._dealer is not None
         try:
-            self._dealer.send_multipart(self.codec.encode(msg), zmq.NOBLOCK)
+            send_now(self._dealer, self.codec.encode(msg))
         except zmq.Again:
             log.debug("back channel unavailable; %s dropped", msg.KIND.decode())
-        if readable(self._dealer):
-            self._loop.call_soon(self._replies)
+        if self._replies is not None:
+            self._replies.kick()  # the send may have taken the edge of a welcome
 
     @classmethod
     def from_settings(cls, targets: Iterable[Any], path: str | os.PathLike[str] | None = None, *,
