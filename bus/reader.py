@@ -9,7 +9,7 @@ with every message already waiting, so one clear costs a worker one trip
 through the loop.
 
 ZeroMQ's FD is edge-triggered and a send on the same socket can take the
-edge, so readiness is asked with ZMQ_EVENTS after every batch and after every
+edge, so readiness is asked with ZMQ_EVENTS until a batch ends and after every
 send (:meth:`Reader.kick`).
 """
 
@@ -54,10 +54,26 @@ def drain(sock: zmq.Socket, limit: int) -> Batch:
     batch: Batch = []
     while len(batch) < limit and readable(sock):
         try:
-            batch.append(sock.recv_multipart(NOBLOCK, copy=False))
+            batch.append(recv_now(sock))
         except zmq.Again:  # pragma: no cover - EVENTS said a message was there
             break
     return batch
+
+
+def recv_now(sock: zmq.Socket) -> list[zmq.Frame]:
+    """The frames of one waiting message; :class:`zmq.Again` when none waits.
+
+    Each frame says whether more follow (``Frame.more``): ``recv_multipart``
+    asked ZMQ_RCVMORE with a getsockopt and an enum per frame, five per ack.
+    The rest of a message is there once its first frame is (ZeroMQ delivers
+    messages whole), so only the first receive can fail.
+    """
+    frame = sock.recv(NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def send_now(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -154,7 +170,12 @@ class Reader:
         return pending
 
     def kick(self) -> None:
-        """Call after a send on this socket: the send may have taken the edge of a message that arrived."""
+        """Call after every send on this socket: the send may have taken the edge of a message that arrived.
+
+        Draining until ZMQ_EVENTS says nothing waits re-arms the edge, so
+        without a send nothing more is asked: each question is a poll(2) in
+        libzmq.
+        """
         if self._loop is not None and readable(self.sock):
             self._loop.call_soon(self.on_readable)
 
@@ -171,7 +192,7 @@ class Reader:
             if self.pending is not None:
                 self.pending.add_done_callback(self._finished)
                 return
-        if len(batch) == self.limit or readable(self.sock):
+        if len(batch) == self.limit:
             self._loop.call_soon(self.on_readable)
 
     def _finished(self, pending: asyncio.Future[None]) -> None:

@@ -114,6 +114,7 @@ class AckListener:
                 send_now(self._socket, [peer.routing_id, *self.codec.encode(welcome)])
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)
+            self._reader.kick()
         elif isinstance(msg, Ack):
             self.record.acked(msg, peer)
         elif isinstance(msg, Bye):
