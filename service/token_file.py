@@ -345,6 +345,29 @@ def locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def try_lock(directory: Path) -> int | None:
+    """:func:`locked`'s lock taken without waiting: a descriptor for :func:`unlock`, or None
+    when another thread or process holds it. For the event loop, which never waits for a lock."""
+    with _directory(directory) as dir_fd:
+        fd = _open_lock_file(dir_fd, create=True)
+        if fd is None:  # pragma: no cover - created above, unless removed in between
+            raise TokenError(Refusal.UNKNOWN_TOKEN)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unlock(fd: int) -> None:
+    """Release a lock from :func:`try_lock` (from any thread)."""
+    os.close(fd)
+
+
 def write(path: Path, data: TokenData, before_rename: Callable[[Signature], None] | None = None) -> Signature:
     """Replace ``path`` with ``data`` atomically and durably; returns the new file's signature.
 

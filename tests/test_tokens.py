@@ -474,6 +474,10 @@ def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path)
             threads.append(threading.current_thread().name)
             super()._commit(token, tickets, admit)
 
+        def _wrote(self, token, data, signature) -> None:
+            threads.append(threading.current_thread().name)  # writes and fsyncs (the loop only stats and locks)
+            super()._wrote(token, data, signature)
+
     store = Recording(tokens)
 
     async def main() -> tuple[int, str]:
