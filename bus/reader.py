@@ -22,6 +22,8 @@ from typing import Any, cast
 
 import zmq
 
+from cachebus.eager import run_eagerly
+
 log = logging.getLogger("cachebus.bus")
 
 #: Plain ints: pyzmq's constants are enums, and every ``&`` or ``|`` on them
@@ -32,7 +34,7 @@ NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE) | NOBLOCK
 
 Batch = list[list[zmq.Frame]]
-#: A handler returns None when it is done, or a coroutine to finish (run eagerly, see :func:`run_eagerly`).
+#: A handler returns None when it is done, or a coroutine to finish (run eagerly: :func:`cachebus.eager.run_eagerly`).
 Handler = Callable[[Batch], Coroutine[Any, Any, None] | None]
 
 
@@ -87,52 +89,6 @@ def send_now(sock: zmq.Socket, frames: list[bytes]) -> None:
     last = len(frames) - 1
     for index, frame in enumerate(frames):
         sock.send(frame, NOBLOCK if index == last else _MORE)
-
-
-def run_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None] | None:
-    """Run ``coro`` now, up to its first real suspension: None if it finished, else a task for the rest.
-
-    A worker's purge is a coroutine because a target's ``clear`` may be async,
-    but nearly every target is synchronous, and a task per clear would cost a
-    trip through the loop. Python 3.12's eager tasks do the same; this is
-    Python 3.11. An exception ``coro`` raises before suspending propagates.
-    """
-    try:
-        awaited = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.ensure_future(_resume(coro, awaited))
-
-
-async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
-    """Drive ``coro`` from where :func:`run_eagerly` left it, as a task would.
-
-    ``awaited`` is what the coroutine yielded: an asyncio future it waits on,
-    or None for a bare yield (``asyncio.sleep(0)``). A cancellation of this
-    task is passed on to the future and so into ``coro``.
-    """
-    while True:
-        try:
-            if awaited is None:
-                await asyncio.sleep(0)
-            else:
-                awaited._asyncio_future_blocking = False
-                try:
-                    await asyncio.shield(awaited)
-                except asyncio.CancelledError:
-                    if not awaited.cancelled():
-                        raise
-                except Exception:
-                    pass
-        except asyncio.CancelledError as cancelled:
-            if awaited is not None and not awaited.done():
-                awaited.cancel()
-            awaited = coro.throw(cancelled)
-            continue
-        try:
-            awaited = coro.send(None)
-        except StopIteration:
-            return
 
 
 class Reader:

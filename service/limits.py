@@ -286,12 +286,14 @@ class LimitedHTTPServer(HTTPServer):
     def initialize(self, *args: Any, limits: HttpSettings = DEFAULT_LIMITS, metrics: ServiceMetrics | None = None,
                    **kwargs: Any) -> None:
         """``LimitedHTTPServer(app, limits=settings.http, metrics=…)``; other arguments are Tornado's."""
-        # Tornado's own header timer covers waiting and headers together; ours are
-        # tighter, so its stays only as a backstop. Its body timeout would log each
-        # slow client on a line of its own, so the body has our timer alone.
-        kwargs.update(max_header_size=limits.max_header_size,
-                      idle_connection_timeout=limits.idle_timeout + limits.header_timeout)
+        # No timer of Tornado's: each connection's _Deadline covers waiting, headers and
+        # body. Tornado's header timer, kept as a backstop until issue 14, wrapped every
+        # request's header read in gen.with_timeout: a future, a chain and two more
+        # callbacks per request. Its body timeout would log each slow client on a line
+        # of its own.
+        kwargs.update(max_header_size=limits.max_header_size)
         super().initialize(*args, **kwargs)
+        self.conn_params.header_timeout = None  # Tornado's own default is an hour
         self.limits = limits
         self.max_connections = max_connections(limits.max_connections)
         self.metrics = metrics

@@ -182,7 +182,8 @@ class ClearEntry:
     acked_count: int = 0
     #: How many of the expected workers' acks are failed purges not yet made good.
     failed_count: int = 0
-    _done: asyncio.Event | None = field(default=None, repr=False)
+    #: Futures of callers waiting for completion (see :meth:`Record.wait`), resolved True once complete.
+    waiters: list[asyncio.Future[bool]] = field(default_factory=list, repr=False)
 
     @property
     def expected(self) -> tuple[str, ...]:
@@ -191,15 +192,6 @@ class ClearEntry:
 
     def expects(self, worker: str) -> bool:
         return worker in self.membership.lookup
-
-    @property
-    def done(self) -> asyncio.Event:
-        """Set once every expected worker has acked."""
-        if self._done is None:
-            self._done = asyncio.Event()
-            if self.complete:
-                self._done.set()
-        return self._done
 
     def add_ack(self, ack: WorkerAck) -> bool:
         """Keep ``ack`` unless the worker already proved its purge; return whether it was kept.
@@ -218,8 +210,10 @@ class ClearEntry:
             else:
                 self.failed_count += 1
         self.acks[ack.worker] = ack
-        if self._done is not None and self.complete:
-            self._done.set()
+        if self.waiters and self.complete:
+            for waiter in self.waiters:
+                if not waiter.done():
+                    waiter.set_result(True)
         return True
 
     @property
@@ -659,9 +653,24 @@ class Record:
                 "last_seen": None}
 
     async def wait(self, entry: ClearEntry, timeout: float) -> bool:
-        """Wait until every expected worker acked ``entry`` with a successful purge; False on timeout."""
+        """Wait until every expected worker acked ``entry`` with a successful purge; False on timeout.
+
+        A future and a timer, not ``wait_for`` on an Event: that made a task
+        per ``wait=all`` request, and two more trips through the loop (issue 14).
+        """
+        if entry.complete:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        entry.waiters.append(waiter)
+        timer = loop.call_later(timeout, _resolve, waiter, False)
         try:
-            await asyncio.wait_for(entry.done.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            timer.cancel()
+            entry.waiters.remove(waiter)
+
+
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+from cachebus.eager import run_eagerly
+
 from . import token_file, token_rules
 from .token_file import Signature, UnreadableFile
 from .token_hash import password_verify
@@ -142,7 +144,8 @@ class TokenStore:
         self._parsed: dict[str, tuple[Signature, TokenData | None]] = {}
         # Group commit state, touched only on the event loop thread.
         self._queued: dict[str, list[_Ticket]] = {}
-        self._flushing: dict[str, asyncio.Future[None]] = {}
+        #: The tokens being written, each with the rest of its :meth:`_flush` (None while it starts).
+        self._flushing: dict[str, asyncio.Future[None] | None] = {}
         # Verifications under way, by verdict key: the same one asked again waits for it.
         self._verifying: dict[VerdictKey, asyncio.Future[bool]] = {}
         self._verifying_by_address: collections.Counter[str] = collections.Counter()
@@ -423,7 +426,12 @@ class TokenStore:
         """
         self._queued.setdefault(token, []).append(ticket)
         if token not in self._flushing:
-            self._flushing[token] = asyncio.ensure_future(self._flush(token))
+            # Eagerly: the checks on the loop admit the call before this returns, so
+            # neither a task step nor this coroutine's wake-up costs a trip through the loop.
+            self._flushing[token] = None
+            rest = run_eagerly(self._flush(token))
+            if rest is not None and token in self._flushing:
+                self._flushing[token] = rest
         assert ticket.admitted is not None
         await ticket.admitted
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import zmq
 
-from cachebus.bus.reader import Batch, Reader, readable, run_eagerly, send_now
+from cachebus.bus.reader import Batch, Reader, readable, send_now
+from cachebus.eager import run_eagerly
 
 
 def test_a_coroutine_that_never_waits_finishes_before_run_eagerly_returns():
