@@ -100,6 +100,21 @@ class PurgeOutcome(enum.StrEnum):
     FAILED = "failed"
 
 
+class OnSilence(enum.StrEnum):
+    """What a worker does with its caches once it has heard no service for a lease (``bus.on_silence``).
+
+    Not a message field: a worker reports its choice in its heartbeat's
+    stats, and the record shows it beside the worker.
+    """
+
+    #: Stop serving from the caches until the service is heard again and they are purged:
+    #: the guarantee's bound holds (the default).
+    BYPASS = "bypass"
+    #: Keep serving: the origin is spared during an outage, but the bound is lost until the
+    #: service is heard again (the worker purges then, and reports itself degraded meanwhile).
+    SERVE = "serve"
+
+
 def worst(current: PurgeCause | None, new: PurgeCause) -> PurgeCause:
     """The more telling of two causes that apply to one purge; ``current`` may be unset yet."""
     if current is None or new.rank > current.rank:

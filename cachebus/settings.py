@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.protocol import OnSilence
 from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, bus_mode
 
 #: Where a process looks for its settings when neither flag nor env names one.
@@ -161,6 +162,10 @@ class BusSettings:
     #: A worker's own secret key file; empty: <keys_dir>/workers/<worker name>.key_secret, made on first start.
     secret_key_file: str = ""
     max_workers: int = field(default=10_000, metadata=_check(_positive, "a positive count"))
+    #: A worker's choice once no service is heard for a lease: bypass its caches (the bound
+    #: holds) or keep serving them, degraded (see OnSilence and docs/delivery.md).
+    on_silence: str = field(default=OnSilence.BYPASS.value, metadata=_check(
+        lambda v: v in OnSilence.__members__.values(), " or ".join(OnSilence)))
 
     def problem(self) -> tuple[str, str] | None:
         """A contradiction between fields, as (field, what is wrong), or None."""

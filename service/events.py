@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cachebus.bus.protocol import PurgeCause, PurgeOutcome
+from cachebus.bus.protocol import OnSilence, PurgeCause, PurgeOutcome
 
 if TYPE_CHECKING:
     from .record import WorkerState
@@ -170,6 +170,8 @@ class WorkerJoined(RecordEvent):
     seq: int
     stats: dict[str, Any]
     key: str | None = None
+    on_silence: OnSilence = OnSilence.BYPASS
+    degraded: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.instance, "name": self.name, "instance": self.instance, "host": self.host,
@@ -177,7 +179,8 @@ class WorkerJoined(RecordEvent):
                 "last_seen": self.last_seen, "last_acked_seq": self.last_acked_seq,
                 "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
                 "last_outcome": self.last_outcome, "last_error": self.last_error,
-                "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key}
+                "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key,
+                "on_silence": self.on_silence, "degraded": self.degraded}
 
 
 @dataclass(slots=True)

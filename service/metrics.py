@@ -46,8 +46,14 @@ class _StateCollector(Collector):
                 workers.add_metric([state.value], counts[state])
         for (name, state_name), count in sorted(collections.Counter((w.name, w.state.value) for w in known).items()):
             by_name.add_metric([name, state_name], count)
+        degraded = GaugeMetricFamily("cachebus_worker_processes_degraded", "Worker processes whose caches may "
+                                     "serve without the bound (bus.on_silence: serve, and silent), by name",
+                                     labels=["name"])
+        for name, count in sorted(collections.Counter(w.name for w in known if w.degraded).items()):
+            degraded.add_metric([name], count)
         yield workers
         yield by_name
+        yield degraded
         yield GaugeMetricFamily("cachebus_event_stream_clients", "Open event streams", value=self.events.clients)
         yield CounterMetricFamily("cachebus_event_stream_dropped", "Event stream clients dropped for falling behind",
                                   value=self.events.dropped_clients)

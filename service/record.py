@@ -43,7 +43,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, PurgeOutcome, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.protocol import (
+    Ack,
+    Bye,
+    Clear,
+    Hello,
+    OnSilence,
+    PurgeCause,
+    PurgeOutcome,
+    WorkerHeartbeat,
+    WorkerIdentity,
+)
 
 from .events import (
     ClearAcked,
@@ -276,6 +286,19 @@ class WorkerEntry:
     _stats_emitted_at: float = field(default=float("-inf"), repr=False)
     _stats_emitted: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def on_silence(self) -> OnSilence:
+        """What the worker said its caches do once no service is heard (its heartbeats' stats)."""
+        return OnSilence.SERVE if self.stats.get("on_silence") == OnSilence.SERVE else OnSilence.BYPASS
+
+    @property
+    def degraded(self) -> bool:
+        """Whether its caches may serve without the bound: it said so, or it chose ``serve`` and
+        the service has not heard it for a while (suspect or lost: it may hear nobody either)."""
+        if self.on_silence is not OnSilence.SERVE or self.state in (WorkerState.LEFT, WorkerState.FORGOTTEN):
+            return False
+        return self.stats.get("degraded") is True or self.state in (WorkerState.SUSPECT, WorkerState.LOST)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.instance,
@@ -297,6 +320,8 @@ class WorkerEntry:
             "seq": self.seq,
             "stats": self.stats,
             "key": self.key,
+            "on_silence": self.on_silence,
+            "degraded": self.degraded,
         }
 
     def check_peer(self, peer: Peer, what: str) -> None:

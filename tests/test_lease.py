@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import random
+import signal
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import cachetools
 import pytest
+from prometheus_client import generate_latest
 
 from cachebus import LeasedMapping, cached
-from cachebus.testing import DEADLINE, Cluster, FakeClock, wait_for
+from cachebus.testing import DEADLINE, Cluster, FakeClock, http, wait_for
 from cachebus.workers.cache import Cache, Purgeable
+from cachebus.workers.metrics import worker_registry
 from cachebus.workers.subscriber import Leased, ThreadedSubscriber
 
 
@@ -222,3 +225,81 @@ def test_a_wrapped_ttl_cache_stops_serving_while_the_service_is_gone(cluster: Cl
         assert pages.get("page:/") == "fresh"
     finally:
         subscriber.stop()
+
+
+# --- bus.on_silence: serve ----------------------------------------------------------
+
+
+def test_with_on_silence_serve_the_caches_keep_serving_through_an_outage_and_are_purged_when_it_ends(
+        cluster: Cluster):
+    """The trade-off, end to end: no bypass while the service is gone, degraded and saying so;
+    the purge on its return still drops everything cached meanwhile."""
+    cluster.start_service()
+    cache = Cache()
+    pages = LeasedMapping({})
+    subscriber = ThreadedSubscriber([cache, pages], name="serve-app", on_silence="serve",
+                                    **cluster.subscriber_options())
+    subscriber.start()
+    try:
+        assert subscriber.wait_synced(DEADLINE)
+        assert subscriber.subscriber is not None
+        sub = subscriber.subscriber
+        cluster.wait_worker_live_named("serve-app")
+        cache.set("page:/", "before the outage")
+        pages["page:/"] = "before the outage"
+
+        assert cluster.service is not None
+        cluster.service.stop()
+        wait_for(lambda: sub.degraded, what="the subscriber to notice the silence")
+        # Still serving, and still storing: an outage does not send the fleet to its origin.
+        assert cache.get("page:/") == "before the outage" and pages.get("page:/") == "before the outage"
+        assert not cache.bypass
+        cache.set("page:/during", "cached during the outage")
+        assert cache.get("page:/during") == "cached during the outage"
+        stats = sub.stats()
+        assert (stats["on_silence"], stats["degraded"], stats["bypass"]) == ("serve", True, False)
+        metrics = generate_latest(worker_registry(cache, sub)).decode()
+        assert "cachebus_worker_degraded 1.0" in metrics
+
+        cluster.start_service()
+        wait_for(lambda: sub.trusted, what="the subscriber to hear the service again")
+        # Whatever was cached without the bound is gone before the caches are trusted again.
+        assert cache.get("page:/") is None and cache.get("page:/during") is None and "page:/" not in pages
+        assert not sub.degraded and sub.degraded_seconds > 0
+        assert sub.last_cause in ("reconnect", "epoch")
+        metrics = generate_latest(worker_registry(cache, sub)).decode()
+        assert "cachebus_worker_degraded 0.0" in metrics
+    finally:
+        subscriber.stop()
+
+
+def test_the_record_shows_a_silent_serving_worker_as_degraded_and_a_bypassing_one_not(cluster: Cluster):
+    cluster.start_service()
+    cluster.start_worker("w-serve", settings={"bus": {"on_silence": "serve"}})
+    cluster.start_worker("w-bypass")
+
+    def listed(name: str) -> dict[str, Any]:
+        return next(w for w in cluster.worker_list() if w["name"] == name)
+
+    wait_for(lambda: listed("w-serve")["on_silence"] == "serve", what="the worker's first heartbeat")
+    assert listed("w-bypass")["on_silence"] == "bypass"
+    assert not listed("w-serve")["degraded"]
+
+    frozen = [cluster.workers[name][0] for name in ("w-serve", "w-bypass")]
+    for proc in frozen:
+        proc.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: listed("w-serve")["state"] != "live" and listed("w-bypass")["state"] != "live",
+                 what="both frozen workers to go suspect")
+        assert listed("w-serve")["degraded"] is True  # it may be serving pre-clear entries right now
+        assert listed("w-bypass")["degraded"] is False  # it bypasses: the bound holds
+        status, _, body = http("GET", cluster.url + "/metrics")
+        assert status == 200
+        degraded = [line for line in body.decode().splitlines()
+                    if line.startswith("cachebus_worker_processes_degraded")]
+        assert degraded == ['cachebus_worker_processes_degraded{name="w-serve"} 1.0']
+    finally:
+        for proc in frozen:
+            proc.signal(signal.SIGCONT)
+    wait_for(lambda: listed("w-serve")["state"] == "live" and not listed("w-serve")["degraded"],
+             what="the thawed worker to be live and no longer degraded")

@@ -25,6 +25,7 @@ bus:
   secret_key_file: /etc/cachebus/web.key_secret
   recv_hwm: 500
   socket_buffer: 65536
+  on_silence: serve
   heartbeat_interval: 2.0
   liveness: 9
 worker:
@@ -48,7 +49,8 @@ def test_the_file_gives_the_bus_settings_and_the_name_but_not_the_lease_terms(se
     assert options(settings_file) == {
         "name": "web", "publish": "tcp://10.0.0.5:5556", "acks": "tcp://10.0.0.5:5557", "key": "",
         "insecure": False, "keys_dir": "/etc/cachebus/keys", "secret_key_file": "/etc/cachebus/web.key_secret",
-        "recv_hwm": 500, "socket_buffer": 65536}  # no heartbeat_interval, no liveness: the service's terms rule
+        "recv_hwm": 500, "socket_buffer": 65536,
+        "on_silence": "serve"}  # no heartbeat_interval, no liveness: the service's terms rule
 
 
 def test_keywords_beat_the_environment_which_beats_the_file(settings_file: Path):
@@ -66,10 +68,11 @@ def test_every_variable(tmp_path: Path):
     server_key = zmq.auth.load_certificate(server_public)[0].decode()
     environ = {"CACHEBUS_PUBLISH": "tcp://a:1", "CACHEBUS_ACKS": "tcp://a:2", "CACHEBUS_KEY": "shared-secret",
                "CACHEBUS_KEYS_DIR": "/k", "CACHEBUS_SERVER_KEY": server_key, "CACHEBUS_SECRET_KEY_FILE": "/k/me",
-               "CACHEBUS_NAME": "api", "CACHEBUS_RECV_HWM": "7"}
+               "CACHEBUS_NAME": "api", "CACHEBUS_RECV_HWM": "7", "CACHEBUS_ON_SILENCE": "serve"}
     assert options(None, environ) == {
         "name": "api", "publish": "tcp://a:1", "acks": "tcp://a:2", "key": "shared-secret", "insecure": False,
-        "keys_dir": "/k", "server_key": server_key, "secret_key_file": "/k/me", "recv_hwm": 7, "socket_buffer": 0}
+        "keys_dir": "/k", "server_key": server_key, "secret_key_file": "/k/me", "recv_hwm": 7, "socket_buffer": 0,
+        "on_silence": "serve"}
 
 
 @pytest.mark.parametrize(("value", "insecure"), [("1", True), ("true", True), ("YES", True), ("0", False),
@@ -104,6 +107,7 @@ def test_empty_variables_are_unset_and_overridden_ones_are_not_read(settings_fil
     ("CACHEBUS_PUBLISH", "10.0.0.5:5556", "bus.publish: expected a ZeroMQ endpoint like tcp://host:port"),
     ("CACHEBUS_ACKS", "http://10.0.0.5", "bus.acks: expected a ZeroMQ endpoint like tcp://host:port"),
     ("CACHEBUS_SERVER_KEY", "not-a-key", "expected the service's z85-encoded CURVE public key"),
+    ("CACHEBUS_ON_SILENCE", "stale", "bus.on_silence: expected bypass or serve, got 'stale'"),
 ])
 def test_a_bad_variable_is_one_line_naming_it(variable: str, value: str, says: str):
     with pytest.raises(SettingsError) as caught:

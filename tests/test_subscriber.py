@@ -35,6 +35,7 @@ from cachebus.bus.protocol import (
     Heartbeat,
     Hello,
     Message,
+    OnSilence,
     PurgeCause,
     PurgeOutcome,
     Welcome,
@@ -536,6 +537,12 @@ def test_a_bad_endpoint_is_refused_at_once():
     with pytest.raises(zmq.ZMQError, match=re.escape("tcp://127.0.0.1")):
         threaded.start()
     assert not [t for t in threading.enumerate() if t.name == "cachebus-subscriber-no-port"]
+
+
+def test_an_unknown_on_silence_is_refused_at_once():
+    with pytest.raises(ValueError, match="on_silence must be bypass or serve, not 'stale'"):
+        Subscriber([Cache()], on_silence="stale")
+    assert Subscriber([Cache()], on_silence="serve").on_silence is OnSilence.SERVE
 
 
 def test_start_gives_up_after_its_timeout_when_the_thread_never_reports(tmp_path: Path):

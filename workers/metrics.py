@@ -1,4 +1,5 @@
-"""The reference worker's Prometheus metrics: its cache's counters, its purges by cause, and failed purges.
+"""The reference worker's Prometheus metrics: its cache's counters, its purges by cause, failed purges,
+and time served degraded.
 
 Read from the cache and the subscriber when scraped, so serving reads costs
 nothing extra.
@@ -41,6 +42,13 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily("cachebus_worker_failing_targets",
                                 "Purge targets whose last clear raised; retried on every command and heartbeat",
                                 value=len(self.subscriber.failing))
+        yield GaugeMetricFamily("cachebus_worker_degraded",
+                                "1 while the caches serve without the bound: no service heard for a lease, "
+                                "and bus.on_silence is serve",
+                                value=int(self.subscriber.degraded))
+        yield CounterMetricFamily("cachebus_worker_degraded_seconds",
+                                  "Time the caches served without the bound (bus.on_silence: serve)",
+                                  value=self.subscriber.degraded_seconds)
 
 
 def worker_registry(cache: Cache, subscriber: Subscriber) -> CollectorRegistry:

@@ -13,8 +13,8 @@ repeats no endpoint or key by hand. Each option comes from the first of:
    working directory, may well be the application's own file.
 
 From the file it takes ``bus.publish``, ``bus.acks``, ``bus.key``, ``bus.insecure``,
-``bus.keys_dir``, ``bus.secret_key_file``, ``bus.recv_hwm``, ``bus.socket_buffer``
-and ``worker.name``. The lease terms (``heartbeat_interval``, ``liveness``) come
+``bus.keys_dir``, ``bus.secret_key_file``, ``bus.recv_hwm``, ``bus.socket_buffer``,
+``bus.on_silence`` and ``worker.name``. The lease terms (``heartbeat_interval``, ``liveness``) come
 from the service itself. A bad value raises :class:`~cachebus.settings.SettingsError`
 with one line that names the file and key, or the variable.
 
@@ -30,6 +30,7 @@ from typing import Any
 
 from zmq.utils import z85
 
+from cachebus.bus.protocol import OnSilence
 from cachebus.settings import CONFIG_ENV, Settings, SettingsError, load
 
 
@@ -86,6 +87,7 @@ ENV_VARS = (
     EnvVar("CACHEBUS_SECRET_KEY_FILE", "secret_key_file", "bus.secret_key_file"),
     EnvVar("CACHEBUS_NAME", "name", "worker.name"),
     EnvVar("CACHEBUS_RECV_HWM", "recv_hwm", "bus.recv_hwm", _integer),
+    EnvVar("CACHEBUS_ON_SILENCE", "on_silence", "bus.on_silence"),
 )
 
 
@@ -130,6 +132,7 @@ def subscriber_options(settings: Settings, *, environ: Mapping[str, str] = os.en
         "secret_key_file": bus.secret_key_file or None,
         "recv_hwm": bus.recv_hwm,
         "socket_buffer": bus.socket_buffer,
+        "on_silence": OnSilence(bus.on_silence),
         **found,
         **overrides,
     }

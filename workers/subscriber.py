@@ -69,6 +69,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -94,6 +95,7 @@ from cachebus.bus.protocol import (
     Hello,
     LeaseTerms,
     Message,
+    OnSilence,
     ProtocolError,
     PurgeCause,
     PurgeOutcome,
@@ -228,6 +230,7 @@ class Subscriber:
         liveness: int | None = None,
         recv_hwm: int = 10_000,
         socket_buffer: int = 0,
+        on_silence: OnSilence | str = OnSilence.BYPASS,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         self._targets: list[Target] = adapt(targets)
@@ -260,6 +263,13 @@ class Subscriber:
             "secret_key_file": secret_key_file}
         self.security = ClientSecurity(self.mode)
         self.recv_hwm = recv_hwm
+        if on_silence not in OnSilence.__members__.values():
+            raise ValueError(f"on_silence must be {' or '.join(OnSilence)}, not {on_silence!r}")
+        #: What the targets do once the service is silent for a lease (``bus.on_silence``).
+        self.on_silence = OnSilence(on_silence)
+        #: Seconds spent degraded (serving with no service heard) up to the last time it was heard again.
+        self._degraded_total = 0.0
+        self._warned_degraded = False
         self.socket_buffer = socket_buffer
         #: time.monotonic() until which the service counts as heard; None before the first message.
         self.lease_until: float | None = None
@@ -313,8 +323,26 @@ class Subscriber:
 
     @property
     def trusted(self) -> bool:
-        """True while the targets may serve: the service was heard within a lease and no target is failing."""
+        """True while the targets may serve within the bound: the service was heard within a lease and
+        no target is failing."""
         return self.heard and not self.failing
+
+    @property
+    def degraded(self) -> bool:
+        """True while the targets serve without the bound: ``on_silence`` is ``serve``, the service was
+        heard once, and not within the last lease."""
+        return self.on_silence is OnSilence.SERVE and self.lease_until is not None and not self.heard
+
+    @property
+    def serving(self) -> bool:
+        """True while the targets serve from their entries, within the bound or (degraded) without it."""
+        return (self.heard or self.degraded) and not self.failing
+
+    @property
+    def degraded_seconds(self) -> float:
+        """Seconds this subscriber has served degraded, including now."""
+        ongoing = time.monotonic() - self.lease_until if self.degraded and self.lease_until is not None else 0.0
+        return self._degraded_total + ongoing
 
     async def start(self) -> None:
         """Connect both sockets and start listening. In a forked child, raises :class:`ForkedSubscriberError`."""
@@ -479,6 +507,9 @@ class Subscriber:
             if self.lease_until is not None:
                 log.warning("heard the service again after %.1f s of silence: purging",
                             time.monotonic() - self.lease_until + self.lease_seconds)
+                if self.on_silence is OnSilence.SERVE:
+                    self._degraded_total += max(0.0, time.monotonic() - self.lease_until)
+                    self._warned_degraded = False
         for msg in commands:
             if isinstance(msg, Heartbeat):
                 self._follow_terms(msg)
@@ -548,8 +579,11 @@ class Subscriber:
         self.lease_until = until
         if self.failing:
             return
+        # With on_silence: serve, silence never stops the targets; a lapse still purges them
+        # when the service is heard again (_handle), and a failing target still withdraws them.
+        held = until if self.on_silence is OnSilence.BYPASS else math.inf
         for target in self._leased_targets:
-            target.hold_lease(until)
+            target.hold_lease(held)
 
     async def _heartbeats(self) -> None:
         """Tell the service we are alive, while we hear it (also while a target fails: the acks say so).
@@ -568,6 +602,11 @@ class Subscriber:
                 return
             if self.lease_until is None:
                 self._never_heard()
+            elif self.degraded and not self._warned_degraded:
+                self._warned_degraded = True
+                log.warning("no service heard for %.1f s: serving from the caches without the bound "
+                            "(bus.on_silence: serve) until it is heard again", self.degraded_seconds
+                            + self.lease_seconds)
             if self.epoch is not None and self.heard and self._unwelcomed():
                 continue
             if self.epoch is not None and self.heard:
@@ -624,7 +663,9 @@ class Subscriber:
     def stats(self) -> dict[str, Any]:
         """What each heartbeat tells the service: purges, failures, and the targets' summed counters."""
         totals: dict[str, Any] = {"purges": self.purges, "last_purge_cause": self.last_cause,
-                                  "bypass": not self.trusted, "failing": bool(self.failing),
+                                  "bypass": not self.serving, "on_silence": self.on_silence,
+                                  "degraded": self.degraded, "degraded_seconds": round(self.degraded_seconds, 3),
+                                  "failing": bool(self.failing),
                                   "failing_targets": len(self.failing), "purge_failures": self.purge_failures}
         for target in self._targets:
             if target.stats is not None:
