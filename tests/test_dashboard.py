@@ -9,6 +9,7 @@ worker, a restarted service). Screenshots at a desktop and a phone size go to
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -488,3 +489,35 @@ def test_processes_by_group_the_token_of_each_clear_and_failed_purges_in_red(clu
     finally:
         for subscriber in subscribers:
             subscriber.stop()
+
+
+def test_a_serving_worker_that_goes_silent_is_marked_degraded(cluster: Cluster, browser: Browser):
+    """bus.on_silence: serve trades the bound for availability; the dashboard says where it was traded."""
+    cluster.start_service(settings=SETTINGS)
+    cluster.start_worker("w-serve", settings={"bus": {"on_silence": "serve"}})
+    cluster.start_worker("w-bypass")
+    wait_for(lambda: any(w["name"] == "w-serve" and w["on_silence"] == "serve" for w in cluster.worker_list()),
+             what="w-serve's first heartbeat")
+
+    browser.navigate(cluster.url + "/dashboard")
+    log_in(browser, cluster.token, cluster.access_token)
+    badge = "#workers tr[data-name=w-serve] [data-degraded=true]"
+    state = "#workers tr[data-name={}] [data-field=state]"
+    browser.wait_for(f"document.querySelector({js(state.format('w-bypass'))}) !== null", what="the worker rows")
+    assert browser.evaluate(f"document.querySelector({js(badge)}) === null")
+
+    frozen = [cluster.workers[name][0] for name in ("w-serve", "w-bypass")]
+    for proc in frozen:
+        proc.signal(signal.SIGSTOP)
+    try:
+        browser.wait_for(f"document.querySelector({js(badge)}) !== null", what="w-serve marked degraded")
+        assert browser.evaluate(f"document.querySelector({js(badge)}).textContent") == "degraded"
+        browser.wait_for(f"document.querySelector({js(state.format('w-bypass'))}).dataset.state !== 'live'",
+                         what="w-bypass to go suspect")
+        # Silent too, but it bypasses its caches: the bound holds, nothing to flag.
+        assert browser.evaluate("document.querySelector('#workers tr[data-name=w-bypass] [data-degraded]')"
+                                " === null")
+    finally:
+        for proc in frozen:
+            proc.signal(signal.SIGCONT)
+    browser.wait_for(f"document.querySelector({js(badge)}) === null", what="w-serve live again, not degraded")

@@ -451,6 +451,14 @@
     return (value / 1000).toFixed(2) + " s";
   }
 
+  // As the record decides it: a worker that chose to keep serving when it hears no service
+  // (bus.on_silence: serve) and said it is degraded, or that the service no longer hears.
+  function isDegraded(w) {
+    const stats = w.stats && typeof w.stats === "object" ? w.stats : {};
+    if (stats.on_silence !== "serve" || w.state === STATE.LEFT) return false;
+    return stats.degraded === true || w.state === STATE.SUSPECT || w.state === STATE.LOST;
+  }
+
   function ratio(value) {
     return typeof value === "number" ? (value * 100).toFixed(1) + " %" : "–";
   }
@@ -479,6 +487,12 @@
         const td = cell("state", "State");
         td.dataset.state = w.state;
         td.append(el("span", { "class": "badge", "data-state": w.state }, w.state));
+        if (isDegraded(w)) {
+          td.append(" ", el("span", { "class": "badge degraded-note", "data-degraded": "true",
+                                      "title": "bus.on_silence is serve: its caches may be serving entries a " +
+                                               "clear should have dropped, until it hears the service again" },
+                            "degraded"));
+        }
         return td;
       })(),
       cell("host", "Host", dash(w.host)),
