@@ -400,8 +400,37 @@ class Welcome(LeaseTerms):
     seq: int
 
 
+# --- A relay and the service (docs/scale-out.md) ---------------------------------
+
+
+@dataclass(frozen=True)
+class Relayed(Message):
+    """A relay's envelope on the ack channel: ``items`` of its workers' own messages follow it.
+
+    Each item is :data:`RELAYED_ITEM_FRAMES` frames: the worker's routing tag at
+    the relay, the worker's CURVE public key as the relay's ZAP check
+    authenticated it (z85, or empty without CURVE), then the worker's message,
+    unchanged (kind, version, signature, body). See :meth:`Codec.decode_relayed`.
+    """
+
+    KIND: ClassVar[bytes] = b"relayed"
+    relay: str
+    items: int
+
+
+#: The first frame of the service's answer to one relayed worker: ``[RELAYED_REPLY, tag, *message]``.
+RELAYED_REPLY = b"relayed-reply"
+RELAYED_ITEM_FRAMES = 6
+#: Most items in one envelope: a relay batches a host's acks of one clear, and hosts run far fewer processes.
+MAX_RELAYED_ITEMS = 1024
+#: Longest routing tag a relay may use for one of its workers (ZeroMQ's own routing ids are 5 bytes).
+MAX_RELAYED_TAG = 64
+#: The messages a relay forwards for its workers.
+RELAYABLE = frozenset({b"hello", b"ack", b"worker_heartbeat", b"bye"})
+
+
 MESSAGE_TYPES: dict[bytes, type[Message]] = {
-    cls.KIND: cls for cls in (Clear, Heartbeat, Hello, Ack, WorkerHeartbeat, Bye, Welcome)
+    cls.KIND: cls for cls in (Clear, Heartbeat, Hello, Ack, WorkerHeartbeat, Bye, Welcome, Relayed)
 }
 
 
@@ -499,6 +528,41 @@ class Codec:
         if self.key:
             self._verify(kind, version, signature, body)
         return cls.from_dict(_parse_body(body))
+
+    def encode_relayed(self, relay: str, items: Sequence[tuple[bytes, bytes, Sequence[bytes]]]) -> list[bytes]:
+        """A relay's envelope of ``items``, each (routing tag, worker key or b"", the worker's frames)."""
+        frames = self.encode(Relayed(relay=relay, items=len(items)))
+        for tag, key, message in items:
+            frames += [tag, key, *message]
+        return frames
+
+    def decode_relayed(self, frames: Sequence[bytes]) -> tuple[Relayed, list[tuple[bytes, str | None, list[bytes]]]]:
+        """The envelope and its items, each (tag, worker key or None, the worker's four frames, not
+        yet decoded), or :class:`ProtocolError` for the envelope as a whole.
+
+        An item's own message is decoded by the caller with :meth:`decode`, so one bad
+        item is refused alone and never costs its batch mates their acks.
+        """
+        if len(frames) < 4:
+            raise ProtocolError(f"expected at least 4 frames, got {len(frames)}")
+        header = self.decode(frames[:4])
+        if not isinstance(header, Relayed):
+            raise ProtocolError(f"expected a relayed envelope, got {header.KIND.decode()}")
+        rest = frames[4:]
+        if not 1 <= header.items <= MAX_RELAYED_ITEMS or len(rest) != header.items * RELAYED_ITEM_FRAMES:
+            raise ProtocolError(f"relayed: {len(rest)} frames for {header.items} items "
+                                f"(at most {MAX_RELAYED_ITEMS} items of {RELAYED_ITEM_FRAMES} frames)")
+        items = []
+        for start in range(0, len(rest), RELAYED_ITEM_FRAMES):
+            tag, key, *message = (bytes(frame) for frame in rest[start:start + RELAYED_ITEM_FRAMES])
+            if not 1 <= len(tag) <= MAX_RELAYED_TAG:
+                raise ProtocolError(f"relayed: a routing tag of {len(tag)} bytes (1 to {MAX_RELAYED_TAG})")
+            if key and (len(key) != 40 or not key.isascii() or not key.decode().isprintable()):
+                raise ProtocolError("relayed: a worker key that is not a z85 CURVE public key")
+            if message[0] not in RELAYABLE:
+                raise ProtocolError("relayed: a relay forwards only hellos, acks, worker heartbeats and byes")
+            items.append((tag, key.decode() if key else None, message))
+        return header, items
 
     def _verify(self, kind: bytes, version: bytes, signature: bytes, body: bytes) -> None:
         """Check the signature, then that the message is fresh and new (after the

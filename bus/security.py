@@ -49,6 +49,8 @@ DEFAULT_KEYS_DIR = "var/keys"
 SERVICE_KEY = "service"
 #: The allow-list, under the keys directory: one ``<name>.key`` public key file per worker.
 WORKERS_DIR = "workers"
+#: Under keys_dir: the public keys of relays, which may speak for the workers below them.
+RELAYS_DIR = "relays"
 #: The ZAP domain of both service sockets; the authenticator answers for it alone.
 ZAP_DOMAIN = "cachebus"
 
@@ -212,16 +214,26 @@ class AllowList:
         """Whether the client with z85 public ``key`` may connect. Never raises: a
         raise would stop pyzmq's ZAP task, and with it every new connection."""
         try:
-            self._refresh(force=False)
-            if key not in self._keys and time.monotonic() - self._scanned_at >= self.rescan_interval:
-                self._refresh(force=True)
-            if key in self._keys:
+            if self.knows(key):
                 return True
             self.peers.report(f"key {key.decode(errors='replace')[:40]}", Trouble.REFUSED,
                               f"public key not in the allow-list {self.directory}")
         except Exception as exc:
             self.peers.report("the allow-list", Trouble.FAILED, f"{type(exc).__name__}: {exc}", exc_info=exc)
         return False
+
+    def knows(self, key: bytes) -> bool:
+        """Whether ``key`` is in the list, reading the directory again as :meth:`callback` does;
+        says nothing of a key it does not know."""
+        self._refresh(force=False)
+        if key not in self._keys and time.monotonic() - self._scanned_at >= self.rescan_interval:
+            self._refresh(force=True)
+        return key in self._keys
+
+    def name_of(self, key: bytes) -> str | None:
+        """The name of a key file holding ``key`` (the first, if several do)."""
+        names = self._keys.get(key)
+        return min(names) if names else None
 
     def owner(self, name: str) -> str | None:
         """The z85 key of ``<name>.key`` in the allow-list, if there is such a file: the
@@ -258,6 +270,8 @@ class ServiceSecurity:
         self.keys_dir = keys_dir
         self.keypair: Keypair | None = None
         self.allow_list: AllowList | None = None
+        #: Relays' public keys (docs/scale-out.md): they may connect, and speak for the workers below them.
+        self.relays: AllowList | None = None
         self._authenticator: AsyncioAuthenticator | None = None
         if mode is BusMode.CURVE:
             try:
@@ -268,6 +282,7 @@ class ServiceSecurity:
             if created:
                 log.info("created the service's bus keypair in %s", keys_dir)
             self.allow_list = AllowList(keys_dir / WORKERS_DIR, peers)
+            self.relays = AllowList(keys_dir / RELAYS_DIR, peers)
 
     @property
     def authenticates(self) -> bool:
@@ -277,6 +292,16 @@ class ServiceSecurity:
     def owner(self, name: str) -> str | None:
         """The key a worker name is reserved for (``workers/<name>.key``), if any."""
         return self.allow_list.owner(name) if self.allow_list is not None else None
+
+    def relay_name(self, key: str | None) -> str | None:
+        """The name of the relay whose key is ``key`` (``relays/<name>.key``), or None for any other key."""
+        if self.relays is None or key is None or not self.relays.knows(key.encode()):
+            return None
+        return self.relays.name_of(key.encode())
+
+    def allows_worker(self, key: str | None) -> bool:
+        """Whether a worker with ``key`` would be allowed to connect here itself (``workers/``)."""
+        return self.allow_list is not None and key is not None and self.allow_list.knows(key.encode())
 
     def apply(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE server that asks the authenticator about every client."""
@@ -298,7 +323,8 @@ class ServiceSecurity:
             return
         self._authenticator = AsyncioAuthenticator(ctx, log=logging.getLogger("cachebus.zap"))
         self._authenticator.start()
-        self._authenticator.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow_list)
+        self._authenticator.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_WorkersOrRelays(
+            self.allow_list, self.relays))
         log.info("bus security: curve; service public key %s, workers allowed by the key files in %s",
                  self.keypair.public_file if self.keypair else "?", self.allow_list.directory)
 
@@ -306,6 +332,22 @@ class ServiceSecurity:
         if self._authenticator is not None:
             self._authenticator.stop()
             self._authenticator = None
+
+
+class _WorkersOrRelays:
+    """The ZAP check: a worker's key, or a relay's. Only an unknown key is reported (by the workers' list)."""
+
+    def __init__(self, workers: AllowList, relays: AllowList | None) -> None:
+        self.workers = workers
+        self.relays = relays
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            if self.relays is not None and self.relays.knows(key):
+                return True
+        except Exception:  # never raise into pyzmq's ZAP task; the workers' list reports
+            pass
+        return self.workers.callback(domain, key)
 
 
 # --- a worker's side -------------------------------------------------------------

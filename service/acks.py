@@ -13,6 +13,7 @@ misbehaving peer can neither stop the loop nor flood the log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -20,7 +21,18 @@ import zmq
 import zmq.asyncio
 
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
-from cachebus.bus.protocol import Ack, Bye, Codec, ProtocolError, Welcome, WorkerHeartbeat, WorkerIdentity
+from cachebus.bus.protocol import (
+    RELAYED_REPLY,
+    Ack,
+    Bye,
+    Codec,
+    Message,
+    ProtocolError,
+    Relayed,
+    Welcome,
+    WorkerHeartbeat,
+    WorkerIdentity,
+)
 from cachebus.bus.reader import Batch, Reader, send_now
 from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure
@@ -78,23 +90,66 @@ class AckListener:
 
     def _handle_safely(self, frames: list[zmq.Frame]) -> None:
         """Handle one message; whatever it raises is reported, and the loop goes on."""
+        self._safely(lambda: self._handle(frames), self._sender(frames))
+
+    def _safely(self, handle: Callable[[], None], sender: str) -> None:
         try:
-            self._handle(frames)
+            handle()
         except RecordFull as exc:
             # One line for all peers: a full record is one condition, however many knock.
             self.peers.report("any new worker", Trouble.REFUSED, str(exc))
         except Refused as exc:
-            self._report(frames, Trouble.REFUSED, str(exc))
+            self.peers.report(sender, Trouble.REFUSED, str(exc))
+        except ProtocolError as exc:
+            self.peers.report(sender, Trouble.UNDECODABLE, str(exc))
         except Exception as exc:
-            self.peers.failed(self._sender(frames), exc)
+            self.peers.failed(sender, exc)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) > 1 and frames[1].bytes == Relayed.KIND:
+            self._handle_relayed(frames)
+            return
         try:
             msg = self.codec.decode([f.bytes for f in frames[1:]])
         except ProtocolError as exc:
             self._report(frames, Trouble.UNDECODABLE, str(exc))
             return
         peer = self._peer(frames)
+        routing_id = peer.routing_id
+        self._apply(msg, peer, lambda reply: send_now(self._socket, [routing_id, *reply]))
+
+    def _handle_relayed(self, frames: list[zmq.Frame]) -> None:
+        """A relay's envelope: each worker's own message, applied as if the worker had sent it here.
+
+        Only a relay's key (``keys_dir/relays/``) may send one. Each item counts
+        for the key the relay authenticated, which must be a worker's key here
+        too; one bad item is refused alone (docs/scale-out.md).
+        """
+        relay = self._peer(frames)
+        via = self.security.relay_name(relay.key) if self.security.authenticates else None
+        if self.security.authenticates and via is None:
+            raise Refused("a relayed envelope from a key that is not a relay's (keys_dir/relays/)")
+        try:
+            header, items = self.codec.decode_relayed([f.bytes for f in frames[1:]])
+        except ProtocolError as exc:
+            self._report(frames, Trouble.UNDECODABLE, str(exc))
+            return
+        via = via or header.relay
+        for tag, key, message in items:
+            sender = f"{self._sender(frames)} for {tag[:16].hex()} via relay {via}"
+            self._safely(functools.partial(self._relayed_item, relay, via, tag, key, message), sender)
+
+    def _relayed_item(self, relay: Peer, via: str, tag: bytes, key: str | None, message: list[bytes]) -> None:
+        msg = self.codec.decode(message)  # a ProtocolError is reported by _safely, for this item alone
+        if self.security.authenticates and not self.security.allows_worker(key):
+            raise Refused("a relayed worker whose key is not in keys_dir/workers/")
+        peer = Peer(routing_id=relay.routing_id + b"/" + tag, key=key if self.security.authenticates else None,
+                    via=via)
+        routing_id = relay.routing_id
+        self._apply(msg, peer, lambda reply: send_now(self._socket, [routing_id, RELAYED_REPLY, tag, *reply]))
+
+    def _apply(self, msg: Message, peer: Peer, reply: Callable[[list[bytes]], None]) -> None:
+        """One worker message into the record; ``reply`` sends the welcome a hello gets."""
         if isinstance(msg, WorkerIdentity):
             welcome = self.welcome()
             if msg.epoch != welcome.epoch:
@@ -111,7 +166,7 @@ class AckListener:
                 return
             self.record.hello(msg, peer)
             try:
-                send_now(self._socket, [peer.routing_id, *self.codec.encode(welcome)])
+                reply(self.codec.encode(welcome))
             except zmq.Again:
                 log.warning("could not welcome worker %s: its queue is full", msg.name)
             self._reader.kick()
@@ -120,7 +175,7 @@ class AckListener:
         elif isinstance(msg, Bye):
             self.record.bye(msg, peer)
         else:
-            self._report(frames, Trouble.UNDECODABLE, f"unexpected {msg.KIND.decode()} message on the ack channel")
+            raise ProtocolError(f"unexpected {msg.KIND.decode()} message on the ack channel")
 
     def _peer(self, frames: list[zmq.Frame]) -> Peer:
         """The sender as the transport vouches for it: its connection, and with CURVE its key."""

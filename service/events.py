@@ -172,6 +172,7 @@ class WorkerJoined(RecordEvent):
     key: str | None = None
     on_silence: OnSilence = OnSilence.BYPASS
     degraded: bool = False
+    via: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.instance, "name": self.name, "instance": self.instance, "host": self.host,
@@ -180,7 +181,7 @@ class WorkerJoined(RecordEvent):
                 "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
                 "last_outcome": self.last_outcome, "last_error": self.last_error,
                 "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key,
-                "on_silence": self.on_silence, "degraded": self.degraded}
+                "on_silence": self.on_silence, "degraded": self.degraded, "via": self.via}
 
 
 @dataclass(slots=True)

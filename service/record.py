@@ -100,6 +100,8 @@ class Peer:
     routing_id: bytes = b""
     #: The sender's z85 CURVE public key, as ZAP authenticated it; None without CURVE.
     key: str | None = None
+    #: The relay the message came through (docs/scale-out.md); empty when the worker is connected directly.
+    via: str = ""
 
 
 class Refused(Exception):
@@ -282,6 +284,8 @@ class WorkerEntry:
     key: str | None = None
     #: The routing id of the connection the worker last spoke on (hello, heartbeat, ack or bye).
     routing_id: bytes = field(default=b"", repr=False)
+    #: The relay it speaks through (docs/scale-out.md); empty when connected to the service directly.
+    via: str = ""
     #: When, and with what, the last ``worker.stats`` event went out.
     _stats_emitted_at: float = field(default=float("-inf"), repr=False)
     _stats_emitted: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -322,6 +326,7 @@ class WorkerEntry:
             "key": self.key,
             "on_silence": self.on_silence,
             "degraded": self.degraded,
+            "via": self.via,
         }
 
     def check_peer(self, peer: Peer, what: str) -> None:
@@ -456,6 +461,7 @@ class Record:
                 raise Refused(f"{msg.KIND.decode()} for worker {msg.instance} under the name {msg.name!r}; "
                               f"it said hello as {known.name!r}")
             known.routing_id = peer.routing_id
+            known.via = peer.via
             self._set_state(known, WorkerState.LIVE, now)
             known.last_seen = now
             known.epoch, known.seq = msg.epoch, msg.seq
@@ -470,7 +476,7 @@ class Record:
         worker = WorkerEntry(
             name=msg.name, instance=msg.instance, host=msg.host, pid=msg.pid,
             endpoint=msg.endpoint, joined_at=now, last_seen=now, synced_seq=msg.seq,
-            epoch=msg.epoch, seq=msg.seq, key=peer.key, routing_id=peer.routing_id,
+            epoch=msg.epoch, seq=msg.seq, key=peer.key, routing_id=peer.routing_id, via=peer.via,
         )
         self._membership = None  # the live set changes
         self._workers[msg.instance] = worker

@@ -253,6 +253,7 @@ def test_the_record_emits_each_change_with_the_fields_the_stream_documents():
         "state": "live", "joined_at": w1.joined_at, "last_seen": w1.last_seen, "last_acked_seq": None,
         "last_acked_clear": None, "last_purge_cause": None, "last_outcome": None, "last_error": "", "acks": 0,
         "epoch": "e", "seq": 0, "stats": {}, "key": None, "on_silence": "bypass", "degraded": False,
+            "via": "",
     }.items())
     assert json_of(joined) == list(w1.to_json().items()), "worker.joined carries the worker as /workers shows it"
 

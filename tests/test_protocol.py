@@ -307,3 +307,19 @@ def test_lease_terms_a_worker_would_follow_are_bounded():
                            "liveness": liveness}).encode()
         with pytest.raises(ProtocolError):
             codec.decode([b"heartbeat", VERSION, b"", body])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.integers(-2, 2000), relay=json_values,
+       rest=st.lists(st.binary(max_size=60), max_size=40),
+       item_kinds=st.lists(st.sampled_from(KINDS) | st.binary(max_size=12), max_size=6))
+def test_decode_relayed_raises_only_protocol_error_whatever_follows_the_envelope(items, relay, rest, item_kinds):
+    """A relay's envelope (docs/scale-out.md): any count, any frames after it, any kinds inside."""
+    body = json.dumps({"relay": relay, "items": items}, allow_nan=True).encode()
+    inner = [frame for kind in item_kinds for frame in (b"t", b"", kind, VERSION, b"", b"{}")]
+    for frames in ([b"relayed", VERSION, b"", body, *rest], [b"relayed", VERSION, b"", body, *inner]):
+        try:
+            header, decoded = Codec().decode_relayed(frames)
+        except ProtocolError:
+            continue
+        assert len(decoded) == header.items and all(len(message) == 4 for _, _, message in decoded)

@@ -1,0 +1,187 @@
+"""The service's half of a relay (docs/scale-out.md): relayed envelopes over a real CURVE bus.
+
+A test plays the relay with its own sockets, as a relay process would use them:
+a SUB for the commands, a DEALER that forwards its workers' own messages in a
+``relayed`` envelope and reads the welcomes that come back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from cachebus.bus.protocol import (
+    RELAYED_REPLY,
+    Ack,
+    Clear,
+    Codec,
+    Heartbeat,
+    Hello,
+    Message,
+    ProtocolError,
+    PurgeCause,
+    Welcome,
+)
+from cachebus.bus.security import RELAYS_DIR, WORKERS_DIR, BusMode, ClientSecurity, ensure_keypair, private_dir
+from cachebus.testing import DEADLINE, Cluster, bus_client, expected_names, wait_for
+
+CODEC = Codec()
+
+
+class PlayedRelay:
+    """A relay's two upstream sockets, with the relay's keypair (or any other, to attack)."""
+
+    def __init__(self, cluster: Cluster, ctx: zmq.Context, security: ClientSecurity) -> None:
+        self.sub = ctx.socket(zmq.SUB)
+        self.dealer = ctx.socket(zmq.DEALER)
+        for sock in (self.sub, self.dealer):
+            sock.setsockopt(zmq.LINGER, 0)
+            security.apply(sock)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(cluster.publish)
+        self.dealer.connect(cluster.acks)
+
+    def command(self, kind: type[Message], timeout: float = DEADLINE) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sub.poll(100):
+                msg = CODEC.decode(self.sub.recv_multipart())
+                if isinstance(msg, kind):
+                    return msg
+        raise AssertionError(f"no {kind.__name__} from the service")
+
+    def forward(self, *items: tuple[bytes, str, Message]) -> None:
+        """Send workers' messages up in one envelope: (routing tag, worker key, message) each."""
+        self.dealer.send_multipart(CODEC.encode_relayed(
+            "played", [(tag, key.encode(), CODEC.encode(msg)) for tag, key, msg in items]))
+
+    def reply(self, timeout: float = DEADLINE) -> tuple[bytes, Message]:
+        assert self.dealer.poll(int(timeout * 1000)), "no reply from the service"
+        frames = self.dealer.recv_multipart()
+        assert frames[0] == RELAYED_REPLY
+        return frames[1], CODEC.decode(frames[2:])
+
+
+@pytest.fixture
+def zmq_context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def relay_security(keys_dir: Path, name: str) -> ClientSecurity:
+    """A relay's keypair, in the service's keys_dir/relays/ (as an operator copies its public file there)."""
+    keypair, _ = ensure_keypair(private_dir(keys_dir / RELAYS_DIR), name)
+    return ClientSecurity.resolve(BusMode.CURVE, name=name, keys_dir=keys_dir, secret_key_file=keypair.path)
+
+
+def worker_key(keys_dir: Path, name: str, allowed: bool = True) -> str:
+    """The z85 public key of a worker behind the relay: in the service's keys_dir/workers/ when ``allowed``."""
+    directory = keys_dir / WORKERS_DIR if allowed else keys_dir.parent / "keys-elsewhere"
+    keypair, _ = ensure_keypair(private_dir(directory), name)
+    return keypair.public.decode()
+
+
+def hello(name: str, epoch: str, seq: int) -> Hello:
+    return Hello(name=name, instance=f"far-host:{os.getpid()}:{name}", host="far-host", pid=os.getpid(),
+                 endpoint="", epoch=epoch, seq=seq)
+
+
+def listed(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    return next((w for w in cluster.worker_list() if w["name"] == name), None)
+
+
+def test_workers_behind_a_relay_join_and_prove_their_purges_through_it(cluster: Cluster, zmq_context: zmq.Context):
+    cluster.start_service()
+    relay = PlayedRelay(cluster, zmq_context, relay_security(cluster.keys_dir, "relay-a"))
+    beat = relay.command(Heartbeat)
+    keys = {name: worker_key(cluster.keys_dir, name) for name in ("far-1", "far-2")}
+
+    # Two hellos in one envelope; each welcome comes back addressed to its worker's tag.
+    relay.forward((b"t1", keys["far-1"], hello("far-1", beat.epoch, beat.seq)),
+                  (b"t2", keys["far-2"], hello("far-2", beat.epoch, beat.seq)))
+    replies = dict(relay.reply() for _ in range(2))
+    assert sorted(replies) == [b"t1", b"t2"] and all(isinstance(m, Welcome) for m in replies.values())
+    wait_for(lambda: all(listed(cluster, name) for name in keys), what="both relayed workers in the record")
+    for name, key in keys.items():
+        worker = listed(cluster, name)
+        assert worker is not None
+        assert (worker["via"], worker["key"], worker["state"]) == ("relay-a", key, "live")
+
+    # A wait=all clear, proven by the acks the relay forwards in one envelope.
+    answer: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: answer.update(zip(("status", "body"), _clear(cluster), strict=True)))
+    thread.start()
+    clear = relay.command(Clear)
+    relay.forward(*((tag, keys[name], Ack(name=name, instance=hello(name, "", 0).instance, epoch=clear.epoch,
+                                          seq=clear.seq, clear_id=clear.id, dropped=3, purge_ms=0.1,
+                                          cause=PurgeCause.CLEAR))
+                    for tag, name in ((b"t1", "far-1"), (b"t2", "far-2"))))
+    thread.join(DEADLINE)
+    assert answer["status"] == 200, answer
+    assert sorted(a["name"] for a in answer["body"]["acks"]) == ["far-1", "far-2"]
+
+
+def test_only_a_relay_may_send_an_envelope_and_only_for_workers_the_service_allows(
+        cluster: Cluster, zmq_context: zmq.Context):
+    service = cluster.start_service()
+    # A worker's key, not a relay's: it may connect, but not speak for others.
+    impostor = PlayedRelay(cluster, zmq_context, bus_client(cluster.keys_dir, "mallory"))
+    beat = impostor.command(Heartbeat)
+    victim = worker_key(cluster.keys_dir, "victim")
+    impostor.forward((b"t1", victim, hello("victim", beat.epoch, beat.seq)))
+    wait_for(lambda: "not a relay's" in service.output(), what="the service to refuse the envelope")
+    assert listed(cluster, "victim") is None
+
+    # A real relay: an item whose key the service does not allow is refused alone;
+    # its batch mate joins.
+    relay = PlayedRelay(cluster, zmq_context, relay_security(cluster.keys_dir, "relay-b"))
+    stranger = worker_key(cluster.keys_dir, "stranger", allowed=False)
+    relay.forward((b"s", stranger, hello("stranger", beat.epoch, beat.seq)),
+                  (b"v", victim, hello("victim", beat.epoch, beat.seq)))
+    tag, welcome = relay.reply()
+    assert tag == b"v" and isinstance(welcome, Welcome)
+    wait_for(lambda: "not in keys_dir/workers/" in service.output(), what="the stranger refused")
+    assert listed(cluster, "stranger") is None
+    victim_entry = listed(cluster, "victim")
+    assert victim_entry is not None and victim_entry["via"] == "relay-b"
+
+    # A torn envelope is dropped whole, and the ack loop goes on.
+    relay.dealer.send_multipart(CODEC.encode_relayed("played", [(b"x", victim.encode(), [b"ack"])]))
+    wait_for(lambda: "relayed:" in service.output(), what="the torn envelope reported")
+    status, body = _clear(cluster)
+    # The victim is live but nobody acks for it here: the proof says so, and nothing broke.
+    assert status == 202 and expected_names(body) == ["victim"] and "Traceback" not in service.output()
+
+
+def test_an_envelope_is_checked_before_any_item_is_read():
+    good = CODEC.encode(hello("w", "e", 1))
+    frames = CODEC.encode_relayed("r", [(b"t", b"", good)])
+    header, items = CODEC.decode_relayed(frames)
+    assert (header.relay, header.items, items) == ("r", 1, [(b"t", None, good)])
+    bad = [
+        frames[:-1],  # an item cut short
+        CODEC.encode_relayed("r", [(b"", b"", good)]),  # no tag
+        CODEC.encode_relayed("r", [(b"t" * 65, b"", good)]),  # a tag too long
+        CODEC.encode_relayed("r", [(b"t", b"short", good)]),  # not a z85 key
+        CODEC.encode_relayed("r", [(b"t", b"", CODEC.encode(Heartbeat(epoch="e", seq=1, ts=0.0,
+                                                                       heartbeat_interval=0.5, liveness=3)))]),
+        CODEC.encode_relayed("r", [(b"t", b"", CODEC.encode_relayed("inner", [(b"t", b"", good)])[:4])]),
+        [*good, b"t", b"", *good],  # not an envelope
+    ]
+    for frames in bad:
+        with pytest.raises(ProtocolError):
+            CODEC.decode_relayed(frames)
+
+
+def _clear(cluster: Cluster) -> tuple[int, dict[str, Any]]:
+    status, _, body = cluster.clear(wait="all", timeout="5")
+    return status, json.loads(body)
