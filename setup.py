@@ -1,8 +1,8 @@
 """cachebus: clear every process's in-memory cache at once, and prove each one did.
 
-The source folders ``service/``, ``workers/`` and ``bus/`` sit beside
+The source folders ``service/``, ``workers/``, ``bus/`` and ``relay/`` sit beside
 ``cachebus/`` at the top of the repository, but they install *under* it, as
-``cachebus.service``, ``cachebus.workers`` and ``cachebus.bus``: a wheel (and an
+``cachebus.service``, ``cachebus.workers``, ``cachebus.bus`` and ``cachebus.relay``: a wheel (and an
 editable install) exposes one top-level name, so an application with its own
 ``workers`` or ``service`` package can embed the subscriber without a clash.
 """
@@ -10,7 +10,7 @@ editable install) exposes one top-level name, so an application with its own
 from setuptools import find_packages, setup
 
 #: Source folder of each subpackage of the one import root.
-SUBPACKAGES = {"service": "service", "workers": "workers", "bus": "bus"}
+SUBPACKAGES = {"service": "service", "workers": "workers", "bus": "bus", "relay": "relay"}
 
 
 def packages() -> tuple[list[str], dict[str, str]]:

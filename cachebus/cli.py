@@ -155,6 +155,20 @@ class Worker(Command):
         return _run_until_signalled(lambda stop: run(settings, stop))
 
 
+class RelayCommand(Command):
+    name = "relay"
+    help = "start a relay: one per host, between the service and the workers on it (docs/scale-out.md)"
+    setting_flags = (("--name", "relay.name", str), ("--publish", "relay.publish", str),
+                     ("--acks", "relay.acks", str), ("--relay-keys-dir", "relay.keys_dir", str), *_BUS_FLAGS)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from cachebus.relay.relay import serve
+
+        settings = self.settings(args)
+        _setup_logging(settings)
+        return _run_until_signalled(lambda stop: serve(settings, stop))
+
+
 class TokensCreate(Command):
     name = "create"
     help = "create a token; the access token is shown once and stored only as a bcrypt hash"
@@ -441,6 +455,7 @@ class Workers(ClientCommand):
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "serve": Serve(),
     "worker": Worker(),
+    "relay": RelayCommand(),
     "tokens": {"create": TokensCreate(), "list": TokensList(), "disable": TokensDisable()},
     "keys": {"create": KeysCreate()},
     "demo": Demo(),

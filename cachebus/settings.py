@@ -195,6 +195,26 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """``cachebus relay`` (docs/scale-out.md): where its workers connect, and its own keys for them.
+
+    Upstream it uses ``bus.publish``, ``bus.acks`` and ``bus.keys_dir`` as a worker would, with its
+    keypair in ``<bus.keys_dir>/relays/<name>.key_secret``.
+    """
+
+    #: The relay's name: its key file's name at the service, shown as a worker's ``via``. Empty: the host name.
+    name: str = ""
+    publish: str = field(default="tcp://127.0.0.1:5566",
+                         metadata=_check(_endpoint, "a ZeroMQ endpoint like tcp://host:port or ipc://path"))
+    acks: str = field(default="tcp://127.0.0.1:5567",
+                      metadata=_check(_endpoint, "a ZeroMQ endpoint like tcp://host:port or ipc://path"))
+    #: The relay's own keys as its workers see them: its server keypair and their allow-list.
+    keys_dir: str = field(default="var/relay-keys", metadata=_check(bool, "a directory"))
+    #: Milliseconds a worker's message may wait for others to share its envelope.
+    batch_ms: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 100, "0 to 100 milliseconds"))
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = field(default="INFO", metadata=_check(
         lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "one of DEBUG, INFO, WARNING, ERROR"))
@@ -212,6 +232,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     bus: BusSettings = field(default_factory=BusSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def replace(self, overrides: dict[str, Any], source: str = "command line") -> Settings:

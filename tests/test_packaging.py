@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Source folders installed under ``cachebus.``; importing them by their folder name
 #: would load a second copy of each module (or fail outside the source tree).
-SUBPACKAGES = ("service", "workers", "bus")
+SUBPACKAGES = ("service", "workers", "bus", "relay")
 #: Folders of the repository holding Python code.
 CODE = ("cachebus", *SUBPACKAGES, "tests", "bench")
 
@@ -74,6 +74,7 @@ def test_the_wheel_installs_one_top_level_name_and_every_packaged_file(wheel: Pa
     for asset in ("dashboard/index.html", "dashboard/app.js", "dashboard/app.css", "openapi.yaml", "__main__.py"):
         assert f"cachebus/service/{asset}" in shipped
     assert "cachebus/workers/__main__.py" in shipped
+    assert {"cachebus/relay/__main__.py", "cachebus/relay/relay.py"} <= shipped
 
 
 def test_the_base_install_embeds_the_subscriber_without_the_service(wheel: Path, tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import zmq
 
+from cachebus import Cache, ThreadedSubscriber
 from cachebus.bus.protocol import (
     RELAYED_REPLY,
     Ack,
@@ -31,7 +33,7 @@ from cachebus.bus.protocol import (
     Welcome,
 )
 from cachebus.bus.security import RELAYS_DIR, WORKERS_DIR, BusMode, ClientSecurity, ensure_keypair, private_dir
-from cachebus.testing import DEADLINE, Cluster, bus_client, expected_names, wait_for
+from cachebus.testing import DEADLINE, Cluster, Proc, bus_client, expected_names, free_ports, wait_for
 
 CODEC = Codec()
 
@@ -185,3 +187,62 @@ def test_an_envelope_is_checked_before_any_item_is_read():
 def _clear(cluster: Cluster) -> tuple[int, dict[str, Any]]:
     status, _, body = cluster.clear(wait="all", timeout="5")
     return status, json.loads(body)
+
+
+# --- cachebus relay, the process ------------------------------------------------------
+
+
+def test_workers_connected_to_a_relay_process_are_proven_through_it_and_lapse_when_it_stops(
+        cluster: Cluster, tmp_path: Path):
+    """The relay end to end: a real service, `cachebus relay`, and embedded subscribers that know
+    only the relay (its endpoints and its public key), as the workers of a remote host would."""
+    cluster.start_service()
+    relay_keys = tmp_path / "relay-keys"
+    publish, acks = (f"tcp://127.0.0.1:{port}" for port in free_ports(2))
+    relay = Proc.python("cachebus.relay", ["--name", "host-b", "--publish", publish, "--acks", acks,
+                                           "--relay-keys-dir", str(relay_keys), *cluster.bus_args()],
+                        tmp_path / "relay.log")
+    try:
+        wait_for(lambda: (relay_keys / "service.key").exists(), what="the relay's keys", check=lambda: _running(relay))
+        # The operator's step for a remote host: each worker's public key is copied to the service.
+        for name in ("far-1", "far-2"):
+            keypair, _ = ensure_keypair(private_dir(private_dir(relay_keys) / WORKERS_DIR), name)
+            shutil.copy(keypair.public_file, cluster.keys_dir / WORKERS_DIR / keypair.public_file.name)
+        caches = {name: Cache() for name in ("far-1", "far-2")}
+        subscribers = [ThreadedSubscriber([cache], name=name, publish=publish, acks=acks, keys_dir=relay_keys)
+                       for name, cache in caches.items()]
+        for subscriber in subscribers:
+            subscriber.start()
+        try:
+            for subscriber in subscribers:
+                assert subscriber.wait_synced(DEADLINE)
+            wait_for(lambda: sorted((w["name"], w["via"], w["state"]) for w in cluster.worker_list())
+                     == [("far-1", "host-b", "live"), ("far-2", "host-b", "live")], what="both workers via host-b")
+            for cache in caches.values():
+                cache.set("page", "old")
+            status, body = _clear(cluster)
+            assert status == 200, body
+            assert sorted(a["name"] for a in body["acks"]) == ["far-1", "far-2"]
+            assert all(cache.get("page") is None for cache in caches.values())
+
+            # The relay never speaks for its workers: once it stops, they stop trusting their
+            # caches within the bound, and the service stops counting them live.
+            for cache in caches.values():
+                cache.set("page", "cached before the relay stopped")
+            assert relay.stop() == 0, relay.output()
+            assert "Traceback" not in relay.output()
+            wait_for(lambda: all(cache.get("page") is None for cache in caches.values()),
+                     what="the workers' leases to lapse")
+            wait_for(lambda: all(w["state"] != "live" for w in cluster.worker_list()),
+                     what="the service to stop counting them live")
+        finally:
+            for subscriber in subscribers:
+                subscriber.stop()
+    finally:
+        if relay.alive():
+            relay.stop()
+
+
+def _running(proc: Proc) -> None:
+    if not proc.alive():
+        raise AssertionError(f"the relay exited: {proc.output()[-2000:]}")
