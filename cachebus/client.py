@@ -373,8 +373,8 @@ def worker_lines(ids: list[str], progress: ClearProgress, known: dict[str, dict[
     return lines
 
 
-WORKER_COLUMNS = ("NAME", "ID", "STATE", "HOST", "PID", "LAST SEEN", "LAST ACKED SEQ", "ENTRIES", "HIT RATIO",
-                  "LAST PURGE")
+WORKER_COLUMNS = ("NAME", "ID", "STATE", "HOST", "VIA", "PID", "LAST SEEN", "LAST ACKED SEQ", "ENTRIES",
+                  "HIT RATIO", "LAST PURGE")
 
 
 def _cell(value: Any) -> str:
@@ -392,8 +392,9 @@ def worker_row(worker: dict[str, Any], now: float | None = None) -> tuple[str, .
     return (
         _cell(worker.get("name")),
         _cell(worker.get("id") or worker.get("instance")),
-        _cell(worker.get("state")),
+        _cell(worker.get("state")) + (" (degraded)" if worker.get("degraded") is True else ""),
         _cell(worker.get("host")),
+        _cell(worker.get("via")),
         _cell(worker.get("pid")),
         seconds_ago(worker.get("last_seen"), now),
         _cell(worker.get("last_acked_seq")),
@@ -409,7 +410,7 @@ def worker_table(workers: list[dict[str, Any]], now: float | None = None) -> str
     ordered = sorted(workers, key=lambda w: (str(w.get("name") or ""), str(w.get("id") or w.get("instance") or "")))
     rows = [WORKER_COLUMNS, *(worker_row(w, now) for w in ordered)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(WORKER_COLUMNS))]
-    right = {4, 6, 7, 8}
+    right = {5, 7, 8, 9}
     lines = []
     for row in rows:
         cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]

@@ -136,7 +136,7 @@ def test_wait_until_both_workers_acked_and_the_worker_table(cluster: Cluster):
     header = table.stdout.splitlines()[0]
     assert header.split("  ")[0] == "NAME"
     rows = table_rows(table.stdout)
-    assert list(rows[0]) == ["NAME", "ID", "STATE", "HOST", "PID", "LAST SEEN", "LAST ACKED SEQ", "ENTRIES",
+    assert list(rows[0]) == ["NAME", "ID", "STATE", "HOST", "VIA", "PID", "LAST SEEN", "LAST ACKED SEQ", "ENTRIES",
                              "HIT RATIO", "LAST PURGE"]
     assert [(row["NAME"], row["STATE"]) for row in rows] == [("w1", "live"), ("w2", "live")]
     for row, worker in zip(rows, sorted(cluster.worker_list(), key=lambda w: w["name"]), strict=True):
@@ -242,7 +242,7 @@ def test_rendering():
                            "last_seen": 100.0, "last_acked_seq": None, "last_purge_cause": None, "stats": {}}],
                          now=112.5)
     header, row = table.splitlines()
-    assert row.split() == ["w1", "h:7:abc", "lost", "h", "7", "12.5s", "ago", "-", "-", "-", "-"]
+    assert row.split() == ["w1", "h:7:abc", "lost", "h", "-", "7", "12.5s", "ago", "-", "-", "-", "-"]
     assert len(header) >= len(row)
 
     # One row per process, grouped by name (then id); a failed last purge says so.
@@ -251,6 +251,11 @@ def test_rendering():
     rows = [line.split()[:2] for line in grouped.splitlines()[1:]]
     assert rows == [["api", "h:3:z"], ["web", "h:8:a"], ["web", "h:9:b"]]
     assert grouped.splitlines()[2].endswith("clear (failed)")
+
+    # A worker behind a relay says which; one serving without the bound says so beside its state.
+    relayed = worker_table([{"name": "far", "id": "b:1:c", "state": "suspect", "host": "b", "via": "host-b",
+                             "degraded": True}])
+    assert relayed.splitlines()[1].split()[:6] == ["far", "b:1:c", "suspect", "(degraded)", "b", "host-b"]
 
     ok = {"worker": "h:8:a", "name": "web", "latency_ms": 2.25, "cause": "clear", "outcome": "ok"}
     assert ack_line(ok) == "web h:8:a acked in 2.2 ms (cause: clear)"
