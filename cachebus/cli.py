@@ -159,7 +159,8 @@ class RelayCommand(Command):
     name = "relay"
     help = "start a relay: one per host, between the service and the workers on it (docs/scale-out.md)"
     setting_flags = (("--name", "relay.name", str), ("--publish", "relay.publish", str),
-                     ("--acks", "relay.acks", str), ("--relay-keys-dir", "relay.keys_dir", str), *_BUS_FLAGS)
+                     ("--acks", "relay.acks", str), ("--relay-keys-dir", "relay.keys_dir", str),
+                     ("--http-port", "relay.http_port", int), *_BUS_FLAGS)
 
     def run(self, args: argparse.Namespace) -> int:
         from cachebus.relay.relay import serve

@@ -14,11 +14,17 @@ import asyncio
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tornado.web
 import zmq
 import zmq.asyncio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from tornado.httpserver import HTTPServer
 
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import MAX_RELAYED_ITEMS, RELAYABLE, RELAYED_ITEM_FRAMES, RELAYED_REPLY, Codec
@@ -33,6 +39,7 @@ from cachebus.bus.security import (
     private_dir,
 )
 from cachebus.bus.sockets import configure
+from cachebus.metrics import MetricsHandler
 from cachebus.settings import Settings
 
 log = logging.getLogger("cachebus.relay")
@@ -55,8 +62,14 @@ class Relay:
         self._pending: list[tuple[bytes, bytes, list[bytes]]] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Counters for /metrics: workers' messages forwarded up, envelopes sent, replies handed down,
+        #: and messages refused (not a worker's, or a reply of the wrong shape).
         self.forwarded = 0
         self.envelopes = 0
+        self.replies = 0
+        self.refused = 0
+        #: Routing tags of the workers that said hello through this relay and have not said bye.
+        self.workers: set[bytes] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         bus, relay = self.settings.bus, self.settings.relay
@@ -75,6 +88,7 @@ class Relay:
             return sock
 
         proxy: threading.Thread | None = None
+        server: HTTPServer | None = None
         control = zmq.Socket(ctx, zmq.PAIR)
         try:
             # Commands: XSUB up, XPUB down, moved unchanged by ZeroMQ's own proxy in a thread.
@@ -98,8 +112,13 @@ class Relay:
             self._from_service.start()
             log.info("relay %s: commands from %s to %s, acks from %s to %s", self.name, bus.publish,
                      relay.publish, relay.acks, bus.acks)
+            if relay.http_port:
+                server = self._metrics_app().listen(relay.http_port, address=relay.http_host)
+                log.info("relay %s: metrics on http://%s:%d/metrics", self.name, relay.http_host, relay.http_port)
             await stop.wait()
         finally:
+            if server is not None:
+                server.stop()
             for reader in (getattr(self, "_from_workers", None), getattr(self, "_from_service", None)):
                 if reader is not None:
                     reader.close()
@@ -111,6 +130,12 @@ class Relay:
                 sock.close(0)
             down.stop()
             ctx.term()
+
+    def _metrics_app(self) -> tornado.web.Application:
+        registry = CollectorRegistry()
+        registry.register(_RelayCollector(self))
+        return tornado.web.Application([(r"/metrics", MetricsHandler, {
+            "registry": registry, "settings": self.settings.metrics, "listen_host": self.settings.relay.http_host})])
 
     def _upstream_security(self) -> ClientSecurity:
         """The relay's keypair towards the service: ``<bus.keys_dir>/relays/<name>.key_secret``."""
@@ -133,9 +158,14 @@ class Relay:
         for frames in batch:
             message = [frame.bytes for frame in frames[1:]]
             if len(message) != RELAYED_ITEM_FRAMES - 2 or message[0] not in RELAYABLE:
+                self.refused += 1
                 self.peers.report(peer_address(frames[-1]), Trouble.UNDECODABLE,
                                   "not a worker's hello, ack, heartbeat or bye: not forwarded")
                 continue
+            if message[0] == b"hello":
+                self.workers.add(frames[0].bytes)
+            elif message[0] == b"bye":
+                self.workers.discard(frames[0].bytes)
             key = str(frames[-1].get("User-Id")).encode() if authenticates else b""
             self._pending.append((frames[0].bytes, key, message))
             urgent = urgent or message[0] in _URGENT
@@ -167,13 +197,34 @@ class Relay:
         for frames in batch:
             message = [frame.bytes for frame in frames]
             if len(message) != RELAYED_ITEM_FRAMES or message[0] != RELAYED_REPLY:
+                self.refused += 1
                 self.peers.report("the service", Trouble.UNDECODABLE, "not a relayed reply")
                 continue
             try:
                 send_now(self._router, message[1:])  # the tag is the worker's routing id here
+                self.replies += 1
             except zmq.Again:
                 log.debug("a worker's welcome dropped: its queue is full")
         self._from_workers.kick()
+
+
+class _RelayCollector(Collector):
+    """The relay's counters, read when scraped."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        relay = self.relay
+        yield CounterMetricFamily("cachebus_relay_forwarded", "Workers' messages forwarded to the service",
+                                  value=relay.forwarded)
+        yield CounterMetricFamily("cachebus_relay_envelopes", "Envelopes sent to the service", value=relay.envelopes)
+        yield CounterMetricFamily("cachebus_relay_replies", "The service's replies handed to a worker",
+                                  value=relay.replies)
+        yield CounterMetricFamily("cachebus_relay_refused", "Messages not passed on: not a worker's, or not a reply",
+                                  value=relay.refused)
+        yield GaugeMetricFamily("cachebus_relay_workers", "Worker connections that said hello and no bye",
+                                value=len(relay.workers))
 
 
 def make_pair(ctx: zmq.Context, control: zmq.Socket, sockets: list[zmq.Socket]) -> zmq.Socket:

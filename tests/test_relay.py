@@ -33,7 +33,7 @@ from cachebus.bus.protocol import (
     Welcome,
 )
 from cachebus.bus.security import RELAYS_DIR, WORKERS_DIR, BusMode, ClientSecurity, ensure_keypair, private_dir
-from cachebus.testing import DEADLINE, Cluster, Proc, bus_client, expected_names, free_ports, wait_for
+from cachebus.testing import DEADLINE, Cluster, Proc, bus_client, expected_names, free_ports, http, wait_for
 
 CODEC = Codec()
 
@@ -198,9 +198,11 @@ def test_workers_connected_to_a_relay_process_are_proven_through_it_and_lapse_wh
     only the relay (its endpoints and its public key), as the workers of a remote host would."""
     cluster.start_service()
     relay_keys = tmp_path / "relay-keys"
-    publish, acks = (f"tcp://127.0.0.1:{port}" for port in free_ports(2))
+    publish_port, acks_port, http_port = free_ports(3)
+    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
     relay = Proc.python("cachebus.relay", ["--name", "host-b", "--publish", publish, "--acks", acks,
-                                           "--relay-keys-dir", str(relay_keys), *cluster.bus_args()],
+                                           "--relay-keys-dir", str(relay_keys), "--http-port", str(http_port),
+                                           *cluster.bus_args()],
                         tmp_path / "relay.log")
     try:
         wait_for(lambda: (relay_keys / "service.key").exists(), what="the relay's keys", check=lambda: _running(relay))
@@ -224,6 +226,12 @@ def test_workers_connected_to_a_relay_process_are_proven_through_it_and_lapse_wh
             assert status == 200, body
             assert sorted(a["name"] for a in body["acks"]) == ["far-1", "far-2"]
             assert all(cache.get("page") is None for cache in caches.values())
+            # What went through it, on its /metrics (loopback: no token asked for).
+            metrics = _samples(f"http://127.0.0.1:{http_port}/metrics")
+            assert metrics["cachebus_relay_workers"] == 2
+            assert metrics["cachebus_relay_forwarded_total"] >= 4  # two hellos, two acks, heartbeats
+            assert 1 <= metrics["cachebus_relay_envelopes_total"] <= metrics["cachebus_relay_forwarded_total"]
+            assert metrics["cachebus_relay_replies_total"] >= 2 and metrics["cachebus_relay_refused_total"] == 0
 
             # The relay never speaks for its workers: once it stops, they stop trusting their
             # caches within the bound, and the service stops counting them live.
@@ -246,3 +254,10 @@ def test_workers_connected_to_a_relay_process_are_proven_through_it_and_lapse_wh
 def _running(proc: Proc) -> None:
     if not proc.alive():
         raise AssertionError(f"the relay exited: {proc.output()[-2000:]}")
+
+
+def _samples(url: str) -> dict[str, float]:
+    status, _, body = http("GET", url)
+    assert status == 200, body
+    return {name: float(value) for line in body.decode().splitlines() if line and not line.startswith("#")
+            for name, _, value in [line.rpartition(" ")]}
