@@ -27,7 +27,15 @@ from prometheus_client.registry import Collector
 from tornado.httpserver import HTTPServer
 
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
-from cachebus.bus.protocol import MAX_RELAYED_ITEMS, RELAYABLE, RELAYED_ITEM_FRAMES, RELAYED_REPLY, Codec
+from cachebus.bus.protocol import (
+    MAX_RELAYED_ITEMS,
+    RELAYABLE,
+    RELAYED_ITEM_FRAMES,
+    RELAYED_REPLY,
+    Codec,
+    ProtocolError,
+    Relayed,
+)
 from cachebus.bus.reader import Batch, Reader, send_now
 from cachebus.bus.security import (
     RELAYS_DIR,
@@ -70,12 +78,15 @@ class Relay:
         self.refused = 0
         #: Routing tags of the workers that said hello through this relay and have not said bye.
         self.workers: set[bytes] = set()
+        #: This relay's tags for the workers of relays below it.
+        self._routes = _Routes()
+        self._down: ServiceSecurity | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         bus, relay = self.settings.bus, self.settings.relay
         self._loop = asyncio.get_running_loop()
         ctx = zmq.asyncio.Context()
-        down = ServiceSecurity(bus.mode, Path(relay.keys_dir), self.peers)
+        down = self._down = ServiceSecurity(bus.mode, Path(relay.keys_dir), self.peers)
         up = self._upstream_security()
         down.start(ctx)
         sockets: list[zmq.Socket] = []
@@ -157,17 +168,19 @@ class Relay:
         urgent = False
         for frames in batch:
             message = [frame.bytes for frame in frames[1:]]
+            routing_id = frames[0].bytes
+            key = str(frames[-1].get("User-Id")) if authenticates else ""
+            if message and message[0] == Relayed.KIND:
+                urgent = self._from_relay_below(routing_id, key, message) or urgent
+                continue
             if len(message) != RELAYED_ITEM_FRAMES - 2 or message[0] not in RELAYABLE:
-                self.refused += 1
-                self.peers.report(peer_address(frames[-1]), Trouble.UNDECODABLE,
-                                  "not a worker's hello, ack, heartbeat or bye: not forwarded")
+                self._refuse(peer_address(frames[-1]), "not a worker's hello, ack, heartbeat or bye: not forwarded")
                 continue
             if message[0] == b"hello":
-                self.workers.add(frames[0].bytes)
+                self.workers.add(routing_id)
             elif message[0] == b"bye":
-                self.workers.discard(frames[0].bytes)
-            key = str(frames[-1].get("User-Id")).encode() if authenticates else b""
-            self._pending.append((frames[0].bytes, key, message))
+                self.workers.discard(routing_id)
+            self._pending.append((routing_id, key.encode(), message))
             urgent = urgent or message[0] in _URGENT
         if not self._pending:
             return
@@ -176,6 +189,36 @@ class Relay:
             self._flush()
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self.settings.relay.batch_ms / 1000, self._flush)
+
+    def _from_relay_below(self, routing_id: bytes, key: str, message: list[bytes]) -> bool:
+        """A relay below this one (two levels): its items join this relay's envelopes, each under a
+        tag of this relay's own that remembers where the reply goes. True if one is urgent.
+
+        The same rules as the service's: only a relay's key (``relays/`` in this relay's
+        keys) may send an envelope, and each item's worker key must be in its ``workers/``.
+        """
+        authenticates = self._down is not None and self._down.authenticates
+        if authenticates and self._down is not None and self._down.relay_name(key) is None:
+            self._refuse(f"relay key {key[:12]}…", "a relayed envelope from a key that is not a relay's: dropped")
+            return False
+        try:
+            _, items = self.codec.decode_relayed(message)
+        except ProtocolError as exc:
+            self._refuse(f"relay key {key[:12]}…", str(exc))
+            return False
+        urgent = False
+        for tag, worker_key, worker_message in items:
+            if authenticates and self._down is not None and not self._down.allows_worker(worker_key):
+                self._refuse(f"relay key {key[:12]}…", "a relayed worker whose key is not in workers/: dropped")
+                continue
+            own_tag = self._routes.tag_for(routing_id, tag)
+            self._pending.append((own_tag, (worker_key or "").encode(), worker_message))
+            urgent = urgent or worker_message[0] in _URGENT
+        return urgent
+
+    def _refuse(self, who: str, why: str) -> None:
+        self.refused += 1
+        self.peers.report(who, Trouble.UNDECODABLE, why)
 
     def _flush(self) -> None:
         if self._flush_timer is not None:
@@ -197,15 +240,50 @@ class Relay:
         for frames in batch:
             message = [frame.bytes for frame in frames]
             if len(message) != RELAYED_ITEM_FRAMES or message[0] != RELAYED_REPLY:
-                self.refused += 1
-                self.peers.report("the service", Trouble.UNDECODABLE, "not a relayed reply")
+                self._refuse("the service", "not a relayed reply")
                 continue
+            below = self._routes.get(message[1])
             try:
-                send_now(self._router, message[1:])  # the tag is the worker's routing id here
+                if below is None:
+                    send_now(self._router, message[1:])  # the tag is the worker's routing id here
+                else:  # a worker of a relay below: the reply goes down one more level
+                    relay_id, tag = below
+                    send_now(self._router, [relay_id, RELAYED_REPLY, tag, *message[2:]])
                 self.replies += 1
             except zmq.Again:
                 log.debug("a worker's welcome dropped: its queue is full")
         self._from_workers.kick()
+
+
+class _Routes:
+    """Tags of this relay's own for the workers of the relays below it, and back.
+
+    A tag is ``b"\xff"`` and a number: ZeroMQ's own routing ids (this relay's
+    direct workers) start with a zero byte, so the two never meet. At most
+    ``limit`` are kept, oldest forgotten first: a forgotten worker's next
+    message gets a new tag, and only a welcome in flight could be lost.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._down: dict[bytes, tuple[bytes, bytes]] = {}
+        self._up: dict[tuple[bytes, bytes], bytes] = {}
+        self._next = 0
+
+    def tag_for(self, relay_id: bytes, tag: bytes) -> bytes:
+        own = self._up.get((relay_id, tag))
+        if own is None:
+            self._next += 1
+            own = b"\xff" + self._next.to_bytes(8, "big")
+            self._up[(relay_id, tag)] = own
+            self._down[own] = (relay_id, tag)
+            if len(self._down) > self.limit:
+                oldest = next(iter(self._down))
+                self._up.pop(self._down.pop(oldest), None)
+        return own
+
+    def get(self, own: bytes) -> tuple[bytes, bytes] | None:
+        return self._down.get(own)
 
 
 class _RelayCollector(Collector):

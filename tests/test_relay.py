@@ -7,6 +7,7 @@ a SUB for the commands, a DEALER that forwards its workers' own messages in a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -261,3 +262,48 @@ def _samples(url: str) -> dict[str, float]:
     assert status == 200, body
     return {name: float(value) for line in body.decode().splitlines() if line and not line.startswith("#")
             for name, _, value in [line.rpartition(" ")]}
+
+
+def test_a_relay_below_a_relay_carries_its_workers_proof_two_levels_up(cluster: Cluster, tmp_path: Path):
+    """Two levels (a relay per rack, one per host below it): the worker's hello is welcomed through
+    both, and its ack proves a wait=all clear; the service names the relay it sees."""
+    cluster.start_service()
+    relays: list[Proc] = []
+    ends: dict[str, tuple[str, str, Path]] = {}
+    try:
+        upstream = cluster.bus_args()
+        for name in ("rack", "host"):
+            publish_port, acks_port, http_port = free_ports(3)
+            keys = tmp_path / f"{name}-keys"
+            ends[name] = (f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}", keys)
+            relay = Proc.python("cachebus.relay", ["--name", name, "--publish", ends[name][0], "--acks", ends[name][1],
+                                                   "--relay-keys-dir", str(keys), "--http-port", str(http_port),
+                                                   *upstream], tmp_path / f"{name}.log")
+            relays.append(relay)
+            key_file = keys / "service.key"
+            wait_for(key_file.exists, what=f"relay {name}'s keys", check=functools.partial(_running, relay))
+            # The next level connects here as to a service, with these keys.
+            upstream = ["--bus-publish", ends[name][0], "--bus-acks", ends[name][1], "--keys-dir", str(keys)]
+        publish, acks, host_keys = ends["host"]
+        keypair, _ = ensure_keypair(private_dir(private_dir(host_keys) / WORKERS_DIR), "deep")
+        for keys in (cluster.keys_dir, ends["rack"][2]):  # every level above checks the worker's key
+            shutil.copy(keypair.public_file, private_dir(keys / WORKERS_DIR) / keypair.public_file.name)
+        cache = Cache()
+        subscriber = ThreadedSubscriber([cache], name="deep", publish=publish, acks=acks, keys_dir=host_keys)
+        subscriber.start()
+        try:
+            assert subscriber.wait_synced(DEADLINE)
+            wait_for(lambda: [(w["name"], w["via"], w["state"]) for w in cluster.worker_list()]
+                     == [("deep", "rack", "live")], what="the worker two levels down")
+            cache.set("page", "old")
+            status, body = _clear(cluster)
+            assert status == 200, body
+            assert [a["name"] for a in body["acks"]] == ["deep"] and cache.get("page") is None
+        finally:
+            subscriber.stop()
+        for relay in relays:
+            assert "Traceback" not in relay.output()
+    finally:
+        for relay in reversed(relays):
+            if relay.alive():
+                relay.stop()
