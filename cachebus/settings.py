@@ -214,7 +214,7 @@ class RelaySettings:
     batch_ms: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 100, "0 to 100 milliseconds"))
     #: Where the relay serves ``GET /metrics`` (``metrics.auth`` applies as on the service); port 0: nowhere.
     http_host: str = "127.0.0.1"
-    http_port: int = field(default=8082, metadata=_check(_port, "a port number 0-65535"))
+    http_port: int = field(default=8090, metadata=_check(_port, "a port number 0-65535"))
 
 
 @dataclass(frozen=True)
