@@ -90,20 +90,22 @@ class AckListener:
 
     def _handle_safely(self, frames: list[zmq.Frame]) -> None:
         """Handle one message; whatever it raises is reported, and the loop goes on."""
-        self._safely(lambda: self._handle(frames), self._sender(frames))
+        self._safely(lambda: self._handle(frames), lambda: self._sender(frames))
 
-    def _safely(self, handle: Callable[[], None], sender: str) -> None:
+    def _safely(self, handle: Callable[[], None], sender: Callable[[], str]) -> None:
+        """Run ``handle``, reporting what it raises against ``sender()``: asked only then, since
+        naming a peer reads its address from a frame (not work for every ack)."""
         try:
             handle()
         except RecordFull as exc:
             # One line for all peers: a full record is one condition, however many knock.
             self.peers.report("any new worker", Trouble.REFUSED, str(exc))
         except Refused as exc:
-            self.peers.report(sender, Trouble.REFUSED, str(exc))
+            self.peers.report(sender(), Trouble.REFUSED, str(exc))
         except ProtocolError as exc:
-            self.peers.report(sender, Trouble.UNDECODABLE, str(exc))
+            self.peers.report(sender(), Trouble.UNDECODABLE, str(exc))
         except Exception as exc:
-            self.peers.failed(sender, exc)
+            self.peers.failed(sender(), exc)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) > 1 and frames[1].bytes == Relayed.KIND:
@@ -136,8 +138,8 @@ class AckListener:
             return
         via = via or header.relay
         for tag, key, message in items:
-            sender = f"{self._sender(frames)} for {tag[:16].hex()} via relay {via}"
-            self._safely(functools.partial(self._relayed_item, relay, via, tag, key, message), sender)
+            self._safely(functools.partial(self._relayed_item, relay, via, tag, key, message),
+                         functools.partial(self._relayed_sender, frames, tag, via))
 
     def _relayed_item(self, relay: Peer, via: str, tag: bytes, key: str | None, message: list[bytes]) -> None:
         msg = self.codec.decode(message)  # a ProtocolError is reported by _safely, for this item alone
@@ -181,6 +183,9 @@ class AckListener:
         """The sender as the transport vouches for it: its connection, and with CURVE its key."""
         key = str(frames[-1].get("User-Id")) if self.security.authenticates else None
         return Peer(routing_id=frames[0].bytes, key=key)
+
+    def _relayed_sender(self, frames: list[zmq.Frame], tag: bytes, via: str) -> str:
+        return f"{self._sender(frames)} for {tag[:16].hex()} via relay {via}"
 
     def _report(self, frames: list[zmq.Frame], trouble: Trouble, reason: str) -> None:
         self.peers.report(self._sender(frames), trouble, reason)
