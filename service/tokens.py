@@ -498,15 +498,11 @@ class TokenStore:
         fsyncs, is returned for the executor, holding the lock. None when the
         lock is held elsewhere, the file changed since it was parsed, or a
         ticket's hash changed (bcrypt): then nothing was done here, and
-        :meth:`_commit` does it all.
+        :meth:`_commit` does it all. A refusal of the whole token (a
+        :class:`TokenError`) is raised, for :meth:`_flush` to give every ticket.
         """
         path = self._path(token)
-        try:
-            lock = token_file.try_lock(path.parent)
-        except TokenError as exc:
-            for ticket in tickets:
-                ticket.error = ticket.error or exc
-            return _HeldWrite(None, lambda: None)
+        lock = token_file.try_lock(path.parent)
         if lock is None:
             return None
         try:
@@ -514,15 +510,13 @@ class TokenStore:
         except _NotOnTheLoop:
             token_file.unlock(lock)
             return None
-        except TokenError as exc:
-            token_file.unlock(lock)
-            for ticket in tickets:
-                ticket.error = ticket.error or exc
-            return _HeldWrite(None, lambda: None)
-        except BaseException:
+        except BaseException:  # a refusal reaches every ticket through _flush
             token_file.unlock(lock)
             raise
-        return _HeldWrite(lock, write or (lambda: None))
+        if write is None:  # no ticket passed: nothing to write, and no thread to wake for it
+            token_file.unlock(lock)
+            return _NOTHING_TO_WRITE
+        return _HeldWrite(lock, write)
 
     async def _io_holding_lock(self, held: _HeldWrite) -> None:
         """Run ``held``'s write on the executor, releasing its lock however that ends."""
@@ -598,6 +592,9 @@ class _HeldWrite(NamedTuple):
 
     lock: int | None
     write: Callable[[], None]
+
+
+_NOTHING_TO_WRITE = _HeldWrite(None, lambda: None)
 
 
 def _admit(tickets: list[_Ticket]) -> None:
