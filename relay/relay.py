@@ -197,8 +197,9 @@ class Relay:
         The same rules as the service's: only a relay's key (``relays/`` in this relay's
         keys) may send an envelope, and each item's worker key must be in its ``workers/``.
         """
-        authenticates = self._down is not None and self._down.authenticates
-        if authenticates and self._down is not None and self._down.relay_name(key) is None:
+        down = self._down
+        assert down is not None  # set by run() before any reader starts
+        if down.authenticates and down.relay_name(key) is None:
             self._refuse(f"relay key {key[:12]}…", "a relayed envelope from a key that is not a relay's: dropped")
             return False
         try:
@@ -208,7 +209,7 @@ class Relay:
             return False
         urgent = False
         for tag, worker_key, worker_message in items:
-            if authenticates and self._down is not None and not self._down.allows_worker(worker_key):
+            if down.authenticates and not down.allows_worker(worker_key):
                 self._refuse(f"relay key {key[:12]}…", "a relayed worker whose key is not in workers/: dropped")
                 continue
             own_tag = self._routes.tag_for(routing_id, tag)
