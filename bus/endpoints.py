@@ -1,4 +1,10 @@
-"""Default bus endpoints, in one place so the service, workers and docs agree."""
+"""Default bus endpoints, and lists of them, in one place so the service, workers and docs agree."""
+
+from __future__ import annotations
+
+import re
+
+import zmq
 
 #: The service binds a PUB socket here; workers subscribe to it for commands.
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
@@ -6,3 +12,42 @@ DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 #: The service binds a ROUTER socket here; workers connect a DEALER to say
 #: hello, heartbeat and acknowledge purges.
 DEFAULT_ACKS = "tcp://127.0.0.1:5557"
+
+#: One ZeroMQ endpoint: transport://address. ZeroMQ itself checks the address when connecting.
+ENDPOINT = re.compile(r"(?:tcp|ipc|inproc|pgm|epgm|norm|vmci|udp|ws|wss|tipc)://[^\s,]+")
+
+#: Most endpoints one setting may list: one per service instance (docs/scale-out.md).
+MAX_ENDPOINTS = 16
+
+
+def split_endpoints(value: str) -> list[str]:
+    """The endpoints of a setting that lists one per service instance, separated by commas.
+
+    A worker or relay connects to every one: several ``cachebus serve``
+    instances each bind their own, and only the one holding the lead speaks
+    (docs/scale-out.md). Raises :class:`ValueError` naming what is wrong.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a ZeroMQ endpoint (tcp://host:port, ipc:///path, …)")
+    parts = [part.strip() for part in value.split(",")]
+    if len(parts) > MAX_ENDPOINTS:
+        raise ValueError(f"{len(parts)} endpoints: at most {MAX_ENDPOINTS}, one per service instance")
+    for part in parts:
+        if not ENDPOINT.fullmatch(part):
+            raise ValueError(f"{part!r} is not a ZeroMQ endpoint (tcp://host:port, ipc:///path, …)")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{value!r} names an endpoint twice")
+    return parts
+
+
+def connect_all(dealer: zmq.Socket, endpoints: list[str]) -> None:
+    """Connect a back channel's DEALER to every instance in ``endpoints``.
+
+    With several, a message goes only to a completed connection
+    (``ZMQ_IMMEDIATE``), never into the queue of an instance that is down: any
+    instance passes it to the one holding the lead (docs/scale-out.md).
+    """
+    if len(endpoints) > 1:
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+    for endpoint in endpoints:
+        dealer.connect(endpoint)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, split_endpoints
 from cachebus.bus.protocol import OnSilence
 from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, bus_mode
 
@@ -49,7 +49,15 @@ def _non_negative(value: float) -> bool:
 
 
 def _endpoint(value: str) -> bool:
-    return value.startswith(("tcp://", "ipc://", "inproc://"))
+    return value.startswith(("tcp://", "ipc://", "inproc://")) and "," not in value
+
+
+def _endpoints(value: str) -> bool:
+    """One endpoint, or several separated by commas (a worker's, one per service instance)."""
+    try:
+        return all(_endpoint(part) for part in split_endpoints(value))
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -147,8 +155,12 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class BusSettings:
-    publish: str = field(default=DEFAULT_PUBLISH, metadata=_check(_endpoint, "a ZeroMQ endpoint like tcp://host:port"))
-    acks: str = field(default=DEFAULT_ACKS, metadata=_check(_endpoint, "a ZeroMQ endpoint like tcp://host:port"))
+    #: The service binds one endpoint; a worker or relay connects to each one listed, separated by
+    #: commas, one per service instance (docs/scale-out.md).
+    publish: str = field(default=DEFAULT_PUBLISH, metadata=_check(
+        _endpoints, "a ZeroMQ endpoint like tcp://host:port, or several separated by commas"))
+    acks: str = field(default=DEFAULT_ACKS, metadata=_check(
+        _endpoints, "a ZeroMQ endpoint like tcp://host:port, or several separated by commas"))
     heartbeat_interval: float = field(default=0.5, metadata=_check(_positive, "a positive number of seconds"))
     liveness: int = field(default=3, metadata=_check(_positive, "a positive count of heartbeats"))
     send_hwm: int = field(default=10_000, metadata=_check(_positive, "a positive message count"))

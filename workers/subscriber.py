@@ -71,7 +71,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import threading
@@ -84,7 +83,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, connect_all, split_endpoints
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import (
     Ack,
@@ -121,8 +120,6 @@ _MAX_BATCH = 1000
 _INITIAL_HEARTBEAT_INTERVAL = 0.5
 _INITIAL_LIVENESS = 3
 
-#: A ZeroMQ endpoint: transport://address. ZeroMQ itself checks the address when connecting.
-_ENDPOINT = re.compile(r"(?:tcp|ipc|inproc|pgm|epgm|norm|vmci|udp|ws|wss|tipc)://\S+")
 
 #: Heartbeat stats summed over the targets that have ``stats()``.
 _SUMMED_STATS = ("entries", "hits", "misses", "evictions", "bypass_seconds")
@@ -177,10 +174,11 @@ def new_instance() -> str:
             return instance
 
 
-def _check_endpoint(option: str, endpoint: str) -> str:
-    if not isinstance(endpoint, str) or not _ENDPOINT.fullmatch(endpoint):
-        raise ValueError(f"{option}: {endpoint!r} is not a ZeroMQ endpoint (tcp://host:port, ipc:///path, …)")
-    return endpoint
+def _check_endpoints(option: str, endpoints: str) -> list[str]:
+    try:
+        return split_endpoints(endpoints)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
 
 
 @dataclass
@@ -241,8 +239,11 @@ class Subscriber:
         #: ``<host>:<pid>:<random>``, made by :meth:`start` (so a subscriber built before a fork and
         #: started after it gets the child's); empty before.
         self.instance = ""
-        self.publish = _check_endpoint("publish", publish)
-        self.acks = _check_endpoint("acks", acks)
+        #: The service's endpoints, one per instance when several share the lead (docs/scale-out.md).
+        self.publish = publish
+        self.acks = acks
+        self._publish = _check_endpoints("publish", publish)
+        self._acks = _check_endpoints("acks", acks)
         self.endpoint = endpoint
         raw_key = key.encode() if isinstance(key, str) else key
         self.mode = bus_mode(raw_key, insecure)
@@ -367,7 +368,8 @@ class Subscriber:
             configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
             self.security.apply(self._sub)
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self._sub.connect(self.publish)
+            for endpoint in self._publish:
+                self._sub.connect(endpoint)
             self._connected_at = time.monotonic()
             # A plain socket, watched by the loop directly: every ack and heartbeat
             # goes out here, and zmq.asyncio's per-send future and extra loop pass
@@ -376,7 +378,7 @@ class Subscriber:
             # The ZMTP heartbeat keeps the interval known at start, even once the service's differs.
             configure(self._dealer, heartbeat=self.heartbeat_interval)
             self.security.apply(self._dealer)
-            self._dealer.connect(self.acks)
+            connect_all(self._dealer, self._acks)
         except BaseException:
             self._close()
             raise
@@ -631,7 +633,7 @@ class Subscriber:
             return
         assert self._sub is not None
         self.peers.report(self.publish, Trouble.UNANSWERED, f"nothing heard yet: connecting again{self._key_hint()}")
-        _reconnect(self._sub, self.publish)
+        _reconnect(self._sub, self._publish)
         self._connected_at = time.monotonic()
 
     def _unwelcomed(self) -> bool:
@@ -645,7 +647,7 @@ class Subscriber:
         assert self._dealer is not None
         self.peers.report(self.acks, Trouble.UNANSWERED,
                           f"no welcome {waited:.1f} s after hello: connecting again{self._key_hint()}")
-        _reconnect(self._dealer, self.acks)
+        _reconnect(self._dealer, self._acks)
         self._say_hello()
         return True
 
@@ -807,13 +809,14 @@ def _one_error(errors: list[str]) -> str:
     return first + more
 
 
-def _reconnect(sock: zmq.Socket, endpoint: str) -> None:
-    """A fresh connection (and handshake) to ``endpoint``."""
-    try:
-        sock.disconnect(endpoint)
-    except zmq.ZMQError:
-        pass  # the session already ended: a refused handshake
-    sock.connect(endpoint)
+def _reconnect(sock: zmq.Socket, endpoints: list[str]) -> None:
+    """A fresh connection (and handshake) to each of ``endpoints``."""
+    for endpoint in endpoints:
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # the session already ended: a refused handshake
+        sock.connect(endpoint)
 
 
 class ThreadedSubscriber:

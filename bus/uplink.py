@@ -1,0 +1,230 @@
+"""Workers' messages up in ``relayed`` envelopes, and the answers back down by tag.
+
+Two parts forward a worker's messages instead of recording them: a relay
+(``cachebus relay``), and a service instance that does not hold the lead
+(docs/scale-out.md). Both read their workers' ROUTER, put each worker's own
+message, unchanged, with the key their ZAP check authenticated, into an
+envelope for the next hop, and hand each welcome back to the worker its tag
+names. They never make a message up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import zmq
+
+from .peers import PeerLog, Trouble, peer_address
+from .protocol import (
+    MAX_RELAYED_ITEMS,
+    RELAYABLE,
+    RELAYED_ITEM_FRAMES,
+    RELAYED_REPLY,
+    Codec,
+    ProtocolError,
+    Relayed,
+)
+from .reader import Batch, Reader, send_now
+from .security import ServiceSecurity
+
+#: Most messages read from the upstream socket before the loop gets a turn.
+_MAX_BATCH = 1000
+#: The kinds that go up at once: a hello waits for its welcome, a bye should not linger.
+_URGENT = frozenset({b"hello", b"bye"})
+
+#: One item of an envelope: the worker's tag here, its authenticated key (or b""), its frames.
+Item = tuple[bytes, bytes, list[bytes]]
+
+
+class Uplink:
+    """Forwards what a ROUTER receives from workers (and from relays below) up a DEALER.
+
+    ``name`` is the name envelopes carry. ``keep_via`` (a service instance
+    passing its workers to the leader) sends a relay-below's items in an
+    envelope of their own, named after that relay, so the record's ``via``
+    stays the relay the worker uses; a relay sends every item under its own
+    name, as the topmost relay is the one the service hears.
+    """
+
+    def __init__(self, name: str, codec: Codec, router: zmq.Socket, down: ServiceSecurity, batch_ms: float,
+                 log: logging.Logger, *, keep_via: bool = False) -> None:
+        self.name = name
+        self.codec = codec
+        self.router = router
+        self.down = down
+        self.batch_ms = batch_ms
+        self.keep_via = keep_via
+        self.log = log
+        self.peers = PeerLog(log)
+        #: Counters for /metrics: workers' messages forwarded up, envelopes sent, replies handed
+        #: down, and messages refused (not a worker's, or a reply of the wrong shape).
+        self.forwarded = 0
+        self.envelopes = 0
+        self.replies = 0
+        self.refused = 0
+        #: Routing tags of the workers that said hello through here and have not said bye.
+        self.workers: set[bytes] = set()
+        self._routes = _Routes()
+        #: Items waiting for their envelope, by the name it will carry.
+        self._pending: dict[str, list[Item]] = {}
+        self._waiting = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._dealer: zmq.Socket | None = None
+        self._from_up: Reader | None = None
+        self._kick_router: Callable[[], None] = lambda: None
+
+    def start(self, dealer: zmq.Socket, kick_router: Callable[[], None]) -> None:
+        """Send up ``dealer`` (connected by the caller) and hand its replies down; ``kick_router``
+        re-arms the ROUTER's reader after a send on it (bus.reader)."""
+        self._dealer = dealer
+        self._kick_router = kick_router
+        self._from_up = Reader(dealer, self.on_replies, _MAX_BATCH)
+        self._from_up.start()
+
+    def close(self) -> None:
+        """Stop reading the upstream socket (the caller closes it); what waits is dropped."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._from_up is not None:
+            self._from_up.close()
+            self._from_up = None
+        self._pending.clear()
+        self._waiting = 0
+
+    # --- up: workers to the next hop --------------------------------------------------
+
+    def on_workers(self, batch: Batch) -> None:
+        """Messages the ROUTER received: each worker's own goes up, the rest is refused."""
+        authenticates = self.down.authenticates
+        urgent = False
+        for frames in batch:
+            message = [frame.bytes for frame in frames[1:]]
+            routing_id = frames[0].bytes
+            key = str(frames[-1].get("User-Id")) if authenticates else ""
+            if message and message[0] == Relayed.KIND:
+                urgent = self._from_relay_below(routing_id, key, message) or urgent
+                continue
+            if len(message) != RELAYED_ITEM_FRAMES - 2 or message[0] not in RELAYABLE:
+                self._refuse(peer_address(frames[-1]), "not a worker's hello, ack, heartbeat or bye: not forwarded")
+                continue
+            if message[0] == b"hello":
+                self.workers.add(routing_id)
+            elif message[0] == b"bye":
+                self.workers.discard(routing_id)
+            self._add(self.name, (routing_id, key.encode(), message))
+            urgent = urgent or message[0] in _URGENT
+        if not self._waiting:
+            return
+        if urgent or self._waiting >= MAX_RELAYED_ITEMS or not self.batch_ms:
+            self.flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self.batch_ms / 1000, self.flush)
+
+    def _add(self, via: str, item: Item) -> None:
+        self._pending.setdefault(via, []).append(item)
+        self._waiting += 1
+
+    def _from_relay_below(self, routing_id: bytes, key: str, message: list[bytes]) -> bool:
+        """A relay below this hop: its items join the envelopes going up, each under a tag
+        of this hop's own that remembers where the reply goes. True if one is urgent.
+
+        The service's rules: only a relay's key (``relays/`` here) may send an envelope,
+        and each item's worker key must be in ``workers/``.
+        """
+        down = self.down
+        relay = down.relay_name(key) if down.authenticates else None
+        if down.authenticates and relay is None:
+            self._refuse(f"relay key {key[:12]}…", "a relayed envelope from a key that is not a relay's: dropped")
+            return False
+        try:
+            header, items = self.codec.decode_relayed(message)
+        except ProtocolError as exc:
+            self._refuse(f"relay key {key[:12]}…", str(exc))
+            return False
+        via = (relay or header.relay) if self.keep_via else self.name
+        urgent = False
+        for tag, worker_key, worker_message in items:
+            if down.authenticates and not down.allows_worker(worker_key):
+                self._refuse(f"relay key {key[:12]}…", "a relayed worker whose key is not in workers/: dropped")
+                continue
+            self._add(via, (self._routes.tag_for(routing_id, tag), (worker_key or "").encode(), worker_message))
+            urgent = urgent or worker_message[0] in _URGENT
+        return urgent
+
+    def _refuse(self, who: str, why: str) -> None:
+        self.refused += 1
+        self.peers.report(who, Trouble.UNDECODABLE, why)
+
+    def flush(self) -> None:
+        """Send every waiting item up now, in as few envelopes as their names allow."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        pending, self._pending, self._waiting = self._pending, {}, 0
+        if self._dealer is None:
+            return
+        for via, items in pending.items():
+            for start in range(0, len(items), MAX_RELAYED_ITEMS):
+                chunk = items[start:start + MAX_RELAYED_ITEMS]
+                try:
+                    send_now(self._dealer, self.codec.encode_relayed(via, chunk))
+                    self.envelopes += 1
+                    self.forwarded += len(chunk)
+                except zmq.Again:
+                    self.log.debug("next hop unreachable: %d workers' messages dropped", len(chunk))
+        if self._from_up is not None:
+            self._from_up.kick()
+
+    # --- down: the answers to one worker --------------------------------------------
+
+    def on_replies(self, batch: Batch) -> None:
+        for frames in batch:
+            message = [frame.bytes for frame in frames]
+            if len(message) != RELAYED_ITEM_FRAMES or message[0] != RELAYED_REPLY:
+                self._refuse("the next hop", "not a relayed reply")
+                continue
+            below = self._routes.get(message[1])
+            try:
+                if below is None:
+                    send_now(self.router, message[1:])  # the tag is the worker's routing id here
+                else:  # a worker of a relay below: the reply goes down one more level
+                    relay_id, tag = below
+                    send_now(self.router, [relay_id, RELAYED_REPLY, tag, *message[2:]])
+                self.replies += 1
+            except zmq.Again:
+                self.log.debug("a worker's welcome dropped: its queue is full")
+        self._kick_router()
+
+
+class _Routes:
+    """Tags of this hop's own for the workers of the relays below it, and back.
+
+    A tag is ``b"\\xff"`` and a number: ZeroMQ's own routing ids (this hop's
+    direct workers) start with a zero byte, so the two never meet. At most
+    ``limit`` are kept, oldest forgotten first: a forgotten worker's next
+    message gets a new tag, and only a welcome in flight could be lost.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._down: dict[bytes, tuple[bytes, bytes]] = {}
+        self._up: dict[tuple[bytes, bytes], bytes] = {}
+        self._next = 0
+
+    def tag_for(self, relay_id: bytes, tag: bytes) -> bytes:
+        own = self._up.get((relay_id, tag))
+        if own is None:
+            self._next += 1
+            own = b"\xff" + self._next.to_bytes(8, "big")
+            self._up[(relay_id, tag)] = own
+            self._down[own] = (relay_id, tag)
+            if len(self._down) > self.limit:
+                oldest = next(iter(self._down))
+                self._up.pop(self._down.pop(oldest), None)
+        return own
+
+    def get(self, own: bytes) -> tuple[bytes, bytes] | None:
+        return self._down.get(own)
