@@ -299,6 +299,16 @@ class ServiceSecurity:
             return None
         return self.relays.name_of(key.encode())
 
+    def is_peer(self, key: str | None) -> bool:
+        """Whether ``key`` is this service's own: another instance sharing its keypair (docs/scale-out.md)."""
+        return self.keypair is not None and key is not None and key.encode() == self.keypair.public
+
+    def peer_client(self) -> ClientSecurity:
+        """How this instance connects to another as a client: with the service's own keypair."""
+        if self.keypair is None:
+            return ClientSecurity(self.mode)
+        return ClientSecurity(self.mode, self.keypair, self.keypair.public)
+
     def allows_worker(self, key: str | None) -> bool:
         """Whether a worker with ``key`` would be allowed to connect here itself (``workers/``)."""
         return self.allow_list is not None and key is not None and self.allow_list.knows(key.encode())
@@ -324,7 +334,7 @@ class ServiceSecurity:
         self._authenticator = AsyncioAuthenticator(ctx, log=logging.getLogger("cachebus.zap"))
         self._authenticator.start()
         self._authenticator.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_WorkersOrRelays(
-            self.allow_list, self.relays))
+            self.allow_list, self.relays, self.keypair.public if self.keypair else None))
         log.info("bus security: curve; service public key %s, workers allowed by the key files in %s",
                  self.keypair.public_file if self.keypair else "?", self.allow_list.directory)
 
@@ -335,13 +345,17 @@ class ServiceSecurity:
 
 
 class _WorkersOrRelays:
-    """The ZAP check: a worker's key, or a relay's. Only an unknown key is reported (by the workers' list)."""
+    """The ZAP check: a worker's key, a relay's, or the service's own (another instance's).
+    Only an unknown key is reported (by the workers' list)."""
 
-    def __init__(self, workers: AllowList, relays: AllowList | None) -> None:
+    def __init__(self, workers: AllowList, relays: AllowList | None, own: bytes | None = None) -> None:
         self.workers = workers
         self.relays = relays
+        self.own = own
 
     def callback(self, domain: str, key: bytes) -> bool:
+        if self.own is not None and key == self.own:
+            return True
         try:
             if self.relays is not None and self.relays.knows(key):
                 return True

@@ -118,6 +118,8 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> in
         asyncio.run(runner())
     except KeyFileError as exc:
         raise UsageError(f"bus key: {exc}") from None
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
     except zmq.ZMQError as exc:
         raise UsageError(f"cannot use bus endpoint: {exc}") from None
     except OSError as exc:

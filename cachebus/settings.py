@@ -67,6 +67,23 @@ class ServiceSettings:
     tokens_dir: str = "var/tokens"
     max_body_size: int = field(default=64 * 1024, metadata=_check(_positive, "a positive byte count"))
     auth_threads: int = field(default=4, metadata=_check(_positive, "a positive thread count"))
+    # Several instances sharing tokens_dir (docs/scale-out.md): one holds the lead, the others pass
+    # their requests and their workers' messages to it.
+    #: This instance's name among several; empty: <host name>:<port>.
+    name: str = ""
+    #: Where the other instances send the HTTP requests they pass on while this one leads;
+    #: empty: http://<host>:<port>, with 127.0.0.1 for a wildcard host.
+    peer_url: str = field(default="", metadata=_check(lambda v: v == "" or v.startswith(("http://", "https://")),
+                                                       "empty, or an http:// or https:// URL"))
+    #: Where the other instances send their workers' messages while this one leads; empty: bus.acks,
+    #: with 127.0.0.1 for a wildcard host.
+    peer_acks: str = field(default="", metadata=_check(lambda v: v == "" or _endpoint(v),
+                                                        "empty, or a ZeroMQ endpoint like tcp://host:port"))
+    #: Seconds between a follower's attempts to take the lead (a dead leader's lock is free at once).
+    lead_poll: float = field(default=0.1, metadata=_check(lambda v: 0 < v <= 5, "0 to 5 seconds"))
+    #: Seconds a follower waits for the leader's answer to a request it passed on, on top of the
+    #: request's own wait; then 503.
+    forward_timeout: float = field(default=5.0, metadata=_check(_positive, "a positive number of seconds"))
 
 
 @dataclass(frozen=True)

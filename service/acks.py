@@ -8,6 +8,10 @@ the key and connection of its hello, so a peer can speak only for itself.
 Frames that do not decode are dropped, and a message whose handling raises is
 reported and skipped, each logged at most once per peer and interval, so a
 misbehaving peer can neither stop the loop nor flood the log.
+
+An instance that does not hold the lead (docs/scale-out.md) records nothing:
+it passes every message on to the leader in ``relayed`` envelopes
+(:meth:`AckListener.follow`), as a relay does, and hands the welcomes back.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from cachebus.bus.protocol import (
     WorkerIdentity,
 )
 from cachebus.bus.reader import Batch, Reader, send_now
-from cachebus.bus.security import ServiceSecurity
+from cachebus.bus.security import ClientSecurity, ServiceSecurity
 from cachebus.bus.sockets import configure
+from cachebus.bus.uplink import Uplink
 
 from .record import Peer, Record, RecordFull, Refused
 
@@ -43,6 +48,8 @@ log = logging.getLogger("cachebus.acks")
 
 #: Most waiting messages handled before yielding to other work on the loop.
 _MAX_BATCH = 1000
+#: Milliseconds a follower lets its workers' messages wait to share an envelope to the leader.
+_FORWARD_BATCH_MS = 1.0
 
 
 class AckListener:
@@ -58,6 +65,13 @@ class AckListener:
         self.welcome = welcome
         self.security = security
         self.peers = PeerLog(log)
+        self._ctx = ctx
+        self._heartbeat = heartbeat
+        #: Set while following: where every message goes instead of the record.
+        self._uplink: Uplink | None = None
+        self._upstream: zmq.Socket | None = None
+        #: The leader's endpoint this instance passes messages to; None while it leads or knows none.
+        self.following: str | None = None
         # A plain socket, read from the loop's reader callback (bus.reader), not a zmq.asyncio one.
         self._socket = zmq.Socket(ctx, zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
@@ -84,7 +98,39 @@ class AckListener:
         finally:
             self._reader.close()
 
+    def follow(self, endpoint: str | None, security: ClientSecurity) -> None:
+        """Pass every message to the leader's ROUTER at ``endpoint`` instead of recording it
+        (None: no leader known yet, so they are dropped). ``security``: the service's own keypair,
+        which the leader allows as a peer's."""
+        self._stop_following()
+        self._uplink = Uplink("", self.codec, self._socket, self.security, _FORWARD_BATCH_MS, log, keep_via=True)
+        self.following = endpoint
+        if endpoint is not None:
+            self._upstream = zmq.Socket(self._ctx, zmq.DEALER)
+            configure(self._upstream, heartbeat=self._heartbeat)
+            security.apply(self._upstream)
+            self._upstream.connect(endpoint)
+            self._uplink.start(self._upstream, kick_router=self._reader.kick)
+        log.info("passing workers' messages to the leader at %s", endpoint or "(none known yet)")
+
+    def lead(self) -> None:
+        """Record every message here: this instance holds the lead."""
+        self._stop_following()
+
+    def _stop_following(self) -> None:
+        if self._uplink is not None:
+            self._uplink.flush()
+            self._uplink.close()
+            self._uplink = None
+        if self._upstream is not None:
+            self._upstream.close(linger=0)
+            self._upstream = None
+        self.following = None
+
     def _on_batch(self, batch: Batch) -> None:
+        if self._uplink is not None:
+            self._uplink.on_workers(batch)
+            return
         for frames in batch:
             self._handle_safely(frames)
 
@@ -128,15 +174,18 @@ class AckListener:
         too; one bad item is refused alone (docs/scale-out.md).
         """
         relay = self._peer(frames)
-        via = self.security.relay_name(relay.key) if self.security.authenticates else None
-        if self.security.authenticates and via is None:
+        # Another instance (the service's own key) passes on its workers, and says which relay
+        # each envelope's items came through; a relay is named by its key file.
+        peer = not self.security.authenticates or self.security.is_peer(relay.key)
+        via = None if peer else self.security.relay_name(relay.key)
+        if not peer and via is None:
             raise Refused("a relayed envelope from a key that is not a relay's (keys_dir/relays/)")
         try:
             header, items = self.codec.decode_relayed([f.bytes for f in frames[1:]])
         except ProtocolError as exc:
             self._report(frames, Trouble.UNDECODABLE, str(exc))
             return
-        via = via or header.relay
+        via = header.relay if via is None else via
         for tag, key, message in items:
             self._safely(functools.partial(self._relayed_item, relay, via, tag, key, message),
                          functools.partial(self._relayed_sender, frames, tag, via))
@@ -196,5 +245,6 @@ class AckListener:
         return f"{peer_address(frames[-1])} (routing id {frames[0].bytes[:16].hex()})"
 
     def close(self) -> None:
+        self._stop_following()
         self._socket.close(linger=0)
 

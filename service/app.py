@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from tornado import httputil
 from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import Codec
 from cachebus.bus.security import ServiceSecurity
-from cachebus.settings import Settings
+from cachebus.settings import Settings, SettingsError
 
 from .accesslog import log_request
 from .acks import AckListener
@@ -38,6 +41,7 @@ from .handlers import (
     UnreadableRequestHandler,
     WorkersHandler,
 )
+from .lead import LEAD_FILE, Lead, LeadRecord, boot_id
 from .limits import LimitedHTTPServer
 from .metrics import ServiceMetrics, ServiceMetricsHandler
 from .pages import DashboardAssetHandler, DashboardHandler, IndexHandler, OpenApiHandler
@@ -62,7 +66,14 @@ class Service:
     metrics: ServiceMetrics
     security: ServiceSecurity
     ctx: zmq.asyncio.Context
+    #: The lead among instances sharing the tokens directory (docs/scale-out.md).
+    lead: Lead
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The leader's record as this instance last read it (its own while it leads).
+    leader: LeadRecord | None = None
+    #: time.monotonic() until which a wait=all clear waits before it is published: after taking
+    #: over another instance's stream, the record learns its workers from their heartbeats.
+    warm_until: float = 0.0
 
     #: Seconds :meth:`stop` gives the requests it answers to be written.
     STOP_GRACE: ClassVar[float] = 0.5
@@ -101,8 +112,82 @@ class Service:
                             max_bcrypt_cost=settings.api.max_bcrypt_cost)
         if removed := tokens.remove_stale_temporaries():
             log.info("removed %d temporary token file(s) left by a killed writer", removed)
+        if "," in bus.publish or "," in bus.acks:
+            raise SettingsError("bus.publish, bus.acks: a service binds one endpoint each; a list (one "
+                                "endpoint per instance) is for workers and relays")
+        lead = Lead(Path(settings.service.tokens_dir) / LEAD_FILE)
         return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
-                   events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx)
+                   events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx, lead=lead)
+
+    # --- the lead among several instances (docs/scale-out.md) --------------------------
+
+    @property
+    def leading(self) -> bool:
+        return self.lead.held and self.publisher.speaking
+
+    @property
+    def name(self) -> str:
+        service = self.settings.service
+        return service.name or f"{socket.gethostname()}:{service.port}"
+
+    def own_record(self) -> LeadRecord:
+        """What this instance writes into the lock file while it leads."""
+        service, bus = self.settings.service, self.settings.bus
+        host = service.host if service.host not in ("", "0.0.0.0", "::", "*") else "127.0.0.1"
+        url = service.peer_url or f"http://{host}:{service.port}"
+        acks = service.peer_acks or _reachable(bus.acks)
+        return LeadRecord(name=self.name, url=url, acks=acks, epoch=self.publisher.epoch, seq=self.publisher.seq,
+                          pid=os.getpid(), boot=boot_id())
+
+    def _write_position(self, epoch: str, seq: int) -> None:
+        assert self.leader is not None
+        self.leader = LeadRecord(**{**self.leader.__dict__, "epoch": epoch, "seq": seq})
+        self.lead.write(self.leader)
+
+    def _take_lead(self) -> None:
+        previous = self.lead.read()
+        if previous is not None and previous.boot and previous.boot == boot_id() and previous.epoch:
+            # Same host and boot: every write of the last leader is in this file, so its stream
+            # goes on, and workers that heard all of it keep their caches.
+            self.publisher.continue_from(previous.epoch, previous.seq)
+            self.warm_until = time.monotonic() + self.settings.bus.lease
+            log.info("%s took the lead from %s (pid %d): continuing epoch %s at seq %d", self.name,
+                     previous.name, previous.pid, previous.epoch, previous.seq)
+        else:
+            log.info("%s took the lead: epoch %s%s", self.name, self.publisher.epoch,
+                     "" if previous is None else f" (new: the last leader, {previous.name}, wrote on another "
+                     "host or boot)")
+        self.leader = self.own_record()
+        self.lead.write(self.leader)
+        self.publisher.position = self._write_position
+        self.acks.lead()
+        self.publisher.speaking = True
+
+    def _follow(self, record: LeadRecord | None) -> None:
+        self.leader = record
+        self.acks.follow(record.acks if record is not None else None, self.security.peer_client())
+        log.info("%s follows %s", self.name, f"{record.name} at {record.url}" if record else "nobody yet")
+
+    async def _watch_lead(self) -> None:
+        """Take the lead when it is free; follow the leader's record while it is not."""
+        while True:
+            await asyncio.sleep(self.settings.service.lead_poll)
+            if self.lead.held:
+                continue  # led, or lost on a shared filesystem: the publisher says which
+            if self.lead.try_take():
+                self._take_lead()
+                continue
+            record = self.lead.read()
+            if record is not None and (self.leader is None or record.acks != self.leader.acks):
+                self._follow(record)
+            elif record is not None:
+                self.leader = record
+
+    async def warmed(self) -> None:
+        """Return once the record has heard every worker's heartbeat since this instance took over."""
+        wait = self.warm_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def start(self) -> None:
         """Start the authenticator, bind both bus sockets and start the heartbeat and ack loops.
@@ -113,10 +198,17 @@ class Service:
         self.security.start(self.ctx)
         self.publisher.bind()
         self.acks.bind()
+        self.lead.open()
+        if self.lead.try_take():
+            self._take_lead()
+        else:
+            self.publisher.speaking = False
+            self._follow(self.lead.read())
         self.tasks = [
             asyncio.create_task(self.publisher.run_heartbeats(), name="heartbeats"),
             asyncio.create_task(self.acks.run(), name="acks"),
             asyncio.create_task(self._sweep(), name="sweep"),
+            asyncio.create_task(self._watch_lead(), name="lead"),
         ]
 
     async def _sweep(self) -> None:
@@ -135,9 +227,18 @@ class Service:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.publisher.speaking = False
         self.publisher.close()
         self.acks.close()
+        self.lead.close()  # last: nobody takes over while this instance might still send
         self.security.stop()
+
+
+def _reachable(endpoint: str) -> str:
+    """``endpoint`` as a peer on this host connects to it: a wildcard host becomes 127.0.0.1."""
+    for wildcard in ("//*:", "//0.0.0.0:", "//[::]:"):
+        endpoint = endpoint.replace(wildcard, "//127.0.0.1:")
+    return endpoint
 
 
 class _BuildOrRefuse(httputil.HTTPMessageDelegate):

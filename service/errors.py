@@ -93,11 +93,19 @@ class Reason(enum.StrEnum):
     BCRYPT_BUSY = "bcrypt_busy"
     #: 503: the service is stopping, and the request's work was cancelled.
     STOPPING = "stopping"
+    #: 503: another instance holds the lead and did not answer, or none does (docs/scale-out.md).
+    NO_LEAD = "no_lead"
+    #: 503: the events stream is served by the instance holding the lead, not by this one.
+    STREAM_ON_LEADER = "stream_on_leader"
 
 
 #: Bodies whose message says more than the status's usual one.
 _REASON_MESSAGES: dict[str, str] = {
     Reason.METRICS_TOKEN_NOT_SET: "Metrics need authentication, and metrics.token is not set",
+    Reason.NO_LEAD: "No service instance that can publish the clear answered; retry after the number of seconds "
+                    "in Retry-After",
+    Reason.STREAM_ON_LEADER: "This service instance does not hold the lead: the event stream is served by the one "
+                             "that does",
 }
 
 

@@ -27,7 +27,9 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventKind, EventQueue, unnumbered
+from .forward import FORWARDED_BY, Unreachable, forward
 from .params import credentials, request_params, wait_timeout
+from .publisher import NotLeading
 from .token_limits import Overloaded
 from .token_rules import TokenError
 from .tokens import Counted
@@ -208,6 +210,24 @@ class BaseHandler(FlextypeResponses):
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(json.dumps(data, separators=(",", ":")))
 
+    async def passed_to_leader(self, wait: float = 0.0) -> bool:
+        """If another instance holds the lead, answer with its answer to this request and
+        return True; 503 when it cannot be reached (docs/scale-out.md)."""
+        service = self.service
+        if service.leading:
+            return False
+        leader = service.leader
+        if leader is None or FORWARDED_BY in self.request.headers:
+            # No leader known, or one that passed the request here and lost the lead since.
+            raise ApiError(503, Reason.NO_LEAD, retry_after=1)
+        try:
+            await forward(self, leader.url, b"".join(self._chunks),
+                          wait + service.settings.service.forward_timeout, service.name)
+        except Unreachable as exc:
+            raise ApiError(503, Reason.NO_LEAD, retry_after=1,
+                           log_message=f"the leader {leader.name} at {leader.url} did not answer: {exc}") from None
+        return True
+
     async def authorize(self, params: dict[str, Any], *, consume: bool) -> Counted:
         """Flextype's validation steps 1 to 7, within the abuse limits; raises :class:`ApiError`.
 
@@ -276,10 +296,16 @@ class ClearHandler(BaseHandler):
         token, _ = credentials(params)
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
+        if await self.passed_to_leader(timeout or 0.0):
+            return
         counted = await self.authorize(params, consume=True)
         try:
+            if timeout is not None:
+                await self.service.warmed()  # a proof names every worker, also right after a takeover
             # Published as soon as the call is admitted: the count's fsync overlaps the bus.
             clear = await self.service.publisher.publish_clear(token=token)
+        except NotLeading:
+            raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message="this instance lost the lead") from None
         finally:
             await self.durably(counted)  # 2xx still means counted durably, and published
         entry = self.service.record.clear(clear.id)
@@ -334,6 +360,8 @@ class RecordHandler(BaseHandler):
         await super().prepare()  # the method first: a PUT is 405 whatever its credentials
         if self.request.method == "OPTIONS":
             return
+        if await self.passed_to_leader():
+            return
         # The body has not arrived yet: read endpoints take credentials from the query.
         await self.authorize(self.params(), consume=False)
 
@@ -382,6 +410,12 @@ class EventsHandler(RecordHandler):
     STALLED_KEEPALIVES = 2
 
     _queue: EventQueue | None = None
+
+    async def passed_to_leader(self, wait: float = 0.0) -> bool:
+        """A stream is not passed on: an instance without the lead has no record to stream."""
+        if self.service.leading:
+            return False
+        raise ApiError(503, Reason.STREAM_ON_LEADER, retry_after=1)
 
     async def get(self) -> None:
         events = self.service.events
@@ -443,7 +477,9 @@ class EventsHandler(RecordHandler):
     def _snapshot(self) -> dict[str, Any]:
         record = self.service.record
         return {
-            "epoch": self.service.publisher.epoch,
+            # The service run (the event ids' epoch): the bus epoch goes on across a takeover,
+            # but the record, and so what a dashboard shows, starts anew with each process.
+            "epoch": self.service.events.epoch,
             "workers": [w.to_json() for w in record.workers()],
             "clears": [record.clear_json(c) for c in record.recent(self.service.settings.record.list_limit)],
         }

@@ -1,8 +1,11 @@
 """The service's PUB socket: clear commands and heartbeats to every worker.
 
 Each service start picks a fresh random ``epoch``; ``seq`` counts commands
-within it. Heartbeats repeat the last ``seq`` so a worker that lost a command
-can tell, and a new epoch tells it the service restarted. PUB never blocks:
+within it. Among several instances only the one holding the lead speaks
+(:mod:`cachebus.service.lead`); one that takes over on the same host continues
+its predecessor's epoch and seq (:meth:`Publisher.continue_from`). Heartbeats
+repeat the last ``seq`` so a worker that lost a command can tell, and a new
+epoch tells it the service restarted. PUB never blocks:
 a subscriber that falls more than ``send_hwm`` messages behind loses messages
 and detects the gap instead of slowing everyone else down.
 """
@@ -26,6 +29,10 @@ from cachebus.bus.sockets import configure
 log = logging.getLogger("cachebus.publisher")
 
 
+class NotLeading(Exception):
+    """This instance does not hold the lead (any more): it may not publish."""
+
+
 class Publisher:
     """Owns the PUB socket, the epoch and the sequence counter."""
 
@@ -42,6 +49,11 @@ class Publisher:
         #: Called with each clear and the token that asked for it just before the
         #: clear is sent, so the record exists before any ack for it can arrive.
         self.on_publish: list[Callable[[Clear, str], None]] = []
+        #: Whether this instance holds the lead and may send (docs/scale-out.md); a follower is silent.
+        self.speaking = True
+        #: Called with (epoch, seq) before anything is sent, to keep the lead's record ahead of the
+        #: stream; an ``OSError`` from it (the lead is lost) silences the publisher.
+        self.position: Callable[[str, int], None] | None = None
         # A plain socket: it only sends, never waits, so zmq.asyncio would add nothing but cost.
         self._socket = zmq.Socket(ctx, zmq.PUB)
         # No ZMTP heartbeat here: libzmq aborts a subscriber whose full queue meets
@@ -56,20 +68,46 @@ class Publisher:
         log.info("publishing on %s (epoch %s)", self.endpoint, self.epoch)
 
     async def publish_clear(self, token: str = "") -> Clear:
-        """Publish one clear-all command, asked for by ``token``, and return it."""
+        """Publish one clear-all command, asked for by ``token``, and return it.
+
+        Raises :class:`NotLeading` if this instance may not publish.
+        """
+        if not self.speaking:
+            raise NotLeading("this instance does not hold the lead")
         self.seq += 1
+        self._record_position()
         clear = Clear(epoch=self.epoch, seq=self.seq, id=uuid.uuid4().hex, ts=now())
         for listener in self.on_publish:
             listener(clear, token)
         self._send(clear)
         return clear
 
+    def continue_from(self, epoch: str, seq: int) -> None:
+        """Go on with another instance's stream: workers that heard all of it see no gap."""
+        self.epoch, self.seq = epoch, seq
+
     async def run_heartbeats(self) -> None:
-        """Publish a heartbeat every interval until cancelled."""
+        """Publish a heartbeat every interval, while speaking, until cancelled."""
         while True:
-            self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now(),
-                                 heartbeat_interval=self.heartbeat_interval, liveness=self.liveness))
+            if self.speaking:
+                try:
+                    self._record_position()
+                except NotLeading:
+                    pass
+                else:
+                    self._send(Heartbeat(epoch=self.epoch, seq=self.seq, ts=now(),
+                                         heartbeat_interval=self.heartbeat_interval, liveness=self.liveness))
             await asyncio.sleep(self.heartbeat_interval)
+
+    def _record_position(self) -> None:
+        if self.position is None:
+            return
+        try:
+            self.position(self.epoch, self.seq)
+        except OSError as exc:
+            self.speaking = False
+            log.error("cannot write the lead's record (%s): not publishing any more", exc.strerror or exc)
+            raise NotLeading("this instance lost the lead") from None
 
     def welcome(self) -> Welcome:
         """The answer to a worker's hello: where the bus stands, and the lease terms."""

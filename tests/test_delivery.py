@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cachebus.service.lead import LEAD_FILE
 from cachebus.testing import DEADLINE, Cluster, edit_entry, expected_names, http_json, read_entry, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber
@@ -115,9 +116,35 @@ def test_sigstop_past_the_liveness_window_then_sigcont(cluster: Cluster, content
 def test_service_restart_while_workers_keep_running(cluster: Cluster, content_dir: Path):
     first = cluster.start_service()
     urls = {name: cluster.start_worker(name) for name in ("w1", "w2")}
+    status, body = clear_and_wait(cluster)
+    assert status == 200
+    epoch = body["epoch"]
     for url in urls.values():
         read_entry(url)
     assert first.stop() == 0
+    edit_entry(content_dir, "hello", "after the restart")
+
+    # The restarted service goes on with its stream (the lead record in the tokens directory):
+    # workers keep their caches, and the next clear reaches them in sequence.
+    cluster.start_service()
+    for name in urls:
+        cluster.wait_worker_live(name)
+    status, body = clear_and_wait(cluster)
+    assert status == 200 and body["epoch"] == epoch
+    assert sorted(a["name"] for a in body["acks"]) == ["w1", "w2"]
+    for url in urls.values():
+        assert read_entry(url)[1]["title"] == "after the restart"
+    for proc, _ in cluster.workers.values():
+        assert "epoch changed" not in proc.output()
+
+
+def test_service_restart_without_its_lead_record_makes_every_worker_purge(cluster: Cluster, content_dir: Path):
+    first = cluster.start_service()
+    urls = {name: cluster.start_worker(name) for name in ("w1", "w2")}
+    for url in urls.values():
+        read_entry(url)
+    assert first.stop() == 0
+    (cluster.tokens_dir / LEAD_FILE).unlink()  # as after a reboot, or with another tokens directory
     edit_entry(content_dir, "hello", "after the restart")
 
     cluster.start_service()
