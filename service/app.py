@@ -116,8 +116,10 @@ class Service:
             raise SettingsError("bus.publish, bus.acks: a service binds one endpoint each; a list (one "
                                 "endpoint per instance) is for workers and relays")
         lead = Lead(Path(settings.service.tokens_dir) / LEAD_FILE)
-        return cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
-                   events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx, lead=lead)
+        service = cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
+                      events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx, lead=lead)
+        service.metrics.state.leading = lambda: service.leading
+        return service
 
     # --- the lead among several instances (docs/scale-out.md) --------------------------
 

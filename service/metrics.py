@@ -8,7 +8,7 @@ and of event stream clients are read from the record when scraped.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -33,8 +33,13 @@ class _StateCollector(Collector):
     def __init__(self, record: Record, events: EventLog) -> None:
         self.record = record
         self.events = events
+        #: Whether this instance holds the lead (docs/scale-out.md); set by the service.
+        self.leading: Callable[[], bool] = lambda: True
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("cachebus_service_leading", "1 while this instance holds the lead and publishes; "
+                                "0 while it passes requests and workers' messages to the one that does",
+                                value=int(self.leading()))
         workers = GaugeMetricFamily("cachebus_workers", "Worker processes the record knows, by state",
                                     labels=["state"])
         by_name = GaugeMetricFamily("cachebus_worker_processes", "Worker processes the record knows, by name and "
@@ -99,7 +104,9 @@ class ServiceMetrics:
         #: Children of labelled metrics looked up once, since every ack updates them.
         self._latency_by_name: dict[str, Any] = {}
         self._purges_by_cause = {cause: self.purges.labels(cause.value) for cause in PurgeCause}
-        r.register(_StateCollector(record, events))
+        #: Scrape-time gauges; the service tells it whether this instance leads.
+        self.state = _StateCollector(record, events)
+        r.register(self.state)
         events.listeners.append(self.observe)
 
     def observe(self, event: Event) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -21,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from cachebus.service.lead import LEAD_FILE
-from cachebus.testing import DEADLINE, Cluster, edit_entry, expected_names, http_json, read_entry, wait_for
+from cachebus.testing import (
+    DEADLINE,
+    Cluster,
+    edit_entry,
+    expected_names,
+    http_json,
+    netns_unavailable,
+    read_entry,
+    wait_for,
+)
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber
 
@@ -221,23 +229,10 @@ def test_a_late_joiner_serves_nothing_older_than_its_start(cluster: Cluster, con
     assert read_entry(url) [1]["title"] == "edited before the worker started"
 
 
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    probe = f"cbprobe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"ip netns add failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
 @pytest.fixture
 def netns_host():
     """A worker host of our own: a network namespace joined to this one by a veth pair."""
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
     n = random.randrange(1, 250)

@@ -123,6 +123,10 @@ def test_a_clear_through_either_instance_reaches_every_worker_with_proof(instanc
         wait_for(lambda url=url: read_entry(url)[1]["title"] == "edited", what="the new title")
     leader = http_json(f"{instances.urls[1]}/api/v1/cache/workers?{instances.creds()}")
     assert all(w["via"] == "" for w in leader["workers"])
+    # Each instance's own /metrics says which one leads.
+    for i, leading in ((0, 1), (1, 0)):
+        _, _, text = http("GET", f"{instances.urls[i]}/metrics")
+        assert f"cachebus_service_leading {leading}.0" in text.decode()
 
 
 def test_killing_the_leader_while_clears_run_loses_no_clear_and_keeps_every_cache(instances: Instances):
