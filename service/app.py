@@ -115,7 +115,10 @@ class Service:
         if "," in bus.publish or "," in bus.acks:
             raise SettingsError("bus.publish, bus.acks: a service binds one endpoint each; a list (one "
                                 "endpoint per instance) is for workers and relays")
-        lead = Lead(Path(settings.service.tokens_dir) / LEAD_FILE)
+        # Signed with a secret every instance shares (docs/scale-out.md): the service's own keypair
+        # in CURVE mode, the bus key in HMAC mode.
+        lead_key = security.keypair.secret if security.keypair is not None else bus.key.encode()
+        lead = Lead(Path(settings.service.tokens_dir) / LEAD_FILE, lead_key)
         service = cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
                       events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx, lead=lead)
         service.metrics.state.leading = lambda: service.leading
@@ -174,6 +177,9 @@ class Service:
         """Take the lead when it is free; follow the leader's record while it is not."""
         while True:
             await asyncio.sleep(self.settings.service.lead_poll)
+            if self.lead.replaced():
+                self._reopen_lead()
+                continue
             if self.lead.held:
                 continue  # led, or lost on a shared filesystem: the publisher says which
             if self.lead.try_take():
@@ -184,6 +190,19 @@ class Service:
                 self._follow(record)
             elif record is not None:
                 self.leader = record
+
+    def _reopen_lead(self) -> None:
+        """The lock file was removed or replaced: another instance may lock the new one, so let go
+        of the lead (silent from now on) and compete for the new file from scratch."""
+        if self.lead.held:
+            log.error("%s: %s was removed or replaced: giving up the lead", self.name, self.lead.path)
+            self.publisher.speaking = False
+            self.publisher.position = None
+        else:
+            log.warning("%s: %s was removed or replaced: opening it again", self.name, self.lead.path)
+        self.lead.close()
+        self.lead.open()
+        self._follow(None)
 
     async def warmed(self) -> None:
         """Return once the record has heard every worker's heartbeat since this instance took over."""
@@ -200,7 +219,11 @@ class Service:
         self.security.start(self.ctx)
         self.publisher.bind()
         self.acks.bind()
-        self.lead.open()
+        try:
+            self.lead.open()
+        except OSError as exc:
+            raise SettingsError(f"service.tokens_dir: cannot open {self.lead.path} (the lead among instances): "
+                                f"{exc.strerror or exc}") from None
         if self.lead.try_take():
             self._take_lead()
         else:

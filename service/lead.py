@@ -21,6 +21,8 @@ because a write another host made without fsync may not have reached the file
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -62,20 +64,27 @@ class LeadRecord:
     pid: int
     boot: str
 
-    def to_bytes(self) -> bytes:
-        data = json.dumps(asdict(self), separators=(",", ":")).encode()
+    def to_bytes(self, key: bytes = b"") -> bytes:
+        """The record as written: JSON, signed with ``key`` (a MAC over the fields), padded."""
+        fields = asdict(self)
+        data = json.dumps({**fields, "mac": _mac(key, fields)}, separators=(",", ":")).encode()
         if len(data) > RECORD_SIZE:
             raise ValueError(f"a lead record of {len(data)} bytes does not fit in {RECORD_SIZE}")
         return data.ljust(RECORD_SIZE)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> LeadRecord | None:
-        """The record in ``data``, or None for anything that is not one (empty, torn, edited)."""
+    def from_bytes(cls, data: bytes, key: bytes = b"") -> LeadRecord | None:
+        """The record in ``data``, or None for anything that is not one (empty, torn, edited, or
+        signed with another key: whoever can write the tokens directory must not be able to send
+        a follower's requests, credentials and all, to an address of their choosing)."""
         try:
             fields: Any = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return None
-        if not isinstance(fields, dict) or set(fields) != set(cls.__dataclass_fields__):
+        if not isinstance(fields, dict) or set(fields) != {*cls.__dataclass_fields__, "mac"}:
+            return None
+        mac = fields.pop("mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, fields)):
             return None
         texts = ("name", "url", "acks", "epoch", "boot")
         if not all(isinstance(fields[k], str) and len(fields[k]) <= _MAX_TEXT for k in texts):
@@ -85,11 +94,21 @@ class LeadRecord:
         return cls(**fields)
 
 
-class Lead:
-    """The lock and record file of one instance: taken or not, read, and rewritten in place."""
+def _mac(key: bytes, fields: dict[str, Any]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
 
-    def __init__(self, path: Path) -> None:
+
+class Lead:
+    """The lock and record file of one instance: taken or not, read, and rewritten in place.
+
+    ``key`` signs the record: a secret every instance holds (the service's CURVE
+    secret key, or ``bus.key``); without one (an insecure bus) records are unsigned.
+    """
+
+    def __init__(self, path: Path, key: bytes = b"") -> None:
         self.path = path
+        self.key = key
         self.held = False
         self._fd: int | None = None
 
@@ -114,7 +133,18 @@ class Lead:
     def read(self) -> LeadRecord | None:
         """The record as last written, or None if there is none that parses."""
         assert self._fd is not None
-        return LeadRecord.from_bytes(os.pread(self._fd, RECORD_SIZE, 0))
+        return LeadRecord.from_bytes(os.pread(self._fd, RECORD_SIZE, 0), self.key)
+
+    def replaced(self) -> bool:
+        """Whether the path no longer names the file this instance locks (removed or replaced:
+        another process could then lock the new file, so whoever holds this one must let go)."""
+        assert self._fd is not None
+        try:
+            current = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._fd)
+        return (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino)
 
     def write(self, record: LeadRecord) -> None:
         """Rewrite the record in place: one ``pwrite``, which readers on this host see at once.
@@ -123,7 +153,7 @@ class Lead:
         the caller must stop publishing.
         """
         assert self._fd is not None and self.held
-        os.pwrite(self._fd, record.to_bytes(), 0)
+        os.pwrite(self._fd, record.to_bytes(self.key), 0)
 
     def close(self) -> None:
         """Release the lead (if held) and close the file."""

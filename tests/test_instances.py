@@ -8,7 +8,9 @@ its requests and its workers' messages to it, and takes over when it dies.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import threading
 import time
 import urllib.parse
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cachebus.service.lead import LEAD_FILE, LeadRecord
 from cachebus.testing import (
     DEADLINE,
     Cluster,
@@ -206,3 +209,55 @@ def test_a_follower_that_cannot_reach_the_leader_refuses_the_clear(instances: In
         leader.signal(signal.SIGCONT)
     assert instances.calls() == before
     assert instances.clear_via(1)[0] == 204
+
+
+def _leading(instances: Instances) -> list[int]:
+    leading = []
+    for i, url in enumerate(instances.urls):
+        try:
+            text = http("GET", f"{url}/metrics")[2].decode()
+        except OSError:
+            continue
+        if "cachebus_service_leading 1.0" in text:
+            leading.append(i)
+    return leading
+
+
+def test_a_forged_lead_record_sends_nothing_anywhere(instances: Instances, tmp_path: Path):
+    instances.start_instance(0)
+    follower = instances.start_instance(1)
+    instances.start_worker("w1", wait=False)
+    _live_via(instances, 0, {"w1"})
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen()
+    trap.setblocking(False)
+    # Whoever can write the tokens directory writes a record pointing the follower at itself.
+    forged = LeadRecord(name="evil", url=f"http://127.0.0.1:{trap.getsockname()[1]}", acks="tcp://127.0.0.1:1",
+                        epoch="00" * 8, seq=10**9, pid=1, boot="")
+    fd = os.open(instances.tokens_dir / LEAD_FILE, os.O_WRONLY)
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # the leader rewrites its record every heartbeat: keep at it
+            os.pwrite(fd, forged.to_bytes(b"a guess"), 0)
+            assert instances.clear_via(1)[0] == 204
+    finally:
+        os.close(fd)
+    with pytest.raises(BlockingIOError):
+        trap.accept()  # nobody came: the follower never took the forged record for the leader's
+    trap.close()
+    assert "evil" not in follower.output()
+
+
+def test_removing_the_lead_file_leaves_one_leader(instances: Instances):
+    leader = instances.start_instance(0)
+    instances.start_instance(1)
+    instances.start_worker("w1", wait=False)
+    _live_via(instances, 0, {"w1"})
+    (instances.tokens_dir / LEAD_FILE).unlink()
+    # The leader lets go of a lock that no longer guards the name; then exactly one leads again.
+    wait_for(lambda: "giving up the lead" in leader.output(), what="the leader to give up")
+    wait_for(lambda: len(_leading(instances)) == 1, what="one leader again")
+    for i in (0, 1):
+        status, body = instances.proof_via(i)
+        assert status == 200 and [a["name"] for a in body["acks"]] == ["w1"], body
