@@ -163,6 +163,11 @@ class ApiError(HTTPError):
         self.retry_after = retry_after
 
 
+def reason_message(why: Reason | Refusal) -> str | None:
+    """The body's message for a refusal that says more than its status's usual one, if it does."""
+    return _REASON_MESSAGES.get(why)
+
+
 def error_body(status: int, message: str | None = None) -> bytes:
     """The compact JSON body Flextype sends for ``status``, optionally with its own ``message``."""
     title, default = _MESSAGES.get(status) or (
@@ -190,7 +195,7 @@ class FlextypeErrors(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Flextype's body for ``status_code``; the one place an error body is written."""
         error = kwargs.get("exc_info", (None, None, None))[1]
-        message = _REASON_MESSAGES.get(error.why) if isinstance(error, ApiError) else None
+        message = reason_message(error.why) if isinstance(error, ApiError) else None
         if isinstance(error, ApiError) and error.retry_after is not None:
             self.set_header("Retry-After", str(error.retry_after))
         self.set_header("Content-Type", CONTENT_TYPE)

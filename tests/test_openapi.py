@@ -21,7 +21,7 @@ from openapi_spec_validator import validate
 from tornado.routing import PathMatches, Router
 from tornado.web import RequestHandler
 
-from cachebus.service.errors import error_body
+from cachebus.service.errors import Reason, error_body, reason_message
 from cachebus.service.pages import OPENAPI_FILE
 from cachebus.testing import Cluster, EventStream, http, http_json
 
@@ -258,6 +258,8 @@ def test_real_responses_and_events_match_the_documented_schemas(cluster: Cluster
 
 #: Statuses cachebus adds to Flextype's, with their exact bodies and a Retry-After header.
 LIMIT_STATUSES = {429: "TooManyRequests", 503: "ServiceUnavailable"}
+#: Every body each of them is sent with: the usual one, and a follower's that cannot reach the leader.
+BODIES = {429: [error_body(429)], 503: [error_body(503), error_body(503, reason_message(Reason.NO_LEAD))]}
 
 
 def test_the_abuse_limits_answers_are_documented_on_every_credentialed_route_with_exact_bodies(spec):
@@ -273,4 +275,4 @@ def test_the_abuse_limits_answers_are_documented_on_every_credentialed_route_wit
             assert response, (path, method, status)
             assert "Retry-After" in response["headers"], (path, method, status)
             values = [resolve(spec, e)["value"] for e in response["content"][JSON_TYPE]["examples"].values()]
-            assert [json.dumps(v, separators=(",", ":")).encode() for v in values] == [error_body(status)]
+            assert [json.dumps(v, separators=(",", ":")).encode() for v in values] == BODIES[status]
