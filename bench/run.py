@@ -34,6 +34,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 from typing import NamedTuple
 
+from cachebus.bus.security import WORKERS_DIR, ensure_keypair, private_dir
 from cachebus.testing import Proc, Processes, answers, create_token, free_port, free_ports, wait_for
 from cachebus.workers.cache import Cache
 
@@ -289,6 +290,91 @@ def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: 
     return Scale(subscribers, processes, latency, rss_mib(service.pid))
 
 
+#: The relayed scale run's heartbeat interval (a lease of 15 s): at the default 0.5 s, 10,000
+#: subscribers' heartbeats alone take more than this machine's two cores.
+RELAYED_HEARTBEAT = 5.0
+
+
+@dataclass
+class RelayedScale:
+    """10,000 subscribers through relays, and the same connected directly (issue 15)."""
+
+    subscribers: int
+    relays: int
+    direct: Summary
+    relayed: Summary
+    #: CPU milliseconds per clear: the service's directly and through relays, each relay's (mean),
+    #: each subscriber process's (mean, through relays).
+    service_direct_ms: float
+    service_relayed_ms: float
+    relay_ms: float
+    swarm_ms: float
+    rss_direct_mib: float
+    rss_relayed_mib: float
+
+
+def _timed_scale(procs: Processes, port: int, token: str, access_token: str, subscribers: int, count: int,
+                 service: Proc, relays: list[Proc], swarms: list[Proc]) -> tuple[Summary, list[float], float]:
+    """Wait for every subscriber, then time ``count`` wait=all clears with CPU per clear of every process."""
+    wait_for(lambda: live_workers(port, token, access_token) == subscribers, 900,
+             f"{subscribers} subscribers to join", check=procs.check)
+    body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "60"})
+    timed_posts(port, "/api/v1/cache/clear", body, 3, 200)
+    pids = [service.pid, *(p.pid for p in relays), *(p.pid for p in swarms)]
+    before = [cpu_seconds(pid) for pid in pids]
+    latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
+    spent = [(cpu_seconds(pid) - was) * 1000 / count for pid, was in zip(pids, before, strict=True)]
+    return latency, spent, rss_mib(service.pid)
+
+
+def relayed_scale(procs: Processes, tmp: Path, subscribers: int, relays: int, count: int) -> RelayedScale:
+    """``subscribers`` in ``relays`` swarm processes, each behind a ``cachebus relay`` of its own
+    (a host each), then the same swarms connected straight to a service."""
+    config = tmp / "relayed-settings.yaml"
+    config.write_text(f"bus:\n  heartbeat_interval: {RELAYED_HEARTBEAT}\n")
+    share = subscribers // relays
+    keys = keys_dir(procs)
+    # Directly: the service holds two connections per subscriber, past the usual descriptor limit.
+    token, access_token = create_token(tmp / "tokens-direct")
+    port, publish, acks = free_ports(3)
+    service = procs.start("service-direct", ["prlimit", f"--nofile={4 * subscribers + 1024}", sys.executable, "-m",
+                                             "cachebus.service", "--config", str(config), "--port", str(port),
+                                             "--tokens-dir", str(tmp / "tokens-direct"),
+                                             "--bus-publish", f"tcp://127.0.0.1:{publish}",
+                                             "--bus-acks", f"tcp://127.0.0.1:{acks}", "--keys-dir", str(keys)])
+    wait_for(lambda: up(port), SETUP_TIMEOUT, "the cachebus service", check=procs.check)
+    swarms = [procs.python(f"swarm-direct-{i}", "bench.swarm", f"tcp://127.0.0.1:{publish}",
+                           f"tcp://127.0.0.1:{acks}", f"direct{i}", str(share), str(keys)) for i in range(relays)]
+    direct, spent, rss_direct = _timed_scale(procs, port, token, access_token, relays * share, count, service, [],
+                                             swarms)
+    service_direct = spent[0]
+    procs.stop()
+
+    token, access_token = create_token(tmp / "tokens-relayed")
+    port, publish_url, acks_url, service = start_service(procs, "service-relayed", tmp / "tokens-relayed",
+                                                         "--config", str(config))
+    relay_procs, swarms = [], []
+    for r in range(relays):
+        relay_publish, relay_acks = free_ports(2)
+        relay_keys = tmp / f"relay-keys-{r}"
+        relay_procs.append(procs.python(
+            f"relay-{r}", "cachebus.relay", "--name", f"relay-{r}", "--publish", f"tcp://127.0.0.1:{relay_publish}",
+            "--acks", f"tcp://127.0.0.1:{relay_acks}", "--relay-keys-dir", str(relay_keys), "--http-port", "0",
+            "--bus-publish", publish_url, "--bus-acks", acks_url, "--keys-dir", str(keys)))
+        wait_for(lambda relay_keys=relay_keys: (relay_keys / "service.key").exists(), SETUP_TIMEOUT,
+                 "a relay's keys", check=procs.check)
+        # The operator's step on each host: the swarm's key allowed by its relay and by the service.
+        keypair, _ = ensure_keypair(private_dir(private_dir(relay_keys) / WORKERS_DIR), f"relayed{r}")
+        shutil.copy(keypair.public_file, keys / WORKERS_DIR / keypair.public_file.name)
+        swarms.append(procs.python(f"swarm-relayed-{r}", "bench.swarm", f"tcp://127.0.0.1:{relay_publish}",
+                                   f"tcp://127.0.0.1:{relay_acks}", f"relayed{r}", str(share), str(relay_keys)))
+    relayed, spent, rss_relayed = _timed_scale(procs, port, token, access_token, relays * share, count, service,
+                                               relay_procs, swarms)
+    return RelayedScale(relays * share, relays, direct, relayed, service_direct, spent[0],
+                        statistics.mean(spent[1:1 + relays]), statistics.mean(spent[1 + relays:]), rss_direct,
+                        rss_relayed)
+
+
 @dataclass
 class Burst:
     workers: int
@@ -437,7 +523,8 @@ def _cells(summary: Summary | None) -> str:
 
 
 def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood: Burst | None, clears: int,
-           entries: int, elapsed: float, abuse: CredentialFlood | None = None, purge_ms: float = 0.0) -> str:
+           entries: int, elapsed: float, abuse: CredentialFlood | None = None, purge_ms: float = 0.0,
+           relayed: RelayedScale | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -540,6 +627,31 @@ def report(rows: list[Row], load: Throughput | None, swarm: Scale | None, flood:
             "|---|---|---|---|---|---|",
             f"| {swarm.subscribers:,} | {' | '.join(lat.cells())} | {swarm.service_rss_mib:.0f} MiB |",
         ]
+    if relayed is not None:
+        r = relayed
+        lines += [
+            "",
+            "## Scale through relays",
+            "",
+            f"{r.subscribers:,} asyncio subscribers in {r.relays} processes (a host each), each process behind a",
+            f"`cachebus relay` of its own, then the same {r.relays} processes connected straight to a service;",
+            f"{r.relayed.count} `wait=all` clears each, CURVE on every hop, `bus.heartbeat_interval` "
+            f"{RELAYED_HEARTBEAT:g} s (at",
+            "0.5 s the subscribers' heartbeats alone would take both cores). CPU per clear from `/proc/<pid>/stat`.",
+            "Targets (issue 15): at most 1,000 ms p50 through relays, and the service's CPU per clear at least",
+            "ten times lower than directly.",
+            "",
+            "| | p50 | p99 | min | max | service CPU per clear | each relay | each subscriber process "
+            "| service RSS |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| directly | {' | '.join(r.direct.cells())} | {r.service_direct_ms:.0f} ms | | | "
+            f"{r.rss_direct_mib:.0f} MiB |",
+            f"| through {r.relays} relays | {' | '.join(r.relayed.cells())} | {r.service_relayed_ms:.0f} ms | "
+            f"{r.relay_ms:.0f} ms | {r.swarm_ms:.0f} ms | {r.rss_relayed_mib:.0f} MiB |",
+            "",
+            f"Service CPU per clear, direct over relayed: "
+            f"{r.service_direct_ms / max(r.service_relayed_ms, 1e-9):.1f}×.",
+        ]
     if flood is not None:
         lines += [
             "",
@@ -639,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
     parser.add_argument("--swarm", type=int, default=1000, help="subscribers for the fan-out scale run")
     parser.add_argument("--swarm-clears", type=int, default=50, help="timed clears at that scale")
+    parser.add_argument("--relayed", type=int, default=10_000, help="subscribers for the run through relays")
+    parser.add_argument("--relays", type=int, default=10, help="relays (and subscriber processes) for that run")
+    parser.add_argument("--relayed-clears", type=int, default=20, help="timed clears in that run, each way")
     parser.add_argument("--burst", type=int, default=5000, help="clears offered in the burst")
     parser.add_argument("--burst-workers", type=int, default=16, help="workers receiving the burst")
     parser.add_argument("--flood-samples", type=int, default=50,
@@ -648,9 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.workers, args.clears, args.entries, args.seconds, args.swarm, args.swarm_clears = "2", 5, 100, 1, 10, 3
         args.burst, args.burst_workers, args.flood_samples = 50, 2, 3
+        args.relayed, args.relays, args.relayed_clears = 20, 2, 2
     counts = [int(n) for n in args.workers.split(",")]
     load: Throughput | None = None
     swarm: Scale | None = None
+    relayed: RelayedScale | None = None
     flood: Burst | None = None
     abuse: CredentialFlood | None = None
     started = time.monotonic()
@@ -690,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.swarm} subscribers", flush=True)
             swarm = scale(procs, tmp, args.swarm, 4 if args.swarm >= 100 else 1, args.swarm_clears)
             procs.stop()
+            print(f"{args.relayed} subscribers, directly and through {args.relays} relays", flush=True)
+            relayed = relayed_scale(procs, tmp, args.relayed, args.relays, args.relayed_clears)
+            procs.stop()
             print(f"burst of {args.burst} clears to {args.burst_workers} workers", flush=True)
             flood = burst(procs, tmp, args.burst_workers, args.burst, args.entries)
             procs.stop()
@@ -698,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop()
     text = report(rows, load, swarm, flood, args.clears, args.entries, time.monotonic() - started, abuse,
-                  purge_cpu_ms(args.entries))
+                  purge_cpu_ms(args.entries), relayed)
     # The profiles and fixes behind these numbers are kept by hand, beside the code.
     text += "\n" + (Path(__file__).parent / "history.md").read_text()
     output = Path(args.output)

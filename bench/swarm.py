@@ -16,6 +16,9 @@ from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, ClientSecurity
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import Subscriber
 
+#: Subscribers started at once.
+_STEP = 50
+
 
 async def main(publish: str, acks: str, prefix: str, count: int, keys_dir: str = DEFAULT_KEYS_DIR) -> None:
     ctx = zmq.asyncio.Context()
@@ -26,8 +29,13 @@ async def main(publish: str, acks: str, prefix: str, count: int, keys_dir: str =
     subscribers = [Subscriber([Cache(max_entries=100)], name=f"{prefix}-{i}", publish=publish, acks=acks,
                               keys_dir=keys_dir, secret_key_file=security.keypair.path, context=ctx)
                    for i in range(count)]
-    for subscriber in subscribers:
-        await subscriber.start()
+    # In steps, each synced before the next starts: thousands of CURVE handshakes at once on a
+    # small machine outlast the first lease, and every subscriber not heard from connects again.
+    for start in range(0, count, _STEP):
+        step = subscribers[start:start + _STEP]
+        for subscriber in step:
+            await subscriber.start()
+        await asyncio.gather(*(subscriber.wait_synced(60) for subscriber in step))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,6 +22,6 @@ def test_benchmark_smoke_run_writes_a_report(tmp_path: Path):
         assert "not measured" not in text, "the Redis peer should have run"
     if shutil.which("wrk"):
         assert "cachebus, warm credential" in text
-    assert "## Scale of fan-out" in text and "## Burst" in text
+    assert "## Scale of fan-out" in text and "## Scale through relays" in text and "## Burst" in text
     assert "## A flood of wrong credentials" in text and "| cold |" in text and "| warm |" in text
     assert (tmp_path / "benchmarks-latency.png").stat().st_size > 0
