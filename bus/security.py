@@ -209,6 +209,7 @@ class AllowList:
         self._names: dict[str, bytes] = {}
         self._mtime: int | None = None
         self._scanned_at = float("-inf")
+        self._looked_at = float("-inf")
 
     def callback(self, domain: str, key: bytes) -> bool:
         """Whether the client with z85 public ``key`` may connect. Never raises: a
@@ -222,10 +223,13 @@ class AllowList:
             self.peers.report("the allow-list", Trouble.FAILED, f"{type(exc).__name__}: {exc}", exc_info=exc)
         return False
 
-    def knows(self, key: bytes) -> bool:
+    def knows(self, key: bytes, fresh_within: float = 0.0) -> bool:
         """Whether ``key`` is in the list, reading the directory again as :meth:`callback` does;
-        says nothing of a key it does not know."""
-        self._refresh(force=False)
+        says nothing of a key it does not know. ``fresh_within``: seconds the last look at the
+        directory's modification time may be old (a check per relayed message, not per connection:
+        a stat for each of ten thousand acks was a tenth of the service's CPU, py-spy)."""
+        if not fresh_within or time.monotonic() - self._looked_at >= fresh_within:
+            self._refresh(force=False)
         if key not in self._keys and time.monotonic() - self._scanned_at >= self.rescan_interval:
             self._refresh(force=True)
         return key in self._keys
@@ -242,6 +246,7 @@ class AllowList:
         return key.decode() if key is not None else None
 
     def _refresh(self, force: bool) -> None:
+        self._looked_at = time.monotonic()
         try:
             mtime = self.directory.stat().st_mtime_ns
         except FileNotFoundError:
@@ -260,6 +265,10 @@ class AllowList:
             names[path.stem] = public
         self._keys, self._names, self._mtime = keys, names, mtime
         self._scanned_at = time.monotonic()
+
+
+#: Seconds a relayed message's key check may rely on the last look at ``workers/``.
+RELAYED_KEY_FRESHNESS = 0.5
 
 
 class ServiceSecurity:
@@ -310,8 +319,14 @@ class ServiceSecurity:
         return ClientSecurity(self.mode, self.keypair, self.keypair.public)
 
     def allows_worker(self, key: str | None) -> bool:
-        """Whether a worker with ``key`` would be allowed to connect here itself (``workers/``)."""
-        return self.allow_list is not None and key is not None and self.allow_list.knows(key.encode())
+        """Whether a worker with ``key`` would be allowed to connect here itself (``workers/``).
+
+        Asked for every relayed message, so the directory is looked at again at most every
+        :data:`RELAYED_KEY_FRESHNESS` seconds: a removed key stops a relayed worker within that,
+        where a direct worker's open connection is never asked again.
+        """
+        return (self.allow_list is not None and key is not None
+                and self.allow_list.knows(key.encode(), RELAYED_KEY_FRESHNESS))
 
     def apply(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE server that asks the authenticator about every client."""
