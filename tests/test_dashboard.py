@@ -9,6 +9,7 @@ worker, a restarted service). Screenshots at a desktop and a phone size go to
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 import urllib.parse
@@ -20,7 +21,18 @@ from typing import Any
 import pytest
 
 from cachebus import Cache, ThreadedSubscriber
-from cachebus.testing import DEADLINE, Cluster, FlakyCache, create_token, http, http_json, wait_for
+from cachebus.bus.security import WORKERS_DIR, ensure_keypair, private_dir
+from cachebus.testing import (
+    DEADLINE,
+    Cluster,
+    FlakyCache,
+    Proc,
+    create_token,
+    free_ports,
+    http,
+    http_json,
+    wait_for,
+)
 
 from .browser import Browser, find_chromium
 
@@ -521,3 +533,28 @@ def test_a_serving_worker_that_goes_silent_is_marked_degraded(cluster: Cluster, 
         for proc in frozen:
             proc.signal(signal.SIGCONT)
     browser.wait_for(f"document.querySelector({js(badge)}) === null", what="w-serve live again, not degraded")
+
+
+def test_a_worker_heard_through_a_relay_shows_the_relay(cluster: Cluster, browser: Browser, tmp_path: Path):
+    cluster.start_service(settings=SETTINGS)
+    relay_keys = tmp_path / "relay-keys"
+    publish_port, acks_port = free_ports(2)
+    publish, acks = f"tcp://127.0.0.1:{publish_port}", f"tcp://127.0.0.1:{acks_port}"
+    relay = Proc.python("cachebus.relay", ["--name", "host-b", "--publish", publish, "--acks", acks,
+                                           "--relay-keys-dir", str(relay_keys), "--http-port", "0",
+                                           *cluster.bus_args()], tmp_path / "relay.log")
+    try:
+        wait_for(lambda: (relay_keys / "service.key").exists(), what="the relay's keys")
+        keypair, _ = ensure_keypair(private_dir(private_dir(relay_keys) / WORKERS_DIR), "far")
+        shutil.copy(keypair.public_file, cluster.keys_dir / WORKERS_DIR / keypair.public_file.name)
+        cluster.start_worker("far", args=("--bus-publish", publish, "--bus-acks", acks,
+                                          "--keys-dir", str(relay_keys)))
+        cluster.start_worker("near")
+        browser.navigate(cluster.url + "/dashboard")
+        log_in(browser, cluster.token, cluster.access_token)
+        via = "#workers tr[data-name=far] [data-field=host] [data-via]"
+        browser.wait_for(f"document.querySelector({js(via)}) !== null", what="far's relay")
+        assert browser.evaluate(f"document.querySelector({js(via)}).textContent") == "via host-b"
+        assert browser.evaluate("document.querySelector('#workers tr[data-name=near] [data-via]') === null")
+    finally:
+        relay.stop()

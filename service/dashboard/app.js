@@ -495,7 +495,15 @@
         }
         return td;
       })(),
-      cell("host", "Host", dash(w.host)),
+      (() => {
+        const td = cell("host", "Host", dash(w.host));
+        // A worker heard through a relay (docs/scale-out.md): the relay's name, as the service knows it.
+        if (w.via) {
+          td.append(" ", el("span", { "class": "via", "data-via": w.via,
+                                      "title": "Heard through the relay " + w.via }, "via " + w.via));
+        }
+        return td;
+      })(),
       cell("pid", "PID", dash(w.pid), true),
       (() => {
         const td = cell("last_seen", "Last seen");
