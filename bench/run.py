@@ -348,7 +348,8 @@ def relayed_scale(procs: Processes, tmp: Path, subscribers: int, relays: int, co
                            "--bus-acks", f"tcp://127.0.0.1:{acks}", "--keys-dir", str(keys))
     wait_for(lambda: up(port), SETUP_TIMEOUT, "the cachebus service", check=procs.check)
     swarms = [procs.python(f"swarm-direct-{i}", "bench.swarm", f"tcp://127.0.0.1:{publish}",
-                           f"tcp://127.0.0.1:{acks}", f"direct{i}", str(share), str(keys)) for i in range(fits)]
+                           f"tcp://127.0.0.1:{acks}", f"direct{i}", str(share), str(keys), str(RELAYED_HEARTBEAT))
+              for i in range(fits)]
     direct, spent, rss_direct = _timed_scale(procs, port, token, access_token, fits * share, count, service, [],
                                              swarms)
     service_direct = spent[0]
@@ -371,7 +372,8 @@ def relayed_scale(procs: Processes, tmp: Path, subscribers: int, relays: int, co
         keypair, _ = ensure_keypair(private_dir(private_dir(relay_keys) / WORKERS_DIR), f"relayed{r}")
         shutil.copy(keypair.public_file, keys / WORKERS_DIR / keypair.public_file.name)
         swarms.append(procs.python(f"swarm-relayed-{r}", "bench.swarm", f"tcp://127.0.0.1:{relay_publish}",
-                                   f"tcp://127.0.0.1:{relay_acks}", f"relayed{r}", str(share), str(relay_keys)))
+                                   f"tcp://127.0.0.1:{relay_acks}", f"relayed{r}", str(share), str(relay_keys),
+                                   str(RELAYED_HEARTBEAT)))
     relayed, spent, rss_relayed = _timed_scale(procs, port, token, access_token, relays * share, count, service,
                                                relay_procs, swarms)
     return RelayedScale(relays * share, relays, fits * share, direct, relayed, service_direct, spent[0],
