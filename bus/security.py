@@ -225,11 +225,12 @@ class AllowList:
 
     def knows(self, key: bytes, fresh_within: float = 0.0) -> bool:
         """Whether ``key`` is in the list, reading the directory again as :meth:`callback` does;
-        says nothing of a key it does not know. ``fresh_within``: seconds the last look at the
-        directory's modification time may be old (a check per relayed message, not per connection:
-        a stat for each of ten thousand acks was a tenth of the service's CPU, py-spy)."""
-        if not fresh_within or time.monotonic() - self._looked_at >= fresh_within:
-            self._refresh(force=False)
+        says nothing of a key it does not know. ``fresh_within``: seconds a known key may rely on
+        the last look at the directory (a check per relayed message, not per connection: a stat
+        for each of ten thousand acks was a tenth of the service's CPU, py-spy)."""
+        if fresh_within and key in self._keys and time.monotonic() - self._looked_at < fresh_within:
+            return True  # an unknown key is always looked for again: one added a moment ago joins at once
+        self._refresh(force=False)
         if key not in self._keys and time.monotonic() - self._scanned_at >= self.rescan_interval:
             self._refresh(force=True)
         return key in self._keys

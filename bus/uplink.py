@@ -49,12 +49,15 @@ class Uplink:
     """
 
     def __init__(self, name: str, codec: Codec, router: zmq.Socket, down: ServiceSecurity, batch_ms: float,
-                 log: logging.Logger, *, keep_via: bool = False) -> None:
+                 log: logging.Logger, *, keep_via: bool = False, hold_ms: float = 0.0) -> None:
         self.name = name
         self.codec = codec
         self.router = router
         self.down = down
         self.batch_ms = batch_ms
+        #: Milliseconds a direct worker's ack may wait for the other workers' acks, so that one
+        #: clear's acks from this hop go up in one envelope (0: they share the batch window).
+        self.hold_ms = hold_ms
         self.keep_via = keep_via
         self.log = log
         self.peers = PeerLog(log)
@@ -64,13 +67,21 @@ class Uplink:
         self.envelopes = 0
         self.replies = 0
         self.refused = 0
-        #: Routing tags of the workers that said hello through here and have not said bye.
+        #: Routing tags of the workers heard through here that have not said bye.
         self.workers: set[bytes] = set()
         self._routes = _Routes()
         #: Items waiting for their envelope, by the name it will carry.
         self._pending: dict[str, list[Item]] = {}
         self._waiting = 0
         self._flush_timer: asyncio.TimerHandle | None = None
+        #: Direct workers' acks held for the rest of the round (see :meth:`_hold`), and who sent them.
+        self._held: list[Item] = []
+        self._held_from: set[bytes] = set()
+        #: Workers that let the last round run out without acking: not waited for until they ack again.
+        self._quiet: set[bytes] = set()
+        self._hold_timer: asyncio.TimerHandle | None = None
+        #: Envelopes of held acks sent because every expected worker had acked (not on the timer).
+        self.full_rounds = 0
         self._dealer: zmq.Socket | None = None
         self._from_up: Reader | None = None
         self._kick_router: Callable[[], None] = lambda: None
@@ -85,9 +96,11 @@ class Uplink:
 
     def close(self) -> None:
         """Stop reading the upstream socket (the caller closes it); what waits is dropped."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        for timer in (self._flush_timer, self._hold_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_timer = self._hold_timer = None
+        self._held, self._held_from = [], set()
         if self._from_up is not None:
             self._from_up.close()
             self._from_up = None
@@ -110,10 +123,14 @@ class Uplink:
             if len(message) != RELAYED_ITEM_FRAMES - 2 or message[0] not in RELAYABLE:
                 self._refuse(peer_address(frames[-1]), "not a worker's hello, ack, heartbeat or bye: not forwarded")
                 continue
-            if message[0] == b"hello":
-                self.workers.add(routing_id)
-            elif message[0] == b"bye":
+            if message[0] == b"bye":
                 self.workers.discard(routing_id)
+                self._quiet.discard(routing_id)
+            else:  # a hello, or a worker that said it elsewhere (before this relay restarted)
+                self.workers.add(routing_id)
+            if message[0] == b"ack" and self.hold_ms:
+                self._hold((routing_id, key.encode(), message))
+                continue
             self._add(self.name, (routing_id, key.encode(), message))
             urgent = urgent or message[0] in _URGENT
         if not self._waiting:
@@ -122,6 +139,39 @@ class Uplink:
             self.flush()
         elif self._flush_timer is None:
             self._flush_timer = asyncio.get_running_loop().call_later(self.batch_ms / 1000, self.flush)
+
+    def _hold(self, item: Item) -> None:
+        """Hold a direct worker's ack until every worker here has acked, then send them together.
+
+        A worker acks each clear once (or several clears at once), so a round
+        ends when the held acks come from every worker that said hello and has
+        not gone quiet. ``hold_ms`` after a round's first ack it goes up
+        anyway, and whoever had not acked is not waited for again until it acks:
+        a dead worker without a bye costs one round ``hold_ms``, not every round.
+        """
+        routing_id = item[0]
+        self._held.append(item)
+        self._held_from.add(routing_id)
+        self._quiet.discard(routing_id)
+        if self._held_from >= self.workers - self._quiet:
+            self.full_rounds += 1
+            self._send_held()
+        elif self._hold_timer is None:
+            self._hold_timer = asyncio.get_running_loop().call_later(self.hold_ms / 1000, self._round_ran_out)
+
+    def _round_ran_out(self) -> None:
+        self._hold_timer = None
+        self._quiet |= self.workers - self._held_from
+        self._send_held()
+
+    def _send_held(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        held, self._held, self._held_from = self._held, [], set()
+        self._send(self.name, held)
+        if self._from_up is not None:
+            self._from_up.kick()
 
     def _add(self, via: str, item: Item) -> None:
         self._pending.setdefault(via, []).append(item)
@@ -164,19 +214,23 @@ class Uplink:
             self._flush_timer.cancel()
             self._flush_timer = None
         pending, self._pending, self._waiting = self._pending, {}, 0
-        if self._dealer is None:
-            return
         for via, items in pending.items():
-            for start in range(0, len(items), MAX_RELAYED_ITEMS):
-                chunk = items[start:start + MAX_RELAYED_ITEMS]
-                try:
-                    send_now(self._dealer, self.codec.encode_relayed(via, chunk))
-                    self.envelopes += 1
-                    self.forwarded += len(chunk)
-                except zmq.Again:
-                    self.log.debug("next hop unreachable: %d workers' messages dropped", len(chunk))
+            self._send(via, items)
         if self._from_up is not None:
             self._from_up.kick()
+
+    def _send(self, via: str, items: list[Item]) -> None:
+        """``items`` up in as few envelopes as :data:`MAX_RELAYED_ITEMS` allows; dropped if nobody is there."""
+        if self._dealer is None:
+            return
+        for start in range(0, len(items), MAX_RELAYED_ITEMS):
+            chunk = items[start:start + MAX_RELAYED_ITEMS]
+            try:
+                send_now(self._dealer, self.codec.encode_relayed(via, chunk))
+                self.envelopes += 1
+                self.forwarded += len(chunk)
+            except zmq.Again:
+                self.log.debug("next hop unreachable: %d workers' messages dropped", len(chunk))
 
     # --- down: the answers to one worker --------------------------------------------
 

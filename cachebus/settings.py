@@ -241,6 +241,9 @@ class RelaySettings:
     keys_dir: str = field(default="var/relay-keys", metadata=_check(bool, "a directory"))
     #: Milliseconds a worker's message may wait for others to share its envelope.
     batch_ms: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 100, "0 to 100 milliseconds"))
+    #: Milliseconds a worker's ack may wait for the acks of the relay's other workers, so that one
+    #: clear's acks go up in one envelope; 0: acks share the batch_ms window.
+    hold_ms: float = field(default=50.0, metadata=_check(lambda v: 0 <= v <= 1000, "0 to 1000 milliseconds"))
     #: Where the relay serves ``GET /metrics`` (``metrics.auth`` applies as on the service); port 0: nowhere.
     http_host: str = "127.0.0.1"
     http_port: int = field(default=8090, metadata=_check(_port, "a port number 0-65535"))

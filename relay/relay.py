@@ -98,7 +98,8 @@ class Relay:
             dealer = make(zmq.DEALER, up, heartbeat=bus.heartbeat_interval)
             router.bind(relay.acks)
             connect_all(dealer, split_endpoints(bus.acks))
-            uplink = self.uplink = Uplink(self.name, self.codec, router, down, relay.batch_ms, log)
+            uplink = self.uplink = Uplink(self.name, self.codec, router, down, relay.batch_ms, log,
+                                          hold_ms=relay.hold_ms)
             from_workers = Reader(router, uplink.on_workers, _MAX_BATCH)
             uplink.start(dealer, kick_router=from_workers.kick)
             from_workers.start()
@@ -157,11 +158,13 @@ class _RelayCollector(Collector):
         yield CounterMetricFamily("cachebus_relay_forwarded", "Workers' messages forwarded to the service",
                                   value=relay.forwarded)
         yield CounterMetricFamily("cachebus_relay_envelopes", "Envelopes sent to the service", value=relay.envelopes)
+        yield CounterMetricFamily("cachebus_relay_full_rounds", "Envelopes of acks sent once every worker here had "
+                                  "acked (the others went when relay.hold_ms ran out)", value=relay.full_rounds)
         yield CounterMetricFamily("cachebus_relay_replies", "The service's replies handed to a worker",
                                   value=relay.replies)
         yield CounterMetricFamily("cachebus_relay_refused", "Messages not passed on: not a worker's, or not a reply",
                                   value=relay.refused)
-        yield GaugeMetricFamily("cachebus_relay_workers", "Worker connections that said hello and no bye",
+        yield GaugeMetricFamily("cachebus_relay_workers", "Worker connections heard that said no bye",
                                 value=len(relay.workers))
 
 

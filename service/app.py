@@ -27,6 +27,7 @@ from tornado import httputil
 from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import Codec
 from cachebus.bus.security import ServiceSecurity
+from cachebus.logs import Budget
 from cachebus.settings import Settings, SettingsError
 
 from .accesslog import log_request
@@ -74,6 +75,8 @@ class Service:
     #: time.monotonic() until which a wait=all clear waits before it is published: after taking
     #: over another instance's stream, the record learns its workers from their heartbeats.
     warm_until: float = 0.0
+    #: One line a minute about a lead record this instance cannot verify.
+    _unverified: Budget = field(default_factory=lambda: Budget(60.0))
 
     #: Seconds :meth:`stop` gives the requests it answers to be written.
     STOP_GRACE: ClassVar[float] = 0.5
@@ -186,6 +189,10 @@ class Service:
                 self._take_lead()
                 continue
             record = self.lead.read()
+            if self.lead.unverified and (unverified := self._unverified.take("lead", 1)) is not None:
+                log.warning("%s: the lead record in %s does not verify with this instance's key: do all instances "
+                            "share bus.keys_dir's service keypair (or bus.key)?%s", self.name, self.lead.path,
+                            f" ({unverified} more since)" if unverified else "")
             if record is not None and (self.leader is None or record.acks != self.leader.acks):
                 self._follow(record)
             elif record is not None:

@@ -110,6 +110,7 @@ class Lead:
         self.path = path
         self.key = key
         self.held = False
+        self.unverified = False
         self._fd: int | None = None
 
     def open(self) -> None:
@@ -133,7 +134,12 @@ class Lead:
     def read(self) -> LeadRecord | None:
         """The record as last written, or None if there is none that parses."""
         assert self._fd is not None
-        return LeadRecord.from_bytes(os.pread(self._fd, RECORD_SIZE, 0), self.key)
+        data = os.pread(self._fd, RECORD_SIZE, 0)
+        record = LeadRecord.from_bytes(data, self.key)
+        #: Whether the last read found bytes that are no record of ours (torn, forged, or signed
+        #: by an instance with another keypair).
+        self.unverified = record is None and bool(data.strip())
+        return record
 
     def replaced(self) -> bool:
         """Whether the path no longer names the file this instance locks (removed or replaced:

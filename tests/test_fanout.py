@@ -196,6 +196,8 @@ def test_calls_are_exact_under_concurrency_across_two_service_processes(tmp_path
     second = Cluster(tmp_path / "b", tmp_path / "tokens", content_dir)
     (tmp_path / "b").mkdir()
     second.token, second.access_token = first.token, first.access_token
+    # Instances share a keypair (docs/scale-out.md): the second passes its clears to the first.
+    second.keys_dir = first.keys_dir
     second.start_service()
     try:
         results: list[int] = []

@@ -51,11 +51,12 @@ class Instances(Cluster):
         self.settings = settings or {}
         self.procs: dict[int, Proc] = {}
 
-    def start_instance(self, i: int) -> Proc:
+    def start_instance(self, i: int, keys_dir: Path | None = None) -> Proc:
         http_port, publish, acks = self.ports[i]
         settings = {**self.settings, "service": {**self.settings.get("service", {}), "name": f"s{i}"}}
         proc = Proc.python("cachebus.service", [
-            "--port", str(http_port), "--tokens-dir", str(self.tokens_dir), "--keys-dir", str(self.keys_dir),
+            "--port", str(http_port), "--tokens-dir", str(self.tokens_dir),
+            "--keys-dir", str(keys_dir or self.keys_dir),
             "--bus-publish", f"tcp://127.0.0.1:{publish}", "--bus-acks", f"tcp://127.0.0.1:{acks}",
             *self.config(f"s{i}", settings)], self.tmp / f"s{i}-{time.monotonic_ns()}.log")
         self.procs[i] = proc
@@ -262,3 +263,12 @@ def test_removing_the_lead_file_leaves_one_leader(instances: Instances):
     for i in (0, 1):
         status, body = instances.proof_via(i)
         assert status == 200 and [a["name"] for a in body["acks"]] == ["w1"], body
+
+
+def test_an_instance_with_another_keypair_refuses_clears_and_says_why(instances: Instances, tmp_path: Path):
+    instances.start_instance(0)
+    stranger = instances.start_instance(1, keys_dir=tmp_path / "other-keys")
+    # It cannot verify the leader's record, so it has no leader to pass clears to: never a 204.
+    status, _, body = instances.clear_via(1)
+    assert status == 503, body
+    wait_for(lambda: "does not verify with this instance's key" in stranger.output(), what="the hint")

@@ -7,8 +7,10 @@ a SUB for the commands, a DEALER that forwards its workers' own messages in a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import logging
 import os
 import shutil
 import threading
@@ -21,7 +23,9 @@ import pytest
 import zmq
 
 from cachebus import Cache, ThreadedSubscriber
+from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import (
+    RELAYED_ITEM_FRAMES,
     RELAYED_REPLY,
     Ack,
     Clear,
@@ -33,7 +37,17 @@ from cachebus.bus.protocol import (
     PurgeCause,
     Welcome,
 )
-from cachebus.bus.security import RELAYS_DIR, WORKERS_DIR, BusMode, ClientSecurity, ensure_keypair, private_dir
+from cachebus.bus.reader import Reader
+from cachebus.bus.security import (
+    RELAYS_DIR,
+    WORKERS_DIR,
+    BusMode,
+    ClientSecurity,
+    ServiceSecurity,
+    ensure_keypair,
+    private_dir,
+)
+from cachebus.bus.uplink import Uplink
 from cachebus.testing import DEADLINE, Cluster, Proc, bus_client, expected_names, free_ports, http, wait_for
 
 CODEC = Codec()
@@ -96,6 +110,11 @@ def worker_key(keys_dir: Path, name: str, allowed: bool = True) -> str:
 def hello(name: str, epoch: str, seq: int) -> Hello:
     return Hello(name=name, instance=f"far-host:{os.getpid()}:{name}", host="far-host", pid=os.getpid(),
                  endpoint="", epoch=epoch, seq=seq)
+
+
+def ack(name: str, epoch: str, seq: int) -> Ack:
+    return Ack(name=name, instance=hello(name, epoch, 0).instance, epoch=epoch, seq=seq, clear_id="c",
+               cause=PurgeCause.CLEAR, dropped=0, purge_ms=0.1)
 
 
 def listed(cluster: Cluster, name: str) -> dict[str, Any] | None:
@@ -307,3 +326,75 @@ def test_a_relay_below_a_relay_carries_its_workers_proof_two_levels_up(cluster: 
         for relay in reversed(relays):
             if relay.alive():
                 relay.stop()
+
+
+# --- one envelope per clear ----------------------------------------------------------
+
+
+def test_a_relay_sends_each_clears_acks_from_all_its_workers_in_one_envelope():
+    """Acks are held until every worker of the relay acked (relay.hold_ms at most); a worker that
+    let a round run out is not waited for again until it acks, so a dead one costs one round."""
+
+    async def run() -> list[list[bytes]]:
+        ctx = zmq.Context()
+        sockets = []
+
+        def sock(kind: int, endpoint: str, bind: bool = False) -> zmq.Socket:
+            s = ctx.socket(kind)
+            s.setsockopt(zmq.LINGER, 0)
+            (s.bind if bind else s.connect)(endpoint)
+            sockets.append(s)
+            return s
+
+        router, next_hop = sock(zmq.ROUTER, "inproc://workers", True), sock(zmq.ROUTER, "inproc://up", True)
+        dealer = sock(zmq.DEALER, "inproc://up")
+        workers = {name: sock(zmq.DEALER, "inproc://workers") for name in ("w1", "w2", "w3")}
+        security = ServiceSecurity(BusMode.INSECURE, Path("unused"), PeerLog(logging.getLogger("test")))
+        uplink = Uplink("host-b", CODEC, router, security, 1.0, logging.getLogger("test"), hold_ms=300)
+        reader = Reader(router, uplink.on_workers, 100)
+        reader.start()
+        uplink.start(dealer, kick_router=reader.kick)
+        received: list[list[bytes]] = []
+
+        async def envelopes(count: int) -> None:
+            deadline = time.monotonic() + DEADLINE
+            while len(received) < count and time.monotonic() < deadline:
+                while next_hop.poll(0):
+                    received.append(next_hop.recv_multipart()[1:])
+                await asyncio.sleep(0.01)
+
+        def send(name: str, msg: Message) -> None:
+            workers[name].send_multipart(CODEC.encode(msg))
+
+        try:
+            for name in workers:
+                send(name, hello(name, "e", 0))
+            await envelopes(1)  # hellos go up at once (in one envelope or more)
+            hellos = len(received)
+            for round_, quiet in ((1, False), (2, True)):
+                senders = ("w1", "w2") if quiet else ("w1", "w2", "w3")
+                for name in senders:
+                    send(name, ack(name, "e", round_))
+                await envelopes(hellos + round_)
+            # w3 missed round 2: it went when hold_ms ran out. Round 3 waits only for w1 and w2.
+            started = time.monotonic()
+            for name in ("w1", "w2"):
+                send(name, ack(name, "e", 3))
+            await envelopes(hellos + 3)
+            assert time.monotonic() - started < 0.25, "round 3 waited for the quiet worker"
+            assert uplink.full_rounds == 2  # rounds 1 and 3; round 2 ran out
+            return received[hellos:]
+        finally:
+            reader.close()
+            uplink.close()
+            for s in sockets:
+                s.close()
+            ctx.term()
+
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would leave later tests without a current loop
+    try:
+        rounds = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    kinds = [[frame for i, frame in enumerate(envelope[4:]) if i % RELAYED_ITEM_FRAMES == 2] for envelope in rounds]
+    assert kinds == [[b"ack"] * 3, [b"ack"] * 2, [b"ack"] * 2]
