@@ -116,6 +116,36 @@ def answers(url: str) -> bool:
 # --- processes ---------------------------------------------------------------------
 
 
+class ClearLoop:
+    """Clears sent one after another from a thread, round robin over ``targets`` (instance
+    numbers, as a load balancer sees them; change the list to take one out), with each
+    answer's status in :attr:`seen` (0 for a connection dropped without an answer)."""
+
+    def __init__(self, clear: Callable[[int], int], targets: list[int]) -> None:
+        self.clear = clear
+        self.targets = list(targets)
+        self.seen: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ClearLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)
+
+    def _run(self) -> None:
+        sent = 0
+        while not self._stop.is_set():
+            try:
+                self.seen.append(self.clear(self.targets[sent % len(self.targets)]))
+            except OSError:
+                self.seen.append(0)
+            sent += 1
+
+
 def netns_unavailable() -> str | None:
     """Why this machine cannot make network namespaces for a test, or None if it can."""
     if os.geteuid() != 0:

@@ -201,15 +201,18 @@ class Service:
     def _reopen_lead(self) -> None:
         """The lock file was removed or replaced: another instance may lock the new one, so let go
         of the lead (silent from now on) and compete for the new file from scratch."""
-        if self.lead.held:
+        held = self.lead.held
+        if held:
             log.error("%s: %s was removed or replaced: giving up the lead", self.name, self.lead.path)
             self.publisher.speaking = False
             self.publisher.position = None
         else:
+            # Still passing everything to the leader it knows: the leader is most likely the same.
             log.warning("%s: %s was removed or replaced: opening it again", self.name, self.lead.path)
         self.lead.close()
         self.lead.open()
-        self._follow(None)
+        if held:
+            self._follow(None)
 
     async def warmed(self) -> None:
         """Return once the record has heard every worker's heartbeat since this instance took over."""

@@ -128,6 +128,11 @@ class Lead:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        if self.replaced():
+            # The file was removed or replaced since it was opened: another process may lock the
+            # one the path names now, so this lock guards nothing.
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            return False
         self.held = True
         return True
 

@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import yaml
 
 from cachebus.bus.security import WORKERS_DIR, ensure_keypair, private_dir
 from cachebus.testing import (
-    DEADLINE,
+    ClearLoop,
     Proc,
     answers,
     create_token,
@@ -237,30 +236,13 @@ def test_a_clear_through_either_instance_reaches_every_host(fleet: Fleet):
 
 def test_killing_an_instance_while_clears_run_loses_none_and_bypasses_no_cache(fleet: Fleet):
     bypassed = {name: fleet.bypassed(name) for name in fleet.worker_urls}
-    seen: list[int] = []
-    targets = [0, 1]
-    stop = threading.Event()
-
-    def clear_in_a_loop() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                seen.append(fleet.clear(targets[i % len(targets)])[0])
-            except OSError:
-                seen.append(0)
-            i += 1
-
-    thread = threading.Thread(target=clear_in_a_loop)
-    thread.start()
-    try:
+    with ClearLoop(lambda i: fleet.clear(i)[0], [0, 1]) as clears:
+        seen = clears.seen
         wait_for(lambda: seen.count(204) >= 20, what="clears before the kill")
         fleet.procs["s0"].signal(signal.SIGKILL)
-        targets[:] = [1]
+        clears.targets = [1]
         before = len(seen)
         wait_for(lambda: len(seen) > before + 20 and seen[-10:].count(204) == 10, what="clears after the kill")
-    finally:
-        stop.set()
-        thread.join(DEADLINE)
     assert set(seen) <= {204, 503, 0}, seen
     edit_entry(fleet.content_dir, "hello", "after the kill")
     _proved(fleet, 1, ["b1", "c1"])

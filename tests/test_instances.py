@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import yaml
 from cachebus.service.errors import Reason, error_body, reason_message
 from cachebus.service.lead import LEAD_FILE, LeadRecord
 from cachebus.testing import (
-    DEADLINE,
+    ClearLoop,
     Cluster,
     Proc,
     answers,
@@ -143,32 +142,15 @@ def test_killing_the_leader_while_clears_run_loses_no_clear_and_keeps_every_cach
         read_entry(url)
     bypassed = {url: http_json(f"{url}/stats")["cache"]["bypass_seconds"] for url in urls.values()}
     before = instances.calls()
-    answers_seen: list[int] = []
-    stop = threading.Event()
     # Like a load balancer: both instances, then only the one left once the other is gone.
-    targets = [0, 1]
-
-    def clear_in_a_loop() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                answers_seen.append(instances.clear_via(targets[i % len(targets)])[0])
-            except OSError:
-                answers_seen.append(0)  # a connection the killed leader dropped
-            i += 1
-
-    thread = threading.Thread(target=clear_in_a_loop)
-    thread.start()
-    try:
+    with ClearLoop(lambda i: instances.clear_via(i)[0], [0, 1]) as clears:
+        answers_seen = clears.seen
         wait_for(lambda: answers_seen.count(204) >= 20, what="clears before the kill")
         leader.signal(signal.SIGKILL)
-        targets[:] = [1]
+        clears.targets = [1]
         seen = len(answers_seen)
         wait_for(lambda: answers_seen[-10:].count(204) == 10 and len(answers_seen) > seen + 20,
                  what="clears answered by the instance that took over")
-    finally:
-        stop.set()
-        thread.join(DEADLINE)
     # No answer other than 204, or 503 / a dropped connection for clears the killed leader had.
     assert set(answers_seen) <= {204, 503, 0}, answers_seen
     lost_answers = len(answers_seen) - answers_seen.count(204)
@@ -260,9 +242,13 @@ def test_removing_the_lead_file_leaves_one_leader(instances: Instances):
     # The leader lets go of a lock that no longer guards the name; then exactly one leads again.
     wait_for(lambda: "giving up the lead" in leader.output(), what="the leader to give up")
     wait_for(lambda: len(_leading(instances)) == 1, what="one leader again")
+    # A new file holds no stream to continue: a new epoch, and w1 says hello to it.
+    _live_via(instances, _leading(instances)[0], {"w1"})
     for i in (0, 1):
-        status, body = instances.proof_via(i)
-        assert status == 200 and [a["name"] for a in body["acks"]] == ["w1"], body
+        # The other instance reads the new leader's record within a poll; until then it says 503.
+        status, body = wait_for(lambda i=i: (answer := instances.proof_via(i))[0] != 503 and answer,
+                                what=f"s{i} to answer with a proof")
+        assert status == 200 and [a["name"] for a in body["acks"]] == ["w1"], json.dumps(body)
 
 
 def test_an_instance_with_another_keypair_refuses_clears_and_says_why(instances: Instances, tmp_path: Path):
