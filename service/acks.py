@@ -70,8 +70,6 @@ class AckListener:
         #: Set while following: where every message goes instead of the record.
         self._uplink: Uplink | None = None
         self._upstream: zmq.Socket | None = None
-        #: The leader's endpoint this instance passes messages to; None while it leads or knows none.
-        self.following: str | None = None
         # A plain socket, read from the loop's reader callback (bus.reader), not a zmq.asyncio one.
         self._socket = zmq.Socket(ctx, zmq.ROUTER)
         configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
@@ -104,7 +102,6 @@ class AckListener:
         which the leader allows as a peer's."""
         self._stop_following()
         self._uplink = Uplink("", self.codec, self._socket, self.security, _FORWARD_BATCH_MS, log, keep_via=True)
-        self.following = endpoint
         if endpoint is not None:
             self._upstream = zmq.Socket(self._ctx, zmq.DEALER)
             configure(self._upstream, heartbeat=self._heartbeat)
@@ -125,7 +122,6 @@ class AckListener:
         if self._upstream is not None:
             self._upstream.close(linger=0)
             self._upstream = None
-        self.following = None
 
     def _on_batch(self, batch: Batch) -> None:
         if self._uplink is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -141,15 +142,14 @@ class Service:
     def own_record(self) -> LeadRecord:
         """What this instance writes into the lock file while it leads."""
         service, bus = self.settings.service, self.settings.bus
-        host = service.host if service.host not in ("", "0.0.0.0", "::", "*") else "127.0.0.1"
-        url = service.peer_url or f"http://{host}:{service.port}"
+        url = service.peer_url or f"http://{_reachable_host(service.host)}:{service.port}"
         acks = service.peer_acks or _reachable(bus.acks)
         return LeadRecord(name=self.name, url=url, acks=acks, epoch=self.publisher.epoch, seq=self.publisher.seq,
                           pid=os.getpid(), boot=boot_id())
 
     def _write_position(self, epoch: str, seq: int) -> None:
         assert self.leader is not None
-        self.leader = LeadRecord(**{**self.leader.__dict__, "epoch": epoch, "seq": seq})
+        self.leader = dataclasses.replace(self.leader, epoch=epoch, seq=seq)
         self.lead.write(self.leader)
 
     def _take_lead(self) -> None:
@@ -269,11 +269,20 @@ class Service:
         self.security.stop()
 
 
+#: Hosts that mean "every interface" when bound: a peer on this host reaches them at 127.0.0.1.
+_WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})
+
+
+def _reachable_host(host: str) -> str:
+    return "127.0.0.1" if host in _WILDCARD_HOSTS else host
+
+
 def _reachable(endpoint: str) -> str:
-    """``endpoint`` as a peer on this host connects to it: a wildcard host becomes 127.0.0.1."""
-    for wildcard in ("//*:", "//0.0.0.0:", "//[::]:"):
-        endpoint = endpoint.replace(wildcard, "//127.0.0.1:")
-    return endpoint
+    """A ``tcp://host:port`` endpoint as a peer on this host connects to it (others unchanged)."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return f"tcp://{_reachable_host(host)}:{port}"
 
 
 class _BuildOrRefuse(httputil.HTTPMessageDelegate):

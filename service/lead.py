@@ -21,6 +21,7 @@ because a write another host made without fsync may not have reached the file
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -40,8 +41,10 @@ RECORD_SIZE = 1024
 _MAX_TEXT = 200
 
 
+@functools.cache
 def boot_id() -> str:
-    """This host's boot: two records with the same one were written on this host since it started."""
+    """This host's boot: two records with the same one were written on this host since it started.
+    Read once: it does not change while a process runs."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:64]
     except OSError:
