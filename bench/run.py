@@ -280,15 +280,11 @@ def scale(procs: Processes, tmp: Path, subscribers: int, processes: int, count: 
     token, access_token = create_token(tmp / "tokens-scale")
     port, publish, acks, service = start_service(procs, "service-scale", tmp / "tokens-scale")
     share, extra = divmod(subscribers, processes)
-    for i in range(processes):
-        procs.python(f"swarm-{i}", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)),
-                     str(keys_dir(procs)))
-    wait_for(lambda: live_workers(port, token, access_token) == subscribers, 300,
-             f"{subscribers} subscribers to join", check=procs.check)
-    body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "30"})
-    timed_posts(port, "/api/v1/cache/clear", body, 5, 200)
-    latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
-    return Scale(subscribers, processes, latency, rss_mib(service.pid))
+    swarms = [procs.python(f"swarm-{i}", "bench.swarm", publish, acks, f"swarm{i}", str(share + (i < extra)),
+                           str(keys_dir(procs))) for i in range(processes)]
+    latency, _, rss = _timed_scale(procs, port, token, access_token, subscribers, count, service, [], swarms,
+                                   join_timeout=300, warmup=5, wait_timeout=30)
+    return Scale(subscribers, processes, latency, rss)
 
 
 #: The relayed scale run's heartbeat interval (a lease of 15 s): at the default 0.5 s, 10,000
@@ -317,12 +313,15 @@ class RelayedScale:
 
 
 def _timed_scale(procs: Processes, port: int, token: str, access_token: str, subscribers: int, count: int,
-                 service: Proc, relays: list[Proc], swarms: list[Proc]) -> tuple[Summary, list[float], float]:
-    """Wait for every subscriber, then time ``count`` wait=all clears with CPU per clear of every process."""
-    wait_for(lambda: live_workers(port, token, access_token) == subscribers, 900,
+                 service: Proc, relays: list[Proc], swarms: list[Proc], *, join_timeout: float = 900,
+                 warmup: int = 3, wait_timeout: int = 60) -> tuple[Summary, list[float], float]:
+    """Wait for every subscriber, then time ``count`` wait=all clears (after ``warmup`` untimed ones)
+    with the CPU per clear of every process; returns them and the service's RSS."""
+    wait_for(lambda: live_workers(port, token, access_token) == subscribers, join_timeout,
              f"{subscribers} subscribers to join", check=procs.check)
-    body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all", "timeout": "60"})
-    timed_posts(port, "/api/v1/cache/clear", body, 3, 200)
+    body = urllib.parse.urlencode({"token": token, "access_token": access_token, "wait": "all",
+                                   "timeout": str(wait_timeout)})
+    timed_posts(port, "/api/v1/cache/clear", body, warmup, 200)
     pids = [service.pid, *(p.pid for p in relays), *(p.pid for p in swarms)]
     before = [cpu_seconds(pid) for pid in pids]
     latency = Summary.of(timed_posts(port, "/api/v1/cache/clear", body, count, 200))
