@@ -455,6 +455,12 @@ class Record:
         now = time.time()
         known = self._workers.get(msg.instance)
         if known is not None:
+            if known.state is WorkerState.LEFT:
+                # A bye is an instance's last word (a restarted subscriber is a new
+                # instance), so this was sent before it and came the longer way: a
+                # relay's messages reach the leader directly or through a follower.
+                log.debug("%s from worker %s after its bye ignored", msg.KIND.decode(), msg.instance)
+                return known
             if known.key != peer.key:
                 raise Refused(f"{msg.KIND.decode()} for worker {msg.instance}, which belongs to another key")
             if known.name != msg.name:
@@ -507,6 +513,8 @@ class Record:
     def heartbeat(self, msg: WorkerHeartbeat, peer: Peer = Peer()) -> WorkerEntry:
         """A worker is alive; a worker the record does not know joins."""
         worker = self.hello(msg, peer)
+        if worker.state is WorkerState.LEFT:
+            return worker
         worker.stats = msg.stats
         now = time.monotonic()
         if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
@@ -568,8 +576,9 @@ class Record:
             raise Refused(f"ack for worker {msg.instance} under the name {msg.name!r}; "
                           f"it said hello as {worker.name!r}")
         worker.check_peer(peer, "ack")
-        self._set_state(worker, WorkerState.LIVE, now)
-        worker.last_seen = now
+        if worker.state is not WorkerState.LEFT:  # an ack overtaken by its bye still proves its purge
+            self._set_state(worker, WorkerState.LIVE, now)
+            worker.last_seen = now
         worker.last_purge_cause = msg.cause
         worker.last_outcome = msg.outcome
         worker.last_error = msg.error

@@ -218,7 +218,7 @@ def fleet(tmp_path: Path, content_dir: Path, hosts: dict[str, Host]) -> Iterator
 
 def _proved(fleet: Fleet, i: int, names: list[str]) -> dict[str, Any]:
     status, body = fleet.clear(i, wait="all", timeout="5")
-    assert status == 200 and body is not None, body
+    assert status == 200 and body is not None, json.dumps(body, indent=1)
     assert sorted(a["name"] for a in body["acks"]) == names, body
     return body
 

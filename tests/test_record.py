@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, PurgeOutcome
+from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, PurgeOutcome, WorkerHeartbeat
 from cachebus.service.record import Peer, Record, Refused, WorkerState
 
 
@@ -111,6 +111,26 @@ def test_an_instance_cannot_change_its_name_or_key():
                          cause=PurgeCause.CLEAR), Peer(b"r", "key-1"))
     record.bye(Bye(name="web", instance="a"), Peer(b"r", "key-1"))
     assert record.worker("a").state == WorkerState.LEFT
+
+
+def test_messages_overtaken_by_a_bye_do_not_bring_the_instance_back():
+    """A relay's messages reach the leader directly or through a follower, so a worker's
+    last heartbeat or ack can arrive after its bye. The bye stands; the ack still counts."""
+    record = Record()
+    hello(record, "w")
+    publish(record, 1)
+    record.bye(Bye(name="w", instance="w-1"))
+    hello(record, "w")
+    record.heartbeat(WorkerHeartbeat(name="w", instance="w-1", host="h", pid=1, endpoint="", epoch="e", seq=1,
+                                     stats={"late": True}))
+    ack(record, "w", 1)
+    worker = record.worker("w-1")
+    assert worker is not None and worker.state == WorkerState.LEFT and worker.stats != {"late": True}
+    entry = record.clear("c1")
+    assert entry is not None and record.clear_json(entry)["complete"]
+    publish(record, 2)
+    second = record.clear("c2")
+    assert second is not None and second.expected == ()
 
 
 def test_clears_with_the_same_live_workers_share_one_membership():
