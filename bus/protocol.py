@@ -35,10 +35,13 @@ import heapq
 import hmac
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .scope import MAX_SCOPE_ITEMS, PurgeExtent, Scope, check_item
 
 #: Protocol version carried in every message's second frame. Version 2 added the
 #: send time to signatures (replay protection). Version 3 carries the service's
@@ -50,10 +53,11 @@ VERSION = b"3"
 #: :meth:`Codec.decode` refuses them too, in case a socket option was forgotten.
 MAX_MESSAGE_SIZE = 64 * 1024
 
-#: Most ``[`` and ``{`` bytes a body may hold. Bodies are flat objects and only a
-#: heartbeat's ``stats`` nests one level, so this leaves room for brackets inside
-#: strings, while counting them before parsing makes deep nesting (and the
-#: parser's RecursionError) impossible, at the cost of two ``bytes.count``.
+#: Most ``[`` and ``{`` a body may hold outside its strings. Bodies are flat objects;
+#: a heartbeat's ``stats`` nests one level and a scoped clear's lists one level, so
+#: counting them before parsing makes deep nesting (and the parser's RecursionError)
+#: impossible. Two ``bytes.count`` settle almost every body; only one whose strings
+#: hold brackets (a key such as ``entries[blog]``) has its strings cut out first.
 MAX_BRACKETS = 16
 
 #: A heartbeat's ``stats``: at most this many entries, and this long a key or string value.
@@ -135,7 +139,8 @@ class Message:
     def to_dict(self) -> dict[str, Any]:
         # Shallow on purpose: fields are JSON values, and asdict's deep copy is
         # the slowest part of encoding a heartbeat.
-        return {name: getattr(self, name) for name, _, _ in _schema(type(self))}
+        # An empty list is left out: an unscoped clear stays as short as before scopes existed.
+        return {name: value for name, _, _ in _schema(type(self)) if (value := getattr(self, name)) != ()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Message:
@@ -176,6 +181,7 @@ _SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
 _ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
     "PurgeCause": PurgeCause,
     "PurgeOutcome": PurgeOutcome,
+    "PurgeExtent": PurgeExtent,
 }
 _ENUM_MEMBERS: dict[type[enum.StrEnum], dict[str, enum.StrEnum]] = {
     enum_type: {member.value: member for member in enum_type} for enum_type in _ENUM_TYPES.values()
@@ -185,6 +191,8 @@ _ENUM_MEMBERS: dict[type[enum.StrEnum], dict[str, enum.StrEnum]] = {
 def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
     if type_name == "dict":
         return _check_stats(kind, name, value)
+    if type_name == "tuple[str, ...]":
+        return _check_strings(kind, name, value)
     expected = _SIMPLE_TYPES.get(type_name)
     if expected is None:
         enum_type = _ENUM_TYPES.get(type_name)
@@ -236,6 +244,16 @@ def _check_stats(kind: bytes, name: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def _check_strings(kind: bytes, name: str, value: Any) -> tuple[str, ...]:
+    """A list of at most :data:`~cachebus.bus.scope.MAX_SCOPE_ITEMS` scope entries, each as the API allows."""
+    if not isinstance(value, list) or len(value) > MAX_SCOPE_ITEMS:
+        raise ProtocolError(f"{kind.decode()}: field {name!r} must be a list of at most {MAX_SCOPE_ITEMS} strings")
+    try:
+        return tuple(check_item(name, item) for item in value)
+    except ValueError as exc:
+        raise ProtocolError(f"{kind.decode()}: {exc}") from None
+
+
 def _parse_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not a number a message may carry")
 
@@ -258,13 +276,29 @@ def _parse_int(text: str) -> int:
 
 @dataclass(frozen=True)
 class Clear(Message):
-    """Purge everything. ``seq`` rises by one per command within an ``epoch``."""
+    """Purge: everything, or what ``keys``, ``prefixes`` and ``tags`` name (docs/scoped-clears.md).
+
+    ``seq`` rises by one per command within an ``epoch``, whoever the command
+    is for. ``group`` (worker names or labels; empty: every process) says who
+    applies it; every worker still sees it and counts it, so a worker that
+    misses any command, meant for it or not, sees the gap and purges everything.
+    A worker that predates scopes ignores the lists and purges everything: safe.
+    """
 
     KIND: ClassVar[bytes] = b"clear"
     epoch: str
     seq: int
     id: str
     ts: float
+    keys: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    group: tuple[str, ...] = ()
+
+    @property
+    def scope(self) -> Scope:
+        """What the clear drops, in each process it is for."""
+        return Scope(self.keys, self.prefixes, self.tags)
 
 
 @dataclass(frozen=True)
@@ -330,6 +364,8 @@ class WorkerIdentity(Message):
     endpoint: str
     epoch: str
     seq: int
+    #: More names the process answers to in a clear's ``group`` (docs/scoped-clears.md).
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -351,6 +387,10 @@ class Ack(Message):
     ``outcome`` is ``failed`` when a target raised; ``error`` then names the
     exception's type and message (scrubbed of credentials by the worker), and
     the ack proves nothing: the worker retries, and acks again.
+
+    ``scope`` is ``all`` when the purge dropped everything (an unscoped clear,
+    a gap, or a target that cannot drop less), ``scoped`` when every target
+    dropped only what the clears named.
     """
 
     KIND: ClassVar[bytes] = b"ack"
@@ -364,6 +404,7 @@ class Ack(Message):
     cause: PurgeCause
     outcome: PurgeOutcome = PurgeOutcome.OK
     error: str = ""
+    scope: PurgeExtent = PurgeExtent.ALL
 
 
 @dataclass(frozen=True)
@@ -376,7 +417,7 @@ class WorkerHeartbeat(WorkerIdentity):
     """
 
     KIND: ClassVar[bytes] = b"worker_heartbeat"
-    stats: dict
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -590,9 +631,19 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(parse_constant=_parse_constant, parse_float=_parse_float, parse_int=_parse_int)
 
 
+#: A JSON string, escapes included.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _outside_strings(body: bytes) -> int:
+    """``[`` and ``{`` outside the body's strings (an unterminated string counts as outside)."""
+    bare = _JSON_STRING.sub(b"", body)
+    return bare.count(b"[") + bare.count(b"{")
+
+
 def _parse_body(body: bytes) -> dict[str, Any]:
     """A body's JSON object, parsed only once it is known to be shallow."""
-    if body.count(b"[") + body.count(b"{") > MAX_BRACKETS:
+    if body.count(b"[") + body.count(b"{") > MAX_BRACKETS and _outside_strings(body) > MAX_BRACKETS:
         raise ProtocolError("body nests too deep or holds too many brackets")
     try:
         data = _DECODER.decode(body.decode())

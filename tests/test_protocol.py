@@ -33,8 +33,11 @@ from cachebus.bus.protocol import (
 
 MESSAGES = [
     Clear(epoch="e", seq=1, id="c1", ts=1.5),
+    Clear(epoch="e", seq=2, id="c2", ts=1.5, keys=("entries[blog]", "é"), prefixes=("a/",), tags=("{menu}",) * 20,
+          group=("web",)),
     Heartbeat(epoch="e", seq=7, ts=2.0, heartbeat_interval=0.5, liveness=3),
     Hello(name="w", instance="i", host="h", pid=42, endpoint="http://127.0.0.1:1", epoch="e", seq=3),
+    Hello(name="w", instance="i", host="h", pid=42, endpoint="", epoch="e", seq=3, labels=("eu", "blue")),
     Ack(name="w", instance="i", epoch="e", seq=3, clear_id="c3", dropped=10, purge_ms=0.25,
         cause=PurgeCause.GAP),
     WorkerHeartbeat(name="w", instance="i", host="h", pid=42, endpoint="", epoch="e", seq=3,
@@ -154,6 +157,37 @@ def test_a_body_over_the_size_limit_is_refused_even_without_the_socket_option():
 def _heartbeat_body(stats) -> bytes:
     hello = {"name": "w", "instance": "i", "host": "h", "pid": 1, "endpoint": "", "epoch": "e", "seq": 1}
     return json.dumps({**hello, "stats": stats}).encode()
+
+
+def _clear_body(**lists) -> bytes:
+    return json.dumps({"epoch": "e", "seq": 1, "id": "c", "ts": 1.0, **lists}).encode()
+
+
+@pytest.mark.parametrize("lists, reason", [
+    ({"keys": "one"}, "must be a list of at most 100 strings"),
+    ({"keys": [f"k{i}" for i in range(101)]}, "must be a list of at most 100 strings"),
+    ({"tags": [1]}, "tags: every entry must be a string"),
+    ({"prefixes": [""]}, "prefixes: an entry is empty"),
+    ({"group": ["x" * 201]}, "group: an entry is longer than 200 bytes"),
+    ({"keys": ["a\u0000b"]}, "keys: an entry holds a control character"),
+    ({"keys": ["\ud800"]}, "keys: an entry is not valid UTF-8 text"),
+    ({"keys": [["nested"]]}, "keys: every entry must be a string"),
+])
+def test_a_clears_scope_is_bounded_as_the_api_bounds_it(lists, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        Codec().decode([b"clear", VERSION, b"", _clear_body(**lists)])
+
+
+def test_brackets_inside_strings_are_no_nesting_but_real_nesting_still_is():
+    many = {"keys": ["[[[[{{{{"] * 20}
+    assert Codec().decode([b"clear", VERSION, b"", _clear_body(**many)]) == Clear(
+        epoch="e", seq=1, id="c", ts=1.0, keys=("[[[[{{{{",) * 20)
+    with pytest.raises(ProtocolError, match="nests too deep"):
+        Codec().decode([b"clear", VERSION, b"", _clear_body(keys=[[[["x"]]]] * 10)])
+
+
+def test_an_unscoped_clear_is_as_short_on_the_wire_as_before_scopes():
+    assert Codec().encode(Clear(epoch="e", seq=1, id="c", ts=1.0))[3] == b'{"epoch":"e","seq":1,"id":"c","ts":1.0}'
 
 
 @pytest.mark.parametrize("stats, reason", [
