@@ -37,7 +37,7 @@ SERVICE = [
 RUN = [*SERVICE, "honcho>=2.0"]
 BENCH = [*SERVICE, "redis>=5", "hiredis>=2", "matplotlib>=3.8"]
 # Pinned so that a new release's new rules cannot turn `make test` red on its own.
-CHECKS = ["ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122"]
+CHECKS = ["ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122", "sortedcontainers-stubs==2.4.3"]
 
 setup(
     name="cachebus",
@@ -57,6 +57,11 @@ setup(
     install_requires=[
         "pyzmq>=26",
         "pyyaml>=6",
+        # The Cache's prefix index (workers/cache.py): a sorted list whose insert and delete are
+        # O(log n). bisect.insort on a plain list moves half of it for every new key: 2 µs at
+        # 100,000 keys but 165 µs at 1,000,000, where SortedList.add measured 0.9 and 5 µs.
+        # Pure Python, no dependencies of its own.
+        "sortedcontainers>=2.4,<3",
     ],
     extras_require={
         "service": SERVICE,

@@ -21,7 +21,7 @@ mapping inside and reads it directly is not.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterator, MutableMapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from .cache import _ABSENT, LeaseHolder, fork_safe_lock
@@ -65,12 +65,15 @@ class LeasedMapping(LeaseHolder):
         with self._lock:
             return not self._lapsed() and key in self._mapping
 
-    def set(self, key: Hashable, value: Any, *, generation: int | None = None) -> None:
+    def set(self, key: Hashable, value: Any, *, generation: int | None = None, tags: Iterable[str] = ()) -> None:
         """Store ``value``, unless the lease is lapsed or ``generation`` is no longer current.
 
         ``generation`` is :attr:`generation` as read before ``value`` was
         fetched from its source; if a clear ran since, ``value`` may predate it.
         While lapsed, any older value for ``key`` is dropped as well.
+
+        ``tags`` are accepted, as :meth:`~cachebus.workers.cache.ReadThrough.get_or_set` passes
+        them, and ignored: a mapping keeps no tags, so a clear that names tags purges it entirely.
         """
         with self._lock:
             if self._lapsed():
