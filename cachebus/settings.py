@@ -21,6 +21,7 @@ import yaml
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, split_endpoints
 from cachebus.bus.protocol import OnSilence
+from cachebus.bus.scope import MAX_SCOPE_ITEM_BYTES, check_item
 from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, bus_mode
 
 #: Where a process looks for its settings when neither flag nor env names one.
@@ -46,6 +47,14 @@ def _positive(value: float) -> bool:
 
 def _non_negative(value: float) -> bool:
     return value >= 0
+
+
+def _labels_ok(value: list[str]) -> bool:
+    """Worker labels as a clear's ``group`` names them; no comma, so ``CACHEBUS_LABELS=a,b`` can list them."""
+    try:
+        return all("," not in check_item("labels", label) for label in value)
+    except ValueError:
+        return False
 
 
 def _endpoint(value: str) -> bool:
@@ -221,6 +230,13 @@ class WorkerSettings:
     content_dir: str = "var/content"
     cache_max_entries: int = field(default=10_000, metadata=_check(_positive, "a positive count"))
     cache_ttl: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "seconds >= 0 (0 means no TTL)"))
+    #: More names the worker answers to in a clear's ``group``, besides ``name`` (docs/scoped-clears.md).
+    labels: list[str] = field(default_factory=list, metadata=_check(
+        _labels_ok, f"a list of labels, each 1 to {MAX_SCOPE_ITEM_BYTES} bytes of text without commas"))
+    #: Directories of cache files the worker empties on every clear, keeping each directory, as
+    #: Flextype's clear empties its var/tmp (docs/scoped-clears.md, "The directory target").
+    purge_dirs: list[str] = field(default_factory=list,
+                                  metadata=_check(lambda v: all(v), "a list of directory paths, none empty"))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 from tornado.web import Application, HTTPError, RequestHandler
 
+from cachebus.bus.scope import MAX_SCOPE_ITEM_BYTES, MAX_SCOPE_ITEMS
 from cachebus.logs import Budget
 
 from .accesslog import redact_uri
@@ -97,6 +98,9 @@ class Reason(enum.StrEnum):
     NO_LEAD = "no_lead"
     #: 503: the events stream is served by the instance holding the lead, not by this one.
     STREAM_ON_LEADER = "stream_on_leader"
+    #: A clear's ``keys``, ``prefixes``, ``tags`` or ``group`` past the limits of
+    #: :mod:`cachebus.bus.scope`, or with an entry that is not one string of text.
+    BAD_SCOPE = "bad_scope"
 
 
 #: Bodies whose message says more than the status's usual one.
@@ -104,6 +108,8 @@ _REASON_MESSAGES: dict[str, str] = {
     Reason.METRICS_TOKEN_NOT_SET: "Metrics need authentication, and metrics.token is not set",
     Reason.NO_LEAD: "No service instance that can publish the clear answered; retry after the number of seconds "
                     "in Retry-After",
+    Reason.BAD_SCOPE: f"keys, prefixes, tags and group take at most {MAX_SCOPE_ITEMS} entries in all, each a "
+                      f"string of 1 to {MAX_SCOPE_ITEM_BYTES} bytes without control characters",
     Reason.STREAM_ON_LEADER: "This service instance does not hold the lead: the event stream is served by the one "
                              "that does",
 }

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cachebus.bus.protocol import OnSilence, PurgeCause, PurgeOutcome
+from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, scope_json
 
 if TYPE_CHECKING:
     from .record import WorkerState
@@ -86,10 +87,13 @@ class ClearPublished(RecordEvent):
     published_at: float
     expected: tuple[str, ...]
     token: str = ""
+    scope: Scope = EVERYTHING
+    group: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"clear_id": self.clear_id, "seq": self.seq, "epoch": self.epoch,
-                "published_at": self.published_at, "expected": list(self.expected), "token": self.token}
+                "published_at": self.published_at, "expected": list(self.expected), "token": self.token,
+                "scope": scope_json(self.scope, self.group)}
 
 
 @dataclass(slots=True)
@@ -112,13 +116,15 @@ class ClearAcked(RecordEvent):
     acked: int
     expected: int
     failed: int
+    #: Whether the worker dropped everything or only what the clear named.
+    scope: PurgeExtent = PurgeExtent.ALL
 
     def to_json(self) -> dict[str, Any]:
         return {"clear_id": self.clear_id, "seq": self.seq, "worker": self.worker, "name": self.name,
                 "acked_at": self.acked_at, "latency_ms": round(self.latency_ms, 3),
                 "entries_dropped": self.entries_dropped, "purge_ms": round(self.purge_ms, 3), "cause": self.cause,
                 "outcome": self.outcome, "error": self.error, "acked": self.acked, "expected": self.expected,
-                "failed": self.failed}
+                "failed": self.failed, "scope": self.scope}
 
 
 @dataclass(slots=True)
@@ -173,6 +179,7 @@ class WorkerJoined(RecordEvent):
     on_silence: OnSilence = OnSilence.BYPASS
     degraded: bool = False
     via: str = ""
+    labels: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.instance, "name": self.name, "instance": self.instance, "host": self.host,
@@ -181,7 +188,8 @@ class WorkerJoined(RecordEvent):
                 "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
                 "last_outcome": self.last_outcome, "last_error": self.last_error,
                 "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key,
-                "on_silence": self.on_silence, "degraded": self.degraded, "via": self.via}
+                "on_silence": self.on_silence, "degraded": self.degraded, "via": self.via,
+                "labels": list(self.labels)}
 
 
 @dataclass(slots=True)
@@ -214,11 +222,13 @@ class WorkerPurged(RecordEvent):
     purge_ms: float
     outcome: PurgeOutcome
     error: str
+    scope: PurgeExtent = PurgeExtent.ALL
 
     def to_json(self) -> dict[str, Any]:
         return {"worker": self.worker, "name": self.name, "cause": self.cause, "seq": self.seq,
                 "clear_id": self.clear_id, "entries_dropped": self.entries_dropped,
-                "purge_ms": round(self.purge_ms, 3), "outcome": self.outcome, "error": self.error}
+                "purge_ms": round(self.purge_ms, 3), "outcome": self.outcome, "error": self.error,
+                "scope": self.scope}
 
 
 @dataclass(slots=True)

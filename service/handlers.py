@@ -28,7 +28,7 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventKind, EventQueue, unnumbered
 from .forward import FORWARDED_BY, Unreachable, forward
-from .params import credentials, request_params, wait_timeout
+from .params import credentials, request_params, scope, wait_timeout
 from .publisher import NotLeading
 from .token_limits import Overloaded
 from .token_rules import TokenError
@@ -296,6 +296,7 @@ class ClearHandler(BaseHandler):
         token, _ = credentials(params)
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
+        what, group = scope(self.request, params)
         if await self.passed_to_leader(timeout or 0.0):
             return
         counted = await self.authorize(params, consume=True)
@@ -303,14 +304,15 @@ class ClearHandler(BaseHandler):
             if timeout is not None:
                 await self.service.warmed()  # a proof names every worker, also right after a takeover
             # Published as soon as the call is admitted: the count's fsync overlaps the bus.
-            clear = await self.service.publisher.publish_clear(token=token)
+            clear = await self.service.publisher.publish_clear(token=token, scope=what, group=group)
         except NotLeading:
             raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message="this instance lost the lead") from None
         finally:
             await self.durably(counted)  # 2xx still means counted durably, and published
         entry = self.service.record.clear(clear.id)
         assert entry is not None
-        log.debug("clear %s published: seq %d, %d workers expected", clear.id, clear.seq, len(entry.expected))
+        log.debug("clear %s published: seq %d, %d workers expected, %s", clear.id, clear.seq, len(entry.expected),
+                  clear.scope.describe())
         self.set_header("Cache-Clear-Id", clear.id)
         if timeout is not None:
             await self._answer_with_proof(entry, timeout)

@@ -22,6 +22,8 @@ from tornado.httputil import (
     parse_body_arguments,
 )
 
+from cachebus.bus.scope import SCOPE_FIELDS, Scope, check_lists
+
 from .errors import ApiError, Reason
 
 #: Most fields a form body may have, and most parts a multipart body may have. The clear
@@ -47,8 +49,7 @@ def body_params(request: HTTPServerRequest) -> dict[str, Any]:
     if not body:
         return {}
     content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";")[0].strip().lower() in ("application/json", "text/json") or (
-            not content_type and body.lstrip()[:1] == b"{"):
+    if _is_json(request):
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -107,3 +108,64 @@ def wait_timeout(params: dict[str, Any], default: float, maximum: float) -> floa
     if wait != "all":
         raise ApiError(400, Reason.WAIT_NOT_ALL)
     return timeout
+
+
+def scope(request: HTTPServerRequest, params: dict[str, Any]) -> tuple[Scope, tuple[str, ...]]:
+    """``keys``, ``prefixes``, ``tags`` and ``group`` (docs/scoped-clears.md): what a clear drops
+    and who applies it; everything, by everyone, when none is given, as Flextype's clear does.
+
+    Each is a list: a JSON array (or one string) in a JSON body, a repeated
+    parameter (``keys=a&keys=b``, or PHP's ``keys[]=a&keys[]=b``) in a form or
+    the query. A list given in both the query and the body is the body's, as
+    for every parameter. Past :data:`~cachebus.bus.scope.MAX_SCOPE_ITEMS`
+    entries, or an entry that is empty, too long, not text or holds a control
+    character: 400, before the token is checked, so it counts no call.
+    """
+    named = [name for name in SCOPE_FIELDS if name in params or f"{name}[]" in params]
+    if not named:
+        return Scope(), ()  # Flextype's clear: nothing more is parsed
+    lists: dict[str, list[object]] = {}
+    json_body = _json_body(request)
+    for name in named:
+        if json_body is not None and name in json_body:
+            value = json_body[name]
+            lists[name] = value if isinstance(value, list) else [value]
+        else:
+            lists[name] = _form_values(request, name)
+    try:
+        checked = check_lists(lists)
+    except ValueError as exc:
+        raise ApiError(400, Reason.BAD_SCOPE, log_message=str(exc)) from None
+    return Scope(checked["keys"], checked["prefixes"], checked["tags"]), checked["group"]
+
+
+def _is_json(request: HTTPServerRequest) -> bool:
+    """Whether the body is read as JSON: its content type says so, or it has none and starts with ``{``."""
+    content_type = request.headers.get("Content-Type", "")
+    return content_type.split(";")[0].strip().lower() in ("application/json", "text/json") or (
+        not content_type and request.body.lstrip()[:1] == b"{")
+
+
+def _json_body(request: HTTPServerRequest) -> dict[str, Any] | None:
+    """The JSON body's members (parsed again: only a scoped clear gets here), or None for a form."""
+    return body_params(request) if request.body and _is_json(request) else None
+
+
+def _form_values(request: HTTPServerRequest, name: str) -> list[object]:
+    """Every value of ``name`` (or ``name[]``): the body's when it has any, else the query's."""
+    arguments: dict[str, list[bytes]] = {}
+    if request.body:
+        files: dict[str, Any] = {}
+        try:
+            parse_body_arguments(request.headers.get("Content-Type", ""), request.body, arguments, files,
+                                 config=_FORM_LIMITS)
+        except HTTPInputError:
+            raise ApiError(400, Reason.MALFORMED_FORM) from None
+    for source in (arguments, request.query_arguments):
+        raw = source.get(name, []) + source.get(f"{name}[]", [])
+        if raw:
+            try:
+                return [value.decode("utf-8") for value in raw]
+            except UnicodeDecodeError:
+                raise ApiError(400, Reason.PARAMETER_NOT_UTF8) from None
+    return []

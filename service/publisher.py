@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from cachebus.bus.protocol import Clear, Codec, Heartbeat, Message, Welcome, now
 from cachebus.bus.reader import send_now
+from cachebus.bus.scope import EVERYTHING, Scope
 from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure
 
@@ -67,8 +68,10 @@ class Publisher:
         self._socket.bind(self.endpoint)
         log.info("publishing on %s (epoch %s)", self.endpoint, self.epoch)
 
-    async def publish_clear(self, token: str = "") -> Clear:
-        """Publish one clear-all command, asked for by ``token``, and return it.
+    async def publish_clear(self, token: str = "", scope: Scope = EVERYTHING, group: tuple[str, ...] = ()) -> Clear:
+        """Publish one clear, asked for by ``token``, and return it: of ``scope`` (by default
+        everything), in the processes of ``group`` (by default all). Every worker gets the
+        next ``seq`` all the same (docs/scoped-clears.md).
 
         Raises :class:`NotLeading` if this instance may not publish.
         """
@@ -76,7 +79,8 @@ class Publisher:
             raise NotLeading("this instance does not hold the lead")
         self.seq += 1
         self._record_position()
-        clear = Clear(epoch=self.epoch, seq=self.seq, id=uuid.uuid4().hex, ts=now())
+        clear = Clear(epoch=self.epoch, seq=self.seq, id=uuid.uuid4().hex, ts=now(), keys=scope.keys,
+                      prefixes=scope.prefixes, tags=scope.tags, group=group)
         for listener in self.on_publish:
             listener(clear, token)
         self._send(clear)

@@ -54,6 +54,7 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     WorkerIdentity,
 )
+from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, in_group, scope_json
 
 from .events import (
     ClearAcked,
@@ -90,6 +91,10 @@ Emit = Callable[[RecordEvent], None]
 
 #: How many characters of the token that asked for a clear the record keeps and shows.
 TOKEN_SHOWN = 8
+
+#: Most groups whose expected workers the record keeps worked out at once; past it the
+#: cache starts again, so clears for ever new groups cannot grow it.
+_MAX_MEMBERSHIPS = 64
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,11 @@ class Membership:
     excluded: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, workers: list[WorkerEntry]) -> Membership:
+    def of(cls, workers: list[WorkerEntry], group: tuple[str, ...] = ()) -> Membership:
+        """The live workers a clear for ``group`` (empty: everyone) expects, and the ones it would
+        have expected but that are suspect or lost."""
+        if group:
+            workers = [w for w in workers if in_group(group, w.name, w.labels)]
         live = [w for w in workers if w.state == WorkerState.LIVE]
         ids = tuple(w.instance for w in live)
         return cls(ids, tuple(w.name for w in live), frozenset(ids),
@@ -155,6 +164,8 @@ class WorkerAck:
     cause: PurgeCause
     outcome: PurgeOutcome = PurgeOutcome.OK
     error: str = ""
+    #: Whether the worker dropped everything or only what the clears named.
+    scope: PurgeExtent = PurgeExtent.ALL
 
     @property
     def ok(self) -> bool:
@@ -171,6 +182,7 @@ class WorkerAck:
             "cause": self.cause,
             "outcome": self.outcome,
             "error": self.error,
+            "scope": self.scope,
         }
 
 
@@ -185,6 +197,9 @@ class ClearEntry:
     membership: Membership
     #: The first characters of the token that asked for the clear, so operators can tell who did.
     token: str = ""
+    #: What the clear drops, and which processes it is for (empty: all of them).
+    scope: Scope = EVERYTHING
+    group: tuple[str, ...] = ()
     #: Each worker's ack, by worker id: its successful one once there is one, else its latest failed one.
     acks: dict[str, WorkerAck] = field(default_factory=dict)
     #: When the last expected ack arrived, or when the record stopped waiting for it.
@@ -286,6 +301,8 @@ class WorkerEntry:
     routing_id: bytes = field(default=b"", repr=False)
     #: The relay it speaks through (docs/scale-out.md); empty when connected to the service directly.
     via: str = ""
+    #: More names it answers to in a clear's ``group``, besides :attr:`name`.
+    labels: tuple[str, ...] = ()
     #: When, and with what, the last ``worker.stats`` event went out.
     _stats_emitted_at: float = field(default=float("-inf"), repr=False)
     _stats_emitted: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -327,6 +344,7 @@ class WorkerEntry:
             "on_silence": self.on_silence,
             "degraded": self.degraded,
             "via": self.via,
+            "labels": list(self.labels),
         }
 
     def check_peer(self, peer: Peer, what: str) -> None:
@@ -385,8 +403,9 @@ class Record:
         self._workers: dict[str, WorkerEntry] = {}
         #: Acks held by the kept clears, for ``max_acks``.
         self.acks_kept = 0
-        #: The live workers as of the last change to that set; None once it changed.
-        self._membership: Membership | None = None
+        #: The expected workers of a clear for each group (``()``: everyone), as of the last change
+        #: to the workers' states; emptied by every change.
+        self._memberships: dict[tuple[str, ...], Membership] = {}
 
     # --- writers: the publisher and the ack listener -------------------------
 
@@ -396,15 +415,19 @@ class Record:
         ``token`` is the token that asked for the clear; only its first
         :data:`TOKEN_SHOWN` characters are kept, enough to tell tokens apart.
         """
-        if self._membership is None:
-            self._membership = Membership.of(list(self._workers.values()))
+        membership = self._memberships.get(clear.group)
+        if membership is None:
+            if len(self._memberships) >= _MAX_MEMBERSHIPS:
+                self._memberships.clear()
+            membership = self._memberships[clear.group] = Membership.of(list(self._workers.values()), clear.group)
         entry = ClearEntry(id=clear.id, seq=clear.seq, epoch=clear.epoch, published_at=clear.ts,
-                           membership=self._membership, token=token[:TOKEN_SHOWN])
+                           membership=membership, token=token[:TOKEN_SHOWN], scope=clear.scope, group=clear.group)
         self._clears[clear.id] = entry
         self._by_seq[(clear.epoch, clear.seq)] = entry
         self._trim()
         self.emit(ClearPublished(clear_id=entry.id, seq=entry.seq, epoch=entry.epoch,
-                                 published_at=entry.published_at, expected=entry.expected, token=entry.token))
+                                 published_at=entry.published_at, expected=entry.expected, token=entry.token,
+                                 scope=entry.scope, group=entry.group))
         self._pending[entry.id] = entry
         if not entry.expected:
             self._complete(entry, time.time())
@@ -471,6 +494,9 @@ class Record:
             self._set_state(known, WorkerState.LIVE, now)
             known.last_seen = now
             known.epoch, known.seq = msg.epoch, msg.seq
+            if known.labels != msg.labels:
+                known.labels = msg.labels
+                self._memberships.clear()  # the groups it is in change
             if isinstance(msg, Hello):
                 known.synced_seq = msg.seq
             return known
@@ -482,9 +508,9 @@ class Record:
         worker = WorkerEntry(
             name=msg.name, instance=msg.instance, host=msg.host, pid=msg.pid,
             endpoint=msg.endpoint, joined_at=now, last_seen=now, synced_seq=msg.seq,
-            epoch=msg.epoch, seq=msg.seq, key=peer.key, routing_id=peer.routing_id, via=peer.via,
+            epoch=msg.epoch, seq=msg.seq, key=peer.key, routing_id=peer.routing_id, via=peer.via, labels=msg.labels,
         )
-        self._membership = None  # the live set changes
+        self._memberships.clear()  # the live set changes
         self._workers[msg.instance] = worker
         log.info("worker %s joined: %s, pid %d on %s, read API %s", msg.instance, msg.name, msg.pid, msg.host,
                  msg.endpoint or "none",
@@ -504,7 +530,7 @@ class Record:
 
     def _forget(self, worker: WorkerEntry, silent: float) -> None:
         del self._workers[worker.instance]
-        self._membership = None  # the excluded set changes
+        self._memberships.clear()  # the excluded set changes
         log.info("worker %s forgotten after %.0f s", worker.instance, silent,
                  extra={"fields": {"worker": worker.instance, "name": worker.name, "state": WorkerState.FORGOTTEN}})
         self.emit(WorkerStateChanged(worker=worker.instance, name=worker.name, state=WorkerState.FORGOTTEN,
@@ -549,7 +575,7 @@ class Record:
                  extra={"fields": {"worker": worker.instance, "name": worker.name, "state": state,
                                    "previous": worker.state}})
         previous, worker.state = worker.state, state
-        self._membership = None  # who is expected, or who is excluded, changes
+        self._memberships.clear()  # who is expected, or who is excluded, changes
         self.emit(WorkerStateChanged(worker=worker.instance, name=worker.name, state=state, previous=previous,
                                      last_seen=worker.last_seen))
 
@@ -588,7 +614,7 @@ class Record:
                         extra={"fields": {"worker": msg.instance, "name": msg.name, "outcome": msg.outcome}})
         self.emit(WorkerPurged(worker=msg.instance, name=msg.name, cause=msg.cause, seq=msg.seq,
                                clear_id=msg.clear_id, entries_dropped=msg.dropped, purge_ms=msg.purge_ms,
-                               outcome=msg.outcome, error=msg.error))
+                               outcome=msg.outcome, error=msg.error, scope=msg.scope))
         updated = []
         # Walk back from the newest clear the purge covers to the last one this
         # worker already acked: the cost follows the clears acked, not the record's size.
@@ -602,9 +628,12 @@ class Record:
                 continue
             if not entry.expects(msg.instance) and entry.seq <= worker.synced_seq:
                 continue
+            if entry.group and not in_group(entry.group, worker.name, worker.labels):
+                continue  # not for this worker: it counted the clear and dropped nothing for it
             ack = WorkerAck(
                 worker=msg.instance, name=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
                 dropped=msg.dropped, purge_ms=msg.purge_ms, cause=msg.cause, outcome=msg.outcome, error=msg.error,
+                scope=msg.scope,
             )
             entry.add_ack(ack)
             if previous is None:
@@ -613,7 +642,8 @@ class Record:
             self.emit(ClearAcked(clear_id=entry.id, seq=entry.seq, worker=ack.worker, name=ack.name,
                                  acked_at=ack.acked_at, latency_ms=ack.latency_ms, entries_dropped=ack.dropped,
                                  purge_ms=ack.purge_ms, cause=ack.cause, outcome=ack.outcome, error=ack.error,
-                                 acked=entry.acked_count, expected=len(entry.expected), failed=entry.failed_count))
+                                 acked=entry.acked_count, expected=len(entry.expected), failed=entry.failed_count,
+                                 scope=ack.scope))
             if entry.complete and entry.id in self._pending:
                 self._complete(entry, now)
         self._trim()
@@ -674,6 +704,7 @@ class Record:
             "epoch": entry.epoch,
             "published_at": entry.published_at,
             "token": entry.token,
+            "scope": scope_json(entry.scope, entry.group),
             "workers": list(entry.expected),
             "acks": [ack.to_json() for ack in entry.acks.values()],
             "missing": [self._brief(worker, membership) for worker in entry.missing],

@@ -19,6 +19,8 @@ from cachebus.service.app import Service, make_app, make_server
 from cachebus.settings import Settings
 from cachebus.testing import Cluster, copy_demo_content, create_token, free_ports
 
+from .played import PlayedService
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -95,3 +97,11 @@ def http_server(request: Any, io_loop: Any, app: Any, service: Service, _unused_
     yield server
     server.stop()
     io_loop.run_sync(server.close_all_connections, timeout=request.config.option.async_test_timeout)
+
+
+@pytest.fixture
+def played() -> Iterator[PlayedService]:
+    """A service the test plays with its own PUB and ROUTER (tests/played.py)."""
+    service = PlayedService()
+    yield service
+    service.close()

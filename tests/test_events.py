@@ -253,14 +253,15 @@ def test_the_record_emits_each_change_with_the_fields_the_stream_documents():
         "state": "live", "joined_at": w1.joined_at, "last_seen": w1.last_seen, "last_acked_seq": None,
         "last_acked_clear": None, "last_purge_cause": None, "last_outcome": None, "last_error": "", "acks": 0,
         "epoch": "e", "seq": 0, "stats": {}, "key": None, "on_silence": "bypass", "degraded": False,
-            "via": "",
+            "via": "", "labels": [],
     }.items())
     assert json_of(joined) == list(w1.to_json().items()), "worker.joined carries the worker as /workers shows it"
 
     published_at = time.time()
     record.published(Clear(epoch="e", seq=1, id="c1", ts=published_at), "0123456789abcdef")
     assert json_of(emitted[2]) == list({"clear_id": "c1", "seq": 1, "epoch": "e", "published_at": published_at,
-                                        "expected": ["w1-1", "w2-1"], "token": "01234567"}.items())
+                                        "expected": ["w1-1", "w2-1"], "token": "01234567",
+                                        "scope": {"keys": [], "prefixes": [], "tags": [], "group": []}}.items())
 
     del emitted[:]
     record.acked(Ack(name="w1", instance="w1-1", epoch="e", seq=1, clear_id="c1", dropped=5, purge_ms=0.1234567,
@@ -271,11 +272,12 @@ def test_the_record_emits_each_change_with_the_fields_the_stream_documents():
     assert [event.KIND for event in emitted] == ["worker.purged", "clear.acked"]
     assert json_of(emitted[0]) == list({"worker": "w1-1", "name": "w1", "cause": "clear", "seq": 1,
                                         "clear_id": "c1", "entries_dropped": 5, "purge_ms": 0.123,
-                                        "outcome": "ok", "error": ""}.items())
+                                        "outcome": "ok", "error": "", "scope": "all"}.items())
     assert json_of(emitted[1]) == list({"clear_id": "c1", "seq": 1, "worker": "w1-1", "name": "w1",
                                         "acked_at": ack.acked_at, "latency_ms": round(ack.latency_ms, 3),
                                         "entries_dropped": 5, "purge_ms": 0.123, "cause": "clear", "outcome": "ok",
-                                        "error": "", "acked": 1, "expected": 2, "failed": 0}.items())
+                                        "error": "", "acked": 1, "expected": 2, "failed": 0,
+                                        "scope": "all"}.items())
 
     del emitted[:]
     record.sweep()  # complete_within 0: w2's ack is given up on
@@ -318,7 +320,7 @@ def test_an_event_is_encoded_once_and_only_when_a_stream_reads_it(monkeypatch: p
     purged = replay[2]
     assert purged.sse == (b'id: e:3\nevent: worker.purged\ndata: {"worker":"w1-1","name":"w1","cause":"gap",'
                           b'"seq":1,"clear_id":"c1","entries_dropped":0,"purge_ms":0.5,"outcome":"ok",'
-                          b'"error":""}\n\n')
+                          b'"error":"","scope":"all"}\n\n')
     assert purged.sse is purged.sse, "encoded once, then shared by every reader"
 
 

@@ -30,6 +30,7 @@ bus:
   liveness: 9
 worker:
   name: web
+  labels: [eu, blue]
 """
 
 
@@ -47,9 +48,9 @@ def settings_file(tmp_path: Path) -> Path:
 
 def test_the_file_gives_the_bus_settings_and_the_name_but_not_the_lease_terms(settings_file: Path):
     assert options(settings_file) == {
-        "name": "web", "publish": "tcp://10.0.0.5:5556", "acks": "tcp://10.0.0.5:5557", "key": "",
-        "insecure": False, "keys_dir": "/etc/cachebus/keys", "secret_key_file": "/etc/cachebus/web.key_secret",
-        "recv_hwm": 500, "socket_buffer": 65536,
+        "name": "web", "labels": ["eu", "blue"], "publish": "tcp://10.0.0.5:5556", "acks": "tcp://10.0.0.5:5557",
+        "key": "", "insecure": False, "keys_dir": "/etc/cachebus/keys",
+        "secret_key_file": "/etc/cachebus/web.key_secret", "recv_hwm": 500, "socket_buffer": 65536,
         "on_silence": "serve"}  # no heartbeat_interval, no liveness: the service's terms rule
 
 
@@ -68,9 +69,11 @@ def test_every_variable(tmp_path: Path):
     server_key = zmq.auth.load_certificate(server_public)[0].decode()
     environ = {"CACHEBUS_PUBLISH": "tcp://a:1", "CACHEBUS_ACKS": "tcp://a:2", "CACHEBUS_KEY": "shared-secret",
                "CACHEBUS_KEYS_DIR": "/k", "CACHEBUS_SERVER_KEY": server_key, "CACHEBUS_SECRET_KEY_FILE": "/k/me",
-               "CACHEBUS_NAME": "api", "CACHEBUS_RECV_HWM": "7", "CACHEBUS_ON_SILENCE": "serve"}
+               "CACHEBUS_NAME": "api", "CACHEBUS_RECV_HWM": "7", "CACHEBUS_ON_SILENCE": "serve",
+               "CACHEBUS_LABELS": "eu, blue,,"}
     assert options(None, environ) == {
-        "name": "api", "publish": "tcp://a:1", "acks": "tcp://a:2", "key": "shared-secret", "insecure": False,
+        "name": "api", "labels": ["eu", "blue"], "publish": "tcp://a:1", "acks": "tcp://a:2",
+        "key": "shared-secret", "insecure": False,
         "keys_dir": "/k", "server_key": server_key, "secret_key_file": "/k/me", "recv_hwm": 7, "socket_buffer": 0,
         "on_silence": "serve"}
 
@@ -108,6 +111,8 @@ def test_empty_variables_are_unset_and_overridden_ones_are_not_read(settings_fil
     ("CACHEBUS_ACKS", "http://10.0.0.5", "bus.acks: expected a ZeroMQ endpoint like tcp://host:port"),
     ("CACHEBUS_SERVER_KEY", "not-a-key", "expected the service's z85-encoded CURVE public key"),
     ("CACHEBUS_ON_SILENCE", "stale", "bus.on_silence: expected bypass or serve, got 'stale'"),
+    ("CACHEBUS_LABELS", "eu,bl\x01ue", "worker.labels: expected a list of labels, each 1 to 200 bytes of text "
+                                     "without commas"),
 ])
 def test_a_bad_variable_is_one_line_naming_it(variable: str, value: str, says: str):
     with pytest.raises(SettingsError) as caught:

@@ -44,6 +44,8 @@ def test_missing_default_file_means_built_in_defaults(tmp_path, monkeypatch):
     ("bus:\n  insecure: true\n  key: s3cret\n", "bus.insecure: true together with a bus.key"),
     ("bus:\n  max_workers: 0\n", "bus.max_workers: expected a positive count"),
     ("bus:\n  keys_dir: ''\n", "bus.keys_dir: expected a directory"),
+    ("worker:\n  purge_dirs: /srv/flextype/var/tmp\n", "worker.purge_dirs: expected a list of strings"),
+    ("worker:\n  purge_dirs: ['']\n", "worker.purge_dirs: expected a list of directory paths, none empty"),
 ])
 def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, message: str):
     path = tmp_path / "settings.yaml"

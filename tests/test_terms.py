@@ -12,6 +12,7 @@ import re
 import pytest
 
 from cachebus.bus.protocol import PurgeCause, PurgeOutcome
+from cachebus.bus.scope import PurgeExtent
 from cachebus.service.events import EventKind
 from cachebus.service.pages import DASHBOARD
 from cachebus.service.record import WorkerState
@@ -20,7 +21,7 @@ APP_JS = (DASHBOARD / "app.js").read_text(encoding="utf-8")
 
 #: The JS constant that mirrors each enum.
 MIRRORS: dict[str, type[enum.StrEnum]] = {"EVENT": EventKind, "STATE": WorkerState, "CAUSE": PurgeCause,
-                                          "OUTCOME": PurgeOutcome}
+                                          "OUTCOME": PurgeOutcome, "EXTENT": PurgeExtent}
 
 
 def js_constants(source: str) -> dict[str, dict[str, str]]:
@@ -49,6 +50,7 @@ def test_enum_values_are_the_strings_on_the_wire():
     assert [cause.value for cause in PurgeCause] == ["clear", "reconnect", "gap", "epoch"]
     assert [state.value for state in WorkerState] == ["live", "suspect", "lost", "left", "forgotten"]
     assert [outcome.value for outcome in PurgeOutcome] == ["ok", "failed"]
+    assert [extent.value for extent in PurgeExtent] == ["all", "scoped"]
     assert [kind.value for kind in EventKind] == ["clear.published", "clear.acked", "clear.completed",
                                                   "worker.joined", "worker.state", "worker.purged",
                                                   "worker.stats", "snapshot", "overflow"]

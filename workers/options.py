@@ -14,7 +14,7 @@ repeats no endpoint or key by hand. Each option comes from the first of:
 
 From the file it takes ``bus.publish``, ``bus.acks``, ``bus.key``, ``bus.insecure``,
 ``bus.keys_dir``, ``bus.secret_key_file``, ``bus.recv_hwm``, ``bus.socket_buffer``,
-``bus.on_silence`` and ``worker.name``. The lease terms (``heartbeat_interval``, ``liveness``) come
+``bus.on_silence``, ``worker.name`` and ``worker.labels``. The lease terms (``heartbeat_interval``, ``liveness``) come
 from the service itself. A bad value raises :class:`~cachebus.settings.SettingsError`
 with one line that names the file and key, or the variable.
 
@@ -54,6 +54,11 @@ def _integer(value: str) -> int:
         raise ValueError("expected an integer") from None
 
 
+def _labels(value: str) -> list[str]:
+    """``eu,web-3``: labels separated by commas (a label holds none)."""
+    return [label.strip() for label in value.split(",") if label.strip()]
+
+
 def _server_key(value: str) -> str:
     """A z85 CURVE public key, checked here so a typo names its variable rather than failing at start."""
     try:
@@ -86,6 +91,7 @@ ENV_VARS = (
     EnvVar("CACHEBUS_SERVER_KEY", "server_key", "", _server_key),
     EnvVar("CACHEBUS_SECRET_KEY_FILE", "secret_key_file", "bus.secret_key_file"),
     EnvVar("CACHEBUS_NAME", "name", "worker.name"),
+    EnvVar("CACHEBUS_LABELS", "labels", "worker.labels", _labels),
     EnvVar("CACHEBUS_RECV_HWM", "recv_hwm", "bus.recv_hwm", _integer),
     EnvVar("CACHEBUS_ON_SILENCE", "on_silence", "bus.on_silence"),
 )
@@ -124,6 +130,7 @@ def subscriber_options(settings: Settings, *, environ: Mapping[str, str] = os.en
     bus = settings.bus
     return {
         "name": settings.worker.name or None,
+        "labels": settings.worker.labels,
         "publish": bus.publish,
         "acks": bus.acks,
         "key": bus.key,

@@ -36,10 +36,13 @@ selects the HMAC mode instead, and ``insecure=True`` no authentication at all.
 
 **Purges.** It says hello once its subscription has delivered a first message
 (so the service never expects it before it can hear), purges its targets on
-every clear, and acks each purge. Clears that arrive together are coalesced
-into one purge. It watches the sequence numbers in commands and heartbeats: a
-gap or a new epoch means it may have missed a clear, and it purges
-everything, because a clear-all is idempotent and always safe.
+every clear meant for it, and acks each purge. Clears that arrive together are
+coalesced into one purge of what they name together. A clear for a ``group``
+(docs/scoped-clears.md) that names neither its ``name`` nor one of its
+``labels`` is counted and otherwise ignored. It watches the sequence numbers in
+commands and heartbeats: a gap or a new epoch means it may have missed a
+clear, meant for it or not, and it purges everything, because a clear-all is
+idempotent and always safe.
 
 **Failing targets.** A target whose clear raises never stops the subscriber.
 The error is logged with its traceback (one line per target per minute),
@@ -103,6 +106,7 @@ from cachebus.bus.protocol import (
     worst,
 )
 from cachebus.bus.reader import Batch, Reader, send_now
+from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, check_item, in_group
 from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
 from cachebus.bus.sockets import configure
 
@@ -216,6 +220,7 @@ class Subscriber:
         targets: Iterable[Any],
         *,
         name: str | None = None,
+        labels: Iterable[str] = (),
         publish: str = DEFAULT_PUBLISH,
         acks: str = DEFAULT_ACKS,
         endpoint: str = "",
@@ -236,6 +241,8 @@ class Subscriber:
         self.targets = [target.obj for target in self._targets]
         self._leased_targets: list[Leased] = [t.leased for t in self._targets if t.leased is not None]
         self.name = name or default_name()
+        #: More names this process answers to in a clear's ``group`` (``web``, ``eu``, ``host-3``).
+        self.labels: tuple[str, ...] = tuple(dict.fromkeys(check_item("labels", label) for label in labels))
         #: ``<host>:<pid>:<random>``, made by :meth:`start` (so a subscriber built before a fork and
         #: started after it gets the child's); empty before.
         self.instance = ""
@@ -502,6 +509,8 @@ class Subscriber:
         # When several causes apply, the most telling is reported (see PurgeCause).
         cause: PurgeCause | None = None
         newest_clear: Clear | None = None
+        #: What the clears meant for this process name together (only a bare clear purges it all).
+        scope: Scope | None = None
         announce = False
         if lapsed:
             cause = PurgeCause.RECONNECT
@@ -525,14 +534,17 @@ class Subscriber:
             if isinstance(msg, Clear):
                 if msg.seq <= self.seq:
                     continue
-                cause = worst(cause, PurgeCause.CLEAR)
-                newest_clear = msg
+                if in_group(msg.group, self.name, self.labels):
+                    cause = worst(cause, PurgeCause.CLEAR)
+                    newest_clear = msg
+                    scope = msg.scope if scope is None else scope.union(msg.scope)
             if msg.seq > self.seq + (1 if isinstance(msg, Clear) else 0):
                 log.warning("missed commands %d..%d: purging", self.seq + 1, msg.seq)
                 cause = worst(cause, PurgeCause.GAP)
             self.seq = max(self.seq, msg.seq)
         if cause is not None:
-            await self._purge(cause, newest_clear)
+            # A gap, a new epoch or a lapse may hide any clear: only clears alone purge less than everything.
+            await self._purge(cause, newest_clear, scope if cause is PurgeCause.CLEAR and scope else EVERYTHING)
         elif self.failing:
             await self._retry()
         self._renew_lease(commands[-1])
@@ -660,7 +672,8 @@ class Subscriber:
     def _identity(self) -> dict[str, Any]:
         """The fields of :class:`~cachebus.bus.protocol.WorkerIdentity` for this subscriber."""
         return {"name": self.name, "instance": self.instance, "host": socket.gethostname(),
-                "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq}
+                "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq,
+                "labels": self.labels}
 
     def stats(self) -> dict[str, Any]:
         """What each heartbeat tells the service: purges, failures, and the targets' summed counters."""
@@ -681,10 +694,14 @@ class Subscriber:
 
     # --- purges ---------------------------------------------------------------
 
-    async def _purge(self, cause: PurgeCause, clear: Clear | None) -> None:
-        """Purge every target and ack: ok, or failed if any target raised."""
+    async def _purge(self, cause: PurgeCause, clear: Clear | None, scope: Scope = EVERYTHING) -> None:
+        """Purge ``scope`` from every target and ack: ok, or failed if any target raised.
+
+        A target still failing from an earlier purge is purged entirely: what
+        that purge should have dropped is not known any more.
+        """
         clear_id = clear.id if clear else ""
-        dropped, purge_ms, errors = await self._clear(self._targets, clear_id or None, cause)
+        dropped, purge_ms, errors, extent = await self._clear(self._targets, clear_id or None, cause, scope)
         self.purges += 1
         self.purges_by_cause[cause] = self.purges_by_cause.get(cause, 0) + 1
         self.last_cause = cause
@@ -695,29 +712,33 @@ class Subscriber:
             log.debug("purge failed: %d of %d targets raised; acked as failed, leases withdrawn, retrying on "
                       "the next command or heartbeat (cause: %s, seq %d)",
                       len(errors), len(self._targets), cause, self.seq)
-            self._ack(cause, clear_id, dropped, purge_ms, _one_error(errors))
+            self._ack(cause, clear_id, dropped, purge_ms, extent, _one_error(errors))
             return
         self._failed_purge = None
         # DEBUG: the ack and the metrics carry every purge; an INFO line each was work on the hot path (issue 14).
-        log.debug("purged %d entries in %.2f ms (cause: %s, seq %d)", dropped, purge_ms, cause, self.seq)
-        self._ack(cause, clear_id, dropped, purge_ms)
+        log.debug("purged %d entries in %.2f ms (cause: %s, seq %d, %s)", dropped, purge_ms, cause, self.seq,
+                  scope.describe())
+        self._ack(cause, clear_id, dropped, purge_ms, extent)
 
     async def _retry(self) -> None:
         """Clear the failed targets again; once none fails, ack the failed purge as ok."""
         failed = self._failed_purge
         assert failed is not None
-        dropped, purge_ms, _ = await self._clear(list(self.failing), failed.clear_id or None, failed.cause)
+        dropped, purge_ms, _, _ = await self._clear(list(self.failing), failed.clear_id or None, failed.cause)
         failed.dropped += dropped
         failed.purge_ms += purge_ms
         if self.failing:
             return
         self._failed_purge = None
         log.info("purge retried: every target purged; acking seq %d as ok (cause: %s)", self.seq, failed.cause)
-        self._ack(failed.cause, failed.clear_id, failed.dropped, failed.purge_ms)
+        # The retried targets dropped everything.
+        self._ack(failed.cause, failed.clear_id, failed.dropped, failed.purge_ms, PurgeExtent.ALL)
 
-    async def _clear(self, targets: list[Target], clear_id: str | None,
-                     cause: PurgeCause) -> tuple[int, float, list[str]]:
-        """Clear ``targets``: entries dropped, milliseconds taken, and the errors of those that raised.
+    async def _clear(self, targets: list[Target], clear_id: str | None, cause: PurgeCause,
+                     scope: Scope = EVERYTHING) -> tuple[int, float, list[str], PurgeExtent]:
+        """Purge ``scope`` from ``targets`` (everything from a failing one): entries dropped,
+        milliseconds taken, the errors of those that raised, and ``all`` if any target
+        dropped everything.
 
         A target's exception never escapes: it is counted, logged with its
         traceback (one line per target per interval) and kept in :attr:`failing`.
@@ -725,9 +746,14 @@ class Subscriber:
         started = time.perf_counter()
         dropped = 0
         errors = []
+        extent = PurgeExtent.ALL if scope.everything else PurgeExtent.SCOPED
         for target in targets:
             try:
-                dropped += await target.purge(clear_id, self.seq)
+                count, done = await target.purge_scope(EVERYTHING if target in self.failing else scope, clear_id,
+                                                       self.seq)
+                dropped += count
+                if done is PurgeExtent.ALL:
+                    extent = PurgeExtent.ALL
             except Exception as exc:
                 # First of all: half a purge may have been applied, so no leased target serves from now on.
                 self._withdraw_leases()
@@ -741,13 +767,14 @@ class Subscriber:
             else:
                 if self.failing.pop(target, None) is not None:
                     log.info("%s purged again after failing", target.label)
-        return dropped, (time.perf_counter() - started) * 1000, errors
+        return dropped, (time.perf_counter() - started) * 1000, errors, extent
 
-    def _ack(self, cause: PurgeCause, clear_id: str, dropped: int, purge_ms: float, error: str = "") -> None:
+    def _ack(self, cause: PurgeCause, clear_id: str, dropped: int, purge_ms: float,
+             extent: PurgeExtent = PurgeExtent.ALL, error: str = "") -> None:
         self._acked_at = time.monotonic()
         self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,
                        clear_id=clear_id, dropped=dropped, purge_ms=purge_ms, cause=cause,
-                       outcome=PurgeOutcome.FAILED if error else PurgeOutcome.OK, error=error))
+                       outcome=PurgeOutcome.FAILED if error else PurgeOutcome.OK, error=error, scope=extent))
 
     # --- replies on the DEALER socket ---------------------------------------
 

@@ -19,6 +19,16 @@ A purge reports how many entries it dropped: what ``clear`` returned when that
 is an int, else the target's size just before (``len()``, or an
 ``lru_cache``'s ``cache_info().currsize``), else 0.
 
+**Scoped clears** (docs/scoped-clears.md) drop less than everything where a
+target can: one with ``clear_scope(scope, *, clear_id, seq)`` (a
+:class:`~cachebus.workers.cache.Cache`, a
+:class:`~cachebus.workers.directory.DirectoryTarget`) drops what the scope
+names, or returns ``None`` to decline it; a mutable mapping (``dict``,
+``cachetools``) drops the named keys and the keys that start with a named
+prefix. Any other target, a mapping asked for tags, and a target that
+declines are purged entirely: that is always safe, and the ack says so
+(``scope: all``).
+
 A target whose clear raises does not stop the subscriber: the subscriber acks
 the purge as failed with :func:`describe_error`, which names the exception
 without any credential its message (a Redis URL, say) may hold.
@@ -30,8 +40,10 @@ import enum
 import inspect
 import re
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Protocol, runtime_checkable
+
+from cachebus.bus.scope import PurgeExtent, Scope
 
 #: Longest error a failed ack carries: enough for a type and a sentence, never a whole dump.
 MAX_ERROR = 300
@@ -68,7 +80,7 @@ class Target:
     Compared by identity: the subscriber keeps the failing ones in a dict.
     """
 
-    __slots__ = ("_clear", "_size", "kind", "label", "leased", "obj", "stats")
+    __slots__ = ("_clear", "_clear_scope", "_size", "kind", "label", "leased", "obj", "stats")
 
     def __init__(self, obj: Any, kind: TargetKind, label: str, clear: Callable[..., Any],
                  size: Callable[[], int] | None) -> None:
@@ -78,6 +90,12 @@ class Target:
         self.label = label
         self._clear = clear
         self._size = size
+        clear_scope = getattr(obj, "clear_scope", None)
+        #: How the target drops part of what it holds: its own ``clear_scope``, or for a
+        #: mapping :func:`_clear_mapping_scope`; None when it can only drop everything.
+        self._clear_scope: Callable[..., Any] | None = (
+            clear_scope if callable(clear_scope) and kind is TargetKind.PURGEABLE
+            else _mapping_scope(obj) if isinstance(obj, MutableMapping) else None)
         #: The object itself when it holds a lease (``hold_lease``/``revoke_lease``), else None.
         self.leased: Leased | None = obj if isinstance(obj, Leased) else None
         stats = getattr(obj, "stats", None)
@@ -86,6 +104,17 @@ class Target:
 
     def __repr__(self) -> str:
         return f"<Target {self.label}: {self.kind}>"
+
+    async def purge_scope(self, scope: Scope, clear_id: str | None, seq: int) -> tuple[int, PurgeExtent]:
+        """Drop what ``scope`` names, or everything when the target cannot drop just that:
+        how many entries, and which of the two it did. Raises what the target raised."""
+        if not scope.everything and self._clear_scope is not None:
+            result = self._clear_scope(scope, clear_id=clear_id, seq=seq)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                return int(result), PurgeExtent.SCOPED
+        return await self.purge(clear_id, seq), PurgeExtent.ALL
 
     async def purge(self, clear_id: str | None, seq: int) -> int:
         """Drop everything the target holds; how many entries that was. Raises what the target raised."""
@@ -111,6 +140,32 @@ class Target:
             return int(self._size())
         except Exception:
             return 0
+
+
+def _mapping_scope(mapping: MutableMapping[Any, Any]) -> Callable[..., int | None]:
+    """A mapping's scoped purge: the named keys, and the ``str`` keys with a named prefix.
+
+    A prefix walks every key (a plain mapping has no order to search), which
+    is still far cheaper for the application than refilling all of it; tags
+    are declined, as a mapping cannot know them.
+    """
+    def clear_scope(scope: Scope, **_: Any) -> int | None:
+        if scope.tags:
+            return None
+        dropped = 0
+        for key in scope.keys:
+            if mapping.pop(key, _GONE) is not _GONE:
+                dropped += 1
+        if scope.prefixes:
+            for key in [k for k in list(mapping) if isinstance(k, str) and k.startswith(scope.prefixes)]:
+                if mapping.pop(key, _GONE) is not _GONE:
+                    dropped += 1
+        return dropped
+    return clear_scope
+
+
+#: What ``pop`` returns for a key that is not there.
+_GONE = object()
 
 
 def adapt(targets: Iterable[Any]) -> list[Target]:
