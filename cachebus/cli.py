@@ -38,6 +38,7 @@ from typing import Any
 
 import zmq
 
+from cachebus.bus.scope import check_lists
 from cachebus.bus.security import SERVICE_KEY, WORKERS_DIR, KeyFileError, ensure_keypair, key_name, private_dir
 
 from . import client, logs
@@ -147,12 +148,43 @@ class Worker(Command):
     setting_flags = (("--http-port", "worker.http_port", int), ("--content-dir", "worker.content_dir", str),
                      ("--name", "worker.name", str), *_BUS_FLAGS)
 
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument("--purge-dir", action="append", metavar="PATH",
+                            help="empty this directory of cache files on every clear, keeping the directory, as "
+                                 "Flextype's clear empties its var/tmp; repeatable; replaces the setting "
+                                 "worker.purge_dirs")
+        parser.add_argument("--label", action="append", metavar="LABEL",
+                            help="another name this worker answers to in a clear's group (a region, a colour, a "
+                                 "host); repeatable; replaces the setting worker.labels")
+
+    def settings(self, args: argparse.Namespace) -> Settings:
+        loaded = super().settings(args)
+        if args.purge_dir:
+            loaded = loaded.replace({"worker.purge_dirs": args.purge_dir}, source="command line --purge-dir")
+        if args.label:
+            loaded = loaded.replace({"worker.labels": args.label}, source="command line --label")
+        return loaded
+
+    def check_purge_dirs(self, args: argparse.Namespace, settings: Settings) -> None:
+        """Refuse a purge directory before anything starts, naming where it was given and the key."""
+        from cachebus.workers.directory import DirectoryTarget
+
+        source = ("command line --purge-dir" if args.purge_dir else
+                  str(args.config or os.environ.get(settings_mod.CONFIG_ENV) or settings_mod.DEFAULT_CONFIG_PATH))
+        for path in settings.worker.purge_dirs:
+            try:
+                DirectoryTarget(path)
+            except ValueError as exc:
+                raise UsageError(f"{source}: worker.purge_dirs: {exc}") from None
+
     def run(self, args: argparse.Namespace) -> int:
         from cachebus.workers.worker import run
 
         settings = self.settings(args)
         if not Path(settings.worker.content_dir).is_dir():
             raise UsageError(f"worker.content_dir: {settings.worker.content_dir} is not a directory")
+        self.check_purge_dirs(args, settings)
         _setup_logging(settings)
         return _run_until_signalled(lambda stop: run(settings, stop))
 
@@ -368,13 +400,24 @@ class ClientCommand(Command):
         return f"http://{f'[{host}]' if ':' in host else host}:{service.port}"
 
 
+#: ``cachebus clear``'s scope flags, and the API's list each fills (docs/scoped-clears.md).
+_SCOPE_FLAGS = (("key", "keys"), ("prefix", "prefixes"), ("tag", "tags"), ("group", "group"))
+
+
 class Clear(ClientCommand):
     name = "clear"
-    help = ("clear every worker's cache through the service; with --wait, until every worker process live at "
-            "publish time acked a successful purge")
+    help = ("clear every worker's cache through the service (or only some keys, prefixes or tags, in some "
+            "processes); with --wait, until every worker process expected acked a successful purge")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
+        narrows = "; repeatable (a cache that cannot drop just that drops everything)"
+        for flag, what in (("key", "drop only this exact key" + narrows),
+                           ("prefix", "drop only the keys starting with this" + narrows),
+                           ("tag", "drop only the entries stored with this tag" + narrows),
+                           ("group", "only the worker processes with this name or label purge, and only they "
+                                     "are expected; repeatable")):
+            parser.add_argument(f"--{flag}", action="append", default=[], metavar=flag.upper(), help=what)
         parser.add_argument("--wait", action="store_true",
                             help="follow the clear on the service's event stream until every worker process "
                                  "live at publish time acked a successful purge (exit 0); exit 2 on timeout or "
@@ -400,10 +443,14 @@ class Clear(ClientCommand):
         if args.expect is not None and args.allow_empty:
             raise UsageError("--expect and --allow-empty exclude each other: one asks for acks, the other "
                              "accepts none", 1)
+        try:
+            scope = check_lists({field: getattr(args, flag) for flag, field in _SCOPE_FLAGS})
+        except ValueError as exc:
+            raise UsageError(str(exc), 1) from None
         api = self.api(args)
         try:
             if not args.wait:
-                clear_id = api.clear()
+                clear_id = api.clear(scope)
                 print(f"clear {clear_id} accepted" if clear_id else
                       "clear accepted (the service sent no Cache-Clear-Id header)")
                 return 0
@@ -415,7 +462,7 @@ class Clear(ClientCommand):
             try:
                 snapshot = next(stream.events(), None)
                 deadline = time.monotonic() + timeout
-                clear_id = api.clear()
+                clear_id = api.clear(scope)
                 if clear_id is None:
                     raise client.ClientError("the service sent no Cache-Clear-Id header: "
                                              "--wait cannot follow this clear")

@@ -13,7 +13,7 @@ import json
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
 
@@ -52,9 +52,15 @@ class Api:
 
     # --- the calls ------------------------------------------------------------
 
-    def clear(self) -> str | None:
-        """The Flextype clear call; the clear's id from ``Cache-Clear-Id`` (None from a plain Flextype)."""
-        body = urllib.parse.urlencode(self._credentials)
+    def clear(self, scope: Mapping[str, Sequence[str]] | None = None) -> str | None:
+        """The Flextype clear call; the clear's id from ``Cache-Clear-Id`` (None from a plain Flextype).
+
+        ``scope`` narrows it (docs/scoped-clears.md): ``{"keys": [...], "prefixes": [...], "tags": [...],
+        "group": [...]}``, each sent as a repeated field.
+        """
+        fields = [*self._credentials.items(), *((name, value) for name, values in (scope or {}).items()
+                                                 for value in values)]
+        body = urllib.parse.urlencode(fields)
         _, headers, _ = self._request("POST", "/api/v1/cache/clear", body,
                                       {"Content-Type": "application/x-www-form-urlencoded"}, retry=False)
         return headers.get("Cache-Clear-Id") or None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cachebus import Cache, ThreadedSubscriber
 from cachebus.client import ClearProgress, ack_line, progress_bar, worker_table
-from cachebus.testing import DEADLINE, Cluster, FlakyCache, free_port, http_json, wait_for
+from cachebus.testing import DEADLINE, Cluster, FlakyCache, free_port, http_json, read_entry, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -378,3 +378,25 @@ def table_rows(stdout: str) -> list[dict[str, str]]:
     header, *rows = stdout.splitlines()
     columns = re.split(r"\s{2,}", header.strip())
     return [dict(zip(columns, re.split(r"\s{2,}", row.strip()), strict=True)) for row in rows]
+
+
+def test_a_scoped_clear_for_a_group_waits_for_that_group_only(cluster: Cluster):
+    start_with_workers(cluster, "w1", "w2")
+    urls = {name: url for name, (_, url) in cluster.workers.items()}
+    for url in urls.values():
+        read_entry(url, "hello")
+        read_entry(url, "about")
+    result = cachebus("clear", *creds(cluster), "--key", "hello", "--prefix", "blog/", "--group", "w1", "--wait",
+                      "--timeout", str(DEADLINE))
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    lines = result.stdout.splitlines()
+    assert "waiting for 1 worker" in lines[0] and "all 1 worker" in lines[-1], lines
+    record = cluster.clear_record(lines[0].split()[1])
+    assert record["scope"] == {"keys": ["hello"], "prefixes": ["blog/"], "tags": [], "group": ["w1"]}
+    assert [(a["name"], a["scope"], a["entries_dropped"]) for a in record["acks"]] == [("w1", "scoped", 1)]
+    # w1 dropped the one key; w2, outside the group, dropped nothing.
+    assert [read_entry(urls["w1"], entry)[0] for entry in ("hello", "about")] == ["MISS", "HIT"]
+    assert [read_entry(urls["w2"], entry)[0] for entry in ("hello", "about")] == ["HIT", "HIT"]
+
+    error = one_line_error(cachebus("clear", *creds(cluster), "--tag", "x" * 201))
+    assert "tags: an entry is longer than 200 bytes" in error

@@ -4,6 +4,10 @@
 the cache, with ``X-Cache: HIT`` or ``MISS``; ``GET /stats`` shows the cache
 and bus state, ``GET /metrics`` the same counters for Prometheus. Edit an entry
 and the worker keeps serving the old value until the service publishes a clear.
+
+With ``worker.purge_dirs`` (``--purge-dir``), each clear also empties those
+directories of cache files, as Flextype's own clear empties its ``var/tmp``
+(:class:`~cachebus.workers.directory.DirectoryTarget`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import tornado.web
 from cachebus.bus.security import SERVICE_KEY, BusMode
 from cachebus.metrics import MetricsHandler
 from cachebus.service.errors import CONTENT_TYPE
-from cachebus.settings import Settings
+from cachebus.settings import Settings, SettingsError
 
 from .cache import Cache
 from .content import EntryError, load_entry
+from .directory import DirectoryTarget
 from .metrics import worker_registry
 from .options import subscriber_options
 from .subscriber import Subscriber
@@ -107,17 +112,30 @@ async def _wait_for_file(path: Path, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 0.1)
 
 
+def purge_dirs(settings: Settings) -> list[DirectoryTarget]:
+    """A target for each of ``worker.purge_dirs``; a :class:`SettingsError` naming the key for one refused."""
+    targets = []
+    for path in settings.worker.purge_dirs:
+        try:
+            targets.append(DirectoryTarget(path))
+        except ValueError as exc:
+            raise SettingsError(f"worker.purge_dirs: {exc}") from None
+    return targets
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Run a reference worker until ``stop`` is set."""
     cfg = settings.worker
     content_dir = Path(cfg.content_dir)
+    # First: a directory refused stops the worker before it joins the bus.
+    directories = purge_dirs(settings)
     cache = Cache(max_entries=cfg.cache_max_entries, ttl=cfg.cache_ttl or None)
     bus = settings.bus
     # The options an embedder's Subscriber.from_settings reads, from the same settings. No environment:
     # the command-line flags are already in `settings`, and a variable must not override them. Unnamed:
     # the host name, a label (and a keypair) every unnamed worker on this host shares; the service tells
     # the processes apart by their instance. The lease terms come from the service.
-    subscriber = Subscriber([cache], **subscriber_options(
+    subscriber = Subscriber([cache, *directories], **subscriber_options(
         settings,
         environ={},
         endpoint=f"http://{cfg.host}:{cfg.http_port}",
@@ -130,6 +148,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         if not stop.is_set():
             await subscriber.start()
             log.info("worker %s serving %s on http://%s:%d", subscriber.name, content_dir, cfg.host, cfg.http_port)
+            for directory in directories:
+                log.info("worker %s empties %s on every clear", subscriber.name, directory.path)
         await stop.wait()
     finally:
         server.stop()
