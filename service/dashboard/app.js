@@ -16,7 +16,8 @@
   // (EventKind in service/events.py), worker states (WorkerState in
   // service/record.py), purge causes (PurgeCause in bus/protocol.py; the
   // page shows them as sent, so a new one needs no code, only this list) and
-  // purge outcomes (PurgeOutcome in bus/protocol.py).
+  // purge outcomes (PurgeOutcome in bus/protocol.py) and what a purge dropped
+  // (PurgeExtent in bus/scope.py: an ack's `scope`).
   // tests/test_terms.py fails when these and the enums differ; write no other
   // literal for them below.
   const EVENT = Object.freeze({
@@ -47,6 +48,15 @@
     OK: "ok",
     FAILED: "failed",
   });
+  const EXTENT = Object.freeze({
+    ALL: "all",
+    SCOPED: "scoped",
+  });
+
+  // A clear's scope (ClearScope in service/openapi.yaml): what each process drops, then
+  // which processes purge. The dialog's fields and the API's form fields carry these names.
+  const WHAT_FIELDS = ["keys", "prefixes", "tags"];
+  const SCOPE_FIELDS = WHAT_FIELDS.concat(["group"]);
 
   const $ = (id) => document.getElementById(id);
 
@@ -85,9 +95,27 @@
     return typeof ref === "string" ? ref : ref.worker;
   }
 
-  function newClear(id, seq, publishedAt, token, expected) {
+  function newClear(id, seq, publishedAt, token, expected, scope) {
     return { id: id, seq: seq, published_at: publishedAt, token: token || "",
-             expected: expected, acks: new Map(), names: new Map(), completed: null };
+             expected: expected, scope: scopeOf(scope), acks: new Map(), names: new Map(), completed: null };
+  }
+
+  // A clear's scope as four lists; null when not known (a clear seen only through its acks,
+  // or a service from before scopes, whose clears are all of everything).
+  function scopeOf(scope) {
+    if (!scope || typeof scope !== "object") return null;
+    const lists = {};
+    for (const field of SCOPE_FIELDS) lists[field] = Array.isArray(scope[field]) ? scope[field].map(String) : [];
+    return lists;
+  }
+
+  // Whether the clear drops only what it names (keys, prefixes or tags), rather than everything.
+  function namesEntries(scope) {
+    return !!scope && WHAT_FIELDS.some((field) => scope[field].length > 0);
+  }
+
+  function isScoped(scope) {
+    return !!scope && SCOPE_FIELDS.some((field) => scope[field].length > 0);
   }
 
   // An ack as the clear keeps it: a successful purge is proof, and a later
@@ -108,7 +136,7 @@
 
   // A clear as the page keeps it: acks by worker, and its outcome once completed.
   function clearFromRecord(c) {
-    const view = newClear(c.id, c.seq, c.published_at, c.token, (c.workers || []).slice());
+    const view = newClear(c.id, c.seq, c.published_at, c.token, (c.workers || []).slice(), c.scope);
     for (const ack of c.acks || []) keepAck(view, ack);
     for (const ref of [].concat(c.missing || [], c.failed || [])) {
       if (typeof ref === "object" && ref.name) view.names.set(ref.worker, ref.name);
@@ -149,14 +177,14 @@
       renderAll();
     },
     [EVENT.CLEAR_PUBLISHED]: (d) => {
-      addClear(newClear(d.clear_id, d.seq, d.published_at, d.token, (d.expected || []).slice()));
+      addClear(newClear(d.clear_id, d.seq, d.published_at, d.token, (d.expected || []).slice(), d.scope));
       renderClears();
     },
     [EVENT.CLEAR_ACKED]: (d) => {
       let view = clears.get(d.clear_id);
       if (!view) {
         // Published before this page knew of it: keep what the ack tells.
-        view = newClear(d.clear_id, d.seq, null, "", null);
+        view = newClear(d.clear_id, d.seq, null, "", null, null);
         addClear(view);
       }
       keepAck(view, d);
@@ -197,9 +225,15 @@
       w.last_purge_cause = d.cause;
       w.last_outcome = d.outcome || OUTCOME.OK;
       w.last_error = d.error || "";
-      // A purge empties the worker's cache; its next `worker.stats` says what refilled it.
-      // A failed one may have dropped part of it: the next `worker.stats` tells.
-      if (!isFailed(d)) w.stats = Object.assign({}, w.stats, { entries: 0 });
+      // A purge of everything empties the worker's cache, a scoped one drops what it counted;
+      // its next `worker.stats` says what refilled it. A failed one may have dropped part
+      // of it: the next `worker.stats` tells.
+      if (!isFailed(d)) {
+        const stats = w.stats && typeof w.stats === "object" ? w.stats : {};
+        const entries = d.scope === EXTENT.SCOPED && typeof stats.entries === "number"
+          ? Math.max(0, stats.entries - (Number(d.entries_dropped) || 0)) : 0;
+        w.stats = Object.assign({}, w.stats, { entries: entries });
+      }
       renderWorkers();
     },
     [EVENT.WORKER_STATS]: (d) => {
@@ -310,12 +344,37 @@
 
   // --- actions ----------------------------------------------------------------
 
-  // "Clear now" empties every cache in the deployment: ask first, in the page.
+  // "Clear now" empties every cache in the deployment, or what its scope names: ask first, in the page.
   function askToClear() {
     if (!credentials()) return showLogin("");
     const dialog = $("confirm-clear");
     dialog.returnValue = "";
+    describeClear();
     dialog.showModal();
+  }
+
+  // The dialog's scope: each field's non-empty lines, trimmed (a key may hold a comma, not a newline).
+  function dialogScope() {
+    const lists = {};
+    for (const field of SCOPE_FIELDS) {
+      lists[field] = $("scope-" + field).value.split(/\r\n|\r|\n/).map((line) => line.trim())
+        .filter((line) => line !== "");
+    }
+    return lists;
+  }
+
+  // The dialog says what the clear it sends does, as its fields are filled in.
+  function describeClear() {
+    const scope = dialogScope();
+    const scoped = isScoped(scope);
+    const who = scope.group.length ? "Each worker process of the group (by name or label)"
+      : "Every worker process";
+    const what = namesEntries(scope)
+      ? " drops the entries named (a cache that cannot drop only those drops everything it holds)."
+      : " drops its whole cache, so reads go to the backends until the caches fill again.";
+    $("confirm-clear-title").textContent = scoped ? "Clear what you named?" : "Clear every cache now?";
+    $("confirm-clear-what").textContent = who + what + " The clear counts as one call of your token.";
+    $("confirm-clear-ok").textContent = scoped ? "Clear what you named" : "Clear every cache";
   }
 
   async function clearNow() {
@@ -323,15 +382,22 @@
     if (!creds) return showLogin("");
     const button = $("clear-now");
     button.disabled = true;
+    const body = new URLSearchParams(creds);
+    const scope = dialogScope();
+    for (const field of SCOPE_FIELDS) {
+      for (const entry of scope[field]) body.append(field, entry);
+    }
     try {
       const response = await fetch("/api/v1/cache/clear", {
         method: "POST",
         headers: { "Content-Type": "application/x-www-form-urlencoded" },
-        body: new URLSearchParams(creds).toString(),
+        body: body.toString(),
         cache: "no-store",
       });
       const id = response.headers.get("Cache-Clear-Id");
       if (response.ok) {
+        // Sent: the next "Clear now" starts from everything again. A refused scope stays, to be fixed.
+        for (const field of SCOPE_FIELDS) $("scope-" + field).value = "";
         showResult("ok", "Clear " + (id || "") + " accepted; acks appear below.", id);
       } else {
         showResult("error", "Clear refused: " + (await errorMessage(response)), id);
@@ -476,8 +542,18 @@
     const failed = w.last_outcome === OUTCOME.FAILED;
     const tr = el("tr", { "data-worker": idOf(w), "data-name": w.name, "data-state": w.state,
                           "data-outcome": failed ? OUTCOME.FAILED : OUTCOME.OK });
+    const names = Array.isArray(w.labels) ? w.labels.map(String) : [];
     tr.append(
-      cell("name", "Name", w.name),
+      (() => {
+        const td = cell("name", "Name", w.name);
+        // More names it answers to in a clear's group.
+        if (names.length) {
+          td.append(" ", el("span", { "class": "labels", "data-field": "labels",
+                                      "title": "Labels: a clear's group may name this process by any of them" },
+                            names.join(", ")));
+        }
+        return td;
+      })(),
       (() => {
         const td = cell("id", "Process");
         td.append(el("code", {}, dash(w.id || w.instance)));
@@ -614,7 +690,9 @@
     const named = (ids) => ids.map((id) => label.get(id) || nameOf(view, id)).join(", ");
     if (view.expected && expected.length === 0) {
       outcome.dataset.outcome = "empty";
-      outcome.textContent = "nobody was listening: no live worker when it was published";
+      outcome.textContent = view.scope && view.scope.group.length
+        ? "nobody was listening: no live worker of its group when it was published"
+        : "nobody was listening: no live worker when it was published";
     } else if (done && done.complete) {
       outcome.dataset.outcome = "complete";
       outcome.textContent = "all acked in " + ms(done.duration_ms);
@@ -633,10 +711,33 @@
       outcome.textContent = waitingText(view.published_at);
     }
     head.append(outcome);
+    if (isScoped(view.scope)) li.dataset.scoped = "true";
     const chips = el("div", { "class": "chips" });
     for (const id of chipIds(view)) chips.append(chip(view, id, label.get(id), expected.includes(id)));
-    li.append(head, chips);
+    li.append(head);
+    if (isScoped(view.scope)) li.append(scopeLine(view.scope));
+    li.append(chips);
     return li;
+  }
+
+  // At most this many entries of each list show; the title holds them all.
+  const SCOPE_SHOWN = 5;
+
+  // "keys: a, b · tags: menu · group: web": what a scoped clear named, one list after the other.
+  function scopeLine(scope) {
+    const parts = [];
+    const full = [];
+    for (const field of SCOPE_FIELDS) {
+      const values = scope[field];
+      if (!values.length) continue;
+      const more = values.length - SCOPE_SHOWN;
+      parts.push(field + ": " + values.slice(0, SCOPE_SHOWN).join(", ") + (more > 0 ? " +" + more + " more" : ""));
+      full.push(field + ": " + values.join(", "));
+    }
+    const node = el("div", { "class": "clear-scope", "data-field": "scope" }, parts.join(" · "));
+    node.title = (namesEntries(scope) ? "Drops only the entries named" : "Drops everything") +
+      (scope.group.length ? ", in the processes of its group" : ", in every process") + "\n" + full.join("\n");
+    return node;
   }
 
   // One process's part in a clear: its ack (the entries it dropped), its failure, or nothing yet.
@@ -653,12 +754,23 @@
       node.append(el("span", { "class": "chip-detail", "data-field": "error" }, OUTCOME.FAILED));
       node.title = who + ": purge failed" + at + " (cause: " + ack.cause + "): " + (ack.error || "no error message");
     } else if (ack) {
+      // A clear that named entries, acked by a purge of everything: a cache of this process cannot
+      // drop only what was named (a plain mapping cannot know tags), or it purged for a gap.
+      const whole = namesEntries(view.scope) && ack.scope === EXTENT.ALL;
       node.append(el("span", { "class": "chip-detail", "data-field": "latency" }, ms(ack.latency_ms)),
                   el("span", { "class": "chip-detail", "data-field": "dropped" },
                      plural(Number(ack.entries_dropped) || 0, "entry", "entries") + " dropped"));
+      if (whole) {
+        node.dataset.ackScope = EXTENT.ALL;
+        node.append(el("span", { "class": "ack-scope", "data-field": "ack-scope" }, "dropped everything"));
+      }
       node.title = who + " acked" + at + ", " + ms(ack.latency_ms) + " after the clear: dropped " +
         plural(Number(ack.entries_dropped) || 0, "entry", "entries") + " in " + ms(ack.purge_ms) +
-        " (cause: " + ack.cause + ")";
+        " (cause: " + ack.cause + ")" +
+        (whole ? ". It dropped everything, not only what the clear named: " +
+                 (ack.cause === CAUSE.CLEAR ? "a cache of it cannot drop just those entries"
+                   : "it purged for cause " + ack.cause + ", which drops everything")
+          : ack.scope === EXTENT.SCOPED ? ", only what the clear named" : "");
     } else {
       node.title = who + ": no ack yet";
     }
@@ -714,6 +826,7 @@
       showLogin("Credentials forgotten.", "info");
     });
     $("clear-now").addEventListener("click", askToClear);
+    for (const field of SCOPE_FIELDS) $("scope-" + field).addEventListener("input", describeClear);
     $("confirm-clear").addEventListener("close", () => {
       if ($("confirm-clear").returnValue === "clear") clearNow();
     });
