@@ -435,16 +435,21 @@ def test_worker_refuses_a_purge_dir_in_one_line_naming_flag_and_key(content_dir:
                                      "purge directory /: refusing to empty the root directory /")
 
 
-def test_one_clear_empties_the_flextype_cache_on_every_web_host(cluster: Cluster, tmp_path: Path):
+def web_hosts(cluster: Cluster, tmp_path: Path) -> dict[str, Path]:
+    """The service, and two "web hosts", each a reference worker purging its own Flextype var/tmp,
+    which Flextype has filled (after the workers joined: joining purges everything, this too)."""
     cluster.start_service()
     tops = {name: tmp_path / name / "flextype" / "var" / "tmp" for name in ("web1", "web2")}
     for name, top in tops.items():
         top.mkdir(parents=True)
-        # A worker purges everything when it joins (it may have missed clears), this directory too.
         cluster.start_worker(name, args=["--purge-dir", str(top)])
-    # Then Flextype serves pages on each host and fills its cache.
     for top in tops.values():
         build_flextype_tmp(top)
+    return tops
+
+
+def test_one_clear_empties_the_flextype_cache_on_every_web_host(cluster: Cluster, tmp_path: Path):
+    tops = web_hosts(cluster, tmp_path)
     hosts = {name: (top, len(list(top.iterdir()))) for name, top in tops.items()}
 
     status, _, body = cluster.clear(wait="all", timeout="20")
@@ -461,13 +466,7 @@ def test_one_clear_empties_the_flextype_cache_on_every_web_host(cluster: Cluster
 
 
 def test_a_clear_of_some_keys_removes_just_their_files_and_a_prefix_empties_all(cluster: Cluster, tmp_path: Path):
-    cluster.start_service()
-    tops = {name: tmp_path / name / "flextype" / "var" / "tmp" for name in ("web1", "web2")}
-    for name, top in tops.items():
-        top.mkdir(parents=True)
-        cluster.start_worker(name, args=["--purge-dir", str(top)])
-    for top in tops.values():
-        build_flextype_tmp(top)
+    tops = web_hosts(cluster, tmp_path)
     before = {name: files_below(top) for name, top in tops.items()}
 
     status, _, body = cluster.clear(wait="all", timeout="20", keys="entries.home")

@@ -185,19 +185,15 @@ class DirectoryTarget:
         fresh = self.path.with_name(f".{self.path.name}{NEW_MARK}{token}")
         aside = self.path.with_name(f".{self.path.name}{PURGE_MARK}{token}")
         try:
+            step = "cannot make its replacement next to it"
             os.mkdir(fresh, 0o700)
             _copy_owner_and_mode(st, self.path, fresh)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.rmdir(fresh)
-            self._in_place(f"cannot make its replacement next to it: {exc.strerror or exc}")
-            return None
-        try:
+            step = "cannot rename it"
             os.rename(self.path, aside)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.rmdir(fresh)
-            self._in_place(f"cannot rename it: {exc.strerror or exc}")
+            self._in_place(f"{step}: {exc.strerror or exc}")
             return None
         try:
             # Replaces an empty directory the application made meanwhile; one it has already
