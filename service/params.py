@@ -126,12 +126,13 @@ def scope(request: HTTPServerRequest, params: dict[str, Any]) -> tuple[Scope, tu
         return Scope(), ()  # Flextype's clear: nothing more is parsed
     lists: dict[str, list[object]] = {}
     json_body = _json_body(request)
+    form = _form_arguments(request) if json_body is None else {}
     for name in named:
         if json_body is not None and name in json_body:
             value = json_body[name]
             lists[name] = value if isinstance(value, list) else [value]
         else:
-            lists[name] = _form_values(request, name)
+            lists[name] = _values(name, form, request.query_arguments)
     try:
         checked = check_lists(lists)
     except ValueError as exc:
@@ -151,8 +152,8 @@ def _json_body(request: HTTPServerRequest) -> dict[str, Any] | None:
     return body_params(request) if request.body and _is_json(request) else None
 
 
-def _form_values(request: HTTPServerRequest, name: str) -> list[object]:
-    """Every value of ``name`` (or ``name[]``): the body's when it has any, else the query's."""
+def _form_arguments(request: HTTPServerRequest) -> dict[str, list[bytes]]:
+    """A form body's fields with every value of each (parsed again: only a scoped clear gets here)."""
     arguments: dict[str, list[bytes]] = {}
     if request.body:
         files: dict[str, Any] = {}
@@ -161,7 +162,12 @@ def _form_values(request: HTTPServerRequest, name: str) -> list[object]:
                                  config=_FORM_LIMITS)
         except HTTPInputError:
             raise ApiError(400, Reason.MALFORMED_FORM) from None
-    for source in (arguments, request.query_arguments):
+    return arguments
+
+
+def _values(name: str, form: dict[str, list[bytes]], query: dict[str, list[bytes]]) -> list[object]:
+    """Every value of ``name`` (or ``name[]``): the body's when it has any, else the query's."""
+    for source in (form, query):
         raw = source.get(name, []) + source.get(f"{name}[]", [])
         if raw:
             try:
