@@ -342,6 +342,9 @@ class Demo(Command):
             "",
             f"  # edit {content / 'hello' / 'entry.yaml'}, then clear every worker's cache",
             f"  curl -i -X POST {api}/api/v1/cache/clear -d token={token} -d access_token={access}",
+            "  # or only that entry, and wait for every worker's proof (docs/scoped-clears.md)",
+            f"  curl -X POST {api}/api/v1/cache/clear -d token={token} -d access_token={access} "
+            "-d keys=hello -d wait=all",
             "",
             "  # see which worker acked which clear",
             f"  curl '{api}/api/v1/cache/clears?token={token}&access_token={access}'",
