@@ -96,6 +96,9 @@ TOKEN_SHOWN = 8
 #: cache starts again, so clears for ever new groups cannot grow it.
 _MAX_MEMBERSHIPS = 64
 
+#: Most byes of instances not yet known that the record keeps (see :meth:`Record.bye`).
+_MAX_LEFT_EARLY = 1024
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -406,6 +409,9 @@ class Record:
         #: The expected workers of a clear for each group (``()``: everyone), as of the last change
         #: to the workers' states; emptied by every change.
         self._memberships: dict[tuple[str, ...], Membership] = {}
+        #: Instances whose bye came before their hello (it took the shorter way), with the key
+        #: that said it: their hello, when it arrives, finds them gone. Bounded, oldest first.
+        self._left_early: OrderedDict[str, str | None] = OrderedDict()
 
     # --- writers: the publisher and the ack listener -------------------------
 
@@ -512,6 +518,8 @@ class Record:
         )
         self._memberships.clear()  # the live set changes
         self._workers[msg.instance] = worker
+        if msg.instance in self._left_early and self._left_early.pop(msg.instance) == peer.key:
+            worker.state = WorkerState.LEFT  # its bye overtook this hello: it is gone already
         log.info("worker %s joined: %s, pid %d on %s, read API %s", msg.instance, msg.name, msg.pid, msg.host,
                  msg.endpoint or "none",
                  extra={"fields": {"worker": msg.instance, "name": msg.name, "state": worker.state}})
@@ -659,7 +667,13 @@ class Record:
         """A worker left cleanly: stop expecting it in new clears. Raises :class:`Refused`
         for a bye with another key than the instance's hello."""
         worker = self._workers.get(msg.instance)
-        if worker is not None and worker.name == msg.name:
+        if worker is None:
+            # A bye that overtook its instance's hello; kept with its key, so that no other
+            # key can mark a worker gone before it joins.
+            self._left_early[msg.instance] = peer.key
+            if len(self._left_early) > _MAX_LEFT_EARLY:
+                self._left_early.popitem(last=False)
+        elif worker.name == msg.name:
             worker.check_peer(peer, "bye")
             worker.last_seen = time.time()
             self._set_state(worker, WorkerState.LEFT, worker.last_seen)

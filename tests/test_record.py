@@ -133,6 +133,18 @@ def test_messages_overtaken_by_a_bye_do_not_bring_the_instance_back():
     assert second is not None and second.expected == ()
 
 
+def test_a_bye_that_overtakes_its_hello_still_says_the_worker_is_gone_but_only_from_its_key():
+    record = Record()
+    record.bye(Bye(name="w", instance="w-1"), Peer(b"r", "key-w"))
+    record.bye(Bye(name="x", instance="x-1"), Peer(b"r", "key-other"))  # not x's key: no effect on x
+    hello(record, "w", peer=Peer(b"r", "key-w"))
+    hello(record, "x", peer=Peer(b"r", "key-x"))
+    assert {w.instance: w.state for w in record.workers()} == {"w-1": WorkerState.LEFT, "x-1": WorkerState.LIVE}
+    publish(record, 1)
+    entry = record.clear("c1")
+    assert entry is not None and entry.expected == ("x-1",)
+
+
 def test_clears_with_the_same_live_workers_share_one_membership():
     record = Record()
     for name in ("w1", "w2"):
