@@ -90,16 +90,8 @@ class Scope:
         return Scope(_merged(self.keys, other.keys), _merged(self.prefixes, other.prefixes),
                      _merged(self.tags, other.tags))
 
-    def matches_key(self, key: object) -> bool:
-        """Whether ``key`` is named by :attr:`keys` or :attr:`prefixes` (tags are the target's to know)."""
-        if self.everything:
-            return True
-        if not isinstance(key, str):
-            return False
-        return key in self.keys or key.startswith(self.prefixes)
-
-    def describe(self) -> str:
-        """One line for logs: ``everything``, or ``keys a, b; tags t``."""
+    def __str__(self) -> str:
+        """One line for logs, made only when a line is written: ``everything``, or ``keys a, b; tags t``."""
         if self.everything:
             return "everything"
         parts = [f"{name} {', '.join(values)}" for name, values in

@@ -168,15 +168,14 @@ class Worker(Command):
 
     def check_purge_dirs(self, args: argparse.Namespace, settings: Settings) -> None:
         """Refuse a purge directory before anything starts, naming where it was given and the key."""
-        from cachebus.workers.directory import DirectoryTarget
+        from cachebus.workers.worker import purge_dirs
 
-        source = ("command line --purge-dir" if args.purge_dir else
-                  str(args.config or os.environ.get(settings_mod.CONFIG_ENV) or settings_mod.DEFAULT_CONFIG_PATH))
-        for path in settings.worker.purge_dirs:
-            try:
-                DirectoryTarget(path)
-            except ValueError as exc:
-                raise UsageError(f"{source}: worker.purge_dirs: {exc}") from None
+        try:
+            purge_dirs(settings)
+        except SettingsError as exc:
+            source = ("command line --purge-dir" if args.purge_dir else
+                      str(args.config or os.environ.get(settings_mod.CONFIG_ENV) or settings_mod.DEFAULT_CONFIG_PATH))
+            raise UsageError(f"{source}: {exc}") from None
 
     def run(self, args: argparse.Namespace) -> int:
         from cachebus.workers.worker import run

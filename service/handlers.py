@@ -312,7 +312,7 @@ class ClearHandler(BaseHandler):
         entry = self.service.record.clear(clear.id)
         assert entry is not None
         log.debug("clear %s published: seq %d, %d workers expected, %s", clear.id, clear.seq, len(entry.expected),
-                  clear.scope.describe())
+                  entry.scope)
         self.set_header("Cache-Clear-Id", clear.id)
         if timeout is not None:
             await self._answer_with_proof(entry, timeout)

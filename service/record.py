@@ -484,17 +484,17 @@ class Record:
         now = time.time()
         known = self._workers.get(msg.instance)
         if known is not None:
+            if known.key != peer.key:
+                raise Refused(f"{msg.KIND.decode()} for worker {msg.instance}, which belongs to another key")
+            if known.name != msg.name:
+                raise Refused(f"{msg.KIND.decode()} for worker {msg.instance} under the name {msg.name!r}; "
+                              f"it said hello as {known.name!r}")
             if known.state is WorkerState.LEFT:
                 # A bye is an instance's last word (a restarted subscriber is a new
                 # instance), so this was sent before it and came the longer way: a
                 # relay's messages reach the leader directly or through a follower.
                 log.debug("%s from worker %s after its bye ignored", msg.KIND.decode(), msg.instance)
                 return known
-            if known.key != peer.key:
-                raise Refused(f"{msg.KIND.decode()} for worker {msg.instance}, which belongs to another key")
-            if known.name != msg.name:
-                raise Refused(f"{msg.KIND.decode()} for worker {msg.instance} under the name {msg.name!r}; "
-                              f"it said hello as {known.name!r}")
             known.routing_id = peer.routing_id
             known.via = peer.via
             self._set_state(known, WorkerState.LIVE, now)

@@ -716,8 +716,7 @@ class Subscriber:
             return
         self._failed_purge = None
         # DEBUG: the ack and the metrics carry every purge; an INFO line each was work on the hot path (issue 14).
-        log.debug("purged %d entries in %.2f ms (cause: %s, seq %d, %s)", dropped, purge_ms, cause, self.seq,
-                  scope.describe())
+        log.debug("purged %d entries in %.2f ms (cause: %s, seq %d, %s)", dropped, purge_ms, cause, self.seq, scope)
         self._ack(cause, clear_id, dropped, purge_ms, extent)
 
     async def _retry(self) -> None:

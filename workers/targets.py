@@ -92,7 +92,7 @@ class Target:
         self._size = size
         clear_scope = getattr(obj, "clear_scope", None)
         #: How the target drops part of what it holds: its own ``clear_scope``, or for a
-        #: mapping :func:`_clear_mapping_scope`; None when it can only drop everything.
+        #: mapping :func:`_mapping_scope`; None when it can only drop everything.
         self._clear_scope: Callable[..., Any] | None = (
             clear_scope if callable(clear_scope) and kind is TargetKind.PURGEABLE
             else _mapping_scope(obj) if isinstance(obj, MutableMapping) else None)
