@@ -116,6 +116,28 @@ def answers(url: str) -> bool:
 # --- processes ---------------------------------------------------------------------
 
 
+def run_threads(work: Callable[[int], None], count: int) -> None:
+    """Run ``work(0)`` … ``work(count - 1)`` in threads released together (a barrier), and once all
+    have ended, raise the first exception any of them raised (an assertion, say) in the caller."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        try:
+            start.wait()
+            work(index)
+        except BaseException as exc:  # reported by the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 class ClearLoop:
     """Clears sent one after another from a thread, round robin over ``targets`` (instance
     numbers, as a load balancer sees them; change the list to take one out), with each

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cachebus.testing import FakeClock
+from cachebus.testing import FakeClock, run_threads
 from cachebus.workers.cache import Cache, Purgeable, cached
 
 STATS_KEYS = {"entries", "max_entries", "ttl", "hits", "misses", "hit_ratio", "evictions", "purges",
@@ -326,37 +326,25 @@ def test_thread_safety():
     cache = Cache(max_entries=max_entries, ttl=3600, clock=clock)
     gets = [0] * threads_n
     clears = [0] * threads_n
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads_n)
 
     def work(index: int) -> None:
         rng = random.Random(index)
-        try:
-            start.wait()
-            for n in range(ops):
-                key = rng.randrange(200)
-                op = rng.random()
-                if op < 0.5:
-                    cache.set(key, (index, key))
-                elif op < 0.98:
-                    gets[index] += 1
-                    value = cache.get(key)
-                    assert value is None or value[1] == key
-                else:
-                    clears[index] += 1
-                    cache.clear(seq=index)
-                if n % 64 == 0:
-                    assert len(cache) <= max_entries
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        for n in range(ops):
+            key = rng.randrange(200)
+            op = rng.random()
+            if op < 0.5:
+                cache.set(key, (index, key))
+            elif op < 0.98:
+                gets[index] += 1
+                value = cache.get(key)
+                assert value is None or value[1] == key
+            else:
+                clears[index] += 1
+                cache.clear(seq=index)
+            if n % 64 == 0:
+                assert len(cache) <= max_entries
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert not errors, errors[0]
+    run_threads(work, threads_n)  # re-raises the first assertion a thread failed
     stats = cache.stats()
     assert stats["hits"] + stats["misses"] == sum(gets)
     assert stats["purges"] == sum(clears)
@@ -503,7 +491,8 @@ def test_get_or_set_does_not_store_across_a_revoked_lease():
     assert "k" not in cache
 
 
-def test_aget_or_set_with_a_racing_clear():
+@pytest.mark.parametrize("purge", [Cache.clear, lambda cache: cache.purge(tags=["t"])], ids=["clear", "scoped"])
+def test_aget_or_set_with_a_racing_clear(purge):
     cache = Cache()
 
     async def main() -> None:
@@ -514,10 +503,11 @@ def test_aget_or_set_with_a_racing_clear():
             await go_on.wait()
             return "read before the clear"
 
-        task = asyncio.create_task(cache.aget_or_set("k", load))
+        task = asyncio.create_task(cache.aget_or_set("k", load, tags=["t"]))
         await reading.wait()
-        # From another thread, as a ThreadedSubscriber's purge would come.
-        await asyncio.to_thread(cache.clear)
+        # From another thread, as a ThreadedSubscriber's purge would come; a scoped purge bumps
+        # the generation as a clear does.
+        await asyncio.to_thread(purge, cache)
         go_on.set()
         assert await task == "read before the clear"
         assert "k" not in cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 import time
@@ -14,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cachebus.bus.scope import EVERYTHING, Scope
-from cachebus.testing import FakeClock
+from cachebus.testing import FakeClock, run_threads
 from cachebus.workers.cache import Cache
 from cachebus.workers.lease import LeasedMapping
 
@@ -327,27 +326,6 @@ def test_get_or_set_never_stores_what_was_read_before_a_racing_scoped_purge():
     assert_indexes_match(cache)
 
 
-def test_aget_or_set_with_a_racing_scoped_purge():
-    cache = Cache()
-
-    async def main() -> None:
-        reading, go_on = asyncio.Event(), asyncio.Event()
-
-        async def load() -> str:
-            reading.set()
-            await go_on.wait()
-            return "read before the purge"
-
-        task = asyncio.create_task(cache.aget_or_set("k", load, tags=["t"]))
-        await reading.wait()
-        await asyncio.to_thread(cache.purge, tags=["t"])
-        go_on.set()
-        assert await task == "read before the purge"
-        assert "k" not in cache
-
-    run(main())
-
-
 def test_scoped_purges_work_while_bypassed():
     cache = Cache()
     cache.set("a", 1, tags=["t"])
@@ -363,45 +341,33 @@ def test_thread_safety_of_tags_and_scoped_purges():
     clock = FakeClock()
     cache = Cache(max_entries=max_entries, ttl=3600, clock=clock)
     purges = [0] * threads_n
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads_n)
     tags = ["t0", "t1", "t2", "t3"]
 
     def work(index: int) -> None:
         rng = random.Random(index)
-        try:
-            start.wait()
-            for _ in range(ops):
-                key = f"{rng.choice('ab')}/{rng.randrange(100)}"
-                op = rng.random()
-                if op < 0.5:
-                    cache.set(key, key, tags=rng.sample(tags, rng.randrange(3)))
-                elif op < 0.7:
-                    value = cache.get(key)
-                    assert value is None or value == key
-                elif op < 0.8:
-                    cache.delete(key)
+        for _ in range(ops):
+            key = f"{rng.choice('ab')}/{rng.randrange(100)}"
+            op = rng.random()
+            if op < 0.5:
+                cache.set(key, key, tags=rng.sample(tags, rng.randrange(3)))
+            elif op < 0.7:
+                value = cache.get(key)
+                assert value is None or value == key
+            elif op < 0.8:
+                cache.delete(key)
+            else:
+                purges[index] += 1
+                choice = rng.randrange(4)
+                if choice == 0:
+                    cache.purge(tags=[rng.choice(tags)])
+                elif choice == 1:
+                    cache.purge(prefixes=[f"{rng.choice('ab')}/{rng.randrange(10)}"])
+                elif choice == 2:
+                    cache.purge(keys=[key])
                 else:
-                    purges[index] += 1
-                    choice = rng.randrange(4)
-                    if choice == 0:
-                        cache.purge(tags=[rng.choice(tags)])
-                    elif choice == 1:
-                        cache.purge(prefixes=[f"{rng.choice('ab')}/{rng.randrange(10)}"])
-                    elif choice == 2:
-                        cache.purge(keys=[key])
-                    else:
-                        cache.clear()
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+                    cache.clear()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert not errors, errors[0]
+    run_threads(work, threads_n)  # re-raises the first assertion a thread failed
     assert cache.stats()["purges"] == sum(purges)
     assert len(cache) <= max_entries
     assert_indexes_match(cache)

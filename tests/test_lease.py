@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from cachebus import LeasedMapping, cached
-from cachebus.testing import DEADLINE, Cluster, FakeClock, http, wait_for
+from cachebus.testing import DEADLINE, Cluster, FakeClock, http, run_threads, wait_for
 from cachebus.workers.cache import Cache, Purgeable
 from cachebus.workers.metrics import worker_registry
 from cachebus.workers.subscriber import Leased, ThreadedSubscriber
@@ -159,34 +159,23 @@ def test_cached_decorator_over_the_wrapper():
 def test_the_wrapper_makes_a_cachetools_cache_safe_for_threads():
     threads_n, ops = 8, 3_000
     leased = LeasedMapping(cachetools.LRUCache(maxsize=64))
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads_n)
 
     def work(index: int) -> None:
         rng = random.Random(index)
-        try:
-            start.wait()
-            for _ in range(ops):
-                key = rng.randrange(200)
-                op = rng.random()
-                if op < 0.5:
-                    leased[key] = (index, key)
-                elif op < 0.95:
-                    value = leased.get(key)
-                    assert value is None or value[1] == key
-                elif op < 0.98:
-                    list(leased)
-                else:
-                    leased.clear()
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        for _ in range(ops):
+            key = rng.randrange(200)
+            op = rng.random()
+            if op < 0.5:
+                leased[key] = (index, key)
+            elif op < 0.95:
+                value = leased.get(key)
+                assert value is None or value[1] == key
+            elif op < 0.98:
+                list(leased)
+            else:
+                leased.clear()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_threads(work, threads_n)  # re-raises the first assertion a thread failed
     assert len(leased) <= 64
 
 
