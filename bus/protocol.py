@@ -191,10 +191,10 @@ _ENUM_MEMBERS: dict[type[enum.StrEnum], dict[str, enum.StrEnum]] = {
 def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
     if type_name == "dict":
         return _check_stats(kind, name, value)
-    if type_name == "tuple[str, ...]":
-        return _check_strings(kind, name, value)
     expected = _SIMPLE_TYPES.get(type_name)
     if expected is None:
+        if type_name == "tuple[str, ...]":  # after the common types: an ack carries none
+            return _check_strings(kind, name, value)
         enum_type = _ENUM_TYPES.get(type_name)
         if enum_type is None:
             raise TypeError(f"unsupported field type {type_name!r}")  # pragma: no cover
