@@ -210,12 +210,14 @@ class AckListener:
                               f"{msg.name}.key")
             if isinstance(msg, WorkerHeartbeat):
                 self.record.heartbeat(msg, peer)
-                return
-            self.record.hello(msg, peer)
+            else:
+                self.record.hello(msg, peer)
+            # Hellos and heartbeats are answered alike: the answer tells the worker that its one
+            # path to the leader works end to end (bus.upstream), or it moves to the next instance.
             try:
                 reply(self.codec.encode(welcome))
             except zmq.Again:
-                log.warning("could not welcome worker %s: its queue is full", msg.name)
+                log.debug("could not answer worker %s: its queue is full", msg.name)
             self._reader.kick()
         elif isinstance(msg, Ack):
             self.record.acked(msg, peer)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import zmq
 
-from cachebus.bus.protocol import Clear, Codec, Heartbeat, Hello, Message, Welcome
+from cachebus.bus.protocol import Clear, Codec, Heartbeat, Hello, Message, Welcome, WorkerHeartbeat
 from cachebus.testing import wait_for
 
 M = TypeVar("M", bound=Message)
@@ -54,7 +54,7 @@ class PlayedService:
         except zmq.Again:
             return None
         msg = self.codec.decode(frames[1:])
-        if isinstance(msg, Hello):
+        if isinstance(msg, (Hello, WorkerHeartbeat)):  # answered alike, as the service does
             self.router.send_multipart([frames[0], *self.codec.encode(
                 Welcome(epoch=self.epoch, seq=self.seq, **self.terms))])
         self.received.append(msg)

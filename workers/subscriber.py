@@ -783,7 +783,8 @@ class Subscriber:
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
                 if isinstance(msg, Welcome):
-                    log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
+                    if self._hello_at is not None:  # heartbeats are answered too: only a hello's answer is news
+                        log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
                     self._follow_terms(msg)
                     self._hello_at = None
                     self._synced.set()
