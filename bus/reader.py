@@ -135,6 +135,12 @@ class Reader:
         if self._loop is not None and readable(self.sock):
             self._loop.call_soon(self.on_readable)
 
+    def send(self, frames: list[bytes]) -> None:
+        """Send on the socket without blocking (raises ``zmq.Again``), then :meth:`kick`: so no
+        caller has to remember that a send may take the edge of a message that arrived."""
+        send_now(self.sock, frames)
+        self.kick()
+
     def on_readable(self) -> None:
         """Handle one batch; the loop gets a turn before the next, if more is waiting."""
         if self.pending is not None or self._loop is None:

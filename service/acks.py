@@ -1,22 +1,24 @@
-"""The back channel: a ROUTER socket where workers say hello, ack and leave.
+"""The back channel: a ROUTER socket where workers say hello, heartbeat, ack and leave.
 
 Workers connect a DEALER; the ROUTER's routing id lets the service answer a
-hello with a :class:`~cachebus.bus.protocol.Welcome` addressed to that worker alone.
-With CURVE, each frame also carries the sender's authenticated public key
-(``User-Id``, set by the ZAP authenticator); the record binds every worker to
-the key and connection of its hello, so a peer can speak only for itself.
-Frames that do not decode are dropped, and a message whose handling raises is
-reported and skipped, each logged at most once per peer and interval, so a
-misbehaving peer can neither stop the loop nor flood the log.
+hello or heartbeat with a :class:`~cachebus.bus.protocol.Welcome` addressed to
+that worker alone. With CURVE, each frame also carries the sender's
+authenticated public key (``User-Id``, set by the ZAP authenticator); the
+record binds every worker to the key and connection of its hello, so a peer
+can speak only for itself. Frames that do not decode are dropped, and a
+message whose handling raises is reported and skipped, each logged at most
+once per peer and interval, so a misbehaving peer can neither stop the loop
+nor flood the log.
 
-An instance that does not hold the lead (docs/scale-out.md) records nothing:
-it passes every message on to the leader in ``relayed`` envelopes
-(:meth:`AckListener.follow`), as a relay does, and hands the welcomes back.
+:class:`AckSocket` is the socket, bound once for the life of the process;
+what happens to what it receives is the role's (:mod:`cachebus.service.role`):
+the leader records it with an :class:`AckRecorder`, a follower passes it on
+to the leader in ``relayed`` envelopes (:class:`~cachebus.bus.uplink.Uplink`),
+as a relay does, and hands the welcomes back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -37,10 +39,9 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     WorkerIdentity,
 )
-from cachebus.bus.reader import Batch, Reader, send_now
-from cachebus.bus.security import ClientSecurity, ServiceSecurity
+from cachebus.bus.reader import Batch, Reader
+from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import configure
-from cachebus.bus.uplink import Uplink
 
 from .record import Peer, Record, RecordFull, Refused
 
@@ -48,85 +49,55 @@ log = logging.getLogger("cachebus.acks")
 
 #: Most waiting messages handled before yielding to other work on the loop.
 _MAX_BATCH = 1000
-#: Milliseconds a follower lets its workers' messages wait to share an envelope to the leader.
-_FORWARD_BATCH_MS = 1.0
 
 
-class AckListener:
-    """Receives worker messages and writes them into the record."""
+class AckSocket:
+    """The ROUTER workers connect to; every batch it reads goes to ``handle`` (the role's).
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec, record: Record,
-                 welcome: Callable[[], Welcome], send_hwm: int, heartbeat: float,
-                 security: ServiceSecurity) -> None:
+    The loop hands every waiting message over when the socket's FD signals:
+    no task to wake, no future per message. Messages already waiting are
+    handled in one go, so a thousand acks for one clear cost one trip through
+    the event loop, not a thousand.
+    """
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, send_hwm: int, heartbeat: float,
+                 security: ServiceSecurity, handle: Callable[[Batch], None]) -> None:
         self.endpoint = endpoint
+        # A plain socket, read from the loop's reader callback (bus.reader), not a zmq.asyncio one.
+        self.socket = zmq.Socket(ctx, zmq.ROUTER)
+        configure(self.socket, send_hwm=send_hwm, heartbeat=heartbeat)
+        # No ROUTER_HANDOVER: a peer that sets a routing id already in use is
+        # ignored, so no one can take over a worker's connection by its id.
+        security.apply(self.socket)
+        self.reader = Reader(self.socket, handle, _MAX_BATCH)
+
+    def bind(self) -> None:
+        self.socket.bind(self.endpoint)
+        log.info("receiving acks on %s", self.endpoint)
+
+    def start(self) -> None:
+        """Read from the running loop."""
+        self.reader.start()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.socket.close(linger=0)
+
+
+class AckRecorder:
+    """Writes the workers' messages that an :class:`AckSocket` receives into the record (the leader's)."""
+
+    def __init__(self, door: AckSocket, codec: Codec, record: Record, welcome: Callable[[], Welcome],
+                 security: ServiceSecurity) -> None:
+        self.door = door
         self.codec = codec
         self.record = record
-        #: The publisher's answer to a hello: its epoch, seq and lease terms.
+        #: The leader's answer to a hello or heartbeat: its term and lease terms.
         self.welcome = welcome
         self.security = security
         self.peers = PeerLog(log)
-        self._ctx = ctx
-        self._heartbeat = heartbeat
-        #: Set while following: where every message goes instead of the record.
-        self._uplink: Uplink | None = None
-        self._upstream: zmq.Socket | None = None
-        # A plain socket, read from the loop's reader callback (bus.reader), not a zmq.asyncio one.
-        self._socket = zmq.Socket(ctx, zmq.ROUTER)
-        configure(self._socket, send_hwm=send_hwm, heartbeat=heartbeat)
-        # No ROUTER_HANDOVER: a peer that sets a routing id already in use is
-        # ignored, so no one can take over a worker's connection by its id.
-        security.apply(self._socket)
-        self._reader = Reader(self._socket, self._on_batch, _MAX_BATCH)
 
-    def bind(self) -> None:
-        self._socket.bind(self.endpoint)
-        log.info("receiving acks on %s", self.endpoint)
-
-    async def run(self) -> None:
-        """Handle worker messages until cancelled.
-
-        The loop hands every waiting message to :meth:`_on_batch` when the
-        socket's FD signals: no task to wake, no future per message. Messages
-        already waiting are handled in one go, so a thousand acks for one clear
-        cost one trip through the event loop, not a thousand.
-        """
-        self._reader.start()
-        try:
-            await asyncio.Future()  # until cancelled
-        finally:
-            self._reader.close()
-
-    def follow(self, endpoint: str | None, security: ClientSecurity) -> None:
-        """Pass every message to the leader's ROUTER at ``endpoint`` instead of recording it
-        (None: no leader known yet, so they are dropped). ``security``: the service's own keypair,
-        which the leader allows as a peer's."""
-        self._stop_following()
-        self._uplink = Uplink("", self.codec, self._socket, self.security, _FORWARD_BATCH_MS, log, keep_via=True)
-        if endpoint is not None:
-            self._upstream = zmq.Socket(self._ctx, zmq.DEALER)
-            configure(self._upstream, heartbeat=self._heartbeat)
-            security.apply(self._upstream)
-            self._upstream.connect(endpoint)
-            self._uplink.start(self._upstream, kick_router=self._reader.kick)
-        log.info("passing workers' messages to the leader at %s", endpoint or "(none known yet)")
-
-    def lead(self) -> None:
-        """Record every message here: this instance holds the lead."""
-        self._stop_following()
-
-    def _stop_following(self) -> None:
-        if self._uplink is not None:
-            self._uplink.flush()
-            self._uplink.close()
-            self._uplink = None
-        if self._upstream is not None:
-            self._upstream.close(linger=0)
-            self._upstream = None
-
-    def _on_batch(self, batch: Batch) -> None:
-        if self._uplink is not None:
-            self._uplink.on_workers(batch)
-            return
+    def on_batch(self, batch: Batch) -> None:
         for frames in batch:
             self._handle_safely(frames)
 
@@ -160,7 +131,7 @@ class AckListener:
             return
         peer = self._peer(frames)
         routing_id = peer.routing_id
-        self._apply(msg, peer, lambda reply: send_now(self._socket, [routing_id, *reply]))
+        self._apply(msg, peer, lambda reply: self.door.reader.send([routing_id, *reply]))
 
     def _handle_relayed(self, frames: list[zmq.Frame]) -> None:
         """A relay's envelope: each worker's own message, applied as if the worker had sent it here.
@@ -193,7 +164,7 @@ class AckListener:
         peer = Peer(routing_id=relay.routing_id + b"/" + tag, key=key if self.security.authenticates else None,
                     via=via)
         routing_id = relay.routing_id
-        self._apply(msg, peer, lambda reply: send_now(self._socket, [routing_id, RELAYED_REPLY, tag, *reply]))
+        self._apply(msg, peer, lambda reply: self.door.reader.send([routing_id, RELAYED_REPLY, tag, *reply]))
 
     def _apply(self, msg: Message, peer: Peer, reply: Callable[[list[bytes]], None]) -> None:
         """One worker message into the record; ``reply`` sends the welcome a hello gets."""
@@ -218,7 +189,6 @@ class AckListener:
                 reply(self.codec.encode(welcome))
             except zmq.Again:
                 log.debug("could not answer worker %s: its queue is full", msg.name)
-            self._reader.kick()
         elif isinstance(msg, Ack):
             self.record.acked(msg, peer)
         elif isinstance(msg, Bye):
@@ -241,8 +211,3 @@ class AckListener:
     def _sender(frames: list[zmq.Frame]) -> str:
         """Who sent ``frames``, for a log line: its address and the start of its routing id."""
         return f"{peer_address(frames[-1])} (routing id {frames[0].bytes[:16].hex()})"
-
-    def close(self) -> None:
-        self._stop_following()
-        self._socket.close(linger=0)
-

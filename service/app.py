@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
-import socket
-import time
+import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +25,12 @@ from tornado import httputil
 from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import Codec
 from cachebus.bus.security import ServiceSecurity
-from cachebus.logs import Budget
 from cachebus.settings import Settings, SettingsError
 
 from .accesslog import log_request
-from .acks import AckListener
+from .acks import AckSocket
 from .events import EventLog
+from .forward import ForwardedHandler, RelayedEventsHandler
 from .handlers import (
     ClearHandler,
     ClearRecordHandler,
@@ -43,12 +40,12 @@ from .handlers import (
     UnreadableRequestHandler,
     WorkersHandler,
 )
-from .lead import LEAD_FILE, Lead, LeadRecord, boot_id
 from .limits import LimitedHTTPServer
 from .metrics import ServiceMetrics, ServiceMetricsHandler
 from .pages import DashboardAssetHandler, DashboardHandler, IndexHandler, OpenApiHandler
 from .publisher import Publisher
 from .record import Record
+from .role import Election, Parts, Role, instance_name, lead_file
 from .token_limits import BcryptPool, FailureLog
 from .tokens import TokenStore
 
@@ -57,27 +54,20 @@ log = logging.getLogger("cachebus.service")
 
 @dataclass
 class Service:
-    """The running parts a request handler may use."""
+    """The running parts a request handler may use; :attr:`role` says what this instance does now."""
 
     settings: Settings
     tokens: TokenStore
     publisher: Publisher
     record: Record
-    acks: AckListener
+    door: AckSocket
     events: EventLog
     metrics: ServiceMetrics
     security: ServiceSecurity
     ctx: zmq.asyncio.Context
-    #: The lead among instances sharing the tokens directory (docs/scale-out.md).
-    lead: Lead
+    #: The lead among instances sharing the tokens directory, and so the role (docs/scale-out.md).
+    election: Election
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    #: The leader's record as this instance last read it (its own while it leads).
-    leader: LeadRecord | None = None
-    #: time.monotonic() until which a wait=all clear waits before it is published: after taking
-    #: over another instance's stream, the record learns its workers from their heartbeats.
-    warm_until: float = 0.0
-    #: One line a minute about a lead record this instance cannot verify.
-    _unverified: Budget = field(default_factory=lambda: Budget(60.0))
 
     #: Seconds :meth:`stop` gives the requests it answers to be written.
     STOP_GRACE: ClassVar[float] = 0.5
@@ -90,11 +80,15 @@ class Service:
         keypair cannot be read or created.
         """
         bus = settings.bus
+        if "," in bus.publish or "," in bus.acks:
+            raise SettingsError("bus.publish, bus.acks: a service binds one endpoint each; a list (one "
+                                "endpoint per instance) is for workers and relays")
         security = ServiceSecurity(bus.mode, Path(bus.keys_dir), PeerLog(logging.getLogger("cachebus.security")))
         codec = Codec(bus.key.encode(), max_age=bus.lease)
-        publisher = Publisher(ctx, bus.publish, codec, bus.heartbeat_interval, bus.send_hwm, bus.socket_buffer,
-                              security=security, liveness=bus.liveness)
-        events = EventLog(publisher.epoch, settings.events.history, settings.events.client_queue)
+        publisher = Publisher(ctx, bus.publish, codec, bus.send_hwm, bus.socket_buffer, security=security)
+        # The service run (the event ids' epoch): the record, and so what a dashboard shows, starts
+        # anew with each process, while the bus epoch may go on across a takeover.
+        events = EventLog(secrets.token_hex(8), settings.events.history, settings.events.client_queue)
         record = Record(settings.record.max_clears,
                         suspect_after=bus.heartbeat_interval * bus.liveness,
                         lost_after=settings.record.lost_after,
@@ -104,10 +98,6 @@ class Service:
                         emit=events.emit,
                         max_acks=settings.record.max_acks,
                         max_workers=bus.max_workers)
-        publisher.on_publish.append(record.published)
-        acks = AckListener(ctx, bus.acks, codec, record,
-                           welcome=publisher.welcome, send_hwm=bus.send_hwm,
-                           heartbeat=bus.heartbeat_interval, security=security)
         auth = settings.api.auth
         tokens = TokenStore(settings.service.tokens_dir, io_threads=settings.service.auth_threads,
                             pool=BcryptPool(auth.bcrypt_threads, auth.bcrypt_queue, auth.per_address,
@@ -116,134 +106,42 @@ class Service:
                             max_bcrypt_cost=settings.api.max_bcrypt_cost)
         if removed := tokens.remove_stale_temporaries():
             log.info("removed %d temporary token file(s) left by a killed writer", removed)
-        if "," in bus.publish or "," in bus.acks:
-            raise SettingsError("bus.publish, bus.acks: a service binds one endpoint each; a list (one "
-                                "endpoint per instance) is for workers and relays")
-        # Signed with a secret every instance shares (docs/scale-out.md): the service's own keypair
-        # in CURVE mode, the bus key in HMAC mode.
-        lead_key = security.keypair.secret if security.keypair is not None else bus.key.encode()
-        lead = Lead(Path(settings.service.tokens_dir) / LEAD_FILE, lead_key)
-        service = cls(settings=settings, tokens=tokens, publisher=publisher, record=record, acks=acks,
-                      events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx, lead=lead)
-        service.metrics.state.leading = lambda: service.leading
+        name = instance_name(settings)
+        # What the ROUTER receives goes to the role of the moment: recorded, or passed to the leader.
+        door = AckSocket(ctx, bus.acks, bus.send_hwm, bus.heartbeat_interval, security,
+                         lambda batch: election.role.on_workers(batch))
+        election = Election(Parts(settings=settings, name=name, lead=lead_file(settings, security, name),
+                                  publisher=publisher, door=door, record=record, codec=codec, security=security,
+                                  ctx=ctx))
+        service = cls(settings=settings, tokens=tokens, publisher=publisher, record=record, door=door,
+                      events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx,
+                      election=election)
+        service.metrics.state.leading = lambda: election.role.leads
         return service
 
-    # --- the lead among several instances (docs/scale-out.md) --------------------------
-
     @property
-    def leading(self) -> bool:
-        return self.lead.held and self.publisher.speaking
+    def role(self) -> Role:
+        """Leading or following, now (:mod:`cachebus.service.role`)."""
+        return self.election.role
 
     @property
     def name(self) -> str:
-        service = self.settings.service
-        return service.name or f"{socket.gethostname()}:{service.port}"
-
-    def own_record(self) -> LeadRecord:
-        """What this instance writes into the lock file while it leads."""
-        service, bus = self.settings.service, self.settings.bus
-        url = service.peer_url or f"http://{_reachable_host(service.host)}:{service.port}"
-        acks = service.peer_acks or _reachable(bus.acks)
-        return LeadRecord(name=self.name, url=url, acks=acks, epoch=self.publisher.epoch, seq=self.publisher.seq,
-                          pid=os.getpid(), boot=boot_id())
-
-    def _write_position(self, epoch: str, seq: int) -> None:
-        assert self.leader is not None
-        self.leader = dataclasses.replace(self.leader, epoch=epoch, seq=seq)
-        self.lead.write(self.leader)
-
-    def _take_lead(self) -> None:
-        previous = self.lead.read()
-        if previous is not None and previous.boot and previous.boot == boot_id() and previous.epoch:
-            # Same host and boot: every write of the last leader is in this file, so its stream
-            # goes on, and workers that heard all of it keep their caches.
-            self.publisher.continue_from(previous.epoch, previous.seq)
-            self.warm_until = time.monotonic() + self.settings.bus.lease
-            log.info("%s took the lead from %s (pid %d): continuing epoch %s at seq %d", self.name,
-                     previous.name, previous.pid, previous.epoch, previous.seq)
-        else:
-            log.info("%s took the lead: epoch %s%s", self.name, self.publisher.epoch,
-                     "" if previous is None else f" (new: the last leader, {previous.name}, wrote on another "
-                     "host or boot)")
-        self.leader = self.own_record()
-        self.lead.write(self.leader)
-        self.publisher.position = self._write_position
-        self.acks.lead()
-        self.publisher.speaking = True
-
-    def _follow(self, record: LeadRecord | None) -> None:
-        self.leader = record
-        self.acks.follow(record.acks if record is not None else None, self.security.peer_client())
-        log.info("%s follows %s", self.name, f"{record.name} at {record.url}" if record else "nobody yet")
-
-    async def _watch_lead(self) -> None:
-        """Take the lead when it is free; follow the leader's record while it is not."""
-        while True:
-            await asyncio.sleep(self.settings.service.lead_poll)
-            if self.lead.replaced():
-                self._reopen_lead()
-                continue
-            if self.lead.held:
-                continue  # led, or lost on a shared filesystem: the publisher says which
-            if self.lead.try_take():
-                self._take_lead()
-                continue
-            record = self.lead.read()
-            if self.lead.unverified and (unverified := self._unverified.take("lead", 1)) is not None:
-                log.warning("%s: the lead record in %s does not verify with this instance's key: do all instances "
-                            "share bus.keys_dir's service keypair (or bus.key)?%s", self.name, self.lead.path,
-                            f" ({unverified} more since)" if unverified else "")
-            if record is not None and (self.leader is None or record.acks != self.leader.acks):
-                self._follow(record)
-            elif record is not None:
-                self.leader = record
-
-    def _reopen_lead(self) -> None:
-        """The lock file was removed or replaced: another instance may lock the new one, so let go
-        of the lead (silent from now on) and compete for the new file from scratch."""
-        held = self.lead.held
-        if held:
-            log.error("%s: %s was removed or replaced: giving up the lead", self.name, self.lead.path)
-            self.publisher.speaking = False
-            self.publisher.position = None
-        else:
-            # Still passing everything to the leader it knows: the leader is most likely the same.
-            log.warning("%s: %s was removed or replaced: opening it again", self.name, self.lead.path)
-        self.lead.close()
-        self.lead.open()
-        if held:
-            self._follow(None)
-
-    async def warmed(self) -> None:
-        """Return once the record has heard every worker's heartbeat since this instance took over."""
-        wait = self.warm_until - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        return self.election.parts.name
 
     def start(self) -> None:
-        """Start the authenticator, bind both bus sockets and start the heartbeat and ack loops.
+        """Start the authenticator, bind both bus sockets, take the lead or follow, and start the loops.
 
         On the running event loop: the ZAP authenticator answers there, and it
         must be up before the first client connects.
         """
         self.security.start(self.ctx)
         self.publisher.bind()
-        self.acks.bind()
-        try:
-            self.lead.open()
-        except OSError as exc:
-            raise SettingsError(f"service.tokens_dir: cannot open {self.lead.path} (the lead among instances): "
-                                f"{exc.strerror or exc}") from None
-        if self.lead.try_take():
-            self._take_lead()
-        else:
-            self.publisher.speaking = False
-            self._follow(self.lead.read())
+        self.door.bind()
+        self.election.start()
+        self.door.start()
         self.tasks = [
-            asyncio.create_task(self.publisher.run_heartbeats(), name="heartbeats"),
-            asyncio.create_task(self.acks.run(), name="acks"),
             asyncio.create_task(self._sweep(), name="sweep"),
-            asyncio.create_task(self._watch_lead(), name="lead"),
+            asyncio.create_task(self.election.run(), name="lead"),
         ]
 
     async def _sweep(self) -> None:
@@ -262,27 +160,11 @@ class Service:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.publisher.speaking = False
+        self.election.stop()
         self.publisher.close()
-        self.acks.close()
-        self.lead.close()  # last: nobody takes over while this instance might still send
+        self.door.close()
+        self.election.lead.close()  # last: nobody takes over while this instance might still send
         self.security.stop()
-
-
-#: Hosts that mean "every interface" when bound: a peer on this host reaches them at 127.0.0.1.
-_WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})
-
-
-def _reachable_host(host: str) -> str:
-    return "127.0.0.1" if host in _WILDCARD_HOSTS else host
-
-
-def _reachable(endpoint: str) -> str:
-    """A ``tcp://host:port`` endpoint as a peer on this host connects to it (others unchanged)."""
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    return f"tcp://{_reachable_host(host)}:{port}"
 
 
 class _BuildOrRefuse(httputil.HTTPMessageDelegate):
@@ -330,11 +212,26 @@ class _BuildOrRefuse(httputil.HTTPMessageDelegate):
 
 
 class Application(tornado.web.Application):
-    """Tornado's application, answering even requests Tornado cannot build with Flextype's 400."""
+    """Tornado's application, answering even requests Tornado cannot build with Flextype's 400,
+    and passing the leader's routes on while this instance follows."""
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection
                       ) -> httputil.HTTPMessageDelegate:
         return _BuildOrRefuse(self, server_conn, request_conn)
+
+    def find_handler(self, request: httputil.HTTPServerRequest, **kwargs: Any) -> Any:
+        """The route's handler; on a follower, for a route of the leader's, the one that passes it on.
+
+        One decision per request, for the instance's role as a whole: no
+        handler asks whether it leads. OPTIONS is answered here either way.
+        """
+        found = super().find_handler(request, **kwargs)
+        service: Service = self.settings["default_handler_args"]["service"]
+        passed = self.settings["passed_on"].get(found.handler_class)
+        if passed is None or service.role.leads or request.method == "OPTIONS":
+            return found
+        return self.get_handler_delegate(request, passed, {"service": service, "passed": found.handler_class},
+                                         found.path_args, found.path_kwargs)
 
 
 def make_app(service: Service) -> tornado.web.Application:
@@ -364,6 +261,10 @@ def make_app(service: Service) -> tornado.web.Application:
         metrics=service.metrics,
         # Requests are counted by route pattern, never by raw path.
         route_names={handler: pattern for pattern, handler, _ in routes},
+        # The leader's routes, and who answers them on a follower (cachebus.service.forward).
+        passed_on={ClearHandler: ForwardedHandler, ClearsHandler: ForwardedHandler,
+                   ClearRecordHandler: ForwardedHandler, WorkersHandler: ForwardedHandler,
+                   EventsHandler: RelayedEventsHandler},
     )
 
 

@@ -96,8 +96,6 @@ class Reason(enum.StrEnum):
     STOPPING = "stopping"
     #: 503: another instance holds the lead and did not answer, or none does (docs/scale-out.md).
     NO_LEAD = "no_lead"
-    #: 503: the events stream is served by the instance holding the lead, not by this one.
-    STREAM_ON_LEADER = "stream_on_leader"
     #: A clear's ``keys``, ``prefixes``, ``tags`` or ``group`` past the limits of
     #: :mod:`cachebus.bus.scope`, or with an entry that is not one string of text.
     BAD_SCOPE = "bad_scope"
@@ -110,8 +108,6 @@ _REASON_MESSAGES: dict[str, str] = {
                     "in Retry-After",
     Reason.BAD_SCOPE: f"keys, prefixes, tags and group take at most {MAX_SCOPE_ITEMS} entries in all, each a "
                       f"string of 1 to {MAX_SCOPE_ITEM_BYTES} bytes without control characters",
-    Reason.STREAM_ON_LEADER: "This service instance does not hold the lead: the event stream is served by the one "
-                             "that does",
 }
 
 

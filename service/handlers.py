@@ -25,11 +25,12 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from cachebus.settings import Settings
+
 from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventKind, EventQueue, unnumbered
-from .forward import FORWARDED_BY, Unreachable, forward
 from .params import credentials, request_params, scope, wait_timeout
-from .publisher import NotLeading
+from .role import Leading, NotLeading
 from .token_limits import Overloaded
 from .token_rules import TokenError
 from .tokens import Counted
@@ -105,11 +106,23 @@ class FlextypeResponses(FlextypeErrors):
         self.finish()
 
     def allowed_methods(self) -> list[str]:
-        methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-        return [m for m in methods if self._implements(m)] + ["OPTIONS"]
+        return type(self).implemented()
 
-    def _implements(self, method: str) -> bool:
-        return getattr(type(self), method.lower()) is not getattr(RequestHandler, method.lower())
+    @classmethod
+    def implemented(cls) -> list[str]:
+        """The methods the route answers: those it implements, and OPTIONS."""
+        methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        return [m for m in methods if cls._implements(m)] + ["OPTIONS"]
+
+    @classmethod
+    def _implements(cls, method: str) -> bool:
+        return getattr(cls, method.lower()) is not getattr(RequestHandler, method.lower())
+
+    @property
+    def route(self) -> type[RequestHandler]:
+        """The route this handler answers, as the metrics count it (a follower's forwarder stands
+        for the leader's route)."""
+        return type(self)
 
     async def prepare(self) -> None:
         method = self.request.method or ""
@@ -180,7 +193,7 @@ class FlextypeResponses(FlextypeErrors):
         self.request.headers["Content-Length"] = "0"
         metrics = self._metrics
         if metrics is not None:
-            route = self.application.settings["route_names"].get(type(self), "unmatched")
+            route = self.application.settings["route_names"].get(self.route, "unmatched")
             method = self.request.method if self.request.method in HTTP_METHODS else "other"
             metrics.http_requests.labels(route, method, str(self.get_status())).inc()
 
@@ -193,6 +206,20 @@ class BaseHandler(FlextypeResponses):
     def initialize(self, service: Service) -> None:
         self.service = service
         self._chunks: list[bytes] = []
+
+    @classmethod
+    def methods(cls, settings: Settings) -> list[str]:
+        """The methods the route answers with these settings (by default, those it implements)."""
+        return cls.implemented()
+
+    @classmethod
+    def waits(cls, handler: BaseHandler) -> float:
+        """Seconds ``handler``'s request of this route may wait for its answer (``wait=all``): a
+        follower passing it on waits as long for the leader's answer."""
+        return 0.0
+
+    def allowed_methods(self) -> list[str]:
+        return type(self).methods(self.service.settings)
 
     def keep(self, chunk: bytes | None) -> None:
         if chunk is None:
@@ -210,23 +237,21 @@ class BaseHandler(FlextypeResponses):
         self.set_header("Content-Type", CONTENT_TYPE)
         self.finish(json.dumps(data, separators=(",", ":")))
 
-    async def passed_to_leader(self, wait: float = 0.0) -> bool:
-        """If another instance holds the lead, answer with its answer to this request and
-        return True; 503 when it cannot be reached (docs/scale-out.md)."""
-        service = self.service
-        if service.leading:
-            return False
-        leader = service.leader
-        if leader is None or FORWARDED_BY in self.request.headers:
-            # No leader known, or one that passed the request here and lost the lead since.
-            raise ApiError(503, Reason.NO_LEAD, retry_after=1)
+    def leading(self) -> Leading:
+        """The leading role, still holding its lock; a 503 otherwise (docs/scale-out.md).
+
+        A follower never runs a leader's route (the application passes those
+        requests on, :mod:`cachebus.service.forward`); this catches the lead
+        lost while a request was under way.
+        """
+        role = self.service.role
         try:
-            await forward(self, leader.url, b"".join(self._chunks),
-                          wait + service.settings.service.forward_timeout, service.name)
-        except Unreachable as exc:
-            raise ApiError(503, Reason.NO_LEAD, retry_after=1,
-                           log_message=f"the leader {leader.name} at {leader.url} did not answer: {exc}") from None
-        return True
+            if not isinstance(role, Leading):
+                raise NotLeading("this instance does not hold the lead")
+            role.check()
+        except NotLeading as exc:
+            raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message=str(exc)) from None
+        return role
 
     async def authorize(self, params: dict[str, Any], *, consume: bool) -> Counted:
         """Flextype's validation steps 1 to 7, within the abuse limits; raises :class:`ApiError`.
@@ -285,8 +310,14 @@ class UnreadableRequestHandler(BaseHandler):
 class ClearHandler(BaseHandler):
     """``POST /api/v1/cache/clear``: authenticate, then publish a clear."""
 
-    def allowed_methods(self) -> list[str]:
-        return [*self.service.settings.api.cache.methods, "OPTIONS"]
+    @classmethod
+    def waits(cls, handler: BaseHandler) -> float:
+        api = handler.service.settings.api.cache
+        return wait_timeout(handler.params(), api.wait_timeout, api.max_wait_timeout) or 0.0
+
+    @classmethod
+    def methods(cls, settings: Settings) -> list[str]:
+        return [*settings.api.cache.methods, "OPTIONS"]
 
     async def post(self) -> None:
         if self._too_large:
@@ -297,16 +328,15 @@ class ClearHandler(BaseHandler):
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
         what, group = scope(self.request, params)
-        if await self.passed_to_leader(timeout or 0.0):
-            return
+        leading = self.leading()  # before the count: a leader that lost its lock counts nothing
         counted = await self.authorize(params, consume=True)
         try:
             if timeout is not None:
-                await self.service.warmed()  # a proof names every worker, also right after a takeover
+                await leading.warmed()  # a proof names every worker, also right after a takeover
             # Published as soon as the call is admitted: the count's fsync overlaps the bus.
-            clear = await self.service.publisher.publish_clear(token=token, scope=what, group=group)
-        except NotLeading:
-            raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message="this instance lost the lead") from None
+            clear = leading.publish_clear(token=token, scope=what, group=group)
+        except NotLeading as exc:
+            raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message=str(exc)) from None
         finally:
             await self.durably(counted)  # 2xx still means counted durably, and published
         entry = self.service.record.clear(clear.id)
@@ -362,8 +392,6 @@ class RecordHandler(BaseHandler):
         await super().prepare()  # the method first: a PUT is 405 whatever its credentials
         if self.request.method == "OPTIONS":
             return
-        if await self.passed_to_leader():
-            return
         # The body has not arrived yet: read endpoints take credentials from the query.
         await self.authorize(self.params(), consume=False)
 
@@ -412,12 +440,6 @@ class EventsHandler(RecordHandler):
     STALLED_KEEPALIVES = 2
 
     _queue: EventQueue | None = None
-
-    async def passed_to_leader(self, wait: float = 0.0) -> bool:
-        """A stream is not passed on: an instance without the lead has no record to stream."""
-        if self.service.leading:
-            return False
-        raise ApiError(503, Reason.STREAM_ON_LEADER, retry_after=1)
 
     async def get(self) -> None:
         events = self.service.events

@@ -122,6 +122,10 @@ class Lead:
         # O_NOFOLLOW: a link planted in the tokens directory never redirects the writes.
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
+    @property
+    def opened(self) -> bool:
+        return self._fd is not None
+
     def try_take(self) -> bool:
         """Take the lead if nobody holds it; True once held (and from then on)."""
         if self.held:

@@ -72,7 +72,7 @@ def test_a_deeply_nested_message_does_not_silence_the_proof(cluster: Cluster, zm
 @pytest.mark.gen_test
 async def test_a_record_method_that_raises_does_not_stop_the_ack_loop(service: Service, monkeypatch):
     """Fault injection: the record's ``acked`` raises once; the next ack is still credited."""
-    epoch = service.publisher.epoch
+    epoch = service.role.term.epoch
     codec = Codec()
     ctx = zmq.asyncio.Context()
     dealer = ctx.socket(zmq.DEALER)
@@ -82,7 +82,7 @@ async def test_a_record_method_that_raises_does_not_stop_the_ack_loop(service: S
         await dealer.send_multipart(codec.encode(Hello(name="w", instance="i", host="h", pid=1, endpoint="",
                                                        epoch=epoch, seq=0)))
         await dealer.recv_multipart()  # welcome
-        clear = await service.publisher.publish_clear()
+        clear = service.role.publish_clear()
         real_acked = service.record.acked
         calls = []
 
@@ -101,7 +101,7 @@ async def test_a_record_method_that_raises_does_not_stop_the_ack_loop(service: S
         assert entry is not None
         assert await service.record.wait(entry, 4)
         assert len(calls) == 2 and [a.worker for a in entry.acks.values()] == ["i"]
-        assert service.acks.peers.counts["failed to handle message"] == 1
+        assert service.role.recorder.peers.counts["failed to handle message"] == 1
     finally:
         dealer.close(0)
         ctx.term()

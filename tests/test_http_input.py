@@ -317,7 +317,7 @@ async def test_stream_with_a_garbage_last_event_id_starts_with_a_snapshot(http_s
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request("GET", f"/api/v1/cache/events?{query}",
-                             f"Last-Event-ID: {service.publisher.epoch}:\u00b2"))
+                             f"Last-Event-ID: {service.events.epoch}:\u00b2"))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200 "), head
         first = await asyncio.wait_for(reader.readuntil(b"event: snapshot"), 10)
