@@ -28,11 +28,14 @@ from .protocol import (
 )
 from .reader import Batch, Reader, send_now
 from .security import ServiceSecurity
+from .upstream import Upstream, move
 
 #: Most messages read from the upstream socket before the loop gets a turn.
 _MAX_BATCH = 1000
 #: The kinds that go up at once: a hello waits for its welcome, a bye should not linger.
 _URGENT = frozenset({b"hello", b"bye"})
+#: The kinds the service answers (with a welcome): what tells this hop its path up works.
+_ANSWERED = frozenset({b"hello", b"heartbeat"})
 
 #: One item of an envelope: the worker's tag here, its authenticated key (or b""), its frames.
 Item = tuple[bytes, bytes, list[bytes]]
@@ -85,12 +88,19 @@ class Uplink:
         self._dealer: zmq.Socket | None = None
         self._from_up: Reader | None = None
         self._kick_router: Callable[[], None] = lambda: None
+        self._upstream: Upstream | None = None
 
-    def start(self, dealer: zmq.Socket, kick_router: Callable[[], None]) -> None:
+    def start(self, dealer: zmq.Socket, kick_router: Callable[[], None], upstream: Upstream | None = None) -> None:
         """Send up ``dealer`` (connected by the caller) and hand its replies down; ``kick_router``
-        re-arms the ROUTER's reader after a send on it (bus.reader)."""
+        re-arms the ROUTER's reader after a send on it (bus.reader).
+
+        With ``upstream`` (a relay's list of service instances), the dealer talks
+        to one of them at a time and moves on when it falls silent
+        (:mod:`cachebus.bus.upstream`): its workers' messages then keep one path.
+        """
         self._dealer = dealer
         self._kick_router = kick_router
+        self._upstream = upstream
         self._from_up = Reader(dealer, self.on_replies, _MAX_BATCH)
         self._from_up.start()
 
@@ -111,6 +121,7 @@ class Uplink:
 
     def on_workers(self, batch: Batch) -> None:
         """Messages the ROUTER received: each worker's own goes up, the rest is refused."""
+        self._move_if_silent()
         authenticates = self.down.authenticates
         urgent = False
         for frames in batch:
@@ -131,6 +142,11 @@ class Uplink:
             if message[0] == b"ack" and self.hold_ms:
                 self._hold((routing_id, key.encode(), message))
                 continue
+            if routing_id in self._held_from:
+                # Whatever came before goes first, this worker's held acks among it: each worker's
+                # messages reach the service in the order it sent them.
+                self.flush()
+                self._send_held()
             self._add(self.name, (routing_id, key.encode(), message))
             urgent = urgent or message[0] in _URGENT
         if not self._waiting:
@@ -139,6 +155,25 @@ class Uplink:
             self.flush()
         elif self._flush_timer is None:
             self._flush_timer = asyncio.get_running_loop().call_later(self.batch_ms / 1000, self.flush)
+
+    def lost(self, endpoint: str) -> None:
+        """The connection to ``endpoint`` dropped: if it is the instance in use, move to the next
+        now rather than a lease later (bus.upstream.watch_disconnects)."""
+        upstream = self._upstream
+        if upstream is None or self._dealer is None or endpoint != upstream.current:
+            return
+        left, now = move(self._dealer, upstream)
+        self.peers.report(left, Trouble.UNANSWERED, f"connection lost: talking to {now} instead")
+
+    def _move_if_silent(self) -> None:
+        """Move up to the next instance when the one in use left hellos or heartbeats unanswered
+        for a lease. The workers' next heartbeats make them known there."""
+        upstream = self._upstream
+        if upstream is None or self._dealer is None or not upstream.silent:
+            return
+        waited = upstream.silent_for()
+        left, now = move(self._dealer, upstream)
+        self.peers.report(left, Trouble.UNANSWERED, f"nothing answered for {waited:.1f} s: talking to {now} instead")
 
     def _hold(self, item: Item) -> None:
         """Hold a direct worker's ack until every worker here has acked, then send them together.
@@ -229,12 +264,16 @@ class Uplink:
                 send_now(self._dealer, self.codec.encode_relayed(via, chunk))
                 self.envelopes += 1
                 self.forwarded += len(chunk)
+                if self._upstream is not None and any(message[0] in _ANSWERED for _, _, message in chunk):
+                    self._upstream.expect_answer()
             except zmq.Again:
                 self.log.debug("next hop unreachable: %d workers' messages dropped", len(chunk))
 
     # --- down: the answers to one worker --------------------------------------------
 
     def on_replies(self, batch: Batch) -> None:
+        if self._upstream is not None:
+            self._upstream.answered()
         for frames in batch:
             message = [frame.bytes for frame in frames]
             if len(message) != RELAYED_ITEM_FRAMES or message[0] != RELAYED_REPLY:

@@ -23,10 +23,15 @@ as an object; :func:`attach` and :func:`move` are the thin socket side.
 
 from __future__ import annotations
 
+import itertools
+import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import zmq
+
+from .reader import Batch, Reader
 
 
 class Upstream:
@@ -105,3 +110,32 @@ def move(sock: zmq.Socket, upstream: Upstream) -> tuple[str, str]:
         pass  # the session already ended (a refused handshake)
     sock.connect(now)
     return left, now
+
+
+_monitors = itertools.count()
+
+
+def watch_disconnects(ctx: zmq.Context[Any], sock: zmq.Socket[Any],
+                      disconnected: Callable[[str], None]) -> tuple[zmq.Socket[Any], Reader]:
+    """Call ``disconnected(endpoint)`` when ``sock`` loses a connection (libzmq's monitor).
+
+    A peer that died resets the connection at once, and one that froze or was
+    cut off is dropped by the ZMTP heartbeat within three intervals: either
+    way the path is known lost without waiting for a message to go
+    unanswered. Returns the monitor's socket and its (not yet started) reader;
+    the caller closes both.
+    """
+    address = f"inproc://cachebus-monitor-{next(_monitors)}"
+    sock.monitor(address, zmq.EVENT_DISCONNECTED)
+    events = zmq.Socket(ctx, zmq.PAIR)
+    events.setsockopt(zmq.LINGER, 0)
+    events.connect(address)
+
+    def handle(batch: Batch) -> None:
+        for frames in batch:
+            if len(frames) == 2 and len(frames[0].bytes) == 6:
+                event, _ = struct.unpack("=hi", frames[0].bytes)
+                if event == zmq.EVENT_DISCONNECTED:
+                    disconnected(frames[1].bytes.decode(errors="replace"))
+
+    return events, Reader(events, handle, 100)

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from tornado.httpserver import HTTPServer
 
-from cachebus.bus.endpoints import connect_all, split_endpoints
+from cachebus.bus.endpoints import split_endpoints
 from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import Codec
 from cachebus.bus.reader import Reader
@@ -41,6 +41,7 @@ from cachebus.bus.security import (
 )
 from cachebus.bus.sockets import configure
 from cachebus.bus.uplink import Uplink
+from cachebus.bus.upstream import Upstream, attach, watch_disconnects
 from cachebus.metrics import MetricsHandler
 from cachebus.settings import Settings
 
@@ -80,6 +81,7 @@ class Relay:
         proxy: threading.Thread | None = None
         server: HTTPServer | None = None
         from_workers: Reader | None = None
+        disconnects: Reader | None = None
         control = zmq.Socket(ctx, zmq.PAIR)
         try:
             # Commands: XSUB up, XPUB down, moved unchanged by ZeroMQ's own proxy in a thread.
@@ -97,11 +99,17 @@ class Relay:
             router = make(zmq.ROUTER, down, send_hwm=bus.send_hwm)
             dealer = make(zmq.DEALER, up, heartbeat=bus.heartbeat_interval)
             router.bind(relay.acks)
-            connect_all(dealer, split_endpoints(bus.acks))
+            # One service instance at a time, so each worker's messages keep one path (bus.upstream).
+            upstream = Upstream(split_endpoints(bus.acks), lambda: bus.lease)
+            attach(dealer, upstream)
             uplink = self.uplink = Uplink(self.name, self.codec, router, down, relay.batch_ms, log,
                                           hold_ms=relay.hold_ms)
             from_workers = Reader(router, uplink.on_workers, _MAX_BATCH)
-            uplink.start(dealer, kick_router=from_workers.kick)
+            uplink.start(dealer, kick_router=from_workers.kick, upstream=upstream)
+            if len(upstream.endpoints) > 1:
+                monitor, disconnects = watch_disconnects(ctx, dealer, uplink.lost)
+                sockets.append(monitor)
+                disconnects.start()
             from_workers.start()
             log.info("relay %s: commands from %s to %s, acks from %s to %s", self.name, bus.publish,
                      relay.publish, relay.acks, bus.acks)
@@ -114,6 +122,8 @@ class Relay:
                 server.stop()
             if from_workers is not None:
                 from_workers.close()
+            if disconnects is not None:
+                disconnects.close()
             if self.uplink is not None:
                 self.uplink.close()
             if proxy is not None:

@@ -96,9 +96,6 @@ TOKEN_SHOWN = 8
 #: cache starts again, so clears for ever new groups cannot grow it.
 _MAX_MEMBERSHIPS = 64
 
-#: Most byes of instances not yet known that the record keeps (see :meth:`Record.bye`).
-_MAX_LEFT_EARLY = 1024
-
 
 @dataclass(frozen=True)
 class Peer:
@@ -409,9 +406,6 @@ class Record:
         #: The expected workers of a clear for each group (``()``: everyone), as of the last change
         #: to the workers' states; emptied by every change.
         self._memberships: dict[tuple[str, ...], Membership] = {}
-        #: Instances whose bye came before their hello (it took the shorter way), with the key
-        #: that said it: their hello, when it arrives, finds them gone. Bounded, oldest first.
-        self._left_early: OrderedDict[str, str | None] = OrderedDict()
 
     # --- writers: the publisher and the ack listener -------------------------
 
@@ -489,12 +483,6 @@ class Record:
             if known.name != msg.name:
                 raise Refused(f"{msg.KIND.decode()} for worker {msg.instance} under the name {msg.name!r}; "
                               f"it said hello as {known.name!r}")
-            if known.state is WorkerState.LEFT:
-                # A bye is an instance's last word (a restarted subscriber is a new
-                # instance), so this was sent before it and came the longer way: a
-                # relay's messages reach the leader directly or through a follower.
-                log.debug("%s from worker %s after its bye ignored", msg.KIND.decode(), msg.instance)
-                return known
             known.routing_id = peer.routing_id
             known.via = peer.via
             self._set_state(known, WorkerState.LIVE, now)
@@ -518,8 +506,6 @@ class Record:
         )
         self._memberships.clear()  # the live set changes
         self._workers[msg.instance] = worker
-        if msg.instance in self._left_early and self._left_early.pop(msg.instance) == peer.key:
-            worker.state = WorkerState.LEFT  # its bye overtook this hello: it is gone already
         log.info("worker %s joined: %s, pid %d on %s, read API %s", msg.instance, msg.name, msg.pid, msg.host,
                  msg.endpoint or "none",
                  extra={"fields": {"worker": msg.instance, "name": msg.name, "state": worker.state}})
@@ -547,8 +533,6 @@ class Record:
     def heartbeat(self, msg: WorkerHeartbeat, peer: Peer = Peer()) -> WorkerEntry:
         """A worker is alive; a worker the record does not know joins."""
         worker = self.hello(msg, peer)
-        if worker.state is WorkerState.LEFT:
-            return worker
         worker.stats = msg.stats
         now = time.monotonic()
         if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
@@ -610,9 +594,8 @@ class Record:
             raise Refused(f"ack for worker {msg.instance} under the name {msg.name!r}; "
                           f"it said hello as {worker.name!r}")
         worker.check_peer(peer, "ack")
-        if worker.state is not WorkerState.LEFT:  # an ack overtaken by its bye still proves its purge
-            self._set_state(worker, WorkerState.LIVE, now)
-            worker.last_seen = now
+        self._set_state(worker, WorkerState.LIVE, now)
+        worker.last_seen = now
         worker.last_purge_cause = msg.cause
         worker.last_outcome = msg.outcome
         worker.last_error = msg.error
@@ -668,11 +651,9 @@ class Record:
         for a bye with another key than the instance's hello."""
         worker = self._workers.get(msg.instance)
         if worker is None:
-            # A bye that overtook its instance's hello; kept with its key, so that no other
-            # key can mark a worker gone before it joins.
-            self._left_early[msg.instance] = peer.key
-            if len(self._left_early) > _MAX_LEFT_EARLY:
-                self._left_early.popitem(last=False)
+            # Each worker's messages arrive in the order it sent them (one path: bus.upstream), so
+            # this is a worker whose hello never arrived, or a stranger's: nothing to mark gone.
+            log.debug("bye from unknown worker %s ignored", msg.instance)
         elif worker.name == msg.name:
             worker.check_peer(peer, "bye")
             worker.last_seen = time.time()

@@ -278,15 +278,19 @@ class Election:
     def warm_up(self) -> float:
         """Seconds a new leader waits before a ``wait=all`` clear's expected set is complete.
 
-        Each worker talks to one instance (bus.upstream). Those of a follower
-        are heard at their next heartbeat, within an interval. Those of the
-        instance that died find it silent a lease after their first
-        unanswered heartbeat (sent within an interval of its death) and say
-        hello here: an interval and a lease after the death, which came before
-        this takeover.
+        Each worker and relay talks to one instance (bus.upstream), and the
+        record learns of a worker from its hello or heartbeat. Those of a live
+        follower are heard at their next heartbeat: within a lease, since a
+        worker skips heartbeats after acks, at most ``liveness - 1`` in a row.
+        A relay that talked to the instance that died moves at once (its
+        connection drops), and its workers' next heartbeats follow within a
+        lease. A worker that talked to it directly finds it silent a lease
+        after its first unanswered heartbeat (itself up to a lease after the
+        death), moves at its next heartbeat tick and says hello: two leases
+        and an interval after the death, which came before this takeover.
         """
         bus = self.parts.settings.bus
-        return bus.heartbeat_interval + bus.lease
+        return 2 * bus.lease + bus.heartbeat_interval
 
     def _take(self) -> None:
         previous = self.lead.read()

@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, PurgeOutcome, WorkerHeartbeat
+from cachebus.bus.protocol import Ack, Bye, Clear, Hello, PurgeCause, PurgeOutcome
 from cachebus.service.record import Peer, Record, Refused, WorkerState
 
 
@@ -113,19 +113,16 @@ def test_an_instance_cannot_change_its_name_or_key():
     assert record.worker("a").state == WorkerState.LEFT
 
 
-def test_messages_overtaken_by_a_bye_do_not_bring_the_instance_back():
-    """A relay's messages reach the leader directly or through a follower, so a worker's
-    last heartbeat or ack can arrive after its bye. The bye stands; the ack still counts."""
+def test_a_bye_is_the_last_word_the_ack_before_it_proves_and_no_later_clear_expects_the_worker():
+    """Each worker's messages arrive in the order it sent them (one path to the leader:
+    bus.upstream, and relays keep each worker's order), so the record takes them as they come."""
     record = Record()
     hello(record, "w")
     publish(record, 1)
-    record.bye(Bye(name="w", instance="w-1"))
-    hello(record, "w")
-    record.heartbeat(WorkerHeartbeat(name="w", instance="w-1", host="h", pid=1, endpoint="", epoch="e", seq=1,
-                                     stats={"late": True}))
     ack(record, "w", 1)
+    record.bye(Bye(name="w", instance="w-1"))
     worker = record.worker("w-1")
-    assert worker is not None and worker.state == WorkerState.LEFT and worker.stats != {"late": True}
+    assert worker is not None and worker.state == WorkerState.LEFT
     entry = record.clear("c1")
     assert entry is not None and record.clear_json(entry)["complete"]
     publish(record, 2)
@@ -133,16 +130,16 @@ def test_messages_overtaken_by_a_bye_do_not_bring_the_instance_back():
     assert second is not None and second.expected == ()
 
 
-def test_a_bye_that_overtakes_its_hello_still_says_the_worker_is_gone_but_only_from_its_key():
+def test_a_bye_for_a_worker_the_record_does_not_know_marks_nobody():
+    """A bye can only follow its own hello; one for an instance never heard of is a stranger's
+    (or its hello was lost), and it keeps nobody from joining."""
     record = Record()
-    record.bye(Bye(name="w", instance="w-1"), Peer(b"r", "key-w"))
-    record.bye(Bye(name="x", instance="x-1"), Peer(b"r", "key-other"))  # not x's key: no effect on x
+    record.bye(Bye(name="w", instance="w-1"), Peer(b"r", "key-other"))
     hello(record, "w", peer=Peer(b"r", "key-w"))
-    hello(record, "x", peer=Peer(b"r", "key-x"))
-    assert {w.instance: w.state for w in record.workers()} == {"w-1": WorkerState.LEFT, "x-1": WorkerState.LIVE}
+    assert {w.instance: w.state for w in record.workers()} == {"w-1": WorkerState.LIVE}
     publish(record, 1)
     entry = record.clear("c1")
-    assert entry is not None and entry.expected == ("x-1",)
+    assert entry is not None and entry.expected == ("w-1",)
 
 
 def test_clears_with_the_same_live_workers_share_one_membership():

@@ -28,6 +28,7 @@ from cachebus.bus.protocol import (
     RELAYED_ITEM_FRAMES,
     RELAYED_REPLY,
     Ack,
+    Bye,
     Clear,
     Codec,
     Heartbeat,
@@ -398,3 +399,49 @@ def test_a_relay_sends_each_clears_acks_from_all_its_workers_in_one_envelope():
         loop.close()
     kinds = [[frame for i, frame in enumerate(envelope[4:]) if i % RELAYED_ITEM_FRAMES == 2] for envelope in rounds]
     assert kinds == [[b"ack"] * 3, [b"ack"] * 2, [b"ack"] * 2]
+
+
+@pytest.mark.gen_test
+async def test_a_relay_keeps_each_workers_order_a_held_ack_goes_up_before_the_bye_after_it(tmp_path: Path):
+    """A relay holds a worker's ack until its other workers acked (relay.hold_ms); the worker's
+    next message must not overtake it, or the service would hear the bye before the ack.
+    The service's record relies on this order (each worker has one path, bus.upstream)."""
+    ctx = zmq.Context()
+    try:
+        down_router, up_router = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+        down = f"tcp://127.0.0.1:{down_router.bind_to_random_port('tcp://127.0.0.1')}"
+        up = f"tcp://127.0.0.1:{up_router.bind_to_random_port('tcp://127.0.0.1')}"
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(up)
+        security = ServiceSecurity(BusMode.INSECURE, tmp_path, PeerLog(logging.getLogger("test")))
+        uplink = Uplink("r", CODEC, down_router, security, 0.0, logging.getLogger("test"), hold_ms=600_000)
+        reader = Reader(down_router, uplink.on_workers, 100)
+        uplink.start(dealer, kick_router=reader.kick)
+        reader.start()
+        workers = {name: ctx.socket(zmq.DEALER) for name in ("x", "y")}
+        for sock in workers.values():
+            sock.connect(down)
+        for name, sock in workers.items():
+            sock.send_multipart(CODEC.encode(hello(name, "e", 0)))
+        kinds: dict[str, list[bytes]] = {"x": [], "y": []}
+
+        async def received(condition: Any) -> None:
+            deadline = time.monotonic() + DEADLINE
+            while not condition():
+                assert time.monotonic() < deadline, f"the relay sent up only {kinds}"
+                while up_router.poll(0):
+                    _, items = CODEC.decode_relayed(up_router.recv_multipart()[1:])
+                    for _, _, message in items:
+                        msg = CODEC.decode(message)
+                        assert isinstance(msg, (Hello, Ack, Bye))
+                        kinds[msg.name].append(message[0])
+                await asyncio.sleep(0.01)
+
+        await received(lambda: kinds == {"x": [b"hello"], "y": [b"hello"]})
+        workers["x"].send_multipart(CODEC.encode(ack("x", "e", 1)))  # held: y has not acked
+        workers["x"].send_multipart(CODEC.encode(Bye(name="x", instance=hello("x", "e", 0).instance)))
+        await received(lambda: kinds["x"] == [b"hello", b"ack", b"bye"])
+        uplink.close()
+        reader.close()
+    finally:
+        ctx.destroy(linger=0)
