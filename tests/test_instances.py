@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -259,3 +261,33 @@ def test_an_instance_with_another_keypair_refuses_clears_and_says_why(instances:
     status, _, body = instances.clear_via(1)
     assert status == 503, body
     wait_for(lambda: "does not verify with this instance's key" in stranger.output(), what="the hint")
+
+
+def test_a_follower_is_a_whole_front_door_clear_wait_and_the_event_stream_work_through_it(instances: Instances):
+    """Behind a load balancer any instance gets the CLI's requests: ``clear --wait`` opens the
+    event stream first, then clears, and both must work through the instance that follows."""
+    instances.start_instance(0)
+    instances.start_instance(1)
+    for name in ("w1", "w2"):
+        instances.start_worker(name, wait=False)
+    _live_via(instances, 1, {"w1", "w2"})
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cachebus"), "clear", "--url", instances.urls[1], "--token",
+         instances.token, "--access-token", instances.access_token, "--wait", "--timeout", "5"],
+        capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items()
+                                                         if not k.startswith("CACHEBUS_")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "w1" in result.stdout and "w2" in result.stdout, result.stdout
+    # The stream itself, relayed from the leader's record: its snapshot lists both workers.
+    port = urllib.parse.urlsplit(instances.urls[1]).port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET /api/v1/cache/events?{instances.creds()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while b"\n\n" not in received.partition(b"event: snapshot")[2]:  # the whole snapshot event
+            chunk = conn.recv(65536)
+            assert chunk, received
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in received, received[:300]
+    data = next(line for line in received.split(b"\n") if line.startswith(b"data: {"))
+    snapshot = json.loads(data.removeprefix(b"data: "))
+    assert sorted(w["name"] for w in snapshot["workers"]) == ["w1", "w2"]
