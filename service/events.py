@@ -26,13 +26,12 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from cachebus.bus.protocol import OnSilence, PurgeCause, PurgeOutcome
-from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, scope_json
+from cachebus.bus.protocol import Ack
+from cachebus.bus.scope import EVERYTHING, Scope, scope_json
 
-if TYPE_CHECKING:
-    from .record import WorkerState
+from .views import AckView, WorkerState, WorkerView
 
 log = logging.getLogger("cachebus.events")
 
@@ -104,27 +103,17 @@ class ClearAcked(RecordEvent):
     KIND: ClassVar[EventKind] = EventKind.CLEAR_ACKED
     clear_id: str
     seq: int
-    worker: str
-    name: str
-    acked_at: float
-    latency_ms: float
-    entries_dropped: int
-    purge_ms: float
-    cause: PurgeCause
-    outcome: PurgeOutcome
-    error: str
+    #: The ack as the clear keeps it (the same object).
+    ack: AckView
     acked: int
     expected: int
     failed: int
-    #: Whether the worker dropped everything or only what the clear named.
-    scope: PurgeExtent = PurgeExtent.ALL
 
     def to_json(self) -> dict[str, Any]:
-        return {"clear_id": self.clear_id, "seq": self.seq, "worker": self.worker, "name": self.name,
-                "acked_at": self.acked_at, "latency_ms": round(self.latency_ms, 3),
-                "entries_dropped": self.entries_dropped, "purge_ms": round(self.purge_ms, 3), "cause": self.cause,
-                "outcome": self.outcome, "error": self.error, "acked": self.acked, "expected": self.expected,
-                "failed": self.failed, "scope": self.scope}
+        ack = self.ack.to_json()
+        extent = ack.pop("scope")  # last, where the stream has always sent it
+        return {"clear_id": self.clear_id, "seq": self.seq, **ack, "acked": self.acked, "expected": self.expected,
+                "failed": self.failed, "scope": extent}
 
 
 @dataclass(slots=True)
@@ -151,45 +140,14 @@ class ClearCompleted(RecordEvent):
 
 @dataclass(slots=True)
 class WorkerJoined(RecordEvent):
-    """A worker the record did not know (or a new instance of one) said hello.
-
-    Its data is the worker as ``GET /api/v1/cache/workers`` shows it, at that moment.
-    """
+    """A worker the record did not know (or a new instance of one) said hello: the worker as
+    ``GET /api/v1/cache/workers`` shows it, at that moment."""
 
     KIND: ClassVar[EventKind] = EventKind.WORKER_JOINED
-    name: str
-    #: The process's id on the bus, unique per process start; the record's key.
-    instance: str
-    host: str
-    pid: int
-    endpoint: str
-    state: WorkerState
-    joined_at: float
-    last_seen: float
-    last_acked_seq: int | None
-    last_acked_clear: str | None
-    last_purge_cause: PurgeCause | None
-    last_outcome: PurgeOutcome | None
-    last_error: str
-    acks: int
-    epoch: str
-    seq: int
-    stats: dict[str, Any]
-    key: str | None = None
-    on_silence: OnSilence = OnSilence.BYPASS
-    degraded: bool = False
-    via: str = ""
-    labels: tuple[str, ...] = ()
+    worker: WorkerView
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.instance, "name": self.name, "instance": self.instance, "host": self.host,
-                "pid": self.pid, "endpoint": self.endpoint, "state": self.state, "joined_at": self.joined_at,
-                "last_seen": self.last_seen, "last_acked_seq": self.last_acked_seq,
-                "last_acked_clear": self.last_acked_clear, "last_purge_cause": self.last_purge_cause,
-                "last_outcome": self.last_outcome, "last_error": self.last_error,
-                "acks": self.acks, "epoch": self.epoch, "seq": self.seq, "stats": self.stats, "key": self.key,
-                "on_silence": self.on_silence, "degraded": self.degraded, "via": self.via,
-                "labels": list(self.labels)}
+        return self.worker.to_json()
 
 
 @dataclass(slots=True)
@@ -210,25 +168,16 @@ class WorkerStateChanged(RecordEvent):
 
 @dataclass(slots=True)
 class WorkerPurged(RecordEvent):
-    """A worker reported a purge (an ack), whichever clears it turns out to cover."""
+    """A worker reported a purge (its ack, as it came), whichever clears it turns out to cover."""
 
     KIND: ClassVar[EventKind] = EventKind.WORKER_PURGED
-    worker: str
-    name: str
-    cause: PurgeCause
-    seq: int
-    clear_id: str
-    entries_dropped: int
-    purge_ms: float
-    outcome: PurgeOutcome
-    error: str
-    scope: PurgeExtent = PurgeExtent.ALL
+    ack: Ack
 
     def to_json(self) -> dict[str, Any]:
-        return {"worker": self.worker, "name": self.name, "cause": self.cause, "seq": self.seq,
-                "clear_id": self.clear_id, "entries_dropped": self.entries_dropped,
-                "purge_ms": round(self.purge_ms, 3), "outcome": self.outcome, "error": self.error,
-                "scope": self.scope}
+        ack = self.ack
+        return {"worker": ack.instance, "name": ack.name, "cause": ack.cause, "seq": ack.seq,
+                "clear_id": ack.clear_id, "entries_dropped": ack.dropped, "purge_ms": round(ack.purge_ms, 3),
+                "outcome": ack.outcome, "error": ack.error, "scope": ack.scope}
 
 
 @dataclass(slots=True)

@@ -15,13 +15,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cachebus.bus.protocol import PurgeCause, PurgeOutcome
+from cachebus.bus.protocol import Ack, PurgeCause, PurgeOutcome
 from cachebus.metrics import MetricsHandler
 
 from .events import ClearAcked, ClearCompleted, ClearPublished, Event, EventLog, WorkerPurged, WorkerStateChanged
 from .handlers import FlextypeResponses
 from .limits import TIMED_PHASES, Refusal
-from .record import Record, WorkerState
+from .record import Record
+from .views import AckView, WorkerState
 
 #: Seconds; from a loopback millisecond to a worker that took half a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -113,7 +114,7 @@ class ServiceMetrics:
         match event.payload:
             case ClearPublished():
                 self.clears_published.inc()
-            case ClearAcked(name=name, latency_ms=latency_ms, outcome=PurgeOutcome.OK):
+            case ClearAcked(ack=AckView(name=name, latency_ms=latency_ms, outcome=PurgeOutcome.OK)):
                 latency = self._latency_by_name.get(name)
                 if latency is None:  # labels() takes a lock and builds a key: once per name, not per ack
                     latency = self._latency_by_name[name] = self.ack_latency.labels(name)
@@ -122,7 +123,7 @@ class ServiceMetrics:
                 self.clears_completed.labels("complete" if complete else "timeout" if expected else "empty").inc()
                 if complete and duration_ms is not None:
                     self.all_acked.observe(duration_ms / 1000)
-            case WorkerPurged(cause=cause, outcome=outcome, name=name):
+            case WorkerPurged(ack=Ack(cause=cause, outcome=outcome, name=name)):
                 self.acks_received.inc()
                 self._purges_by_cause[cause].inc()
                 if outcome is PurgeOutcome.FAILED:

@@ -33,8 +33,6 @@ outcome ``ok`` covers it (the worker retries the failed target and acks again).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import itertools
 import logging
 import time
@@ -54,7 +52,7 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     WorkerIdentity,
 )
-from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, in_group, scope_json
+from cachebus.bus.scope import EVERYTHING, Scope, in_group, scope_json
 
 from .events import (
     ClearAcked,
@@ -66,24 +64,9 @@ from .events import (
     WorkerStateChanged,
     WorkerStats,
 )
+from .views import AckView, WorkerId, WorkerState, WorkerView
 
 log = logging.getLogger("cachebus.record")
-
-
-class WorkerState(enum.StrEnum):
-    """Where a worker stands, by how long it has been silent (docs/delivery.md)."""
-
-    #: Heard from within the liveness window. Only live workers are expected to ack a new clear.
-    LIVE = "live"
-    #: Silent for longer than the liveness window; may be slow or gone.
-    SUSPECT = "suspect"
-    #: Silent for longer than ``lost_after``.
-    LOST = "lost"
-    #: Said bye: stopped cleanly.
-    LEFT = "left"
-    #: Not a state a worker is in: the record dropped it after ``forget_after``. Only
-    #: events and answers about a worker the record no longer has say it.
-    FORGOTTEN = "forgotten"
 
 
 #: Receives every change to the record, after it is applied.
@@ -152,41 +135,6 @@ class Membership:
 
 
 @dataclass(slots=True)
-class WorkerAck:
-    """One worker's report that it purged after a clear was published: a proof when ``ok``."""
-
-    worker: str
-    name: str
-    acked_at: float
-    latency_ms: float
-    dropped: int
-    purge_ms: float
-    cause: PurgeCause
-    outcome: PurgeOutcome = PurgeOutcome.OK
-    error: str = ""
-    #: Whether the worker dropped everything or only what the clears named.
-    scope: PurgeExtent = PurgeExtent.ALL
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome is PurgeOutcome.OK
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "worker": self.worker,
-            "name": self.name,
-            "acked_at": self.acked_at,
-            "latency_ms": round(self.latency_ms, 3),
-            "entries_dropped": self.dropped,
-            "purge_ms": round(self.purge_ms, 3),
-            "cause": self.cause,
-            "outcome": self.outcome,
-            "error": self.error,
-            "scope": self.scope,
-        }
-
-
-@dataclass(slots=True)
 class ClearEntry:
     """A published clear, the workers live at that moment, and their acks."""
 
@@ -201,7 +149,7 @@ class ClearEntry:
     scope: Scope = EVERYTHING
     group: tuple[str, ...] = ()
     #: Each worker's ack, by worker id: its successful one once there is one, else its latest failed one.
-    acks: dict[str, WorkerAck] = field(default_factory=dict)
+    acks: dict[str, AckView] = field(default_factory=dict)
     #: When the last expected ack arrived, or when the record stopped waiting for it.
     completed_at: float | None = None
     #: How many of the expected workers acked a successful purge: a count, so an ack
@@ -220,7 +168,7 @@ class ClearEntry:
     def expects(self, worker: str) -> bool:
         return worker in self.membership.lookup
 
-    def add_ack(self, ack: WorkerAck) -> bool:
+    def add_ack(self, ack: AckView) -> bool:
         """Keep ``ack`` unless the worker already proved its purge; return whether it was kept.
 
         The first successful ack from each expected worker counts towards completion;
@@ -320,32 +268,18 @@ class WorkerEntry:
             return False
         return self.stats.get("degraded") is True or self.state in (WorkerState.SUSPECT, WorkerState.LOST)
 
+    def view(self) -> WorkerView:
+        """The worker as it stands now, as every answer and event shows it."""
+        return WorkerView(
+            name=self.name, instance=WorkerId(self.instance), host=self.host, pid=self.pid, endpoint=self.endpoint,
+            state=self.state, joined_at=self.joined_at, last_seen=self.last_seen,
+            last_acked_seq=self.last_acked_seq, last_acked_clear=self.last_acked_clear,
+            last_purge_cause=self.last_purge_cause, last_outcome=self.last_outcome, last_error=self.last_error,
+            acks=self.acks, epoch=self.epoch, seq=self.seq, stats=self.stats, key=self.key,
+            on_silence=self.on_silence, degraded=self.degraded, via=self.via, labels=self.labels)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.instance,
-            "name": self.name,
-            "instance": self.instance,
-            "host": self.host,
-            "pid": self.pid,
-            "endpoint": self.endpoint,
-            "state": self.state,
-            "joined_at": self.joined_at,
-            "last_seen": self.last_seen,
-            "last_acked_seq": self.last_acked_seq,
-            "last_acked_clear": self.last_acked_clear,
-            "last_purge_cause": self.last_purge_cause,
-            "last_outcome": self.last_outcome,
-            "last_error": self.last_error,
-            "acks": self.acks,
-            "epoch": self.epoch,
-            "seq": self.seq,
-            "stats": self.stats,
-            "key": self.key,
-            "on_silence": self.on_silence,
-            "degraded": self.degraded,
-            "via": self.via,
-            "labels": list(self.labels),
-        }
+        return self.view().to_json()
 
     def check_peer(self, peer: Peer, what: str) -> None:
         """Raise :class:`Refused` unless ``peer`` holds the key this worker said hello with.
@@ -364,11 +298,6 @@ class WorkerEntry:
         """Who and where the worker is, as answers list a missing or excluded one."""
         return {"worker": self.instance, "name": self.name, "host": self.host, "pid": self.pid,
                 "state": self.state, "last_seen": self.last_seen}
-
-
-def _joined(worker: WorkerEntry) -> WorkerJoined:
-    """``worker`` as it joined, copied: the entry changes after, the event must not."""
-    return WorkerJoined(**{f.name: getattr(worker, f.name) for f in dataclasses.fields(WorkerJoined)})
 
 
 class Record:
@@ -509,7 +438,7 @@ class Record:
         log.info("worker %s joined: %s, pid %d on %s, read API %s", msg.instance, msg.name, msg.pid, msg.host,
                  msg.endpoint or "none",
                  extra={"fields": {"worker": msg.instance, "name": msg.name, "state": worker.state}})
-        self.emit(_joined(worker))
+        self.emit(WorkerJoined(worker.view()))
         return worker
 
     def _make_room(self) -> None:
@@ -603,9 +532,7 @@ class Record:
         if not ok:
             log.warning("worker %s (%s) failed to purge: %s", msg.instance, msg.name, msg.error or "no reason given",
                         extra={"fields": {"worker": msg.instance, "name": msg.name, "outcome": msg.outcome}})
-        self.emit(WorkerPurged(worker=msg.instance, name=msg.name, cause=msg.cause, seq=msg.seq,
-                               clear_id=msg.clear_id, entries_dropped=msg.dropped, purge_ms=msg.purge_ms,
-                               outcome=msg.outcome, error=msg.error, scope=msg.scope))
+        self.emit(WorkerPurged(msg))
         updated = []
         # Walk back from the newest clear the purge covers to the last one this
         # worker already acked: the cost follows the clears acked, not the record's size.
@@ -621,20 +548,13 @@ class Record:
                 continue
             if entry.group and not in_group(entry.group, worker.name, worker.labels):
                 continue  # not for this worker: it counted the clear and dropped nothing for it
-            ack = WorkerAck(
-                worker=msg.instance, name=msg.name, acked_at=now, latency_ms=(now - entry.published_at) * 1000,
-                dropped=msg.dropped, purge_ms=msg.purge_ms, cause=msg.cause, outcome=msg.outcome, error=msg.error,
-                scope=msg.scope,
-            )
+            ack = AckView.of(msg, now, entry.published_at)
             entry.add_ack(ack)
             if previous is None:
                 self.acks_kept += 1
             updated.append(entry)
-            self.emit(ClearAcked(clear_id=entry.id, seq=entry.seq, worker=ack.worker, name=ack.name,
-                                 acked_at=ack.acked_at, latency_ms=ack.latency_ms, entries_dropped=ack.dropped,
-                                 purge_ms=ack.purge_ms, cause=ack.cause, outcome=ack.outcome, error=ack.error,
-                                 acked=entry.acked_count, expected=len(entry.expected), failed=entry.failed_count,
-                                 scope=ack.scope))
+            self.emit(ClearAcked(entry.id, entry.seq, ack, acked=entry.acked_count, expected=len(entry.expected),
+                                 failed=entry.failed_count))
             if entry.complete and entry.id in self._pending:
                 self._complete(entry, now)
         self._trim()

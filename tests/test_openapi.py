@@ -21,8 +21,12 @@ from openapi_spec_validator import validate
 from tornado.routing import PathMatches, Router
 from tornado.web import RequestHandler
 
+from cachebus.bus.protocol import Ack, OnSilence, PurgeCause, PurgeOutcome
+from cachebus.bus.scope import PurgeExtent
 from cachebus.service.errors import Reason, error_body, reason_message
+from cachebus.service.events import ClearAcked, WorkerJoined, WorkerPurged
 from cachebus.service.pages import OPENAPI_FILE
+from cachebus.service.views import AckView, WorkerId, WorkerState, WorkerView
 from cachebus.testing import Cluster, EventStream, http, http_json
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -276,3 +280,48 @@ def test_the_abuse_limits_answers_are_documented_on_every_credentialed_route_wit
             assert "Retry-After" in response["headers"], (path, method, status)
             values = [resolve(spec, e)["value"] for e in response["content"][JSON_TYPE]["examples"].values()]
             assert [json.dumps(v, separators=(",", ":")).encode() for v in values] == BODIES[status]
+
+
+# --- the documented schemas against the one serializer of each concept ----------------
+
+
+def _acks() -> list[AckView]:
+    """An ack of every cause, outcome and extent the wire allows."""
+    return [AckView(WorkerId("host:1:ab"), "web", 1_800_000_000.0, 1.23456, 7, 0.5, cause, outcome,
+                    "ValueError: down" if outcome is PurgeOutcome.FAILED else "", extent)
+            for cause in PurgeCause for outcome in PurgeOutcome for extent in PurgeExtent]
+
+
+def _workers() -> list[WorkerView]:
+    """A worker in every state it can be in (forgotten is only ever an event's word), with and
+    without a key, a relay and labels, never acked or acked."""
+    views = []
+    for state in (s for s in WorkerState if s is not WorkerState.FORGOTTEN):
+        for acked in (False, True):
+            views.append(WorkerView(
+                name="web", instance=WorkerId("host:1:ab"), host="host", pid=1, endpoint="http://127.0.0.1:1",
+                state=state, joined_at=1.0, last_seen=2.0, last_acked_seq=3 if acked else None,
+                last_acked_clear="c" * 32 if acked else None, last_purge_cause=PurgeCause.CLEAR if acked else None,
+                last_outcome=PurgeOutcome.OK if acked else None, last_error="", acks=int(acked), epoch="e",
+                seq=3, stats={"purges": 1, "hits": 2} if acked else {}, key="k" * 40 if acked else None,
+                on_silence=OnSilence.SERVE if acked else OnSilence.BYPASS, degraded=acked,
+                via="host-b" if acked else "", labels=("eu",) if acked else ()))
+    return views
+
+
+def test_each_concepts_one_serializer_matches_its_documented_schema(spec):
+    """AckView, WorkerView and the events built from them validate against openapi.yaml, whatever
+    their values: the schema cannot drift from the one place each concept becomes JSON."""
+    for ack in _acks():
+        validator(spec, "WorkerAck").validate(ack.to_json())
+        event = ClearAcked("c" * 32, 3, ack, acked=1, expected=2, failed=0)
+        validator(spec, "ClearAckedEventData").validate(event.to_json())
+        wire = Ack(name=ack.name, instance=ack.worker, epoch="e", seq=3, clear_id="c" * 32, dropped=ack.dropped,
+                   purge_ms=ack.purge_ms, cause=ack.cause, outcome=ack.outcome, error=ack.error, scope=ack.extent)
+        validator(spec, "WorkerPurgedEventData").validate(WorkerPurged(wire).to_json())
+    for worker in _workers():
+        validator(spec, "Worker").validate(worker.to_json())
+        validator(spec, "Worker").validate(WorkerJoined(worker).to_json())
+    # Nothing documented that the serializer never sends (additionalProperties catches the reverse).
+    assert set(_acks()[0].to_json()) == set(resolve(spec, spec["components"]["schemas"]["WorkerAck"])["properties"])
+    assert set(_workers()[0].to_json()) == set(resolve(spec, spec["components"]["schemas"]["Worker"])["properties"])
