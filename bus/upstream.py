@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from .reader import Batch, Reader
+from .sockets import Sockets
 
 
 class Upstream:
@@ -115,21 +116,18 @@ def move(sock: zmq.Socket, upstream: Upstream) -> tuple[str, str]:
 _monitors = itertools.count()
 
 
-def watch_disconnects(ctx: zmq.Context[Any], sock: zmq.Socket[Any],
-                      disconnected: Callable[[str], None]) -> tuple[zmq.Socket[Any], Reader]:
+def watch_disconnects(sockets: Sockets, sock: zmq.Socket[Any], disconnected: Callable[[str], None]) -> Reader:
     """Call ``disconnected(endpoint)`` when ``sock`` loses a connection (libzmq's monitor).
 
     A peer that died resets the connection at once, and one that froze or was
     cut off is dropped by the ZMTP heartbeat within three intervals: either
     way the path is known lost without waiting for a message to go
-    unanswered. Returns the monitor's socket and its (not yet started) reader;
-    the caller closes both.
+    unanswered. The monitor's socket is one of ``sockets``; returns its (not
+    yet started) reader, which the caller closes.
     """
     address = f"inproc://cachebus-monitor-{next(_monitors)}"
     sock.monitor(address, zmq.EVENT_DISCONNECTED)
-    events = zmq.Socket(ctx, zmq.PAIR)
-    events.setsockopt(zmq.LINGER, 0)
-    events.connect(address)
+    events = sockets.open(zmq.PAIR, None, connect=[address])
 
     def handle(batch: Batch) -> None:
         for frames in batch:
@@ -138,4 +136,4 @@ def watch_disconnects(ctx: zmq.Context[Any], sock: zmq.Socket[Any],
                 if event == zmq.EVENT_DISCONNECTED:
                     disconnected(frames[1].bytes.decode(errors="replace"))
 
-    return events, Reader(events, handle, 100)
+    return Reader(events, handle, 100)

@@ -16,7 +16,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import tornado.web
 import zmq
@@ -39,9 +38,9 @@ from cachebus.bus.security import (
     key_name,
     private_dir,
 )
-from cachebus.bus.sockets import configure
+from cachebus.bus.sockets import Sockets
 from cachebus.bus.uplink import Uplink
-from cachebus.bus.upstream import Upstream, attach, watch_disconnects
+from cachebus.bus.upstream import Upstream, watch_disconnects
 from cachebus.metrics import MetricsHandler
 from cachebus.settings import Settings
 
@@ -69,14 +68,7 @@ class Relay:
         down = ServiceSecurity(bus.mode, Path(relay.keys_dir), self.peers)
         up = self._upstream_security()
         down.start(ctx)
-        sockets: list[zmq.Socket] = []
-
-        def make(kind: int, security: ServiceSecurity | ClientSecurity, **limits: Any) -> zmq.Socket:
-            sock = zmq.Socket(ctx, kind)
-            sockets.append(sock)
-            configure(sock, **limits)
-            security.apply(sock)
-            return sock
+        sockets = Sockets(ctx)
 
         proxy: threading.Thread | None = None
         server: HTTPServer | None = None
@@ -86,29 +78,24 @@ class Relay:
         try:
             # Commands: XSUB up, XPUB down, moved unchanged by ZeroMQ's own proxy in a thread.
             # No ZMTP heartbeat on the subscriber side (zeromq/libzmq#4767).
-            xsub = make(zmq.XSUB, up, recv_hwm=bus.recv_hwm)
-            xpub = make(zmq.XPUB, down, send_hwm=bus.send_hwm)
-            for endpoint in split_endpoints(bus.publish):  # one per service instance
-                xsub.connect(endpoint)
-            xpub.bind(relay.publish)
-            steer = make_pair(ctx, control, sockets)
+            xsub = sockets.open(zmq.XSUB, up, connect=split_endpoints(bus.publish),  # one per service instance
+                                recv_hwm=bus.recv_hwm)
+            xpub = sockets.open(zmq.XPUB, down, bind=relay.publish, send_hwm=bus.send_hwm)
+            steer = make_pair(control, sockets)
             proxy = threading.Thread(target=_proxy, args=(xsub, xpub, steer), name="cachebus-relay-proxy",
                                      daemon=True)
             proxy.start()
             # The back channel: its workers' messages up in envelopes, welcomes down by tag.
-            router = make(zmq.ROUTER, down, send_hwm=bus.send_hwm)
-            dealer = make(zmq.DEALER, up, heartbeat=bus.heartbeat_interval)
-            router.bind(relay.acks)
+            router = sockets.open(zmq.ROUTER, down, bind=relay.acks, send_hwm=bus.send_hwm)
             # One service instance at a time, so each worker's messages keep one path (bus.upstream).
             upstream = Upstream(split_endpoints(bus.acks), lambda: bus.lease)
-            attach(dealer, upstream)
+            dealer = sockets.open(zmq.DEALER, up, connect=[upstream.current], heartbeat=bus.heartbeat_interval)
             uplink = self.uplink = Uplink(self.name, self.codec, router, down, relay.batch_ms, log,
                                           hold_ms=relay.hold_ms)
             from_workers = Reader(router, uplink.on_workers, _MAX_BATCH)
             uplink.start(dealer, kick_router=from_workers.kick, upstream=upstream)
             if len(upstream.endpoints) > 1:
-                monitor, disconnects = watch_disconnects(ctx, dealer, uplink.lost)
-                sockets.append(monitor)
+                disconnects = watch_disconnects(sockets, dealer, uplink.lost)
                 disconnects.start()
             from_workers.start()
             log.info("relay %s: commands from %s to %s, acks from %s to %s", self.name, bus.publish,
@@ -130,8 +117,7 @@ class Relay:
                 control.send(b"TERMINATE")
                 proxy.join(5)
             control.close(0)
-            for sock in sockets:
-                sock.close(0)
+            sockets.close()
             down.stop()
             ctx.term()
 
@@ -178,14 +164,11 @@ class _RelayCollector(Collector):
                                 value=len(relay.workers))
 
 
-def make_pair(ctx: zmq.Context, control: zmq.Socket, sockets: list[zmq.Socket]) -> zmq.Socket:
+def make_pair(control: zmq.Socket, sockets: Sockets) -> zmq.Socket:
     """The proxy's end of its control pair (the other end, ``control``, stops it)."""
     endpoint = f"inproc://cachebus-relay-control-{id(control)}"
     control.bind(endpoint)
-    steer = zmq.Socket(ctx, zmq.PAIR)
-    steer.connect(endpoint)
-    sockets.append(steer)
-    return steer
+    return sockets.open(zmq.PAIR, None, connect=[endpoint])
 
 
 def _proxy(xsub: zmq.Socket, xpub: zmq.Socket, steer: zmq.Socket) -> None:

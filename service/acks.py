@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable
 
 import zmq
-import zmq.asyncio
 
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import (
@@ -41,7 +40,7 @@ from cachebus.bus.protocol import (
 )
 from cachebus.bus.reader import Batch, Reader
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import configure
+from cachebus.bus.sockets import Sockets
 
 from .record import Peer, Record, RecordFull, Refused
 
@@ -60,15 +59,12 @@ class AckSocket:
     the event loop, not a thousand.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, send_hwm: int, heartbeat: float,
+    def __init__(self, sockets: Sockets, endpoint: str, send_hwm: int, heartbeat: float,
                  security: ServiceSecurity, handle: Callable[[Batch], None]) -> None:
         self.endpoint = endpoint
-        # A plain socket, read from the loop's reader callback (bus.reader), not a zmq.asyncio one.
-        self.socket = zmq.Socket(ctx, zmq.ROUTER)
-        configure(self.socket, send_hwm=send_hwm, heartbeat=heartbeat)
         # No ROUTER_HANDOVER: a peer that sets a routing id already in use is
         # ignored, so no one can take over a worker's connection by its id.
-        security.apply(self.socket)
+        self.socket = sockets.open(zmq.ROUTER, security, send_hwm=send_hwm, heartbeat=heartbeat)
         self.reader = Reader(self.socket, handle, _MAX_BATCH)
 
     def bind(self) -> None:
@@ -80,8 +76,8 @@ class AckSocket:
         self.reader.start()
 
     def close(self) -> None:
+        """Stop reading (the socket closes with the service's others)."""
         self.reader.close()
-        self.socket.close(linger=0)
 
 
 class AckRecorder:

@@ -25,6 +25,7 @@ from tornado import httputil
 from cachebus.bus.peers import PeerLog
 from cachebus.bus.protocol import Codec
 from cachebus.bus.security import ServiceSecurity
+from cachebus.bus.sockets import Sockets
 from cachebus.settings import Settings, SettingsError
 
 from .accesslog import log_request
@@ -65,6 +66,8 @@ class Service:
     metrics: ServiceMetrics
     security: ServiceSecurity
     ctx: zmq.asyncio.Context
+    #: The bus sockets the service binds (the publisher's and the ack socket).
+    sockets: Sockets
     #: The lead among instances sharing the tokens directory, and so the role (docs/scale-out.md).
     election: Election
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -85,7 +88,8 @@ class Service:
                                 "endpoint per instance) is for workers and relays")
         security = ServiceSecurity(bus.mode, Path(bus.keys_dir), PeerLog(logging.getLogger("cachebus.security")))
         codec = Codec(bus.key.encode(), max_age=bus.lease)
-        publisher = Publisher(ctx, bus.publish, codec, bus.send_hwm, bus.socket_buffer, security=security)
+        sockets = Sockets(ctx)
+        publisher = Publisher(sockets, bus.publish, codec, bus.send_hwm, bus.socket_buffer, security=security)
         # The service run (the event ids' epoch): the record, and so what a dashboard shows, starts
         # anew with each process, while the bus epoch may go on across a takeover.
         events = EventLog(secrets.token_hex(8), settings.events.history, settings.events.client_queue)
@@ -108,14 +112,14 @@ class Service:
             log.info("removed %d temporary token file(s) left by a killed writer", removed)
         name = instance_name(settings)
         # What the ROUTER receives goes to the role of the moment: recorded, or passed to the leader.
-        door = AckSocket(ctx, bus.acks, bus.send_hwm, bus.heartbeat_interval, security,
+        door = AckSocket(sockets, bus.acks, bus.send_hwm, bus.heartbeat_interval, security,
                          lambda batch: election.role.on_workers(batch))
         election = Election(Parts(settings=settings, name=name, lead=lead_file(settings, security, name),
                                   publisher=publisher, door=door, record=record, codec=codec, security=security,
                                   ctx=ctx))
         service = cls(settings=settings, tokens=tokens, publisher=publisher, record=record, door=door,
                       events=events, metrics=ServiceMetrics(record, events), security=security, ctx=ctx,
-                      election=election)
+                      sockets=sockets, election=election)
         service.metrics.state.leading = lambda: election.role.leads
         return service
 
@@ -161,8 +165,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.election.stop()
-        self.publisher.close()
         self.door.close()
+        self.sockets.close()
         self.election.lead.close()  # last: nobody takes over while this instance might still send
         self.security.stop()
 

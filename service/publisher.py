@@ -12,14 +12,14 @@ and detects the gap instead of slowing everyone else down.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from cachebus.bus.protocol import Codec, Message
 from cachebus.bus.reader import send_now
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import configure
+from cachebus.bus.sockets import Sockets
 
 log = logging.getLogger("cachebus.publisher")
 
@@ -27,27 +27,25 @@ log = logging.getLogger("cachebus.publisher")
 class Publisher:
     """Owns the PUB socket; sends what the leading role gives it."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec, send_hwm: int,
+    def __init__(self, sockets: Sockets, endpoint: str, codec: Codec, send_hwm: int,
                  buffer: int = 0, security: ServiceSecurity | None = None) -> None:
         self.endpoint = endpoint
         self.codec = codec
-        # A plain socket: it only sends, never waits, so zmq.asyncio would add nothing but cost.
-        self._socket = zmq.Socket(ctx, zmq.PUB)
-        # No ZMTP heartbeat here: libzmq aborts a subscriber whose full queue meets
-        # a heartbeat timeout (zeromq/libzmq#4767); our own heartbeats do the job.
-        configure(self._socket, send_hwm=send_hwm, buffer=buffer)
-        if security is not None:
-            # CURVE: only workers in the allow-list can subscribe and read the clears.
-            security.apply(self._socket)
+        self._sockets = sockets
+        self.send_hwm, self.buffer = send_hwm, buffer
+        #: CURVE: only workers in the allow-list can subscribe and read the clears.
+        self._security = security
+        self._socket: zmq.Socket[Any] | None = None
 
     def bind(self) -> None:
-        self._socket.bind(self.endpoint)
+        # No ZMTP heartbeat here: libzmq aborts a subscriber whose full queue meets
+        # a heartbeat timeout (zeromq/libzmq#4767); our own heartbeats do the job.
+        self._socket = self._sockets.open(zmq.PUB, self._security, bind=self.endpoint, send_hwm=self.send_hwm,
+                                          buffer=self.buffer)
         log.info("publishing on %s", self.endpoint)
 
     def send(self, msg: Message) -> None:
         # PUB never blocks: at the high-water mark libzmq drops the message for
         # that subscriber, which then sees a gap. So a plain send is enough.
+        assert self._socket is not None, "bind() first"
         send_now(self._socket, self.codec.encode(msg))
-
-    def close(self) -> None:
-        self._socket.close(linger=0)

@@ -42,7 +42,7 @@ from cachebus.bus.protocol import Clear, Codec, Heartbeat, Welcome, now
 from cachebus.bus.reader import Batch
 from cachebus.bus.scope import EVERYTHING, Scope
 from cachebus.bus.security import ServiceSecurity
-from cachebus.bus.sockets import configure
+from cachebus.bus.sockets import Sockets
 from cachebus.bus.uplink import Uplink
 from cachebus.logs import Budget
 from cachebus.settings import Settings, SettingsError
@@ -225,13 +225,11 @@ class Following:
         self.leader = leader
         self.uplink = Uplink("", parts.codec, parts.door.socket, parts.security, _FORWARD_BATCH_MS, log,
                              keep_via=True)
-        self._upstream: zmq.Socket[bytes] | None = None
+        self._sockets = Sockets(parts.ctx)
         if leader is not None:
-            self._upstream = zmq.Socket(parts.ctx, zmq.DEALER)
-            configure(self._upstream, heartbeat=parts.settings.bus.heartbeat_interval)
-            parts.security.peer_client().apply(self._upstream)
-            self._upstream.connect(leader.acks)
-            self.uplink.start(self._upstream, kick_router=parts.door.reader.kick)
+            upstream = self._sockets.open(zmq.DEALER, parts.security.peer_client(), connect=[leader.acks],
+                                          heartbeat=parts.settings.bus.heartbeat_interval)
+            self.uplink.start(upstream, kick_router=parts.door.reader.kick)
         log.info("%s follows %s", parts.name, f"{leader.name} at {leader.url}" if leader else "nobody yet")
 
     def on_workers(self, batch: Batch) -> None:
@@ -240,9 +238,7 @@ class Following:
     def close(self) -> None:
         self.uplink.flush()
         self.uplink.close()
-        if self._upstream is not None:
-            self._upstream.close(linger=0)
-            self._upstream = None
+        self._sockets.close()
 
 
 Role = Leading | Following
