@@ -13,11 +13,17 @@ DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 #: hello, heartbeat and acknowledge purges.
 DEFAULT_ACKS = "tcp://127.0.0.1:5557"
 
-#: One ZeroMQ endpoint: transport://address. ZeroMQ itself checks the address when connecting.
-ENDPOINT = re.compile(r"(?:tcp|ipc|inproc|pgm|epgm|norm|vmci|udp|ws|wss|tipc)://[^\s,]+")
+#: One ZeroMQ endpoint of a transport the bus uses: transport://address. ZeroMQ itself checks the
+#: address when binding or connecting.
+ENDPOINT = re.compile(r"(?:tcp|ipc|inproc)://[^\s,]+")
 
 #: Most endpoints one setting may list: one per service instance (docs/scale-out.md).
 MAX_ENDPOINTS = 16
+
+
+def is_endpoint(value: object) -> bool:
+    """Whether ``value`` is one endpoint: the one check every setting, option and flag uses."""
+    return isinstance(value, str) and ENDPOINT.fullmatch(value) is not None
 
 
 def split_endpoints(value: str) -> list[str]:
@@ -33,7 +39,7 @@ def split_endpoints(value: str) -> list[str]:
     if len(parts) > MAX_ENDPOINTS:
         raise ValueError(f"{len(parts)} endpoints: at most {MAX_ENDPOINTS}, one per service instance")
     for part in parts:
-        if not ENDPOINT.fullmatch(part):
+        if not is_endpoint(part):
             raise ValueError(f"{part!r} is not a ZeroMQ endpoint (tcp://host:port, ipc:///path, …)")
     if len(set(parts)) != len(parts):
         raise ValueError(f"{value!r} names an endpoint twice")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, split_endpoints
+from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, is_endpoint, split_endpoints
 from cachebus.bus.protocol import OnSilence
 from cachebus.bus.scope import MAX_SCOPE_ITEM_BYTES, check_item
 from cachebus.bus.security import DEFAULT_KEYS_DIR, BusMode, bus_mode
@@ -57,16 +57,16 @@ def _labels_ok(value: list[str]) -> bool:
         return False
 
 
-def _endpoint(value: str) -> bool:
-    return value.startswith(("tcp://", "ipc://", "inproc://")) and "," not in value
+_endpoint = is_endpoint
 
 
 def _endpoints(value: str) -> bool:
     """One endpoint, or several separated by commas (a worker's, one per service instance)."""
     try:
-        return all(_endpoint(part) for part in split_endpoints(value))
+        split_endpoints(value)
     except ValueError:
         return False
+    return True
 
 
 @dataclass(frozen=True)
