@@ -469,7 +469,7 @@ class Clear(ClientCommand):
                     raise client.ClientError("the service sent no Cache-Clear-Id header: "
                                              "--wait cannot follow this clear")
                 return client.follow_clear(api, stream, clear_id, deadline, sys.stdout, sys.stdout.isatty(),
-                                           names=client.names_from_snapshot(snapshot[2] if snapshot else None),
+                                           names=client.names_from_snapshot(snapshot.data if snapshot else None),
                                            expect=args.expect, allow_empty=args.allow_empty)
             finally:
                 stream.close()

@@ -15,7 +15,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, TextIO
+from typing import IO, Any, NamedTuple, TextIO
 
 from cachebus.bus.protocol import PurgeOutcome
 
@@ -138,14 +138,23 @@ class Api:
         return response.status, response.headers, data
 
 
+class ServerSentEvent(NamedTuple):
+    """One event of the stream: what a client sends back as ``Last-Event-ID`` (None for the
+    unnumbered ``snapshot`` and ``overflow``), its ``event:`` name, and its decoded ``data:``."""
+
+    id: str | None
+    kind: str
+    data: Any
+
+
 class EventStream:
-    """An open Server-Sent Events stream: :meth:`events` yields ``(id, kind, data)``."""
+    """An open Server-Sent Events stream: :meth:`events` yields each :class:`ServerSentEvent`."""
 
     def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         self._conn = conn
         self._response = response
 
-    def events(self) -> Iterator[tuple[str | None, str, Any]]:
+    def events(self) -> Iterator[ServerSentEvent]:
         """Each event until the server ends the stream; a read past the timeout raises :class:`TimeoutError`."""
         return read_events(self._response)
 
@@ -157,8 +166,8 @@ class EventStream:
         self._conn.close()
 
 
-def read_events(stream: IO[bytes]) -> Iterator[tuple[str | None, str, Any]]:
-    """Parse Server-Sent Events from ``stream``: ``(id or None, kind, decoded JSON data)`` per event.
+def read_events(stream: IO[bytes]) -> Iterator[ServerSentEvent]:
+    """Parse Server-Sent Events from ``stream``: one :class:`ServerSentEvent` per event.
 
     Comment lines (the service's keep-alives) are skipped; an event's ``id`` is
     what a client sends back as ``Last-Event-ID``. The stream ends when the
@@ -172,7 +181,7 @@ def read_events(stream: IO[bytes]) -> Iterator[tuple[str | None, str, Any]]:
         text = line.decode("utf-8", "replace").rstrip("\r\n")
         if text == "":
             if data or "event" in fields:
-                yield fields.get("id"), fields.get("event", "message"), json.loads("\n".join(data))
+                yield ServerSentEvent(fields.get("id"), fields.get("event", "message"), json.loads("\n".join(data)))
             fields, data = {}, []
         elif not text.startswith(":"):
             name, _, value = text.partition(":")
@@ -470,7 +479,8 @@ def follow_clear(api: Api, stream: EventStream, clear_id: str, deadline: float, 
 
     try:
         stream.settimeout(max(0.001, deadline - time.monotonic()))
-        for _, kind, data in stream.events():
+        for event in stream.events():
+            kind, data = event.kind, event.data
             if not isinstance(data, dict):
                 continue
             if kind == "worker.joined":
