@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .scope import MAX_SCOPE_ITEMS, PurgeExtent, Scope, check_item
+from .scope import MAX_SCOPE_ITEMS, ClearScope, PurgeExtent, Scope, check_item
 
 #: Protocol version carried in every message's second frame. Version 2 added the
 #: send time to signatures (replay protection). Version 3 carries the service's
@@ -299,6 +299,17 @@ class Clear(Message):
     def scope(self) -> Scope:
         """What the clear drops, in each process it is for."""
         return Scope(self.keys, self.prefixes, self.tags)
+
+    @property
+    def reach(self) -> ClearScope:
+        """What the clear drops, and in which processes: the value the service published it from."""
+        return ClearScope(self.scope, self.group)
+
+    @classmethod
+    def of(cls, epoch: str, seq: int, id: str, ts: float, reach: ClearScope) -> Clear:
+        what = reach.what
+        return cls(epoch=epoch, seq=seq, id=id, ts=ts, keys=what.keys, prefixes=what.prefixes, tags=what.tags,
+                   group=reach.group)
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,34 @@ def in_group(group: Iterable[str], name: str, labels: Iterable[str] = ()) -> boo
     return not wanted or name in wanted or not wanted.isdisjoint(labels)
 
 
-def scope_json(scope: Scope, group: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """A clear's scope as the record, the events and the dashboard show it: four lists,
-    all empty for a clear of everything in every process."""
-    return {"keys": list(scope.keys), "prefixes": list(scope.prefixes), "tags": list(scope.tags),
-            "group": list(group)}
+@dataclass(frozen=True, slots=True)
+class ClearScope:
+    """A clear's reach as one value, from the request to the purge: what it drops
+    (:attr:`what`), in which processes (:attr:`group`; empty: all of them)."""
+
+    what: Scope = EVERYTHING
+    group: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, lists: Mapping[str, Iterable[object]]) -> ClearScope:
+        """The four lists of :data:`SCOPE_FIELDS`, checked (:func:`check_lists`; :class:`ValueError`)."""
+        checked = check_lists(lists)
+        return cls(Scope(checked["keys"], checked["prefixes"], checked["tags"]), checked["group"])
+
+    def applies_to(self, name: str, labels: Iterable[str] = ()) -> bool:
+        """Whether a process named ``name`` with ``labels`` applies the clear (:func:`in_group`)."""
+        return in_group(self.group, name, labels)
+
+    def to_json(self) -> dict[str, list[str]]:
+        """As the record, the events and the dashboard show it: four lists, all empty for a clear
+        of everything in every process."""
+        what = self.what
+        return {"keys": list(what.keys), "prefixes": list(what.prefixes), "tags": list(what.tags),
+                "group": list(self.group)}
+
+    def __str__(self) -> str:
+        return f"{self.what}" + (f" in {', '.join(self.group)}" if self.group else "")
+
+
+#: A clear called as Flextype calls it: everything, in every process.
+EVERYWHERE = ClearScope()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from cachebus.bus.protocol import Ack
-from cachebus.bus.scope import EVERYTHING, Scope, scope_json
+from cachebus.bus.scope import EVERYWHERE, ClearScope
 
 from .views import AckView, WorkerState, WorkerView
 
@@ -86,13 +86,12 @@ class ClearPublished(RecordEvent):
     published_at: float
     expected: tuple[str, ...]
     token: str = ""
-    scope: Scope = EVERYTHING
-    group: tuple[str, ...] = ()
+    reach: ClearScope = EVERYWHERE
 
     def to_json(self) -> dict[str, Any]:
         return {"clear_id": self.clear_id, "seq": self.seq, "epoch": self.epoch,
                 "published_at": self.published_at, "expected": list(self.expected), "token": self.token,
-                "scope": scope_json(self.scope, self.group)}
+                "scope": self.reach.to_json()}
 
 
 @dataclass(slots=True)

@@ -327,14 +327,14 @@ class ClearHandler(BaseHandler):
         token, _ = credentials(params)
         # Before the token is checked, so a malformed request never counts a call.
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
-        what, group = scope(self.request, params)
+        reach = scope(self.request, params)
         leading = self.leading()  # before the count: a leader that lost its lock counts nothing
         counted = await self.authorize(params, consume=True)
         try:
             if timeout is not None:
                 await leading.warmed()  # a proof names every worker, also right after a takeover
             # Published as soon as the call is admitted: the count's fsync overlaps the bus.
-            clear = leading.publish_clear(token=token, scope=what, group=group)
+            clear = leading.publish_clear(token=token, reach=reach)
         except NotLeading as exc:
             raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message=str(exc)) from None
         finally:
@@ -342,7 +342,7 @@ class ClearHandler(BaseHandler):
         entry = self.service.record.clear(clear.id)
         assert entry is not None
         log.debug("clear %s published: seq %d, %d workers expected, %s", clear.id, clear.seq, len(entry.expected),
-                  entry.scope)
+                  entry.reach)
         self.set_header("Cache-Clear-Id", clear.id)
         if timeout is not None:
             await self._answer_with_proof(entry, timeout)

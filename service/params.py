@@ -22,7 +22,7 @@ from tornado.httputil import (
     parse_body_arguments,
 )
 
-from cachebus.bus.scope import SCOPE_FIELDS, Scope, check_lists
+from cachebus.bus.scope import EVERYWHERE, SCOPE_FIELDS, ClearScope
 
 from .errors import ApiError, Reason
 
@@ -110,7 +110,7 @@ def wait_timeout(params: dict[str, Any], default: float, maximum: float) -> floa
     return timeout
 
 
-def scope(request: HTTPServerRequest, params: dict[str, Any]) -> tuple[Scope, tuple[str, ...]]:
+def scope(request: HTTPServerRequest, params: dict[str, Any]) -> ClearScope:
     """``keys``, ``prefixes``, ``tags`` and ``group`` (docs/scoped-clears.md): what a clear drops
     and who applies it; everything, by everyone, when none is given, as Flextype's clear does.
 
@@ -123,7 +123,7 @@ def scope(request: HTTPServerRequest, params: dict[str, Any]) -> tuple[Scope, tu
     """
     named = [name for name in SCOPE_FIELDS if name in params or f"{name}[]" in params]
     if not named:
-        return Scope(), ()  # Flextype's clear: nothing more is parsed
+        return EVERYWHERE  # Flextype's clear: nothing more is parsed
     lists: dict[str, list[object]] = {}
     json_body = _json_body(request)
     form = _form_arguments(request) if json_body is None else {}
@@ -134,10 +134,9 @@ def scope(request: HTTPServerRequest, params: dict[str, Any]) -> tuple[Scope, tu
         else:
             lists[name] = _values(name, form, request.query_arguments)
     try:
-        checked = check_lists(lists)
+        return ClearScope.of(lists)
     except ValueError as exc:
         raise ApiError(400, Reason.BAD_SCOPE, log_message=str(exc)) from None
-    return Scope(checked["keys"], checked["prefixes"], checked["tags"]), checked["group"]
 
 
 def _is_json(request: HTTPServerRequest) -> bool:

@@ -52,7 +52,7 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     WorkerIdentity,
 )
-from cachebus.bus.scope import EVERYTHING, Scope, in_group, scope_json
+from cachebus.bus.scope import EVERYWHERE, ClearScope, in_group
 
 from .events import (
     ClearAcked,
@@ -145,9 +145,8 @@ class ClearEntry:
     membership: Membership
     #: The first characters of the token that asked for the clear, so operators can tell who did.
     token: str = ""
-    #: What the clear drops, and which processes it is for (empty: all of them).
-    scope: Scope = EVERYTHING
-    group: tuple[str, ...] = ()
+    #: What the clear drops, and which processes it is for.
+    reach: ClearScope = EVERYWHERE
     #: Each worker's ack, by worker id: its successful one once there is one, else its latest failed one.
     acks: dict[str, AckView] = field(default_factory=dict)
     #: When the last expected ack arrived, or when the record stopped waiting for it.
@@ -350,13 +349,13 @@ class Record:
                 self._memberships.clear()
             membership = self._memberships[clear.group] = Membership.of(list(self._workers.values()), clear.group)
         entry = ClearEntry(id=clear.id, seq=clear.seq, epoch=clear.epoch, published_at=clear.ts,
-                           membership=membership, token=token[:TOKEN_SHOWN], scope=clear.scope, group=clear.group)
+                           membership=membership, token=token[:TOKEN_SHOWN], reach=clear.reach)
         self._clears[clear.id] = entry
         self._by_seq[(clear.epoch, clear.seq)] = entry
         self._trim()
         self.emit(ClearPublished(clear_id=entry.id, seq=entry.seq, epoch=entry.epoch,
                                  published_at=entry.published_at, expected=entry.expected, token=entry.token,
-                                 scope=entry.scope, group=entry.group))
+                                 reach=entry.reach))
         self._pending[entry.id] = entry
         if not entry.expected:
             self._complete(entry, time.time())
@@ -546,7 +545,7 @@ class Record:
                 continue
             if not entry.expects(msg.instance) and entry.seq <= worker.synced_seq:
                 continue
-            if entry.group and not in_group(entry.group, worker.name, worker.labels):
+            if not entry.reach.applies_to(worker.name, worker.labels):
                 continue  # not for this worker: it counted the clear and dropped nothing for it
             ack = AckView.of(msg, now, entry.published_at)
             entry.add_ack(ack)
@@ -619,7 +618,7 @@ class Record:
             "epoch": entry.epoch,
             "published_at": entry.published_at,
             "token": entry.token,
-            "scope": scope_json(entry.scope, entry.group),
+            "scope": entry.reach.to_json(),
             "workers": list(entry.expected),
             "acks": [ack.to_json() for ack in entry.acks.values()],
             "missing": [self._brief(worker, membership) for worker in entry.missing],

@@ -40,7 +40,7 @@ import zmq.asyncio
 
 from cachebus.bus.protocol import Clear, Codec, Heartbeat, Welcome, now
 from cachebus.bus.reader import Batch
-from cachebus.bus.scope import EVERYTHING, Scope
+from cachebus.bus.scope import EVERYWHERE, ClearScope
 from cachebus.bus.security import ServiceSecurity
 from cachebus.bus.sockets import Sockets
 from cachebus.bus.uplink import Uplink
@@ -142,18 +142,17 @@ class Leading:
         if self.parts.lead.replaced():
             self._step_down(f"{self.parts.lead.path} was removed or replaced")
 
-    def publish_clear(self, token: str = "", scope: Scope = EVERYTHING, group: tuple[str, ...] = ()) -> Clear:
-        """Publish one clear, asked for by ``token``, and return it: of ``scope`` (by default
-        everything), in the processes of ``group`` (by default all). Every worker gets the
-        next ``seq`` all the same (docs/scoped-clears.md).
+    def publish_clear(self, token: str = "", reach: ClearScope = EVERYWHERE) -> Clear:
+        """Publish one clear, asked for by ``token``, and return it: of what ``reach`` names in the
+        processes it names (by default everything, everywhere). Every worker gets the next
+        ``seq`` all the same (docs/scoped-clears.md).
 
         The record knows the clear before any ack for it can arrive. Raises
         :class:`NotLeading` if this instance may not publish.
         """
         self.check()
         term = self._write(dataclasses.replace(self.term, seq=self.term.seq + 1))
-        clear = Clear(epoch=term.epoch, seq=term.seq, id=uuid.uuid4().hex, ts=now(), keys=scope.keys,
-                      prefixes=scope.prefixes, tags=scope.tags, group=group)
+        clear = Clear.of(term.epoch, term.seq, uuid.uuid4().hex, now(), reach)
         self.parts.record.published(clear, token)
         self.parts.publisher.send(clear)
         return clear
