@@ -45,9 +45,21 @@ from .scope import MAX_SCOPE_ITEMS, ClearScope, PurgeExtent, Scope, check_item
 
 #: Protocol version carried in every message's second frame. Version 2 added the
 #: send time to signatures (replay protection). Version 3 carries the service's
-#: lease terms in welcomes and heartbeats, and a purge's outcome in acks; an older
-#: peer is refused with a line naming the version.
-VERSION = b"3"
+#: lease terms in welcomes and heartbeats, and a purge's outcome in acks. Version 4
+#: names an ack's all-or-scoped field ``extent`` (it was ``scope``) and gives a
+#: worker heartbeat typed ``on_silence`` and ``degraded`` fields (they were keys of
+#: its ``stats``).
+VERSION = b"4"
+
+#: Versions :meth:`Codec.decode` reads: this one, and for one release the one before, through
+#: :func:`_from_v3`, so embedded workers can be upgraded after the service. Older ones are refused
+#: with a line naming the version.
+READ_VERSIONS = frozenset({b"3", VERSION})
+
+#: The kinds whose body changed in version 4. Every other message still goes out as version 3,
+#: which it also is, so a peer a release behind reads it: a service sends its clears, heartbeats
+#: and welcomes to workers of either version.
+_CHANGED_IN_4 = frozenset({b"ack", b"worker_heartbeat"})
 
 #: Sockets refuse larger messages, so garbage cannot grow a peer's memory, and
 #: :meth:`Codec.decode` refuses them too, in case a socket option was forgotten.
@@ -182,6 +194,7 @@ _ENUM_TYPES: dict[str, type[enum.StrEnum]] = {
     "PurgeCause": PurgeCause,
     "PurgeOutcome": PurgeOutcome,
     "PurgeExtent": PurgeExtent,
+    "OnSilence": OnSilence,
 }
 _ENUM_MEMBERS: dict[type[enum.StrEnum], dict[str, enum.StrEnum]] = {
     enum_type: {member.value: member for member in enum_type} for enum_type in _ENUM_TYPES.values()
@@ -399,7 +412,7 @@ class Ack(Message):
     exception's type and message (scrubbed of credentials by the worker), and
     the ack proves nothing: the worker retries, and acks again.
 
-    ``scope`` is ``all`` when the purge dropped everything (an unscoped clear,
+    ``extent`` is ``all`` when the purge dropped everything (an unscoped clear,
     a gap, or a target that cannot drop less), ``scoped`` when every target
     dropped only what the clears named.
     """
@@ -415,7 +428,7 @@ class Ack(Message):
     cause: PurgeCause
     outcome: PurgeOutcome = PurgeOutcome.OK
     error: str = ""
-    scope: PurgeExtent = PurgeExtent.ALL
+    extent: PurgeExtent = PurgeExtent.ALL
 
 
 @dataclass(frozen=True)
@@ -424,11 +437,15 @@ class WorkerHeartbeat(WorkerIdentity):
 
     It carries the worker's whole identity, so a service that lost track of
     the worker (a restart, a forgotten entry) can list it again at once.
-    ``stats`` holds the worker's cache counters for the record.
+    ``on_silence`` is what its caches do once no service is heard, and
+    ``degraded`` whether they serve without the bound now (``bus.on_silence:
+    serve``, and silent). ``stats`` holds its counters for the record.
     """
 
     KIND: ClassVar[bytes] = b"worker_heartbeat"
     stats: dict = field(default_factory=dict)
+    on_silence: OnSilence = OnSilence.BYPASS
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -552,11 +569,12 @@ class Codec:
 
     def encode(self, msg: Message) -> list[bytes]:
         body = _ENCODER.encode(msg.to_dict()).encode()
+        version = VERSION if msg.KIND in _CHANGED_IN_4 else b"3"
         signature = b""
         if self.key:
             sent = b"%.6f" % time.time()
-            signature = sent + b":" + self.sign(msg.KIND, VERSION, sent, body)
-        return [msg.KIND, VERSION, signature, body]
+            signature = sent + b":" + self.sign(msg.KIND, version, sent, body)
+        return [msg.KIND, version, signature, body]
 
     def decode(self, frames: Sequence[bytes]) -> Message:
         """Turn frames back into a message, or raise :class:`ProtocolError`.
@@ -572,14 +590,17 @@ class Codec:
             raise ProtocolError("frames must be bytes") from None
         if len(kind) + len(version) + len(signature) + len(body) > MAX_MESSAGE_SIZE:
             raise ProtocolError(f"message larger than {MAX_MESSAGE_SIZE} bytes")
-        if version != VERSION:
+        if version not in READ_VERSIONS:
             raise ProtocolError(f"unsupported protocol version {version[:16]!r}")
         cls = MESSAGE_TYPES.get(kind)
         if cls is None:
             raise ProtocolError(f"unknown message kind {kind[:32]!r}")
         if self.key:
             self._verify(kind, version, signature, body)
-        return cls.from_dict(_parse_body(body))
+        data = _parse_body(body)
+        if version == b"3" and kind in _CHANGED_IN_4:
+            data = _from_v3(kind, data)
+        return cls.from_dict(data)
 
     def encode_relayed(self, relay: str, items: Sequence[tuple[bytes, bytes, Sequence[bytes]]]) -> list[bytes]:
         """A relay's envelope of ``items``, each (routing tag, worker key or b"", the worker's frames)."""
@@ -664,6 +685,21 @@ def _parse_body(body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("body is not a JSON object")
+    return data
+
+
+def _from_v3(kind: bytes, data: dict[str, Any]) -> dict[str, Any]:
+    """A version 3 ack or worker heartbeat's body as version 4 has it (read for one release)."""
+    if kind == b"ack":
+        if "scope" in data and "extent" not in data:
+            data["extent"] = data.pop("scope")
+        return data
+    stats = data.get("stats")
+    if isinstance(stats, dict):  # checked as a field afterwards; only these two keys are looked at here
+        if "on_silence" not in data and stats.get("on_silence") in (OnSilence.BYPASS, OnSilence.SERVE):
+            data["on_silence"] = stats["on_silence"]
+        if "degraded" not in data and isinstance(stats.get("degraded"), bool):
+            data["degraded"] = stats["degraded"]
     return data
 
 

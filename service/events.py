@@ -176,7 +176,7 @@ class WorkerPurged(RecordEvent):
         ack = self.ack
         return {"worker": ack.instance, "name": ack.name, "cause": ack.cause, "seq": ack.seq,
                 "clear_id": ack.clear_id, "entries_dropped": ack.dropped, "purge_ms": round(ack.purge_ms, 3),
-                "outcome": ack.outcome, "error": ack.error, "scope": ack.scope}
+                "outcome": ack.outcome, "error": ack.error, "scope": ack.extent}
 
 
 @dataclass(slots=True)

@@ -248,6 +248,10 @@ class WorkerEntry:
     routing_id: bytes = field(default=b"", repr=False)
     #: The relay it speaks through (docs/scale-out.md); empty when connected to the service directly.
     via: str = ""
+    #: What its caches do once no service is heard, and whether it said they serve without the
+    #: bound now: from its heartbeats.
+    on_silence: OnSilence = OnSilence.BYPASS
+    said_degraded: bool = False
     #: More names it answers to in a clear's ``group``, besides :attr:`name`.
     labels: tuple[str, ...] = ()
     #: When, and with what, the last ``worker.stats`` event went out.
@@ -255,17 +259,12 @@ class WorkerEntry:
     _stats_emitted: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
-    def on_silence(self) -> OnSilence:
-        """What the worker said its caches do once no service is heard (its heartbeats' stats)."""
-        return OnSilence.SERVE if self.stats.get("on_silence") == OnSilence.SERVE else OnSilence.BYPASS
-
-    @property
     def degraded(self) -> bool:
         """Whether its caches may serve without the bound: it said so, or it chose ``serve`` and
         the service has not heard it for a while (suspect or lost: it may hear nobody either)."""
         if self.on_silence is not OnSilence.SERVE or self.state in (WorkerState.LEFT, WorkerState.FORGOTTEN):
             return False
-        return self.stats.get("degraded") is True or self.state in (WorkerState.SUSPECT, WorkerState.LOST)
+        return self.said_degraded or self.state in (WorkerState.SUSPECT, WorkerState.LOST)
 
     def view(self) -> WorkerView:
         """The worker as it stands now, as every answer and event shows it."""
@@ -462,6 +461,7 @@ class Record:
         """A worker is alive; a worker the record does not know joins."""
         worker = self.hello(msg, peer)
         worker.stats = msg.stats
+        worker.on_silence, worker.said_degraded = msg.on_silence, msg.degraded
         now = time.monotonic()
         if now - worker._stats_emitted_at >= self.stats_interval and msg.stats != worker._stats_emitted:
             worker._stats_emitted, worker._stats_emitted_at = msg.stats, now

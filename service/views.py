@@ -64,7 +64,7 @@ class AckView(NamedTuple):
     def of(cls, msg: Ack, acked_at: float, published_at: float) -> AckView:
         """The ack ``msg`` as it covers a clear published at ``published_at``."""
         return cls(WorkerId(msg.instance), msg.name, acked_at, (acked_at - published_at) * 1000, msg.dropped,
-                   msg.purge_ms, msg.cause, msg.outcome, msg.error, msg.scope)
+                   msg.purge_ms, msg.cause, msg.outcome, msg.error, msg.extent)
 
     @property
     def ok(self) -> bool:

@@ -23,6 +23,7 @@ from cachebus.bus.protocol import (
     Codec,
     Heartbeat,
     Hello,
+    OnSilence,
     ProtocolError,
     PurgeCause,
     RecentSignatures,
@@ -30,6 +31,7 @@ from cachebus.bus.protocol import (
     WorkerHeartbeat,
     worst,
 )
+from cachebus.bus.scope import PurgeExtent
 
 MESSAGES = [
     Clear(epoch="e", seq=1, id="c1", ts=1.5),
@@ -52,7 +54,9 @@ MESSAGES = [
 def test_every_message_round_trips(msg, key):
     codec = Codec(key)
     frames = codec.encode(msg)
-    assert frames[0] == msg.KIND and frames[1] == VERSION
+    # Only the kinds version 4 changed say 4: the rest is sent as version 3, which a peer a
+    # release behind reads too.
+    assert frames[0] == msg.KIND and frames[1] == (VERSION if msg.KIND in (b"ack", b"worker_heartbeat") else b"3")
     assert bool(frames[2]) == bool(key)
     assert codec.decode(frames) == msg
 
@@ -357,3 +361,41 @@ def test_decode_relayed_raises_only_protocol_error_whatever_follows_the_envelope
         except ProtocolError:
             continue
         assert len(decoded) == header.items and all(len(message) == 4 for _, _, message in decoded)
+
+
+@pytest.mark.parametrize("key", [b"", b"secret"])
+def test_version_3_acks_and_heartbeats_are_read_for_one_release_as_version_4_has_them(key):
+    """An embedded worker a release behind still proves its purges and says whether it serves degraded."""
+    codec = Codec(key)
+
+    def v3(kind: bytes, body: dict) -> list[bytes]:
+        raw = json.dumps(body).encode()
+        sent = b"%.6f" % time.time()
+        return [kind, b"3", sent + b":" + codec.sign(kind, b"3", sent, raw) if key else b"", raw]
+
+    ack = codec.decode(v3(b"ack", {"name": "w", "instance": "i", "epoch": "e", "seq": 3, "clear_id": "c",
+                                   "dropped": 1, "purge_ms": 0.5, "cause": "clear", "outcome": "ok",
+                                   "error": "", "scope": "scoped"}))
+    assert isinstance(ack, Ack) and ack.extent is PurgeExtent.SCOPED
+    beat = codec.decode(v3(b"worker_heartbeat", {"name": "w", "instance": "i", "host": "h", "pid": 1,
+                                                  "endpoint": "", "epoch": "e", "seq": 3,
+                                                  "stats": {"on_silence": "serve", "degraded": True}}))
+    assert isinstance(beat, WorkerHeartbeat) and beat.on_silence is OnSilence.SERVE and beat.degraded is True
+    # A version 3 body is checked as strictly as any: a bad value in the moved key is refused.
+    with pytest.raises(ProtocolError):
+        codec.decode(v3(b"ack", {"name": "w", "instance": "i", "epoch": "e", "seq": 3, "clear_id": "c",
+                                 "dropped": 1, "purge_ms": 0.5, "cause": "clear", "scope": "most"}))
+    with pytest.raises(ProtocolError, match="unsupported protocol version"):
+        codec.decode([b"ack", b"2", b"", b"{}"])
+
+
+def test_a_version_4_heartbeat_carries_on_silence_and_degraded_as_typed_fields():
+    beat = WorkerHeartbeat(name="w", instance="i", host="h", pid=1, endpoint="", epoch="e", seq=3,
+                           on_silence=OnSilence.SERVE, degraded=True)
+    frames = Codec().encode(beat)
+    assert json.loads(frames[3])["on_silence"] == "serve" and json.loads(frames[3])["degraded"] is True
+    assert Codec().decode(frames) == beat
+    for bad in ({"on_silence": "sometimes"}, {"degraded": "yes"}):
+        body = {**json.loads(frames[3]), **bad}
+        with pytest.raises(ProtocolError):
+            Codec().decode([frames[0], frames[1], b"", json.dumps(body).encode()])

@@ -184,14 +184,14 @@ def test_a_worker_outside_a_group_purges_nothing_yet_a_missed_clear_of_any_group
 
             scoped(played, "c2", keys=("a",))
             ack = await asyncio.to_thread(played.next, Ack, lambda a: a.seq == 2)
-            assert (ack.seq, ack.cause, ack.scope, ack.dropped) == (2, PurgeCause.CLEAR, "scoped", 1)
+            assert (ack.seq, ack.cause, ack.extent, ack.dropped) == (2, PurgeCause.CLEAR, "scoped", 1)
             assert cache == {"b": 2}
 
             # The service sends seq 3 for web only; this worker never gets it. The heartbeat at 3
             # reveals the gap, and a gap may hide a clear meant for anyone: everything goes.
             played.seq += 1
             ack = await asyncio.to_thread(played.next, Ack, lambda a: a.seq == 3)
-            assert (ack.seq, ack.cause, ack.scope) == (3, PurgeCause.GAP, "all")
+            assert (ack.seq, ack.cause, ack.extent) == (3, PurgeCause.GAP, "all")
             assert cache == {}
 
     asyncio.run(main())
@@ -233,7 +233,7 @@ def test_a_target_that_failed_is_purged_entirely_by_the_next_scoped_clear(played
             # while the healthy target drops only the key.
             scoped(played, "c2", keys=("a",))
             ack = await asyncio.to_thread(played.next, Ack, lambda a: a.clear_id == "c2")
-            assert (ack.outcome, ack.scope) == ("ok", "all")
+            assert (ack.outcome, ack.extent) == ("ok", "all")
             assert flaky.data == {} and cache == {"b": 2} and not sub.failing
 
     asyncio.run(main())

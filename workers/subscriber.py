@@ -630,7 +630,8 @@ class Subscriber:
                     continue
                 skipped = 0
                 try:
-                    self._send(WorkerHeartbeat(**self._identity(), stats=self.stats()))
+                    self._send(WorkerHeartbeat(**self._identity(), stats=self.stats(), on_silence=self.on_silence,
+                                               degraded=self.degraded))
                 except Exception as exc:  # a target's stats() raised: report it, keep beating next time
                     self.peers.failed("this process", exc, "heartbeat")
 
@@ -773,7 +774,7 @@ class Subscriber:
         self._acked_at = time.monotonic()
         self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,
                        clear_id=clear_id, dropped=dropped, purge_ms=purge_ms, cause=cause,
-                       outcome=PurgeOutcome.FAILED if error else PurgeOutcome.OK, error=error, scope=extent))
+                       outcome=PurgeOutcome.FAILED if error else PurgeOutcome.OK, error=error, extent=extent))
 
     # --- replies on the DEALER socket ---------------------------------------
 
