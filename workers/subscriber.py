@@ -86,7 +86,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, connect_all, split_endpoints
+from cachebus.bus.endpoints import connect_all
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
 from cachebus.bus.protocol import (
     Ack,
@@ -106,13 +106,15 @@ from cachebus.bus.protocol import (
     worst,
 )
 from cachebus.bus.reader import Batch, Reader, send_now
-from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, check_item, in_group
-from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
+from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, in_group
+from cachebus.bus.security import INSECURE_WARNING, BusMode, ClientSecurity, key_name
 from cachebus.bus.sockets import configure
 
+from .options import SubscriberOptions, default_name, embedder_settings, subscriber_options
 from .targets import MAX_ERROR, Leased, Target, adapt, describe_error, describe_traceback
 
-__all__ = ["ForkedSubscriberError", "Leased", "Subscriber", "ThreadedSubscriber", "default_name"]
+__all__ = ["ForkedSubscriberError", "Leased", "Subscriber", "SubscriberOptions", "ThreadedSubscriber",
+           "default_name"]
 
 log = logging.getLogger("cachebus.subscriber")
 
@@ -164,11 +166,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def default_name() -> str:
-    """The host name: the label every unnamed subscriber on this host shares (processes differ by instance)."""
-    return socket.gethostname()
-
-
 def new_instance() -> str:
     """``<host>:<pid>:<random>``: this process's identity on the bus, new at every start."""
     while True:
@@ -176,13 +173,6 @@ def new_instance() -> str:
         if instance not in _instances:
             _instances.add(instance)
             return instance
-
-
-def _check_endpoints(option: str, endpoints: str) -> list[str]:
-    try:
-        return split_endpoints(endpoints)
-    except ValueError as exc:
-        raise ValueError(f"{option}: {exc}") from None
 
 
 @dataclass
@@ -203,82 +193,44 @@ class Subscriber:
     processes may share (default: the host name); each started process has
     its own :attr:`instance`.
 
-    Security, as ``bus.*`` in the settings: by default CURVE with the keys in
-    ``keys_dir`` (``server_key`` gives the service's z85 public key instead of
-    ``<keys_dir>/service.key``, ``secret_key_file`` this process's keypair
-    instead of ``<keys_dir>/workers/<name>.key_secret``); a shared ``key`` for
-    HMAC; or ``insecure=True``. :meth:`start` raises
+    ``options`` and the keywords are
+    :class:`~cachebus.workers.options.SubscriberOptions` (the keywords change
+    the fields they name; an unknown one is a :class:`TypeError`):
+    ``Subscriber([cache], name="web", insecure=True)``. :meth:`start` raises
     :class:`~cachebus.bus.security.KeyFileError` when a key it needs is missing.
-
-    ``heartbeat_interval`` and ``liveness`` may be left out: the service sends
-    its own, and the subscriber follows them (with one warning if given values
-    differ). Until it hears the service they only time reconnects.
     """
 
-    def __init__(
-        self,
-        targets: Iterable[Any],
-        *,
-        name: str | None = None,
-        labels: Iterable[str] = (),
-        publish: str = DEFAULT_PUBLISH,
-        acks: str = DEFAULT_ACKS,
-        endpoint: str = "",
-        key: str | bytes = b"",
-        insecure: bool = False,
-        keys_dir: str | os.PathLike[str] = DEFAULT_KEYS_DIR,
-        server_key: str | bytes | None = None,
-        secret_key_file: str | os.PathLike[str] | None = None,
-        heartbeat_interval: float | None = None,
-        liveness: int | None = None,
-        recv_hwm: int = 10_000,
-        socket_buffer: int = 0,
-        on_silence: OnSilence | str = OnSilence.BYPASS,
-        context: zmq.asyncio.Context | None = None,
-    ) -> None:
+    def __init__(self, targets: Iterable[Any], options: SubscriberOptions | None = None, /,
+                 **fields: Any) -> None:
+        #: What it was told, checked (:class:`~cachebus.workers.options.SubscriberOptions`).
+        self.options = opts = SubscriberOptions.of(options, **fields)
         self._targets: list[Target] = adapt(targets)
         #: The target objects, as given.
         self.targets = [target.obj for target in self._targets]
         self._leased_targets: list[Leased] = [t.leased for t in self._targets if t.leased is not None]
-        self.name = name or default_name()
+        self.name = opts.name
         #: More names this process answers to in a clear's ``group`` (``web``, ``eu``, ``host-3``).
-        self.labels: tuple[str, ...] = tuple(dict.fromkeys(check_item("labels", label) for label in labels))
+        self.labels: tuple[str, ...] = opts.labels
         #: ``<host>:<pid>:<random>``, made by :meth:`start` (so a subscriber built before a fork and
         #: started after it gets the child's); empty before.
         self.instance = ""
-        #: The service's endpoints, one per instance when several share the lead (docs/scale-out.md).
-        self.publish = publish
-        self.acks = acks
-        self._publish = _check_endpoints("publish", publish)
-        self._acks = _check_endpoints("acks", acks)
-        self.endpoint = endpoint
-        raw_key = key.encode() if isinstance(key, str) else key
-        self.mode = bus_mode(raw_key, insecure)
-        if heartbeat_interval is not None and not heartbeat_interval > 0:
-            raise ValueError(f"heartbeat_interval must be a positive number of seconds, not {heartbeat_interval!r}")
-        if liveness is not None and not liveness >= 1:
-            raise ValueError(f"liveness must be a positive count of heartbeats, not {liveness!r}")
-        self._configured_terms = (heartbeat_interval, liveness)
+        self._publish = opts.publish_endpoints
+        self._acks = opts.acks_endpoints
+        self.mode = opts.mode
+        self._configured_terms = (opts.heartbeat_interval, opts.liveness)
         #: The lease terms in force: the service's once heard (:attr:`terms_from_service`), until then the
         #: configured or initial ones.
-        self.heartbeat_interval: float = heartbeat_interval or _INITIAL_HEARTBEAT_INTERVAL
-        self.liveness: int = liveness or _INITIAL_LIVENESS
+        self.heartbeat_interval: float = opts.heartbeat_interval or _INITIAL_HEARTBEAT_INTERVAL
+        self.liveness: int = opts.liveness or _INITIAL_LIVENESS
         self.terms_from_service = False
         self._warned_terms = False
-        self.codec = Codec(raw_key, max_age=self.lease_seconds)
-        self._security_options: dict[str, Any] = {
-            "name": key_name(self.name), "keys_dir": keys_dir, "server_key": server_key,
-            "secret_key_file": secret_key_file}
+        self.codec = Codec(opts.raw_key, max_age=self.lease_seconds)
         self.security = ClientSecurity(self.mode)
-        self.recv_hwm = recv_hwm
-        if on_silence not in OnSilence.__members__.values():
-            raise ValueError(f"on_silence must be {' or '.join(OnSilence)}, not {on_silence!r}")
         #: What the targets do once the service is silent for a lease (``bus.on_silence``).
-        self.on_silence = OnSilence(on_silence)
+        self.on_silence = opts.on_silence
         #: Seconds spent degraded (serving with no service heard) up to the last time it was heard again.
         self._degraded_total = 0.0
         self._warned_degraded = False
-        self.socket_buffer = socket_buffer
         #: time.monotonic() until which the service counts as heard; None before the first message.
         self.lease_until: float | None = None
         self.last_cause: PurgeCause | None = None
@@ -295,7 +247,6 @@ class Subscriber:
         self._failed_purge: _FailedPurge | None = None
         self.peers = PeerLog(log)
         self._synced = asyncio.Event()
-        self._context = context
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
@@ -359,20 +310,22 @@ class Subscriber:
             raise RuntimeError(f"subscriber {self.name} is started already")
         for target in self._leased_targets:
             target.revoke_lease()
-        self.security = ClientSecurity.resolve(self.mode, **self._security_options)
+        opts = self.options
+        self.security = ClientSecurity.resolve(self.mode, name=key_name(self.name), keys_dir=opts.keys_dir,
+                                               server_key=opts.server_key, secret_key_file=opts.secret_key_file)
         if self.mode is BusMode.INSECURE:
             log.warning(INSECURE_WARNING)
         self.instance = new_instance()
         self._loop = asyncio.get_running_loop()
         # Made here, not when built: a context made before a fork is unusable in the child.
-        self._ctx = self._context or zmq.asyncio.Context()
+        self._ctx = opts.context or zmq.asyncio.Context()
         try:
             # Plain sockets, read from the loop's reader callbacks (bus.reader): zmq.asyncio's
             # future per receive was a large share of a worker's CPU per clear.
             self._sub = zmq.Socket(self._ctx, zmq.SUB)
             # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
             # heartbeat timeout (zeromq/libzmq#4767); the service's heartbeats and the lease do the job.
-            configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
+            configure(self._sub, recv_hwm=opts.recv_hwm, buffer=opts.socket_buffer)
             self.security.apply(self._sub)
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
             for endpoint in self._publish:
@@ -397,7 +350,7 @@ class Subscriber:
         self._started_pid = os.getpid()
         _started.add(self)
         log.info("subscriber %s (instance %s) listening to %s, acking to %s",
-                 self.name, self.instance, self.publish, self.acks)
+                 self.name, self.instance, opts.publish, opts.acks)
 
     async def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until :attr:`synced`; False if ``timeout`` passed first."""
@@ -433,7 +386,7 @@ class Subscriber:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
         self._dealer = self._sub = None
-        if self._ctx is not None and self._context is None:
+        if self._ctx is not None and self.options.context is None:
             self._ctx.term()
         self._ctx = None
 
@@ -644,7 +597,8 @@ class Subscriber:
         if time.monotonic() - self._connected_at < self.lease_seconds:
             return
         assert self._sub is not None
-        self.peers.report(self.publish, Trouble.UNANSWERED, f"nothing heard yet: connecting again{self._key_hint()}")
+        self.peers.report(self.options.publish, Trouble.UNANSWERED,
+                          f"nothing heard yet: connecting again{self._key_hint()}")
         _reconnect(self._sub, self._publish)
         self._connected_at = time.monotonic()
 
@@ -657,7 +611,7 @@ class Subscriber:
         if waited < self.lease_seconds:
             return False
         assert self._dealer is not None
-        self.peers.report(self.acks, Trouble.UNANSWERED,
+        self.peers.report(self.options.acks, Trouble.UNANSWERED,
                           f"no welcome {waited:.1f} s after hello: connecting again{self._key_hint()}")
         _reconnect(self._dealer, self._acks)
         self._say_hello()
@@ -672,7 +626,7 @@ class Subscriber:
     def _identity(self) -> dict[str, Any]:
         """The fields of :class:`~cachebus.bus.protocol.WorkerIdentity` for this subscriber."""
         return {"name": self.name, "instance": self.instance, "host": socket.gethostname(),
-                "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq,
+                "pid": os.getpid(), "endpoint": self.options.endpoint, "epoch": self.epoch or "", "seq": self.seq,
                 "labels": self.labels}
 
     def stats(self) -> dict[str, Any]:
@@ -819,10 +773,8 @@ class Subscriber:
         :class:`~cachebus.settings.SettingsError`, one line naming the file and
         key or the variable.
         """
-        # Imported here only to keep this addition in one place; options imports nothing of this module.
-        from .options import embedder_settings, subscriber_options
-        settings = embedder_settings(path, environ=environ)
-        return cls(targets, **subscriber_options(settings, environ=environ, **overrides))
+        return cls(targets, subscriber_options(embedder_settings(path, environ=environ), environ=environ,
+                                               **overrides))
 
 
 def _one_error(errors: list[str]) -> str:
@@ -854,8 +806,9 @@ class ThreadedSubscriber:
     must be thread-safe, as :class:`~cachebus.workers.cache.Cache` is.
     """
 
-    def __init__(self, targets: Iterable[Any], **options: Any) -> None:
-        self.subscriber = Subscriber(targets, **options)
+    def __init__(self, targets: Iterable[Any], options: SubscriberOptions | None = None, /,
+                 **fields: Any) -> None:
+        self.subscriber = Subscriber(targets, options, **fields)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         #: Guards the hand-over between start() and the thread: reported, or abandoned.
@@ -958,6 +911,5 @@ class ThreadedSubscriber:
                       environ: Mapping[str, str] = os.environ, **overrides: Any) -> ThreadedSubscriber:
         """:meth:`Subscriber.from_settings` for the threaded flavour; settings are read (and
         checked) now, in the calling thread."""
-        from .options import embedder_settings, subscriber_options
-        settings = embedder_settings(path, environ=environ)
-        return cls(targets, **subscriber_options(settings, environ=environ, **overrides))
+        return cls(targets, subscriber_options(embedder_settings(path, environ=environ), environ=environ,
+                                               **overrides))
