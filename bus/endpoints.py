@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import zmq
-
 #: The service binds a PUB socket here; workers subscribe to it for commands.
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 
@@ -29,9 +27,10 @@ def is_endpoint(value: object) -> bool:
 def split_endpoints(value: str) -> list[str]:
     """The endpoints of a setting that lists one per service instance, separated by commas.
 
-    A worker or relay connects to every one: several ``cachebus serve``
-    instances each bind their own, and only the one holding the lead speaks
-    (docs/scale-out.md). Raises :class:`ValueError` naming what is wrong.
+    A worker or relay subscribes to every one (several ``cachebus serve``
+    instances each bind their own, and only the one holding the lead speaks)
+    and talks to one at a time on the back channel (:mod:`cachebus.bus.upstream`;
+    docs/scale-out.md). Raises :class:`ValueError` naming what is wrong.
     """
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a ZeroMQ endpoint (tcp://host:port, ipc:///path, …)")
@@ -44,16 +43,3 @@ def split_endpoints(value: str) -> list[str]:
     if len(set(parts)) != len(parts):
         raise ValueError(f"{value!r} names an endpoint twice")
     return parts
-
-
-def connect_all(dealer: zmq.Socket, endpoints: list[str]) -> None:
-    """Connect a back channel's DEALER to every instance in ``endpoints``.
-
-    With several, a message goes only to a completed connection
-    (``ZMQ_IMMEDIATE``), never into the queue of an instance that is down: any
-    instance passes it to the one holding the lead (docs/scale-out.md).
-    """
-    if len(endpoints) > 1:
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-    for endpoint in endpoints:
-        dealer.connect(endpoint)

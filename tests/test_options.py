@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ import zmq.auth
 
 from cachebus import Cache, Subscriber, ThreadedSubscriber
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH
+from cachebus.bus.protocol import OnSilence
 from cachebus.bus.security import BusMode
 from cachebus.settings import CONFIG_ENV, SettingsError
 from cachebus.testing import DEADLINE, Cluster, wait_for
-from cachebus.workers.options import embedder_settings, subscriber_options
+from cachebus.workers.options import ENV_VARS, SubscriberOptions, embedder_settings, subscriber_options
 
 FILE = """
 bus:
@@ -34,7 +36,8 @@ worker:
 """
 
 
-def options(path: Path | None = None, environ: dict[str, str] | None = None, **overrides: object) -> dict:
+def options(path: Path | None = None, environ: dict[str, str] | None = None,
+            **overrides: object) -> SubscriberOptions:
     environ = environ or {}
     return subscriber_options(embedder_settings(path, environ=environ), environ=environ, **overrides)
 
@@ -47,21 +50,21 @@ def settings_file(tmp_path: Path) -> Path:
 
 
 def test_the_file_gives_the_bus_settings_and_the_name_but_not_the_lease_terms(settings_file: Path):
-    assert options(settings_file) == {
-        "name": "web", "labels": ["eu", "blue"], "publish": "tcp://10.0.0.5:5556", "acks": "tcp://10.0.0.5:5557",
-        "key": "", "insecure": False, "keys_dir": "/etc/cachebus/keys",
-        "secret_key_file": "/etc/cachebus/web.key_secret", "recv_hwm": 500, "socket_buffer": 65536,
-        "on_silence": "serve"}  # no heartbeat_interval, no liveness: the service's terms rule
+    assert options(settings_file) == SubscriberOptions(
+        name="web", labels=("eu", "blue"), publish="tcp://10.0.0.5:5556", acks="tcp://10.0.0.5:5557",
+        key="", insecure=False, keys_dir="/etc/cachebus/keys",
+        secret_key_file="/etc/cachebus/web.key_secret", recv_hwm=500, socket_buffer=65536,
+        on_silence=OnSilence.SERVE)  # no heartbeat_interval, no liveness: the service's terms rule
 
 
 def test_keywords_beat_the_environment_which_beats_the_file(settings_file: Path):
     environ = {"CACHEBUS_PUBLISH": "tcp://10.0.0.6:5556", "CACHEBUS_NAME": "web-env", "CACHEBUS_RECV_HWM": "42"}
-    assert options(settings_file, environ, publish="tcp://10.0.0.7:5556")["publish"] == "tcp://10.0.0.7:5556"
+    assert options(settings_file, environ, publish="tcp://10.0.0.7:5556").publish == "tcp://10.0.0.7:5556"
     got = options(settings_file, environ)
-    assert (got["publish"], got["name"], got["recv_hwm"]) == ("tcp://10.0.0.6:5556", "web-env", 42)
-    assert got["acks"] == "tcp://10.0.0.5:5557"  # not in the environment: from the file
+    assert (got.publish, got.name, got.recv_hwm) == ("tcp://10.0.0.6:5556", "web-env", 42)
+    assert got.acks == "tcp://10.0.0.5:5557"  # not in the environment: from the file
     got = options(None, environ)
-    assert (got["publish"], got["acks"], got["recv_hwm"]) == ("tcp://10.0.0.6:5556", DEFAULT_ACKS, 42)
+    assert (got.publish, got.acks, got.recv_hwm) == ("tcp://10.0.0.6:5556", DEFAULT_ACKS, 42)
 
 
 def test_every_variable(tmp_path: Path):
@@ -71,36 +74,38 @@ def test_every_variable(tmp_path: Path):
                "CACHEBUS_KEYS_DIR": "/k", "CACHEBUS_SERVER_KEY": server_key, "CACHEBUS_SECRET_KEY_FILE": "/k/me",
                "CACHEBUS_NAME": "api", "CACHEBUS_RECV_HWM": "7", "CACHEBUS_ON_SILENCE": "serve",
                "CACHEBUS_LABELS": "eu, blue,,"}
-    assert options(None, environ) == {
-        "name": "api", "labels": ["eu", "blue"], "publish": "tcp://a:1", "acks": "tcp://a:2",
-        "key": "shared-secret", "insecure": False,
-        "keys_dir": "/k", "server_key": server_key, "secret_key_file": "/k/me", "recv_hwm": 7, "socket_buffer": 0,
-        "on_silence": "serve"}
+    assert options(None, environ) == SubscriberOptions(
+        name="api", labels=("eu", "blue"), publish="tcp://a:1", acks="tcp://a:2",
+        key="shared-secret", insecure=False,
+        keys_dir="/k", server_key=server_key, secret_key_file="/k/me", recv_hwm=7, socket_buffer=0,
+        on_silence=OnSilence.SERVE)
+    # Each variable sets a field of the one definition of the options.
+    assert {var.option for var in ENV_VARS} <= {f.name for f in dataclasses.fields(SubscriberOptions)}
 
 
 @pytest.mark.parametrize(("value", "insecure"), [("1", True), ("true", True), ("YES", True), ("0", False),
                                                  ("false", False), ("no", False)])
 def test_insecure_words(value: str, insecure: bool):
-    assert options(None, {"CACHEBUS_INSECURE": value})["insecure"] is insecure
+    assert options(None, {"CACHEBUS_INSECURE": value}).insecure is insecure
 
 
 def test_the_settings_file_is_path_else_cachebus_config_else_none(settings_file: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch):
     other = tmp_path / "other.yaml"
     other.write_text("bus:\n  publish: tcp://10.0.0.9:5556\n")
-    assert options(settings_file, {CONFIG_ENV: str(other)})["publish"] == "tcp://10.0.0.5:5556"
-    assert options(None, {CONFIG_ENV: str(other)})["publish"] == "tcp://10.0.0.9:5556"
+    assert options(settings_file, {CONFIG_ENV: str(other)}).publish == "tcp://10.0.0.5:5556"
+    assert options(None, {CONFIG_ENV: str(other)}).publish == "tcp://10.0.0.9:5556"
     # An application's own config/settings.yaml is never read unasked (cachebus serve's default path).
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "settings.yaml").write_text("database: {url: postgres://app}\n")
-    assert options()["publish"] == DEFAULT_PUBLISH
+    assert options().publish == DEFAULT_PUBLISH
 
 
 def test_empty_variables_are_unset_and_overridden_ones_are_not_read(settings_file: Path):
     got = options(settings_file, {"CACHEBUS_PUBLISH": "", "CACHEBUS_NAME": "", "CACHEBUS_RECV_HWM": "many"},
                   recv_hwm=3)
-    assert (got["publish"], got["name"], got["recv_hwm"]) == ("tcp://10.0.0.5:5556", "web", 3)
+    assert (got.publish, got.name, got.recv_hwm) == ("tcp://10.0.0.5:5556", "web", 3)
 
 
 @pytest.mark.parametrize(("variable", "value", "says"), [
@@ -129,7 +134,7 @@ def test_a_contradiction_names_the_variable_and_never_the_key(tmp_path: Path):
     assert str(caught.value).startswith("CACHEBUS_KEY: bus.insecure: true together with a bus.key")
     assert "s3cret" not in str(caught.value)
     # Turned off in the environment too: no contradiction, whatever the order of the variables.
-    assert options(insecure, {"CACHEBUS_KEY": "s3cret-bus-key", "CACHEBUS_INSECURE": "0"})["insecure"] is False
+    assert options(insecure, {"CACHEBUS_KEY": "s3cret-bus-key", "CACHEBUS_INSECURE": "0"}).insecure is False
 
 
 def test_a_bad_settings_file_names_the_file_and_key(tmp_path: Path):
@@ -146,12 +151,30 @@ def test_from_settings_builds_the_subscriber(settings_file: Path, monkeypatch: p
     ctx = zmq.asyncio.Context()
     try:
         subscriber = Subscriber.from_settings([Cache()], settings_file, context=ctx, endpoint="http://web:8000")
-        assert (subscriber.name, subscriber.publish, subscriber.acks) == ("web", "tcp://10.0.0.5:5556",
-                                                                          "tcp://10.0.0.5:5557")
-        assert (subscriber.mode, subscriber.recv_hwm, subscriber.socket_buffer) == (BusMode.HMAC, 500, 65536)
-        assert subscriber.endpoint == "http://web:8000"
+        got = subscriber.options
+        assert (subscriber.name, got.publish, got.acks) == ("web", "tcp://10.0.0.5:5556", "tcp://10.0.0.5:5557")
+        assert (subscriber.mode, got.recv_hwm, got.socket_buffer) == (BusMode.HMAC, 500, 65536)
+        assert got.endpoint == "http://web:8000" and got.context is ctx
     finally:
         ctx.term()
+
+
+def test_the_options_are_one_checked_value_given_whole_or_by_keyword():
+    base = SubscriberOptions(name="web", labels=["eu", "blue", "eu"], insecure=True, on_silence="serve")
+    assert (base.labels, base.on_silence) == (("eu", "blue"), OnSilence.SERVE)
+    subscriber = Subscriber([Cache()], base, publish="tcp://10.0.0.5:5556")
+    assert subscriber.options == dataclasses.replace(base, publish="tcp://10.0.0.5:5556")
+    assert subscriber.name == "web" and subscriber.labels == ("eu", "blue")
+    assert ThreadedSubscriber([Cache()], base).subscriber.options is base
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.name = "api"  # type: ignore[misc]
+    for build in (Subscriber, ThreadedSubscriber):
+        with pytest.raises(TypeError, match="unknown subscriber option 'nmae': the options are acks, context"):
+            build([Cache()], nmae="web")
+    with pytest.raises(ValueError, match="liveness must be a positive count of heartbeats, not 0"):
+        SubscriberOptions(liveness=0)
+    with pytest.raises(ValueError, match="acks: 'tcp://a:1,tcp://a:1' names an endpoint twice"):
+        Subscriber([Cache()], acks="tcp://a:1,tcp://a:1")
 
 
 def test_embedding_needs_only_the_base_install():

@@ -408,6 +408,79 @@ def test_a_subscriber_built_before_a_fork_and_started_in_the_child_is_the_childs
     assert any(w["name"] == "post-fork" and w["pid"] == pid for w in cluster.worker_list())
 
 
+# --- one path to the service ------------------------------------------------------------
+
+
+def unanswered(service: PlayedService, speak: bool = True) -> Message | None:
+    """What :meth:`PlayedService.poll` does, minus the welcome: an instance that stopped answering
+    (dead behind its socket, or a follower cut off from the leader). ``speak=False``: no heartbeat either."""
+    if speak:
+        service.heartbeat()
+    try:
+        frames = service.router.recv_multipart()
+    except zmq.Again:
+        return None
+    msg = service.codec.decode(frames[1:])
+    service.received.append(msg)
+    return msg
+
+
+def test_the_back_channel_talks_to_one_instance_and_moves_to_the_next_when_it_falls_silent(
+        caplog: pytest.LogCaptureFixture):
+    first, second = PlayedService(), PlayedService()
+    options = {"publish": f"{first.publish},{second.publish}", "acks": f"{first.acks},{second.acks}",
+               "insecure": True}
+    cache = Cache()
+
+    async def main() -> None:
+        async with Subscriber([cache], name="app", **options) as sub:
+            # Everything goes to the first instance; the second, listed too, hears nothing.
+            await asyncio.to_thread(first.next, Hello)
+            assert await sub.wait_synced(DEADLINE)
+
+            def answered_heartbeats(count: int) -> bool:
+                assert second.poll() is None
+                first.poll()
+                return sum(isinstance(m, WorkerHeartbeat) for m in first.received) >= count
+
+            await asyncio.to_thread(wait_for, lambda: answered_heartbeats(3), what="heartbeats answered by the first")
+            assert second.received == [] and sub.session.upstream.current == first.acks
+
+            # The first stops answering: within a lease of its first unanswered message, the worker
+            # says hello to the second, and purges nothing for moving.
+            purges = sub.purges
+
+            def hello_at_second() -> Hello | None:
+                unanswered(first)
+                second.poll()
+                return next((m for m in second.received if isinstance(m, Hello)), None)
+
+            hello = await asyncio.to_thread(wait_for, hello_at_second, what="a hello at the second")
+            assert hello.instance == sub.instance and second.received[0] == hello
+            assert sub.session.upstream.current == second.acks and sub.purges == purges
+            assert await sub.wait_synced(DEADLINE)
+            moved = [r.getMessage() for r in caplog.records if "moving to" in r.getMessage()]
+            assert len(moved) == 1 and first.acks in moved[0] and f"moving to {second.acks}" in moved[0]
+
+            # From now on, everything goes to the second (the first no longer speaks either):
+            # a clear's ack, heartbeats at the clear's seq.
+            cache.set("k", "v")
+            second.clear("c1")
+            ack = await asyncio.to_thread(second.next, Ack, lambda a: a.clear_id == "c1")
+            assert ack.seq == 1 and ack.cause is PurgeCause.CLEAR and cache.get("k") is None
+            await asyncio.to_thread(second.next, WorkerHeartbeat, lambda h: h.seq == 1)
+            # Drain what the first had queued before the move: nothing sent since reached it.
+            await asyncio.to_thread(wait_for, lambda: unanswered(first, speak=False) is None,
+                                    what="the first drained")
+            assert not [m for m in first.received if getattr(m, "seq", 0) >= 1]
+
+    try:
+        asyncio.run(main())
+    finally:
+        first.close()
+        second.close()
+
+
 # --- lease terms from the service ------------------------------------------------------
 
 
@@ -423,10 +496,10 @@ def test_the_lease_follows_the_service_and_different_settings_log_one_warning(
     try:
         assert configured.wait_synced(DEADLINE) and following.wait_synced(DEADLINE)
         for threaded in (configured, following):
-            sub = threaded.subscriber
-            assert sub.terms_from_service
-            assert (sub.heartbeat_interval, sub.liveness, sub.lease_seconds) == (0.2, 2, 0.4)
-            assert sub.codec.max_age == 0.4
+            session = threaded.subscriber.session
+            assert session.terms_from_service
+            assert (session.heartbeat_interval, session.liveness, session.lease_seconds) == (0.2, 2, 0.4)
+            assert threaded.subscriber.codec.max_age == 0.4
         # Many heartbeats later (a clear acked by both), still one warning, for the configured one only.
         cluster.wait_worker_live_named("configured")
         cluster.wait_worker_live_named("following")
@@ -459,7 +532,7 @@ def test_a_bad_endpoint_is_refused_at_once():
 def test_an_unknown_on_silence_is_refused_at_once():
     with pytest.raises(ValueError, match="on_silence must be bypass or serve, not 'stale'"):
         Subscriber([Cache()], on_silence="stale")
-    assert Subscriber([Cache()], on_silence="serve").on_silence is OnSilence.SERVE
+    assert Subscriber([Cache()], on_silence="serve").options.on_silence is OnSilence.SERVE
 
 
 def test_start_gives_up_after_its_timeout_when_the_thread_never_reports(tmp_path: Path):

@@ -27,12 +27,22 @@ raises :class:`ForkedSubscriberError`. Start subscribers after the fork:
 gunicorn's ``post_fork`` hook, uvicorn's startup/lifespan.
 
 **Security.** The subscriber connects a SUB socket to the service's commands
-and a DEALER to its ack channel. By default both are CURVE clients
+(to every instance's, when several share the lead: only the leader speaks) and
+a DEALER to its ack channel. By default both are CURVE clients
 (:mod:`cachebus.bus.security`): it reads the service's public key from
 ``<keys_dir>/service.key`` and uses the keypair
 ``<keys_dir>/workers/<name>.key_secret``, created when missing, which a
 service on the same host with the same ``keys_dir`` allows. A shared ``key``
 selects the HMAC mode instead, and ``insecure=True`` no authentication at all.
+
+**One path.** The DEALER talks to one instance at a time, the first in
+``acks`` to begin with (:mod:`cachebus.bus.upstream`), so this process's
+hello, acks, heartbeats and bye reach the leader in the order they were sent.
+The service answers every hello and heartbeat with a welcome; when one has
+gone unanswered for a lease, the subscriber moves to the next endpoint in the
+list (wrapping around; with one, it connects to it again, which also picks up
+a key added to the service's allow-list since) and says hello there. Moving
+purges nothing: the commands come on the SUB socket, which never moves.
 
 **Purges.** It says hello once its subscription has delivered a first message
 (so the service never expects it before it can hear), purges its targets on
@@ -72,61 +82,36 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
 import secrets
 import socket
 import threading
-import time
 import weakref
 from collections.abc import Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, cast
 
 import zmq
 import zmq.asyncio
 
-from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, connect_all, split_endpoints
 from cachebus.bus.peers import PeerLog, Trouble, peer_address
-from cachebus.bus.protocol import (
-    Ack,
-    Bye,
-    Clear,
-    Codec,
-    Heartbeat,
-    Hello,
-    LeaseTerms,
-    Message,
-    OnSilence,
-    ProtocolError,
-    PurgeCause,
-    PurgeOutcome,
-    Welcome,
-    WorkerHeartbeat,
-    worst,
-)
+from cachebus.bus.protocol import Bye, Codec, Hello, Message, ProtocolError, PurgeCause, Welcome, WorkerHeartbeat
 from cachebus.bus.reader import Batch, Reader, send_now
-from cachebus.bus.scope import EVERYTHING, PurgeExtent, Scope, check_item, in_group
-from cachebus.bus.security import DEFAULT_KEYS_DIR, INSECURE_WARNING, BusMode, ClientSecurity, bus_mode, key_name
+from cachebus.bus.security import INSECURE_WARNING, BusMode, ClientSecurity, key_name
 from cachebus.bus.sockets import configure
+from cachebus.bus.upstream import attach, move
 
-from .targets import MAX_ERROR, Leased, Target, adapt, describe_error, describe_traceback
+from .options import SubscriberOptions, default_name, embedder_settings, subscriber_options
+from .purger import Purged, Purger
+from .session import Beat, Decision, Move, Resubscribe, SayHello, Session
+from .targets import Leased, Target
 
-__all__ = ["ForkedSubscriberError", "Leased", "Subscriber", "ThreadedSubscriber", "default_name"]
+__all__ = ["ForkedSubscriberError", "Leased", "Subscriber", "SubscriberOptions", "ThreadedSubscriber",
+           "default_name"]
 
 log = logging.getLogger("cachebus.subscriber")
 
 #: Most commands handled in one batch; the batch is purged once.
 _MAX_BATCH = 1000
-
-#: Lease terms until the service is heard, when none were configured: they only time the reconnects
-#: before the first message, since every welcome and heartbeat carries the service's own.
-_INITIAL_HEARTBEAT_INTERVAL = 0.5
-_INITIAL_LIVENESS = 3
-
-
-#: Heartbeat stats summed over the targets that have ``stats()``.
-_SUMMED_STATS = ("entries", "hits", "misses", "evictions", "bypass_seconds")
 
 
 class ForkedSubscriberError(RuntimeError):
@@ -164,11 +149,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def default_name() -> str:
-    """The host name: the label every unnamed subscriber on this host shares (processes differ by instance)."""
-    return socket.gethostname()
-
-
 def new_instance() -> str:
     """``<host>:<pid>:<random>``: this process's identity on the bus, new at every start."""
     while True:
@@ -178,128 +158,51 @@ def new_instance() -> str:
             return instance
 
 
-def _check_endpoints(option: str, endpoints: str) -> list[str]:
-    try:
-        return split_endpoints(endpoints)
-    except ValueError as exc:
-        raise ValueError(f"{option}: {exc}") from None
-
-
-@dataclass
-class _FailedPurge:
-    """A purge some target failed: what the ok ack says once every target has been purged since."""
-
-    cause: PurgeCause
-    clear_id: str
-    dropped: int
-    purge_ms: float
-
-
 class Subscriber:
     """Purges ``targets`` when the service says so, and acks each purge.
 
     ``targets`` are any cache objects :mod:`cachebus.workers.targets` accepts;
-    one it cannot purge is a :class:`TypeError` here. ``name`` is a label many
-    processes may share (default: the host name); each started process has
-    its own :attr:`instance`.
-
-    Security, as ``bus.*`` in the settings: by default CURVE with the keys in
-    ``keys_dir`` (``server_key`` gives the service's z85 public key instead of
-    ``<keys_dir>/service.key``, ``secret_key_file`` this process's keypair
-    instead of ``<keys_dir>/workers/<name>.key_secret``); a shared ``key`` for
-    HMAC; or ``insecure=True``. :meth:`start` raises
+    one it cannot purge is a :class:`TypeError` here. ``options`` and the
+    keywords are :class:`~cachebus.workers.options.SubscriberOptions` (the
+    keywords change the fields they name; an unknown one is a
+    :class:`TypeError`): ``Subscriber([cache], name="web", insecure=True)``.
+    ``name`` is a label many processes may share (default: the host name);
+    each started process has its own :attr:`instance`. :meth:`start` raises
     :class:`~cachebus.bus.security.KeyFileError` when a key it needs is missing.
 
-    ``heartbeat_interval`` and ``liveness`` may be left out: the service sends
-    its own, and the subscriber follows them (with one warning if given values
-    differ). Until it hears the service they only time reconnects.
+    The subscriber holds the sockets, its heartbeat task and the fork guard,
+    and applies what its :attr:`session` (epoch, seq, lease, path:
+    :mod:`cachebus.workers.session`) decides, through its :attr:`purger`
+    (the targets: :mod:`cachebus.workers.purger`).
     """
 
-    def __init__(
-        self,
-        targets: Iterable[Any],
-        *,
-        name: str | None = None,
-        labels: Iterable[str] = (),
-        publish: str = DEFAULT_PUBLISH,
-        acks: str = DEFAULT_ACKS,
-        endpoint: str = "",
-        key: str | bytes = b"",
-        insecure: bool = False,
-        keys_dir: str | os.PathLike[str] = DEFAULT_KEYS_DIR,
-        server_key: str | bytes | None = None,
-        secret_key_file: str | os.PathLike[str] | None = None,
-        heartbeat_interval: float | None = None,
-        liveness: int | None = None,
-        recv_hwm: int = 10_000,
-        socket_buffer: int = 0,
-        on_silence: OnSilence | str = OnSilence.BYPASS,
-        context: zmq.asyncio.Context | None = None,
-    ) -> None:
-        self._targets: list[Target] = adapt(targets)
+    def __init__(self, targets: Iterable[Any], options: SubscriberOptions | None = None, /,
+                 **fields: Any) -> None:
+        #: What it was told, checked.
+        self.options = SubscriberOptions.of(options, **fields)
+        opts = self.options
+        self.peers = PeerLog(log)
+        #: The targets: every purge, the failing ones and their retry.
+        self.purger = Purger(targets, self.peers)
         #: The target objects, as given.
-        self.targets = [target.obj for target in self._targets]
-        self._leased_targets: list[Leased] = [t.leased for t in self._targets if t.leased is not None]
-        self.name = name or default_name()
-        #: More names this process answers to in a clear's ``group`` (``web``, ``eu``, ``host-3``).
-        self.labels: tuple[str, ...] = tuple(dict.fromkeys(check_item("labels", label) for label in labels))
+        self.targets = [target.obj for target in self.purger.targets]
+        self.name = opts.name
+        self.labels = opts.labels
         #: ``<host>:<pid>:<random>``, made by :meth:`start` (so a subscriber built before a fork and
         #: started after it gets the child's); empty before.
         self.instance = ""
-        #: The service's endpoints, one per instance when several share the lead (docs/scale-out.md).
-        self.publish = publish
-        self.acks = acks
-        self._publish = _check_endpoints("publish", publish)
-        self._acks = _check_endpoints("acks", acks)
-        self.endpoint = endpoint
-        raw_key = key.encode() if isinstance(key, str) else key
-        self.mode = bus_mode(raw_key, insecure)
-        if heartbeat_interval is not None and not heartbeat_interval > 0:
-            raise ValueError(f"heartbeat_interval must be a positive number of seconds, not {heartbeat_interval!r}")
-        if liveness is not None and not liveness >= 1:
-            raise ValueError(f"liveness must be a positive count of heartbeats, not {liveness!r}")
-        self._configured_terms = (heartbeat_interval, liveness)
-        #: The lease terms in force: the service's once heard (:attr:`terms_from_service`), until then the
-        #: configured or initial ones.
-        self.heartbeat_interval: float = heartbeat_interval or _INITIAL_HEARTBEAT_INTERVAL
-        self.liveness: int = liveness or _INITIAL_LIVENESS
-        self.terms_from_service = False
-        self._warned_terms = False
-        self.codec = Codec(raw_key, max_age=self.lease_seconds)
-        self._security_options: dict[str, Any] = {
-            "name": key_name(self.name), "keys_dir": keys_dir, "server_key": server_key,
-            "secret_key_file": secret_key_file}
+        self._publish = opts.publish_endpoints
+        #: Where it stands with the service: epoch, seq, lease terms, lapse, and the back channel's path.
+        self.session = Session(opts.name, opts.labels, opts.acks_endpoints,
+                               heartbeat_interval=opts.heartbeat_interval, liveness=opts.liveness,
+                               on_silence=opts.on_silence)
+        self.mode = opts.mode
+        self.codec = Codec(opts.raw_key, max_age=self.session.lease_seconds)
         self.security = ClientSecurity(self.mode)
-        self.recv_hwm = recv_hwm
-        if on_silence not in OnSilence.__members__.values():
-            raise ValueError(f"on_silence must be {' or '.join(OnSilence)}, not {on_silence!r}")
-        #: What the targets do once the service is silent for a lease (``bus.on_silence``).
-        self.on_silence = OnSilence(on_silence)
-        #: Seconds spent degraded (serving with no service heard) up to the last time it was heard again.
-        self._degraded_total = 0.0
-        self._warned_degraded = False
-        self.socket_buffer = socket_buffer
-        #: time.monotonic() until which the service counts as heard; None before the first message.
-        self.lease_until: float | None = None
-        self.last_cause: PurgeCause | None = None
-        #: The service epoch and last command seq this subscriber has seen.
-        self.epoch: str | None = None
-        self.seq = 0
-        self.purges = 0
-        #: How many purges each cause brought about.
-        self.purges_by_cause: dict[PurgeCause, int] = {}
-        #: Target clears that raised, in purges and in retries.
-        self.purge_failures = 0
-        #: The targets whose last clear raised, with the error their failed ack carried.
-        self.failing: dict[Target, str] = {}
-        self._failed_purge: _FailedPurge | None = None
-        self.peers = PeerLog(log)
         self._synced = asyncio.Event()
-        self._context = context
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: Reader | None = None
         self._replies: Reader | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -307,85 +210,114 @@ class Subscriber:
         self._started_pid: int | None = None
         #: Set in a forked child: the pid the subscriber was started in.
         self._forked_from: int | None = None
-        #: time.monotonic() of the last hello not yet welcomed.
-        self._hello_at: float | None = None
-        #: time.monotonic() of the SUB socket's last connect.
-        self._connected_at = 0.0
-        #: time.monotonic() of the last ack sent: the service counts it as a sign of life.
-        self._acked_at = float("-inf")
+
+    # --- where it stands (the session's and the purger's, for the application) -------------
 
     @property
-    def lease_seconds(self) -> float:
-        """How long the service may stay silent before targets stop being trusted."""
-        return self.heartbeat_interval * self.liveness
+    def epoch(self) -> str | None:
+        """The service epoch last seen."""
+        return self.session.epoch
+
+    @property
+    def seq(self) -> int:
+        """The last command seq seen in :attr:`epoch`."""
+        return self.session.seq
 
     @property
     def synced(self) -> bool:
-        """True once the subscription is proven and the service welcomed us."""
+        """True once the subscription is proven and the service welcomed the last hello."""
         return self._synced.is_set()
 
     @property
     def heard(self) -> bool:
         """True while the service was heard within a lease."""
-        return self.lease_until is not None and time.monotonic() < self.lease_until
+        return self.session.heard
 
     @property
     def trusted(self) -> bool:
         """True while the targets may serve within the bound: the service was heard within a lease and
         no target is failing."""
-        return self.heard and not self.failing
+        return self.session.heard and not self.purger.failing
 
     @property
     def degraded(self) -> bool:
         """True while the targets serve without the bound: ``on_silence`` is ``serve``, the service was
         heard once, and not within the last lease."""
-        return self.on_silence is OnSilence.SERVE and self.lease_until is not None and not self.heard
+        return self.session.degraded
 
     @property
     def serving(self) -> bool:
         """True while the targets serve from their entries, within the bound or (degraded) without it."""
-        return (self.heard or self.degraded) and not self.failing
+        return (self.session.heard or self.session.degraded) and not self.purger.failing
 
     @property
     def degraded_seconds(self) -> float:
         """Seconds this subscriber has served degraded, including now."""
-        ongoing = time.monotonic() - self.lease_until if self.degraded and self.lease_until is not None else 0.0
-        return self._degraded_total + ongoing
+        return self.session.degraded_seconds
+
+    @property
+    def purges(self) -> int:
+        return self.purger.purges
+
+    @property
+    def purges_by_cause(self) -> dict[PurgeCause, int]:
+        """How many purges each cause brought about."""
+        return self.purger.purges_by_cause
+
+    @property
+    def last_cause(self) -> PurgeCause | None:
+        return self.purger.last_cause
+
+    @property
+    def purge_failures(self) -> int:
+        """Target clears that raised, in purges and in retries."""
+        return self.purger.purge_failures
+
+    @property
+    def failing(self) -> dict[Target, str]:
+        """The targets whose last clear raised, with the error their failed ack carried."""
+        return self.purger.failing
+
+    # --- start and stop ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect both sockets and start listening. In a forked child, raises :class:`ForkedSubscriberError`."""
         self._check_process()
         if self._started_pid is not None:
             raise RuntimeError(f"subscriber {self.name} is started already")
-        for target in self._leased_targets:
-            target.revoke_lease()
-        self.security = ClientSecurity.resolve(self.mode, **self._security_options)
+        self.purger.withdraw_leases()
+        self.session.started()
+        self._synced.clear()
+        opts = self.options
+        self.security = ClientSecurity.resolve(self.mode, name=key_name(self.name), keys_dir=opts.keys_dir,
+                                               server_key=opts.server_key, secret_key_file=opts.secret_key_file)
         if self.mode is BusMode.INSECURE:
             log.warning(INSECURE_WARNING)
         self.instance = new_instance()
-        self._loop = asyncio.get_running_loop()
         # Made here, not when built: a context made before a fork is unusable in the child.
-        self._ctx = self._context or zmq.asyncio.Context()
+        self._ctx = opts.context or zmq.asyncio.Context()
         try:
             # Plain sockets, read from the loop's reader callbacks (bus.reader): zmq.asyncio's
             # future per receive was a large share of a worker's CPU per clear.
             self._sub = zmq.Socket(self._ctx, zmq.SUB)
             # No ZMTP heartbeat on SUB: libzmq aborts a subscriber whose full queue meets a
             # heartbeat timeout (zeromq/libzmq#4767); the service's heartbeats and the lease do the job.
-            configure(self._sub, recv_hwm=self.recv_hwm, buffer=self.socket_buffer)
+            configure(self._sub, recv_hwm=opts.recv_hwm, buffer=opts.socket_buffer)
             self.security.apply(self._sub)
             self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            # Every instance's PUB: only the one holding the lead speaks (docs/scale-out.md).
             for endpoint in self._publish:
                 self._sub.connect(endpoint)
-            self._connected_at = time.monotonic()
             # A plain socket, watched by the loop directly: every ack and heartbeat
             # goes out here, and zmq.asyncio's per-send future and extra loop pass
             # were a third of a subscriber's CPU with a thousand in one process.
             self._dealer = zmq.Socket(self._ctx, zmq.DEALER)
             # The ZMTP heartbeat keeps the interval known at start, even once the service's differs.
-            configure(self._dealer, heartbeat=self.heartbeat_interval)
+            configure(self._dealer, heartbeat=self.session.heartbeat_interval)
             self.security.apply(self._dealer)
-            connect_all(self._dealer, self._acks)
+            # One instance at a time (bus.upstream): a DEALER connected to several round-robins,
+            # and this process's messages would overtake each other on their way to the leader.
+            attach(self._dealer, self.session.upstream)
         except BaseException:
             self._close()
             raise
@@ -397,7 +329,7 @@ class Subscriber:
         self._started_pid = os.getpid()
         _started.add(self)
         log.info("subscriber %s (instance %s) listening to %s, acking to %s",
-                 self.name, self.instance, self.publish, self.acks)
+                 self.name, self.instance, opts.publish, self.session.upstream.current)
 
     async def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until :attr:`synced`; False if ``timeout`` passed first."""
@@ -433,7 +365,7 @@ class Subscriber:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
         self._dealer = self._sub = None
-        if self._ctx is not None and self._context is None:
+        if self._ctx is not None and self.options.context is None:
             self._ctx.term()
         self._ctx = None
 
@@ -445,12 +377,12 @@ class Subscriber:
         """Called in a forked child (see :func:`_after_fork_in_child`); must never raise or block on the bus."""
         self._forked_from = self._started_pid or 0
         # The child's caches must not serve on the parent's lease, not even for a moment.
-        for target in self._leased_targets:
+        for target in self.purger.leased:
             try:
                 target.revoke_lease()
             except Exception:  # nothing may escape an at-fork hook
                 pass
-        self.lease_until = None
+        self.session.forget()
         # Dropped, never closed: the sockets and context are the parent's, and using them here,
         # even to close them, is unsafe (pyzmq makes close and term no-ops in a child anyway).
         self._sub = self._dealer = None
@@ -476,193 +408,92 @@ class Subscriber:
                 messages.append(self.codec.decode([f.bytes for f in frames]))
             except ProtocolError as exc:
                 self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
-        return self._handle_safely(messages, not self.heard, batch[0][0])
+        return self._handle_safely(messages, batch[0][0])
 
-    async def _handle_safely(self, messages: list[Message], lapsed: bool, first: zmq.Frame) -> None:
+    async def _handle_safely(self, messages: list[Message], first: zmq.Frame) -> None:
         try:
-            await self._handle(messages, lapsed)
+            await self._handle(messages)
         except Exception as exc:
             # A bug of ours (a target's failure never gets here): distrust the targets,
             # so the next batch purges before they serve again.
-            self._distrust()
+            self.session.distrust()
+            self.purger.withdraw_leases()
             self.peers.failed(peer_address(first), exc)
 
-    def _distrust(self) -> None:
-        """Stop trusting the targets now; the next command purges them before renewing the lease."""
-        self.lease_until = time.monotonic()
-        self._withdraw_leases()
-
-    def _withdraw_leases(self) -> None:
-        for target in self._leased_targets:
-            target.revoke_lease()
-
-    async def _handle(self, messages: list[Message], lapsed: bool = False) -> None:
-        """Apply a batch of commands: at most one purge and one ack for all of them.
-
-        ``lapsed`` says the lease had run out before the batch arrived: the
-        targets may have missed anything, so they are purged before the lease
-        is renewed. Without a purge to do, targets that failed are retried.
-        """
-        commands = [m for m in messages if isinstance(m, (Clear, Heartbeat))]
-        if not commands:
+    async def _handle(self, messages: list[Message]) -> None:
+        """Apply a batch of commands as the session decides: at most one purge and one ack for all of
+        them (without a purge, a retry of the targets that failed), then the lease, then a hello."""
+        heard = self.session.receive(messages)
+        if heard is None:
             return
-        # When several causes apply, the most telling is reported (see PurgeCause).
-        cause: PurgeCause | None = None
-        newest_clear: Clear | None = None
-        #: What the clears meant for this process name together (only a bare clear purges it all).
-        scope: Scope | None = None
-        announce = False
-        if lapsed:
-            cause = PurgeCause.RECONNECT
-            announce = True
-            if self.lease_until is not None:
-                log.warning("heard the service again after %.1f s of silence: purging",
-                            time.monotonic() - self.lease_until + self.lease_seconds)
-                if self.on_silence is OnSilence.SERVE:
-                    self._degraded_total += max(0.0, time.monotonic() - self.lease_until)
-                    self._warned_degraded = False
-        for msg in commands:
-            if isinstance(msg, Heartbeat):
-                self._follow_terms(msg)
-            if msg.epoch != self.epoch:
-                if self.epoch is not None:
-                    log.warning("service epoch changed from %s to %s: purging", self.epoch, msg.epoch)
-                    cause = worst(cause, PurgeCause.EPOCH)
-                announce = True
-                self.epoch = msg.epoch
-                self.seq = msg.seq - 1 if isinstance(msg, Clear) else msg.seq
-            if isinstance(msg, Clear):
-                if msg.seq <= self.seq:
-                    continue
-                if in_group(msg.group, self.name, self.labels):
-                    cause = worst(cause, PurgeCause.CLEAR)
-                    newest_clear = msg
-                    scope = msg.scope if scope is None else scope.union(msg.scope)
-            if msg.seq > self.seq + (1 if isinstance(msg, Clear) else 0):
-                log.warning("missed commands %d..%d: purging", self.seq + 1, msg.seq)
-                cause = worst(cause, PurgeCause.GAP)
-            self.seq = max(self.seq, msg.seq)
-        if cause is not None:
-            # A gap, a new epoch or a lapse may hide any clear: only clears alone purge less than everything.
-            await self._purge(cause, newest_clear, scope if cause is PurgeCause.CLEAR and scope else EVERYTHING)
-        elif self.failing:
-            await self._retry()
-        self._renew_lease(commands[-1])
-        if announce:
+        self._follow_lease()
+        seq = self.session.seq
+        if heard.purge is not None:
+            purge = heard.purge
+            self._ack(await self.purger.purge(purge.cause, purge.scope, purge.clear_id, seq))
+        elif self.purger.failing:
+            retried = await self.purger.retry(seq)
+            if retried is not None:
+                self._ack(retried)
+        renew = self.session.renew(heard)
+        if renew is not None:
+            self.purger.hold_leases(renew.until)
+        if heard.hello:
             self._say_hello()
 
-    def _follow_terms(self, terms: LeaseTerms) -> None:
-        """Use the service's heartbeat interval and liveness: for the lease, the signatures' window and
-        the heartbeats. Nobody has to copy them, and a different configuration cannot break the bound."""
-        interval, liveness = terms.heartbeat_interval, terms.liveness
-        if self.terms_from_service and (interval, liveness) == (self.heartbeat_interval, self.liveness):
-            return
-        configured_interval, configured_liveness = self._configured_terms
-        differs = ((configured_interval is not None and configured_interval != interval)
-                   or (configured_liveness is not None and configured_liveness != liveness))
-        if differs and not self._warned_terms:
-            self._warned_terms = True
-            log.warning("subscriber %s was given heartbeat_interval %s s and liveness %s, the service uses %g s "
-                        "and %d: following the service (a lease of %g s); leave both unset to follow it silently",
-                        self.name, configured_interval, configured_liveness, interval, liveness, terms.lease)
-        else:
-            log.info("following the service's lease terms: heartbeat_interval %g s x liveness %d = %g s",
-                     interval, liveness, terms.lease)
-        self.heartbeat_interval, self.liveness = interval, liveness
-        self.terms_from_service = True
-        self.codec.follow_lease(self.lease_seconds)
+    def _follow_lease(self) -> None:
+        """The signatures' window follows the lease terms the session follows."""
+        if self.codec.max_age != self.session.lease_seconds:
+            self.codec.follow_lease(self.session.lease_seconds)
+
+    def _ack(self, purged: Purged) -> None:
+        self.session.acked()
+        self._send(purged.ack(self.name, self.instance, self.session.epoch or "", self.session.seq))
 
     def _say_hello(self) -> None:
         self._synced.clear()
-        self._hello_at = time.monotonic()
         self._send(Hello(**self._identity()))
+        self.session.hello_sent()
 
-    def _renew_lease(self, newest: Clear | Heartbeat) -> None:
-        """Count the service as heard for one lease from when ``newest`` was sent, and trust the
-        targets as long, unless one is failing.
-
-        The message's age (by the wall clocks of service and worker) is taken
-        off, so a backlog of old messages cannot extend trust; clock skew that
-        makes the age look negative counts as zero.
-        """
-        age = max(0.0, time.time() - newest.ts)
-        until = time.monotonic() + self.lease_seconds - age
-        if until <= time.monotonic():
-            log.debug("newest command is %.1f s old: lease not renewed", age)
-            return
-        self.lease_until = until
-        if self.failing:
-            return
-        # With on_silence: serve, silence never stops the targets; a lapse still purges them
-        # when the service is heard again (_handle), and a failing target still withdraws them.
-        held = until if self.on_silence is OnSilence.BYPASS else math.inf
-        for target in self._leased_targets:
-            target.hold_lease(held)
+    # --- every heartbeat interval --------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        """Tell the service we are alive, while we hear it (also while a target fails: the acks say so).
-
-        An ack tells the service as much as a heartbeat (it marks the worker
-        live), so a heartbeat is skipped when an ack went out within the last
-        interval: with a thousand subscribers and clears every few
-        milliseconds, that halves what the service receives. At most
-        ``liveness - 1`` are skipped in a row, so the cache counters a
-        heartbeat carries still reach the service at least once a lease.
-        """
-        skipped = 0
+        """Apply what the session decides once per heartbeat interval: heartbeat (while the service is
+        heard; also while a target fails: the acks say so), move off a silent back channel, or connect
+        a SUB that never heard anything again."""
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(self.session.heartbeat_interval)
             if self._forked_from is not None:
                 return
-            if self.lease_until is None:
-                self._never_heard()
-            elif self.degraded and not self._warned_degraded:
-                self._warned_degraded = True
-                log.warning("no service heard for %.1f s: serving from the caches without the bound "
-                            "(bus.on_silence: serve) until it is heard again", self.degraded_seconds
-                            + self.lease_seconds)
-            if self.epoch is not None and self.heard and self._unwelcomed():
-                continue
-            if self.epoch is not None and self.heard:
-                if (time.monotonic() - self._acked_at < self.heartbeat_interval
-                        and skipped < self.liveness - 1):
-                    skipped += 1
-                    continue
-                skipped = 0
+            for decision in self.session.tick():
+                self._apply(decision)
+
+    def _apply(self, decision: Decision) -> None:
+        match decision:
+            case Beat():
                 try:
-                    self._send(WorkerHeartbeat(**self._identity(), stats=self.stats(), on_silence=self.on_silence,
-                                               degraded=self.degraded))
+                    beat = WorkerHeartbeat(**self._identity(), stats=self.stats(), on_silence=self.options.on_silence,
+                                           degraded=self.degraded)
                 except Exception as exc:  # a target's stats() raised: report it, keep beating next time
                     self.peers.failed("this process", exc, "heartbeat")
-
-    # libzmq ends a session whose handshake the service refused (a CURVE key not in
-    # its allow-list) and never tries again. So that a key added to the allow-list
-    # later works without restarting the worker, the subscriber connects again
-    # itself while the service stays silent.
-
-    def _never_heard(self) -> None:
-        """Connect the SUB again if nothing came since it connected, a lease ago."""
-        if time.monotonic() - self._connected_at < self.lease_seconds:
-            return
-        assert self._sub is not None
-        self.peers.report(self.publish, Trouble.UNANSWERED, f"nothing heard yet: connecting again{self._key_hint()}")
-        _reconnect(self._sub, self._publish)
-        self._connected_at = time.monotonic()
-
-    def _unwelcomed(self) -> bool:
-        """Connect the back channel again and repeat the hello, if the last hello went
-        unanswered for a lease. Also covers a hello lost while the back channel was down."""
-        if self._synced.is_set() or self._hello_at is None:
-            return False
-        waited = time.monotonic() - self._hello_at
-        if waited < self.lease_seconds:
-            return False
-        assert self._dealer is not None
-        self.peers.report(self.acks, Trouble.UNANSWERED,
-                          f"no welcome {waited:.1f} s after hello: connecting again{self._key_hint()}")
-        _reconnect(self._dealer, self._acks)
-        self._say_hello()
-        return True
+                    return
+                self._send(beat)
+                self.session.heartbeat_sent()
+            case Move():
+                assert self._dealer is not None
+                # One line per endpoint per minute; a worker whose key the service refuses moves every lease.
+                self.peers.report(decision.left, Trouble.UNANSWERED,
+                                  f"no welcome {decision.waited:.1f} s after a hello or heartbeat: moving to "
+                                  f"{decision.to}{self._key_hint()}")
+                move(self._dealer, self.session.upstream)
+            case SayHello():
+                self._say_hello()
+            case Resubscribe():
+                assert self._sub is not None
+                self.peers.report(self.options.publish, Trouble.UNANSWERED,
+                                  f"nothing heard yet: connecting again{self._key_hint()}")
+                _reconnect(self._sub, self._publish)
+                self.session.subscribed()
 
     def _key_hint(self) -> str:
         if self.security.keypair is None:
@@ -673,121 +504,26 @@ class Subscriber:
     def _identity(self) -> dict[str, Any]:
         """The fields of :class:`~cachebus.bus.protocol.WorkerIdentity` for this subscriber."""
         return {"name": self.name, "instance": self.instance, "host": socket.gethostname(),
-                "pid": os.getpid(), "endpoint": self.endpoint, "epoch": self.epoch or "", "seq": self.seq,
-                "labels": self.labels}
+                "pid": os.getpid(), "endpoint": self.options.endpoint, "epoch": self.session.epoch or "",
+                "seq": self.session.seq, "labels": self.labels}
 
     def stats(self) -> dict[str, Any]:
         """What each heartbeat tells the service: purges, failures, and the targets' summed counters."""
-        totals: dict[str, Any] = {"purges": self.purges, "last_purge_cause": self.last_cause,
-                                  "bypass": not self.serving, "on_silence": self.on_silence,
-                                  "degraded": self.degraded, "degraded_seconds": round(self.degraded_seconds, 3),
-                                  "failing": bool(self.failing),
-                                  "failing_targets": len(self.failing), "purge_failures": self.purge_failures}
-        for target in self._targets:
-            if target.stats is not None:
-                for key, value in target.stats().items():
-                    if key in _SUMMED_STATS:
-                        totals[key] = totals.get(key, 0) + value
-        lookups = totals.get("hits", 0) + totals.get("misses", 0)
-        if lookups:
-            totals["hit_ratio"] = totals["hits"] / lookups
-        return totals
-
-    # --- purges ---------------------------------------------------------------
-
-    async def _purge(self, cause: PurgeCause, clear: Clear | None, scope: Scope = EVERYTHING) -> None:
-        """Purge ``scope`` from every target and ack: ok, or failed if any target raised.
-
-        A target still failing from an earlier purge is purged entirely: what
-        that purge should have dropped is not known any more.
-        """
-        clear_id = clear.id if clear else ""
-        dropped, purge_ms, errors, extent = await self._clear(self._targets, clear_id or None, cause, scope)
-        self.purges += 1
-        self.purges_by_cause[cause] = self.purges_by_cause.get(cause, 0) + 1
-        self.last_cause = cause
-        if errors:
-            self._failed_purge = _FailedPurge(cause, clear_id, dropped, purge_ms)
-            self._withdraw_leases()
-            # Each target's failure had its (rate-limited) line; this one follows every purge.
-            log.debug("purge failed: %d of %d targets raised; acked as failed, leases withdrawn, retrying on "
-                      "the next command or heartbeat (cause: %s, seq %d)",
-                      len(errors), len(self._targets), cause, self.seq)
-            self._ack(cause, clear_id, dropped, purge_ms, extent, _one_error(errors))
-            return
-        self._failed_purge = None
-        # DEBUG: the ack and the metrics carry every purge; an INFO line each was work on the hot path (issue 14).
-        log.debug("purged %d entries in %.2f ms (cause: %s, seq %d, %s)", dropped, purge_ms, cause, self.seq, scope)
-        self._ack(cause, clear_id, dropped, purge_ms, extent)
-
-    async def _retry(self) -> None:
-        """Clear the failed targets again; once none fails, ack the failed purge as ok."""
-        failed = self._failed_purge
-        assert failed is not None
-        dropped, purge_ms, _, _ = await self._clear(list(self.failing), failed.clear_id or None, failed.cause)
-        failed.dropped += dropped
-        failed.purge_ms += purge_ms
-        if self.failing:
-            return
-        self._failed_purge = None
-        log.info("purge retried: every target purged; acking seq %d as ok (cause: %s)", self.seq, failed.cause)
-        # The retried targets dropped everything.
-        self._ack(failed.cause, failed.clear_id, failed.dropped, failed.purge_ms, PurgeExtent.ALL)
-
-    async def _clear(self, targets: list[Target], clear_id: str | None, cause: PurgeCause,
-                     scope: Scope = EVERYTHING) -> tuple[int, float, list[str], PurgeExtent]:
-        """Purge ``scope`` from ``targets`` (everything from a failing one): entries dropped,
-        milliseconds taken, the errors of those that raised, and ``all`` if any target
-        dropped everything.
-
-        A target's exception never escapes: it is counted, logged with its
-        traceback (one line per target per interval) and kept in :attr:`failing`.
-        """
-        started = time.perf_counter()
-        dropped = 0
-        errors = []
-        extent = PurgeExtent.ALL if scope.everything else PurgeExtent.SCOPED
-        for target in targets:
-            try:
-                count, done = await target.purge_scope(EVERYTHING if target in self.failing else scope, clear_id,
-                                                       self.seq)
-                dropped += count
-                if done is PurgeExtent.ALL:
-                    extent = PurgeExtent.ALL
-            except Exception as exc:
-                # First of all: half a purge may have been applied, so no leased target serves from now on.
-                self._withdraw_leases()
-                error = describe_error(exc)
-                errors.append(error)
-                self.failing[target] = error
-                self.purge_failures += 1
-                self.peers.report(target.label, Trouble.FAILED,
-                                  f"purge ({cause}, seq {self.seq}) acked as failed, retried on every command and "
-                                  f"heartbeat: {error}\n{describe_traceback(exc)}\n")
-            else:
-                if self.failing.pop(target, None) is not None:
-                    log.info("%s purged again after failing", target.label)
-        return dropped, (time.perf_counter() - started) * 1000, errors, extent
-
-    def _ack(self, cause: PurgeCause, clear_id: str, dropped: int, purge_ms: float,
-             extent: PurgeExtent = PurgeExtent.ALL, error: str = "") -> None:
-        self._acked_at = time.monotonic()
-        self._send(Ack(name=self.name, instance=self.instance, epoch=self.epoch or "", seq=self.seq,
-                       clear_id=clear_id, dropped=dropped, purge_ms=purge_ms, cause=cause,
-                       outcome=PurgeOutcome.FAILED if error else PurgeOutcome.OK, error=error, extent=extent))
+        session = self.session
+        return {"bypass": not self.serving, "on_silence": session.on_silence, "degraded": session.degraded,
+                "degraded_seconds": round(session.degraded_seconds, 3), **self.purger.counters()}
 
     # --- replies on the DEALER socket ---------------------------------------
 
     def _on_replies(self, batch: Batch) -> None:
-        """Handle the replies waiting on the DEALER: the service's welcomes."""
+        """Handle the replies waiting on the DEALER: the welcomes answering hellos and heartbeats."""
         for frames in batch:
             try:
                 msg = self.codec.decode([f.bytes for f in frames])
                 if isinstance(msg, Welcome):
-                    if self._hello_at is not None:  # heartbeats are answered too: only a hello's answer is news
+                    if self.session.welcomed(msg):  # heartbeats are answered too: only a hello's answer is news
                         log.info("welcomed by service epoch %s at seq %d", msg.epoch, msg.seq)
-                    self._follow_terms(msg)
-                    self._hello_at = None
+                    self._follow_lease()
                     self._synced.set()
             except ProtocolError as exc:
                 self.peers.report(peer_address(frames[0]), Trouble.UNDECODABLE, str(exc))
@@ -797,8 +533,8 @@ class Subscriber:
     def _send(self, msg: Message) -> None:
         """Send on the back channel without ever blocking the worker.
 
-        With no service connected the message is dropped: acks for an epoch
-        the service no longer has would be ignored anyway.
+        With the back channel's queue full the message is dropped: a path that
+        stays that way goes unanswered, and the session moves off it.
         """
         assert self._dealer is not None
         try:
@@ -820,21 +556,12 @@ class Subscriber:
         :class:`~cachebus.settings.SettingsError`, one line naming the file and
         key or the variable.
         """
-        # Imported here only to keep this addition in one place; options imports nothing of this module.
-        from .options import embedder_settings, subscriber_options
-        settings = embedder_settings(path, environ=environ)
-        return cls(targets, **subscriber_options(settings, environ=environ, **overrides))
+        return cls(targets, _from_settings(path, environ, overrides))
 
 
-def _one_error(errors: list[str]) -> str:
-    """The error a failed ack carries: the first target's, and how many others failed."""
-    if len(errors) == 1:
-        return errors[0]
-    more = f" (and {len(errors) - 1} more failing targets)"
-    first = errors[0]
-    if len(first) + len(more) > MAX_ERROR:
-        first = first[:MAX_ERROR - len(more) - 1] + "…"
-    return first + more
+def _from_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str],
+                   overrides: dict[str, Any]) -> SubscriberOptions:
+    return subscriber_options(embedder_settings(path, environ=environ), environ=environ, **overrides)
 
 
 def _reconnect(sock: zmq.Socket, endpoints: list[str]) -> None:
@@ -855,8 +582,9 @@ class ThreadedSubscriber:
     must be thread-safe, as :class:`~cachebus.workers.cache.Cache` is.
     """
 
-    def __init__(self, targets: Iterable[Any], **options: Any) -> None:
-        self.subscriber = Subscriber(targets, **options)
+    def __init__(self, targets: Iterable[Any], options: SubscriberOptions | None = None, /,
+                 **fields: Any) -> None:
+        self.subscriber = Subscriber(targets, options, **fields)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         #: Guards the hand-over between start() and the thread: reported, or abandoned.
@@ -959,6 +687,4 @@ class ThreadedSubscriber:
                       environ: Mapping[str, str] = os.environ, **overrides: Any) -> ThreadedSubscriber:
         """:meth:`Subscriber.from_settings` for the threaded flavour; settings are read (and
         checked) now, in the calling thread."""
-        from .options import embedder_settings, subscriber_options
-        settings = embedder_settings(path, environ=environ)
-        return cls(targets, **subscriber_options(settings, environ=environ, **overrides))
+        return cls(targets, _from_settings(path, environ, overrides))

@@ -135,7 +135,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     # the command-line flags are already in `settings`, and a variable must not override them. Unnamed:
     # the host name, a label (and a keypair) every unnamed worker on this host shares; the service tells
     # the processes apart by their instance. The lease terms come from the service.
-    subscriber = Subscriber([cache, *directories], **subscriber_options(
+    subscriber = Subscriber([cache, *directories], subscriber_options(
         settings,
         environ={},
         endpoint=f"http://{cfg.host}:{cfg.http_port}",
