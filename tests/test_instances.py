@@ -1,8 +1,9 @@
 """Several service instances sharing one tokens directory (docs/scale-out.md): real processes on loopback.
 
-Each instance binds its own HTTP port and bus endpoints; workers connect to
-every instance's. The instance holding the lead publishes; the other passes
-its requests and its workers' messages to it, and takes over when it dies.
+Each instance binds its own HTTP port and bus endpoints; workers subscribe to
+every instance's and talk to one at a time. The instance holding the lead
+publishes; the other passes its requests and its workers' messages to it, and
+takes over when it dies.
 """
 
 from __future__ import annotations
@@ -291,3 +292,35 @@ def test_a_follower_is_a_whole_front_door_clear_wait_and_the_event_stream_work_t
     data = next(line for line in received.split(b"\n") if line.startswith(b"data: {"))
     snapshot = json.loads(data.removeprefix(b"data: "))
     assert sorted(w["name"] for w in snapshot["workers"]) == ["w1", "w2"]
+
+
+def _ack_connections(instances: Instances, name: str) -> list[int]:
+    """The ack ports of the instances that worker ``name``'s process holds an established TCP
+    connection to, as the kernel lists them (``ss -tnp``)."""
+    pid = instances.workers[name][0].pid
+    acks = {a for _, _, a in instances.ports}
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    ports = []
+    for line in out.splitlines():
+        fields = line.split()
+        if f"pid={pid}," in line and len(fields) >= 4:
+            port = int(fields[3].rpartition(":")[2])
+            if port in acks:
+                ports.append(port)
+    return sorted(ports)
+
+
+def test_a_worker_talks_to_one_instance_and_moves_to_the_next_when_it_dies(instances: Instances):
+    """Each worker's back channel is one connection to one instance, so its messages take one
+    path; when that instance dies, it moves to the next in its list and is proven there."""
+    instances.start_instance(1)  # leads: the worker's first endpoint, s0's, is the follower's
+    follower = instances.start_instance(0)
+    instances.start_worker("w1", wait=False)
+    _live_via(instances, 1, {"w1"})
+    s0_acks, s1_acks = instances.ports[0][2], instances.ports[1][2]
+    wait_for(lambda: _ack_connections(instances, "w1") == [s0_acks], what="w1's one connection, to s0")
+    status, body = instances.proof_via(1)
+    assert status == 200 and [a["name"] for a in body["acks"]] == ["w1"], body  # through the follower
+    follower.signal(signal.SIGKILL)
+    wait_for(lambda: _ack_connections(instances, "w1") == [s1_acks], what="w1 moved to s1, and only there")
+    wait_for(lambda: instances.proof_via(1)[0] == 200, what="a proof of w1's purge through s1")
