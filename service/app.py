@@ -29,6 +29,8 @@ from cachebus.settings import Settings, SettingsError
 
 from .accesslog import log_request
 from .acks import AckSocket
+from .auth.limits import BcryptPool, FailureLog
+from .auth.store import TokenStore
 from .events import EventLog
 from .forward import ForwardedHandler, RelayedEventsHandler
 from .handlers import (
@@ -46,8 +48,6 @@ from .pages import DashboardAssetHandler, DashboardHandler, IndexHandler, OpenAp
 from .publisher import Publisher
 from .record import Record
 from .role import Election, Parts, Role, instance_name, lead_file
-from .token_limits import BcryptPool, FailureLog
-from .tokens import TokenStore
 
 log = logging.getLogger("cachebus.service")
 

@@ -27,13 +27,13 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from cachebus.settings import Settings
 
+from .auth.limits import Overloaded
+from .auth.rules import TokenError
+from .auth.store import Counted
 from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
 from .events import EventKind, EventQueue, unnumbered
 from .params import credentials, request_params, scope, wait_timeout
 from .role import Leading, NotLeading
-from .token_limits import Overloaded
-from .token_rules import TokenError
-from .tokens import Counted
 
 if TYPE_CHECKING:
     from .app import Service

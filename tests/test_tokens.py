@@ -23,12 +23,12 @@ import bcrypt
 import pytest
 import yaml
 
+from cachebus.service.auth.admin import TokenSummary, create_token, disable_token, list_tokens
+from cachebus.service.auth.file import TOKEN_ID_RE
+from cachebus.service.auth.limits import BcryptPool, FailureLog, Overloaded
+from cachebus.service.auth.rules import TokenError
+from cachebus.service.auth.store import TokenStore
 from cachebus.service.errors import REFUSAL_STATUS
-from cachebus.service.token_admin import TokenSummary, create_token, disable_token, list_tokens
-from cachebus.service.token_file import TOKEN_ID_RE
-from cachebus.service.token_limits import BcryptPool, FailureLog, Overloaded
-from cachebus.service.token_rules import TokenError
-from cachebus.service.tokens import TokenStore
 from cachebus.testing import InPlaceWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -622,8 +622,8 @@ def test_limit_is_exact_across_threads(tokens: Path, store: TokenStore) -> None:
 
 CHILD = """
 import json, sys
-from cachebus.service.token_rules import TokenError
-from cachebus.service.tokens import TokenStore
+from cachebus.service.auth.rules import TokenError
+from cachebus.service.auth.store import TokenStore
 
 tokens_dir, token, access, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = TokenStore(tokens_dir)

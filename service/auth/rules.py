@@ -6,11 +6,11 @@ answer: the HTTP layer maps each :class:`Refusal` to a status in one table
 (:data:`cachebus.service.errors.REFUSAL_STATUS`).
 
 The steps are Flextype's, and the caller runs them in Flextype's order:
-step 3 (the token exists) is the file's business (:mod:`.token_file`); step 4
+step 3 (the token exists) is the file's business (:mod:`.file`); step 4
 is :func:`check_fields`; step 5 is :func:`check_state` and, only for a call
 that counts, :func:`check_limit`; step 6 is :func:`stored_hash`,
 :func:`check_cost` (cachebus's own ceiling, not Flextype's) and then
-:func:`.token_hash.password_verify`; step 7 (counting the call) is the store's
+:func:`.hash.password_verify`; step 7 (counting the call) is the store's
 write.
 
 This module imports nothing outside the standard library, so the HTTP layer's

@@ -1,16 +1,16 @@
 """Authorizing API calls with Flextype tokens: fast, and with exact call counts.
 
 :class:`TokenStore` runs Flextype's validation steps 3 to 7 in Flextype's
-order. The steps themselves are elsewhere: the rules in :mod:`.token_rules`,
-the file in :mod:`.token_file`, bcrypt in :mod:`.token_hash`. What the store
+order. The steps themselves are elsewhere: the rules in :mod:`.rules`,
+the file in :mod:`.file`, bcrypt in :mod:`.hash`. What the store
 adds is speed without losing exactness:
 
 - A parse cache: the last parse of each token file, by its
-  :class:`~.token_file.Signature`. Every clear loads its token file twice
+  :class:`~.file.Signature`. Every clear loads its token file twice
   (to authenticate, then to count the call) and the same few tokens are
   loaded over and over, so an unchanged file costs one ``stat`` instead of
   an open, a read and a YAML parse.
-- A verdict memo (:class:`~.token_memo.VerdictMemo`): bcrypt runs once per
+- A verdict memo (:class:`~.memo.VerdictMemo`): bcrypt runs once per
   token and access token, until the file changes behind our back.
 - Group commit: counting a call is a read-modify-write of ``token.yaml``
   under its ``flock``, with an ``fsync`` and a rename, which takes
@@ -27,11 +27,11 @@ adds is speed without losing exactness:
   A crash between the publish and the rename can lose that one count, never a
   clear.
 
-And a ceiling on abuse (:mod:`.token_limits`): file reads and writes run on
-one executor, bcrypt on a :class:`~.token_limits.BcryptPool` of its own with
+And a ceiling on abuse (:mod:`.limits`): file reads and writes run on
+one executor, bcrypt on a :class:`~.limits.BcryptPool` of its own with
 a bounded queue and a share per client address, so doomed verifications never
 delay a remembered credential, and a client address that keeps failing is
-refused (:class:`~.token_limits.Overloaded`) without bcrypt. Identical
+refused (:class:`~.limits.Overloaded`) without bcrypt. Identical
 verifications in flight at the same time share one bcrypt.
 
 The count stays exact across threads and across service processes sharing
@@ -39,7 +39,7 @@ the directory: every write reads the file again under the token's lock and
 checks each call again against what it finds (state, limit, hash).
 
 No token id or access token ever appears in an exception or a log line; a
-failure carries a :class:`~.token_rules.Refusal` only.
+failure carries a :class:`~.rules.Refusal` only.
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ from typing import NamedTuple, TypeVar
 
 from cachebus.eager import run_eagerly
 
-from . import token_file, token_rules
-from .token_file import Signature, UnreadableFile
-from .token_hash import password_verify
-from .token_limits import FAILED_AUTHENTICATION, BcryptPool, Busy, FailureLog, Overloaded, address_key
-from .token_memo import VerdictKey, VerdictMemo, verdict_key
-from .token_rules import DEFAULT_MAX_BCRYPT_COST, Refusal, TokenData, TokenError
+from . import file, rules
+from .file import Signature, UnreadableFile
+from .hash import password_verify
+from .limits import FAILED_AUTHENTICATION, BcryptPool, Busy, FailureLog, Overloaded, address_key
+from .memo import VerdictKey, VerdictMemo, verdict_key
+from .rules import DEFAULT_MAX_BCRYPT_COST, Refusal, TokenData, TokenError
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ class Counted:
     """A call admitted by :meth:`TokenStore.admit` whose count is being made durable.
 
     Await :meth:`durable` before answering: it raises what the write raised
-    (an I/O error, or :class:`~.token_limits.Overloaded` when the store closes).
+    (an I/O error, or :class:`~.limits.Overloaded` when the store closes).
     """
 
     def __init__(self, store: TokenStore | None = None, future: asyncio.Future[None] | None = None) -> None:
@@ -116,7 +116,7 @@ class TokenStore:
     ``io_threads`` of its own; without a ``pool`` or ``failures``, default ones.
     :meth:`close` shuts down what the store made, and the pool in any case.
 
-    Creating, listing and disabling tokens are :mod:`.token_admin`'s.
+    Creating, listing and disabling tokens are :mod:`.admin`'s.
     """
 
     def __init__(self, tokens_dir: str | os.PathLike[str],
@@ -157,7 +157,7 @@ class TokenStore:
         """Stop at once: refuse new work, answer what waits, never wait for bcrypt.
 
         Queued bcrypt and file work never starts, and what awaits it gets
-        :class:`~.token_limits.Overloaded` (``STOPPING``). The executor is shut
+        :class:`~.limits.Overloaded` (``STOPPING``). The executor is shut
         down only if this store made it. Called on the event loop when it runs.
         """
         self._closed = True
@@ -167,17 +167,17 @@ class TokenStore:
 
     def remove_stale_temporaries(self) -> int:
         """Remove the temporary files a killed writer left in the token directories; how many."""
-        return token_file.remove_stale_temporaries(self.tokens_dir)
+        return file.remove_stale_temporaries(self.tokens_dir)
 
     async def authorize(self, token: str, access_token: str, *, consume: bool, client: str = "") -> None:
         """:meth:`check` for the event loop, for a request from ``client`` (its address).
 
-        Raises :class:`TokenError`, or :class:`~.token_limits.Overloaded` when
+        Raises :class:`TokenError`, or :class:`~.limits.Overloaded` when
         the work is refused before it is done. Steps 3 to 6 are answered from
         memory when :meth:`_remembered` can, else the file is read on
         ``executor`` and bcrypt runs on the pool. Counting calls (step 7) is
         group-committed: see :meth:`_count`. A refusal in
-        :data:`~.token_limits.FAILED_AUTHENTICATION` counts against ``client``.
+        :data:`~.limits.FAILED_AUTHENTICATION` counts against ``client``.
         """
         await (await self.admit(token, access_token, consume=consume, client=client)).durable()
 
@@ -327,7 +327,7 @@ class TokenStore:
         checked fully, so a refusal here is the one :meth:`_authenticate` gives.
         """
         path = self._path(token)
-        signature = token_file.signature(path)
+        signature = file.signature(path)
         data = self._cached_parse(token, signature)
         if data is None:
             return None
@@ -348,16 +348,16 @@ class TokenStore:
 
     def _path(self, token: str) -> Path:
         """Step 3's first half: the token file's path, for an id that can name one."""
-        return token_file.token_dir(self.tokens_dir, token) / token_file.TOKEN_FILE
+        return file.token_dir(self.tokens_dir, token) / file.TOKEN_FILE
 
     def _usable_hash(self, token: str, data: TokenData, signature: Signature, *, consume: bool) -> str:
         """Steps 4 and 5 on the token's file as loaded; returns the hash step 6 checks against."""
         self._memo.observe(token, signature)
-        token_rules.check_usable(data)
+        rules.check_usable(data)
         if consume:
-            token_rules.check_limit(data)
-        hashed = token_rules.stored_hash(data)
-        token_rules.check_cost(hashed, self.max_bcrypt_cost)
+            rules.check_limit(data)
+        hashed = rules.stored_hash(data)
+        rules.check_cost(hashed, self.max_bcrypt_cost)
         return hashed
 
     def _verify(self, token: str, access_token: str, hashed: str) -> None:
@@ -379,12 +379,12 @@ class TokenStore:
     def _load_as(self, token: str, path: Path, *, lock: bool) -> tuple[TokenData, Signature]:
         """:meth:`_load`, read under the shared file lock if ``lock``: False when the
         caller holds the exclusive one, which a shared lock would wait for."""
-        signature = token_file.signature(path)
+        signature = file.signature(path)
         data = self._cached_parse(token, signature)
         if data is not None:
             return data, signature
         try:
-            data, signature = token_file.read(path, lock=lock)
+            data, signature = file.read(path, lock=lock)
         except UnreadableFile as exc:
             if not exc.empty:  # an empty read may be a torn write of a file with that very signature
                 with self._lock:
@@ -478,7 +478,7 @@ class TokenStore:
         """
         try:
             path = self._path(token)
-            with token_file.locked(path.parent):
+            with file.locked(path.parent):
                 write = self._checked(token, path, tickets, verify=True)
                 if write is not None:
                     admit()
@@ -502,19 +502,19 @@ class TokenStore:
         :class:`TokenError`) is raised, for :meth:`_flush` to give every ticket.
         """
         path = self._path(token)
-        lock = token_file.try_lock(path.parent)
+        lock = file.try_lock(path.parent)
         if lock is None:
             return None
         try:
             write = self._checked(token, path, tickets, verify=False)
         except _NotOnTheLoop:
-            token_file.unlock(lock)
+            file.unlock(lock)
             return None
         except BaseException:  # a refusal reaches every ticket through _flush
-            token_file.unlock(lock)
+            file.unlock(lock)
             raise
         if write is None:  # no ticket passed: nothing to write, and no thread to wake for it
-            token_file.unlock(lock)
+            file.unlock(lock)
             return _NOTHING_TO_WRITE
         return _HeldWrite(lock, write)
 
@@ -533,13 +533,13 @@ class TokenStore:
             try:
                 held.write()
             finally:
-                token_file.unlock(lock)
+                file.unlock(lock)
 
         try:
             await self._io(write)
         finally:
             if claim.acquire(blocking=False):
-                token_file.unlock(lock)
+                file.unlock(lock)
 
     def _checked(self, token: str, path: Path, tickets: list[_Ticket], *, verify: bool) -> Callable[[], None] | None:
         """Under the held lock: the file read again and each ticket checked; the write that counts
@@ -549,21 +549,21 @@ class TokenStore:
         if verify:
             data, signature = self._load_as(token, path, lock=False)
         else:
-            signature = token_file.signature(path)
+            signature = file.signature(path)
             cached = self._cached_parse(token, signature)
             if cached is None:
                 raise _NotOnTheLoop
             data = cached
         self._memo.observe(token, signature)
-        token_rules.check_usable(data)
+        rules.check_usable(data)
         counted = 0
         for ticket in tickets:
             try:
-                token_rules.check_limit(data, more=counted + 1)
+                rules.check_limit(data, more=counted + 1)
                 if data.get("hashed_access_token") != ticket.hashed:
                     # The hash changed since: rare, and bounded by the cost ceiling.
-                    hashed = token_rules.stored_hash(data)
-                    token_rules.check_cost(hashed, self.max_bcrypt_cost)
+                    hashed = rules.stored_hash(data)
+                    rules.check_cost(hashed, self.max_bcrypt_cost)
                     if not verify and not self._memo.knows(token, ticket.access_token, hashed):
                         raise _NotOnTheLoop
                     self._verify(token, ticket.access_token, hashed)
@@ -575,7 +575,7 @@ class TokenStore:
         data["calls"] += counted
 
         def write() -> None:
-            token_file.write(path, data, functools.partial(self._wrote, token, data))
+            file.write(path, data, functools.partial(self._wrote, token, data))
             with self._lock:
                 self.commits += 1
 
