@@ -253,21 +253,34 @@ class BaseHandler(FlextypeResponses):
             raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message=str(exc)) from None
         return role
 
-    async def authorize(self, params: dict[str, Any], *, consume: bool) -> Counted:
-        """Flextype's validation steps 1 to 7, within the abuse limits; raises :class:`ApiError`.
+    async def verify(self, params: dict[str, Any]) -> None:
+        """Flextype's validation steps 1 to 6, within the abuse limits, counting no call; raises
+        :class:`ApiError`. For the read endpoints.
 
-        Returns once the call is admitted; with ``consume``, its count is still
-        being made durable: pass the result to :meth:`durably` before answering.
         The limits count by the client's address (``remote_ip``, the socket's
         peer): a refusal of them is a 429 with ``Retry-After``, counted with
         the failed authentications.
         """
-        token, access_token = credentials(params)
+        token, access_token = self._credentials(params)
+        with _token_errors():
+            await self.service.tokens.verify(token, access_token, client=self.request.remote_ip or "")
+
+    async def admit_call(self, params: dict[str, Any]) -> Counted:
+        """Flextype's validation steps 1 to 7, as :meth:`verify`, for a call that counts.
+
+        Returns once the call is admitted, its count still being made durable:
+        pass the result to :meth:`durably` before answering.
+        """
+        token, access_token = self._credentials(params)
+        with _token_errors():
+            return await self.service.tokens.admit_call(token, access_token, client=self.request.remote_ip or "")
+
+    def _credentials(self, params: dict[str, Any]) -> tuple[str, str]:
+        """Steps 1 and 2: the credentials are there, and the API is enabled."""
+        found = credentials(params)
         if not self.service.settings.api.cache.enabled:
             raise ApiError(400, Reason.API_DISABLED, auth=True)
-        with _token_errors():
-            return await self.service.tokens.admit(token, access_token, consume=consume,
-                                                   client=self.request.remote_ip or "")
+        return found
 
     async def durably(self, counted: Counted) -> None:
         """Wait until an admitted call's count is durable; a failed write is answered as a refusal."""
@@ -329,7 +342,7 @@ class ClearHandler(BaseHandler):
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
         what, group = scope(self.request, params)
         leading = self.leading()  # before the count: a leader that lost its lock counts nothing
-        counted = await self.authorize(params, consume=True)
+        counted = await self.admit_call(params)
         try:
             if timeout is not None:
                 await leading.warmed()  # a proof names every worker, also right after a takeover
@@ -393,7 +406,7 @@ class RecordHandler(BaseHandler):
         if self.request.method == "OPTIONS":
             return
         # The body has not arrived yet: read endpoints take credentials from the query.
-        await self.authorize(self.params(), consume=False)
+        await self.verify(self.params())
 
 
 class ClearsHandler(RecordHandler):
