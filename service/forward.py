@@ -35,6 +35,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 from tornado.web import RequestHandler
 
+from . import tornado_overrides
 from .errors import ApiError, Reason
 from .handlers import BaseHandler
 from .lead import LeadRecord
@@ -205,7 +206,7 @@ class RelayedEventsHandler(ForwardedHandler):
         if relay.status is None:
             raise ApiError(503, Reason.NO_LEAD, retry_after=1,
                            log_message=f"the leader's event stream at {leader.url} did not answer in time")
-        if not self._finished:
+        if not tornado_overrides.finished(self):
             with contextlib.suppress(StreamClosedError):
                 self.finish()
 
