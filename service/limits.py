@@ -329,7 +329,7 @@ class LimitedHTTPServer(HTTPServer):
             self._refused(Refusal.LIMIT)
             return
         self.open_connections += 1
-        stream = _Stream(connection, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
+        stream = tornado_overrides.new_stream(self, connection, _Stream)
         stream.deadline = _Deadline(self, stream)
         self.handle_stream(stream, address)
 

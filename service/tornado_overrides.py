@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import tornado.web
 from tornado import httputil
@@ -118,6 +118,16 @@ def accept_with(server: TCPServer, sock: socket.socket, stop: Callable[[], None]
     private tables are what ``stop`` reads."""
     server._sockets[sock.fileno()] = sock
     server._handlers[sock.fileno()] = stop
+
+
+StreamT = TypeVar("StreamT", bound=IOStream)
+
+
+def new_stream(server: TCPServer, connection: socket.socket, stream_class: type[StreamT]) -> StreamT:
+    """The stream ``TCPServer._handle_connection`` makes for a plain connection its accept loop
+    took, of ``stream_class``: for an accept loop of the caller's own, which then hands it to
+    ``handle_stream`` as that method does."""
+    return stream_class(connection, max_buffer_size=server.max_buffer_size, read_chunk_size=server.read_chunk_size)
 
 
 def no_header_timeout(server: HTTPServer) -> None:
