@@ -173,7 +173,7 @@ def test_bad_ids_are_refused_even_where_a_valid_token_file_would_be_found(tmp_pa
     for token in ("../x", "a/b", "a" * 129, ""):
         assert failure(call(store, token, "secret")) == (401, "unknown_token"), token
     assert read(tmp_path / "x" / "token.yaml")["calls"] == 0
-    assert store.bcrypt_calls == 0
+    assert store.authenticator.bcrypt_calls == 0
 
 
 def test_missing_token_file_is_unknown(tokens: Path, store: TokenStore) -> None:
@@ -247,7 +247,7 @@ def test_disabled(tokens: Path, store: TokenStore) -> None:
     # Step 5 comes before step 6: even a wrong access token gets 400.
     assert failure(store.verify("tok", "wrong")) == (400, "disabled")
     assert failure(call(store, "tok", "secret")) == (400, "disabled")
-    assert store.bcrypt_calls == 0
+    assert store.authenticator.bcrypt_calls == 0
 
 
 def test_limit_reached(tokens: Path, store: TokenStore) -> None:
@@ -364,18 +364,18 @@ def test_a_refused_call_counts_nothing(tokens: Path, store: TokenStore) -> None:
 
 def test_memo_skips_bcrypt_on_repeat(php_token: Path, store: TokenStore) -> None:
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
     verify(store, PHP_TOKEN, PHP_ACCESS)
     # Our own increments do not invalidate it either.
     count(store, PHP_TOKEN, PHP_ACCESS)
     count(store, PHP_TOKEN, PHP_ACCESS)
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
     assert read(php_token)["calls"] == 2
     # Failures are not remembered: each wrong guess pays bcrypt.
     failure(store.verify(PHP_TOKEN, "guess"))
     failure(store.verify(PHP_TOKEN, "guess"))
-    assert store.bcrypt_calls == 3
+    assert store.authenticator.bcrypt_calls == 3
 
 
 def test_memo_never_holds_the_access_token(php_token: Path, store: TokenStore) -> None:
@@ -399,7 +399,7 @@ def test_memo_never_holds_the_access_token(php_token: Path, store: TokenStore) -
 def test_changed_hash_invalidates_the_memo(php_token: Path, store: TokenStore) -> None:
     verify(store, PHP_TOKEN, PHP_ACCESS)
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
     data = read(php_token)
     data["hashed_access_token"] = fast_hash("rotated")
     replace_file(php_token, yaml.safe_dump(data, sort_keys=False))
@@ -411,13 +411,13 @@ def test_changed_hash_invalidates_the_memo(php_token: Path, store: TokenStore) -
 
 def test_any_outside_change_to_the_file_invalidates_the_memo(php_token: Path, store: TokenStore) -> None:
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
     # Same hash, but the file changed behind the store's back: verify again.
     replace_file(php_token, php_token.read_text() + "title: edited\n")
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 2
+    assert store.authenticator.bcrypt_calls == 2
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 2
+    assert store.authenticator.bcrypt_calls == 2
     # Another store (another process, say) counting a call is a change too.
     other = TokenStore(php_token.parent.parent)
     try:
@@ -425,7 +425,7 @@ def test_any_outside_change_to_the_file_invalidates_the_memo(php_token: Path, st
     finally:
         other.close()
     verify(store, PHP_TOKEN, PHP_ACCESS)
-    assert store.bcrypt_calls == 3
+    assert store.authenticator.bcrypt_calls == 3
 
 
 def test_memo_is_per_token_and_access_token(tokens: Path, store: TokenStore) -> None:
@@ -433,7 +433,7 @@ def test_memo_is_per_token_and_access_token(tokens: Path, store: TokenStore) -> 
     write_token(tokens, "two")
     verify(store, "one", "secret")
     verify(store, "two", "secret")
-    assert store.bcrypt_calls == 2
+    assert store.authenticator.bcrypt_calls == 2
     assert failure(store.verify("one", "secret2")) == (401, "wrong_access_token")
 
 
@@ -579,7 +579,7 @@ def test_a_remembered_verdict_is_answered_on_the_loop(php_token: Path, tokens: P
             await store.verify(PHP_TOKEN, "guess")
 
     asyncio.run(main())
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
 
 
 def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
@@ -598,8 +598,8 @@ def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
     refused = [r for r in results if r is not None]
     assert all(isinstance(r, TokenError) and r.reason == "limit_reached" for r in refused)
     assert read(tokens / "tok" / "token.yaml")["calls"] == 30
-    assert store.commits < 30, "calls that arrive together share one write"
-    assert store.bcrypt_calls <= 4, "only the first, concurrent, cold checks pay bcrypt"
+    assert store.counter.commits < 30, "calls that arrive together share one write"
+    assert store.authenticator.bcrypt_calls <= 4, "only the first, concurrent, cold checks pay bcrypt"
 
 
 def test_close_leaves_a_given_executor_running(php_token: Path, tokens: Path) -> None:
@@ -752,7 +752,7 @@ def test_a_hash_above_the_cost_ceiling_is_refused_without_bcrypt(tokens: Path, s
     path = write_token(tokens, "tok", hashed_access_token=hashed)
     assert failure(store.verify("tok", "secret")) == (401, "hash_too_costly")
     assert failure(call(store, "tok", "secret")) == (401, "hash_too_costly")
-    assert store.bcrypt_calls == 0
+    assert store.authenticator.bcrypt_calls == 0
     assert read(path)["calls"] == 0
 
     async def main() -> None:
@@ -761,7 +761,7 @@ def test_a_hash_above_the_cost_ceiling_is_refused_without_bcrypt(tokens: Path, s
         assert info.value.reason == "hash_too_costly"
 
     asyncio.run(main())
-    assert store.bcrypt_calls == 0
+    assert store.authenticator.bcrypt_calls == 0
 
 
 def test_the_cost_ceiling_is_a_setting(tokens: Path) -> None:
@@ -821,12 +821,12 @@ def test_an_address_that_keeps_failing_is_slowed_and_its_owner_is_not(tokens: Pa
         # At once, the attempts under way count as failures to come: still 3 in all.
         at_once = await asyncio.gather(*(attempt(f"again-{i}", "127.0.0.3") for i in range(6)))
         assert sorted(at_once) == ["too_many_failures"] * 3 + ["wrong_access_token"] * 3
-        calls = store.bcrypt_calls
+        calls = store.authenticator.bcrypt_calls
         # Slowed: refused before the disk and bcrypt, whatever the token.
         assert await attempt("guess", "127.0.0.2") == "too_many_failures"
         with pytest.raises(Overloaded):
             await store.verify("no-such-token", "x", client="127.0.0.2")
-        assert store.bcrypt_calls == calls
+        assert store.authenticator.bcrypt_calls == calls
         # The owner, from its own address, cold or warm, is not slowed.
         assert await attempt("secret", "127.0.0.1") == "ok"
         assert await attempt("wrong", "127.0.0.1") == "wrong_access_token"
@@ -872,7 +872,7 @@ def test_concurrent_identical_verifications_share_one_bcrypt(tokens: Path) -> No
         assert asyncio.run(main()) == [None] * 20  # no queue at all, yet nothing refused
     finally:
         store.close()
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
 
 
 def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None:
@@ -890,7 +890,7 @@ def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None
 
     outcomes = asyncio.run(main())
     assert all(isinstance(o, Overloaded) and o.why == "stopping" for o in outcomes), outcomes
-    assert store.bcrypt_calls <= 1  # at most the one already running
+    assert store.authenticator.bcrypt_calls <= 1  # at most the one already running
 
 
 # --- reading while Flextype's PHP writes in place ------------------------------------

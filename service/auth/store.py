@@ -65,16 +65,6 @@ class TokenStore:
         # Verbs under way (a counted call until its count is durable); on the event loop.
         self._active = 0
 
-    @property
-    def bcrypt_calls(self) -> int:
-        """Actual bcrypt verifications, memo hits excluded."""
-        return self.authenticator.bcrypt_calls
-
-    @property
-    def commits(self) -> int:
-        """Writes of token files that counted calls; fewer than calls under load."""
-        return self.counter.commits
-
     async def verify(self, token: str, access_token: str, *, client: str = "") -> None:
         """Flextype's steps 3 to 6 for a request from ``client`` (its address) that counts no call.
 
