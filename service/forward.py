@@ -26,7 +26,6 @@ import logging
 import ssl
 import urllib.parse
 from collections.abc import Awaitable
-from typing import Any
 
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -38,6 +37,7 @@ from tornado.web import RequestHandler
 from . import tornado_overrides
 from .errors import ApiError, Reason
 from .handlers import BaseHandler
+from .instance import Service
 from .lead import LeadRecord
 from .role import Following
 
@@ -102,7 +102,7 @@ class ForwardedHandler(BaseHandler):
 
     passed: type[BaseHandler]
 
-    def initialize(self, service: Any, passed: type[BaseHandler] = BaseHandler) -> None:
+    def initialize(self, service: Service, passed: type[BaseHandler] = BaseHandler) -> None:
         super().initialize(service)
         self.passed = passed
 
