@@ -215,7 +215,7 @@ class TokensCreate(Command):
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.token_admin import create_token
+        from cachebus.service.auth.admin import create_token
 
         if args.limit_calls < 0:
             raise UsageError("--limit-calls: expected a count >= 0")
@@ -236,7 +236,7 @@ class TokensList(Command):
     setting_flags = (("--tokens-dir", "service.tokens_dir", str),)
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.token_admin import list_tokens
+        from cachebus.service.auth.admin import list_tokens
 
         rows = list_tokens(self.settings(args).service.tokens_dir)
         print(f"{'TOKEN':34} {'STATE':9} {'CALLS':>7} {'LIMIT':>7}  CREATED BY")
@@ -255,7 +255,7 @@ class TokensDisable(Command):
         parser.add_argument("token")
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.token_admin import disable_token
+        from cachebus.service.auth.admin import disable_token
 
         try:
             disable_token(self.settings(args).service.tokens_dir, args.token)
@@ -304,7 +304,7 @@ class Demo(Command):
     credentials_file = Path("var/demo-credentials.json")
 
     def run(self, args: argparse.Namespace) -> int:
-        from cachebus.service.token_admin import create_token, list_tokens
+        from cachebus.service.auth.admin import create_token, list_tokens
         from cachebus.workers.content import copy_tree, demo_content
 
         settings = self.settings(args)

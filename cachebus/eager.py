@@ -3,7 +3,7 @@
 Python 3.12's eager task factory does this for every task; cachebus runs on
 3.11 and needs it only where a coroutine usually finishes at once: a worker's
 purge (nearly every target's ``clear`` is synchronous) and a token's count
-(checked on the loop, see :mod:`cachebus.service.tokens`). Each avoided task
+(checked on the loop, see :mod:`cachebus.service.auth.store`). Each avoided task
 was a pass through the event loop per clear (issue 14).
 """
 

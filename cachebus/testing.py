@@ -266,7 +266,7 @@ class Processes:
 
 def create_token(tokens_dir: Path, limit_calls: int = 0) -> tuple[str, str]:
     """A new enabled token in ``tokens_dir``: ``(token, access_token)``. Needs the service extra."""
-    from cachebus.service import token_admin
+    from cachebus.service.auth import admin as token_admin
 
     created = token_admin.create_token(tokens_dir, limit_calls=limit_calls)
     return created.token, created.access_token

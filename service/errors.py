@@ -28,8 +28,8 @@ from cachebus.bus.scope import MAX_SCOPE_ITEM_BYTES, MAX_SCOPE_ITEMS
 from cachebus.logs import Budget
 
 from .accesslog import redact_uri
-from .token_limits import Busy
-from .token_rules import Refusal
+from .auth.limits import Busy
+from .auth.rules import Refusal
 
 #: The content type of every JSON answer, errors and successes alike.
 CONTENT_TYPE = "application/json;charset=UTF-8"

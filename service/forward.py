@@ -26,7 +26,6 @@ import logging
 import ssl
 import urllib.parse
 from collections.abc import Awaitable
-from typing import Any
 
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -35,8 +34,10 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 from tornado.web import RequestHandler
 
+from . import tornado_overrides
 from .errors import ApiError, Reason
 from .handlers import BaseHandler
+from .instance import Service
 from .lead import LeadRecord
 from .role import Following
 
@@ -101,7 +102,7 @@ class ForwardedHandler(BaseHandler):
 
     passed: type[BaseHandler]
 
-    def initialize(self, service: Any, passed: type[BaseHandler] = BaseHandler) -> None:
+    def initialize(self, service: Service, passed: type[BaseHandler] = BaseHandler) -> None:
         super().initialize(service)
         self.passed = passed
 
@@ -205,7 +206,7 @@ class RelayedEventsHandler(ForwardedHandler):
         if relay.status is None:
             raise ApiError(503, Reason.NO_LEAD, retry_after=1,
                            log_message=f"the leader's event stream at {leader.url} did not answer in time")
-        if not self._finished:
+        if not tornado_overrides.finished(self):
             with contextlib.suppress(StreamClosedError):
                 self.finish()
 

@@ -3,7 +3,7 @@
 Every response carries the CORS headers Flextype sends, every failure gets a
 Flextype-shaped JSON body, and no credential reaches a log line. A handler
 refuses a request by raising :class:`~cachebus.service.errors.ApiError`;
-:class:`FlextypeResponses` logs, counts and answers it (see
+:class:`~cachebus.service.responses.FlextypeResponses` logs, counts and answers it (see
 :mod:`cachebus.service.errors`).
 """
 
@@ -13,189 +13,30 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import socket
 import time
 from collections.abc import Awaitable, Iterator
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tornado.httputil import HTTPHeaders
 from tornado.ioloop import IOLoop
-from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError, RequestHandler, stream_request_body
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.web import HTTPError, RequestHandler
 
 from cachebus.settings import Settings
 
-from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, FlextypeErrors, Reason
+from . import tornado_overrides
+from .auth.counter import Counted
+from .auth.limits import Overloaded
+from .auth.rules import TokenError
+from .errors import BUSY_ANSWER, CONTENT_TYPE, REFUSAL_STATUS, ApiError, Reason
 from .events import EventKind, EventQueue, unnumbered
+from .instance import Service
 from .params import credentials, request_params, scope, wait_timeout
+from .record import ClearEntry
+from .responses import FlextypeResponses
 from .role import Leading, NotLeading
-from .token_limits import Overloaded
-from .token_rules import TokenError
-from .tokens import Counted
-
-if TYPE_CHECKING:
-    from .app import Service
-    from .metrics import ServiceMetrics
-    from .record import ClearEntry
 
 log = logging.getLogger("cachebus.api")
-
-#: Methods counted under their own name; any other is counted as ``other``, so a
-#: client inventing methods cannot grow the number of metric series without bound.
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
-
-
-#: A ``Content-Length`` value: ASCII digits only. ``str.isdigit`` also accepts ``²`` and ``٣``,
-#: which ``int`` then refuses.
-_LENGTH = re.compile(r"[0-9]+")
-#: Longer than this many digits, a declared length exceeds any body limit (and ``int`` of
-#: thousands of digits is refused outright).
-_LENGTH_DIGITS = 18
-
-
-def declared_length(headers: HTTPHeaders) -> int | None:
-    """The body length ``Content-Length`` declares, or None without one.
-
-    Raises :class:`ApiError` 400 for a value Tornado would refuse after the handler
-    has run (so a client gets Flextype's body rather than Tornado's bare 400).
-    """
-    if "Content-Length" not in headers:
-        return None
-    # Repeated headers arrive joined with commas; equal copies are fine, as Tornado has it.
-    values = {value.strip() for value in headers["Content-Length"].split(",")}
-    if len(values) != 1 or not _LENGTH.fullmatch(value := values.pop()):
-        raise ApiError(400, Reason.BAD_CONTENT_LENGTH)
-    return int(value) if len(value) <= _LENGTH_DIGITS else 10 ** _LENGTH_DIGITS
-
-
-class _EveryMethod(tuple[str, ...]):
-    """``SUPPORTED_METHODS`` of a handler that takes any method, even one HTTP never defined."""
-
-    def __contains__(self, method: object) -> bool:
-        return True
-
-
-@stream_request_body
-class FlextypeResponses(FlextypeErrors):
-    """What every response of the service shares: Flextype's CORS headers, an
-    empty answer to OPTIONS, Flextype's JSON body for every error, and a count
-    of every request and of every failed authentication.
-
-    Every route streams its body, so :meth:`prepare` runs as soon as the headers
-    are in: a wrong method (405), malformed framing (400), an encoded body (415) or
-    a declared body over ``service.max_body_size`` (413) is answered before a
-    byte of the body is read and before any credential is looked at. A body
-    that streams past the limit is answered with 413 as soon as it does.
-    """
-
-    _received = 0
-    _too_large = False
-
-    def set_default_headers(self) -> None:
-        # Runs before initialize(), so the settings come from the application.
-        cors = self.application.settings["cors"]
-        if cors.enabled:
-            self.set_header("Access-Control-Allow-Origin", cors.origin)
-            self.set_header("Access-Control-Allow-Headers", ", ".join(cors.headers))
-            self.set_header("Access-Control-Allow-Methods", ", ".join(cors.methods))
-
-    def options(self, *args: str) -> None:
-        """Flextype answers OPTIONS on any route with an empty response."""
-        self.finish()
-
-    def allowed_methods(self) -> list[str]:
-        return type(self).implemented()
-
-    @classmethod
-    def implemented(cls) -> list[str]:
-        """The methods the route answers: those it implements, and OPTIONS."""
-        methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-        return [m for m in methods if cls._implements(m)] + ["OPTIONS"]
-
-    @classmethod
-    def _implements(cls, method: str) -> bool:
-        return getattr(cls, method.lower()) is not getattr(RequestHandler, method.lower())
-
-    @property
-    def route(self) -> type[RequestHandler]:
-        """The route this handler answers, as the metrics count it (a follower's forwarder stands
-        for the leader's route)."""
-        return type(self)
-
-    async def prepare(self) -> None:
-        method = self.request.method or ""
-        if method != "OPTIONS" and method not in self.allowed_methods():
-            raise HTTPError(405)
-        headers = self.request.headers
-        declared = declared_length(headers)
-        if "Transfer-Encoding" in headers and (
-                declared is not None or headers["Transfer-Encoding"].strip().lower() != "chunked"):
-            raise ApiError(400, Reason.BAD_TRANSFER_ENCODING)
-        if headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-            # Never decompressed: a small gzip body can inflate a thousandfold.
-            raise ApiError(415, Reason.UNSUPPORTED_ENCODING)
-        if declared is not None and declared > self._limit:
-            self._too_large = True
-            raise ApiError(413, Reason.BODY_TOO_LARGE)
-
-    @property
-    def _limit(self) -> int:
-        return int(self.application.settings["max_body_size"])
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._too_large:
-            return
-        self._received += len(chunk)
-        if self._received <= self._limit:
-            self.keep(chunk)
-            return
-        self._too_large = True
-        self.keep(None)
-        if not self._finished:
-            # Tornado does not route an exception raised here to send_error: the
-            # connection would log it and close without an answer. So take the
-            # two steps a raised ApiError takes, by hand.
-            error = ApiError(413, Reason.BODY_TOO_LARGE)
-            exc_info = (type(error), error, None)
-            self.log_exception(*exc_info)
-            self.send_error(error.status_code, exc_info=exc_info)
-
-    def keep(self, chunk: bytes | None) -> None:
-        """A chunk of the body (None: forget what was kept). Routes that read no body drop it."""
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        if status_code == 405:
-            self.set_header("Allow", ", ".join(self.allowed_methods()))
-        super().write_error(status_code, **kwargs)
-
-    @property
-    def _metrics(self) -> ServiceMetrics | None:
-        return self.application.settings.get("metrics")
-
-    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
-                      tb: TracebackType | None) -> None:
-        """The warning line, and a failed authentication counted by its reason."""
-        metrics = self._metrics
-        if isinstance(value, ApiError) and value.auth and metrics is not None:
-            metrics.auth_failures.labels(value.why).inc()
-        super().log_exception(typ, value, tb)
-
-    def on_finish(self) -> None:
-        """Count the response by route pattern (never the raw path), method and status,
-        and make sure no byte of a body left unread is ever parsed."""
-        # An answer sent before the body was read makes Tornado close the connection
-        # (HTTP1Connection.finish), but only after it has parsed the body's framing,
-        # which it would refuse a second time, with a log line of its own. The body is
-        # never read now, so frame it as empty: none of its bytes is ever parsed.
-        self.request.headers.pop("Transfer-Encoding", None)
-        self.request.headers["Content-Length"] = "0"
-        metrics = self._metrics
-        if metrics is not None:
-            route = self.application.settings["route_names"].get(self.route, "unmatched")
-            method = self.request.method if self.request.method in HTTP_METHODS else "other"
-            metrics.http_requests.labels(route, method, str(self.get_status())).inc()
 
 
 class BaseHandler(FlextypeResponses):
@@ -253,21 +94,34 @@ class BaseHandler(FlextypeResponses):
             raise ApiError(503, Reason.NO_LEAD, retry_after=1, log_message=str(exc)) from None
         return role
 
-    async def authorize(self, params: dict[str, Any], *, consume: bool) -> Counted:
-        """Flextype's validation steps 1 to 7, within the abuse limits; raises :class:`ApiError`.
+    async def verify(self, params: dict[str, Any]) -> None:
+        """Flextype's validation steps 1 to 6, within the abuse limits, counting no call; raises
+        :class:`ApiError`. For the read endpoints.
 
-        Returns once the call is admitted; with ``consume``, its count is still
-        being made durable: pass the result to :meth:`durably` before answering.
         The limits count by the client's address (``remote_ip``, the socket's
         peer): a refusal of them is a 429 with ``Retry-After``, counted with
         the failed authentications.
         """
-        token, access_token = credentials(params)
+        token, access_token = self._credentials(params)
+        with _token_errors():
+            await self.service.tokens.verify(token, access_token, client=self.request.remote_ip or "")
+
+    async def admit_call(self, params: dict[str, Any]) -> Counted:
+        """Flextype's validation steps 1 to 7, as :meth:`verify`, for a call that counts.
+
+        Returns once the call is admitted, its count still being made durable:
+        pass the result to :meth:`durably` before answering.
+        """
+        token, access_token = self._credentials(params)
+        with _token_errors():
+            return await self.service.tokens.admit_call(token, access_token, client=self.request.remote_ip or "")
+
+    def _credentials(self, params: dict[str, Any]) -> tuple[str, str]:
+        """Steps 1 and 2: the credentials are there, and the API is enabled."""
+        found = credentials(params)
         if not self.service.settings.api.cache.enabled:
             raise ApiError(400, Reason.API_DISABLED, auth=True)
-        with _token_errors():
-            return await self.service.tokens.admit(token, access_token, consume=consume,
-                                                   client=self.request.remote_ip or "")
+        return found
 
     async def durably(self, counted: Counted) -> None:
         """Wait until an admitted call's count is durable; a failed write is answered as a refusal."""
@@ -290,7 +144,7 @@ def _token_errors() -> Iterator[None]:
 class NotFoundHandler(BaseHandler):
     """Unknown routes: Flextype's 404 body, whatever the method (not 405: no method is allowed here)."""
 
-    SUPPORTED_METHODS = _EveryMethod(RequestHandler.SUPPORTED_METHODS)
+    SUPPORTED_METHODS = tornado_overrides.EveryMethod(RequestHandler.SUPPORTED_METHODS)
 
     async def prepare(self) -> None:
         if self.request.method != "OPTIONS":
@@ -301,7 +155,7 @@ class UnreadableRequestHandler(BaseHandler):
     """A request Tornado refused to build: a query string of more than 1,000 fields, a
     missing or malformed ``Host``. Flextype's 400, through the one error path."""
 
-    SUPPORTED_METHODS = _EveryMethod(RequestHandler.SUPPORTED_METHODS)
+    SUPPORTED_METHODS = tornado_overrides.EveryMethod(RequestHandler.SUPPORTED_METHODS)
 
     async def prepare(self) -> None:
         raise ApiError(400, Reason.UNREADABLE_REQUEST)
@@ -329,7 +183,7 @@ class ClearHandler(BaseHandler):
         timeout = wait_timeout(params, api.wait_timeout, api.max_wait_timeout)
         reach = scope(self.request, params)
         leading = self.leading()  # before the count: a leader that lost its lock counts nothing
-        counted = await self.authorize(params, consume=True)
+        counted = await self.admit_call(params)
         try:
             if timeout is not None:
                 await leading.warmed()  # a proof names every worker, also right after a takeover
@@ -393,7 +247,7 @@ class RecordHandler(BaseHandler):
         if self.request.method == "OPTIONS":
             return
         # The body has not arrived yet: read endpoints take credentials from the query.
-        await self.authorize(self.params(), consume=False)
+        await self.verify(self.params())
 
 
 class ClearsHandler(RecordHandler):
@@ -446,7 +300,7 @@ class EventsHandler(RecordHandler):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        stream = self.request.connection.stream  # type: ignore[union-attr]
+        stream = tornado_overrides.request_stream(self)
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
         # Opened before the snapshot, with no await in between: nothing falls in the gap.
         self._queue = queue = events.open()
@@ -463,7 +317,7 @@ class EventsHandler(RecordHandler):
                 first = b"".join(event.sse for event in backlog)
             self.write(b"retry: 2000\n\n" + first)
             await self._flush_or_close(keepalive)
-            while not self.request.connection.stream.closed():  # type: ignore[union-attr]
+            while not stream.closed():
                 await queue.wait(keepalive)
                 if queue.overflowed:
                     self.write(unnumbered(EventKind.OVERFLOW, {"dropped": True}))
@@ -478,7 +332,7 @@ class EventsHandler(RecordHandler):
             self.finish()
             self._close_later(stream)
 
-    def _close_later(self, stream: Any) -> None:
+    def _close_later(self, stream: IOStream) -> None:
         IOLoop.current().call_later(self.GOODBYE_SECONDS, stream.close)
 
     async def _flush_or_close(self, keepalive: float) -> None:
@@ -491,7 +345,7 @@ class EventsHandler(RecordHandler):
         try:
             await asyncio.wait_for(asyncio.shield(flushing), keepalive * self.STALLED_KEEPALIVES)
         except TimeoutError:
-            self.request.connection.stream.close()  # type: ignore[union-attr]
+            tornado_overrides.request_stream(self).close()
             raise StreamClosedError() from None
 
     def on_connection_close(self) -> None:

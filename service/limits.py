@@ -34,18 +34,15 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tornado import httputil
-from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
 
 from cachebus.settings import HttpSettings
 
-if TYPE_CHECKING:
-    from .metrics import ServiceMetrics
+from . import tornado_overrides
 
 log = logging.getLogger("cachebus.http")
 
@@ -138,16 +135,22 @@ class ThrottledLog:
         self._next_line = now + self.interval
 
 
-class _Stream(IOStream):
+class ConnectionCounts(Protocol):
+    """Where the server counts the connections it closes (the service's metrics)."""
+
+    def connection_refused(self, why: Refusal) -> None: ...
+
+    def connection_timed_out(self, phase: Phase) -> None: ...
+
+
+class _Stream(tornado_overrides.NotifyingStream):
     """An accepted connection's stream, which tells its :class:`_Deadline` when bytes arrive."""
 
     deadline: _Deadline | None = None
 
-    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
-        count = super().read_from_fd(buf)
-        if count and self.deadline is not None:
+    def bytes_arrived(self) -> None:
+        if self.deadline is not None:
             self.deadline.bytes_arrived()
-        return count
 
 
 class _Deadline:
@@ -283,7 +286,7 @@ class LimitedHTTPServer(HTTPServer):
 
     limits: HttpSettings
 
-    def initialize(self, *args: Any, limits: HttpSettings = DEFAULT_LIMITS, metrics: ServiceMetrics | None = None,
+    def initialize(self, *args: Any, limits: HttpSettings = DEFAULT_LIMITS, metrics: ConnectionCounts | None = None,
                    **kwargs: Any) -> None:
         """``LimitedHTTPServer(app, limits=settings.http, metrics=…)``; other arguments are Tornado's."""
         # No timer of Tornado's: each connection's _Deadline covers waiting, headers and
@@ -293,7 +296,7 @@ class LimitedHTTPServer(HTTPServer):
         # of its own.
         kwargs.update(max_header_size=limits.max_header_size)
         super().initialize(*args, **kwargs)
-        self.conn_params.header_timeout = None  # Tornado's own default is an hour
+        tornado_overrides.no_header_timeout(self)
         self.limits = limits
         self.max_connections = max_connections(limits.max_connections)
         self.metrics = metrics
@@ -311,9 +314,7 @@ class LimitedHTTPServer(HTTPServer):
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
-            self._sockets[sock.fileno()] = sock
-            # TCPServer.stop calls this to stop accepting.
-            self._handlers[sock.fileno()] = _Acceptor(self, sock).stop
+            tornado_overrides.accept_with(self, sock, _Acceptor(self, sock).stop)
 
     def stop(self) -> None:
         super().stop()
@@ -328,7 +329,7 @@ class LimitedHTTPServer(HTTPServer):
             self._refused(Refusal.LIMIT)
             return
         self.open_connections += 1
-        stream = _Stream(connection, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
+        stream = tornado_overrides.new_stream(self, connection, _Stream)
         stream.deadline = _Deadline(self, stream)
         self.handle_stream(stream, address)
 
@@ -363,7 +364,7 @@ class LimitedHTTPServer(HTTPServer):
 
     def _refused(self, why: Refusal) -> None:
         if self.metrics is not None:
-            self.metrics.http_connections_refused.labels(why.value).inc()
+            self.metrics.connection_refused(why)
         self._refused_log[why].event()
 
     # --- each connection's phases -------------------------------------------------
@@ -371,8 +372,8 @@ class LimitedHTTPServer(HTTPServer):
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection
                       ) -> httputil.HTTPMessageDelegate:
         delegate = super().start_request(server_conn, request_conn)
-        assert isinstance(server_conn, HTTP1ServerConnection)
-        deadline = server_conn.stream.deadline if isinstance(server_conn.stream, _Stream) else None
+        stream = tornado_overrides.connection_stream(server_conn)
+        deadline = stream.deadline if isinstance(stream, _Stream) else None
         if deadline is None:
             return delegate
         deadline.request_started()
@@ -380,14 +381,14 @@ class LimitedHTTPServer(HTTPServer):
 
     def on_close(self, server_conn: object) -> None:
         super().on_close(server_conn)
-        assert isinstance(server_conn, HTTP1ServerConnection)
-        if isinstance(server_conn.stream, _Stream) and server_conn.stream.deadline is not None:
-            server_conn.stream.deadline.closed()
+        stream = tornado_overrides.connection_stream(server_conn)
+        if isinstance(stream, _Stream) and stream.deadline is not None:
+            stream.deadline.closed()
         self.open_connections -= 1
 
     def timed_out(self, phase: Phase) -> None:
         if self.metrics is not None:
-            self.metrics.http_connections_timed_out.labels(phase.value).inc()
+            self.metrics.connection_timed_out(phase)
         self._timeout_log[phase].event()
 
 

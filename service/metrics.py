@@ -2,7 +2,9 @@
 
 Counters move as events happen (:meth:`ServiceMetrics.observe` is an
 :class:`~cachebus.service.events.EventLog` listener); the numbers of workers by state
-and of event stream clients are read from the record when scraped.
+and of event stream clients are read from the record when scraped. This module
+observes and does not serve: ``GET /metrics`` is
+:class:`~cachebus.service.pages.ServiceMetricsHandler`.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cachebus.bus.protocol import Ack, PurgeCause, PurgeOutcome
-from cachebus.metrics import MetricsHandler
 
 from .events import ClearAcked, ClearCompleted, ClearPublished, Event, EventLog, WorkerPurged, WorkerStateChanged
-from .handlers import FlextypeResponses
-from .limits import TIMED_PHASES, Refusal
+from .limits import TIMED_PHASES, Phase, Refusal
 from .record import Record
 from .views import AckView, WorkerState
 
@@ -110,6 +110,14 @@ class ServiceMetrics:
         r.register(self.state)
         events.listeners.append(self.observe)
 
+    def connection_refused(self, why: Refusal) -> None:
+        """The HTTP server closed a connection as soon as it accepted it."""
+        self.http_connections_refused.labels(why.value).inc()
+
+    def connection_timed_out(self, phase: Phase) -> None:
+        """The HTTP server closed a connection for taking too long in ``phase``."""
+        self.http_connections_timed_out.labels(phase.value).inc()
+
     def observe(self, event: Event) -> None:
         match event.payload:
             case ClearPublished():
@@ -138,6 +146,3 @@ class ServiceMetrics:
                         except KeyError:
                             pass
 
-
-class ServiceMetricsHandler(FlextypeResponses, MetricsHandler):
-    """``GET /metrics`` on the service, with the CORS headers and error bodies of every other route."""

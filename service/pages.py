@@ -1,4 +1,4 @@
-"""Documents the service serves as they are: the index, the dashboard and the OpenAPI description.
+"""Documents the service serves as they are: the index, the dashboard, the OpenAPI description, the metrics.
 
 Every byte comes from files in this package, so the dashboard works with no
 network beyond the service itself.
@@ -14,7 +14,10 @@ from typing import Any
 import tornado.web
 import yaml
 
-from .handlers import BaseHandler, FlextypeResponses
+from cachebus.metrics import MetricsHandler
+
+from .handlers import BaseHandler
+from .responses import FlextypeResponses
 
 PACKAGE = files("cachebus.service")
 DASHBOARD = PACKAGE / "dashboard"
@@ -92,3 +95,7 @@ class OpenApiHandler(FlextypeResponses):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(openapi_document())
+
+
+class ServiceMetricsHandler(FlextypeResponses, MetricsHandler):
+    """``GET /metrics`` on the service, with the CORS headers and error bodies of every other route."""

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from cachebus.service.app import Service, make_app, make_server
+from cachebus.service.app import make_app, make_server
+from cachebus.service.instance import Service
 from cachebus.settings import Settings
 from cachebus.testing import Cluster, copy_demo_content, create_token, free_ports
 

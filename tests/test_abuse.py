@@ -26,8 +26,8 @@ import pytest
 import yaml
 from tornado.httpclient import HTTPRequest
 
-from cachebus.service import token_file
-from cachebus.service.app import Service
+from cachebus.service.auth import file as token_file
+from cachebus.service.instance import Service
 from cachebus.testing import DEADLINE, Cluster, create_token, http, wait_for
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from cachebus.service.app import Service
+from cachebus.service.instance import Service
 
 BAD_REQUEST = b'{"title":"Bad Request","message":"Validation for this particular item failed","http_status_code":400}'
 UNAUTHORIZED = b'{"title":"Unauthorized","message":"Token is wrong","http_status_code":401}'

@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from cachebus.bus.peers import PeerLog, Trouble
 from cachebus.bus.protocol import VERSION, Ack, Codec, Hello, Message, PurgeCause, WorkerHeartbeat
-from cachebus.service.app import Service
+from cachebus.service.instance import Service
 from cachebus.testing import DEADLINE, Cluster, bus_client, expected_names, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber

@@ -17,8 +17,8 @@ import urllib.parse
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from cachebus.service.app import Service
 from cachebus.service.events import EventLog
+from cachebus.service.instance import Service
 
 CLEAR = "/api/v1/cache/clear"
 JSON_TYPE = "application/json;charset=UTF-8"

@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
-from cachebus.service.app import Service
+from cachebus.service.instance import Service
 from cachebus.testing import Cluster, http, wait_for
 
 

@@ -317,7 +317,7 @@ def test_each_concepts_one_serializer_matches_its_documented_schema(spec):
         event = ClearAcked("c" * 32, 3, ack, acked=1, expected=2, failed=0)
         validator(spec, "ClearAckedEventData").validate(event.to_json())
         wire = Ack(name=ack.name, instance=ack.worker, epoch="e", seq=3, clear_id="c" * 32, dropped=ack.dropped,
-                   purge_ms=ack.purge_ms, cause=ack.cause, outcome=ack.outcome, error=ack.error, scope=ack.extent)
+                   purge_ms=ack.purge_ms, cause=ack.cause, outcome=ack.outcome, error=ack.error, extent=ack.extent)
         validator(spec, "WorkerPurgedEventData").validate(WorkerPurged(wire).to_json())
     for worker in _workers():
         validator(spec, "Worker").validate(worker.to_json())

@@ -74,6 +74,11 @@ def test_the_wheel_installs_one_top_level_name_and_every_packaged_file(wheel: Pa
     for asset in ("dashboard/index.html", "dashboard/app.js", "dashboard/app.css", "openapi.yaml", "__main__.py"):
         assert f"cachebus/service/{asset}" in shipped
     assert "cachebus/workers/__main__.py" in shipped
+    # Every module of every subpackage, however deep: a folder without its __init__.py would be left out.
+    for folder in SUBPACKAGES:
+        for module in (ROOT / folder).rglob("*.py"):
+            assert f"cachebus/{folder}/{module.relative_to(ROOT / folder).as_posix()}" in shipped, module
+    assert {"cachebus/service/auth/__init__.py", "cachebus/service/auth/store.py"} <= shipped
     assert {"cachebus/relay/__main__.py", "cachebus/relay/relay.py"} <= shipped
 
 

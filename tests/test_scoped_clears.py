@@ -17,7 +17,7 @@ import pytest
 
 from cachebus.bus.protocol import Ack, Clear, Hello, PurgeCause
 from cachebus.bus.scope import MAX_SCOPE_ITEM_BYTES, MAX_SCOPE_ITEMS
-from cachebus.service.app import Service
+from cachebus.service.instance import Service
 from cachebus.testing import DEADLINE, Cluster, http, wait_for
 from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
 

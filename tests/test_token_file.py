@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cachebus.service import token_file
-from cachebus.service.token_file import Signature
-from cachebus.service.token_rules import Refusal, TokenError
+from cachebus.service.auth import file as token_file
+from cachebus.service.auth.file import Signature
+from cachebus.service.auth.rules import Refusal, TokenError
 from cachebus.testing import InPlaceWriter
 
 DATA = {"hashed_access_token": "$2y$10$x", "state": "enabled", "calls": 3, "limit_calls": 0,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from cachebus.service.token_limits import BcryptPool, Busy, FailureLog, Overloaded, address_key
+from cachebus.service.auth.limits import BcryptPool, Busy, FailureLog, Overloaded, address_key
 from cachebus.testing import wait_for
 
 # --- the failure log -----------------------------------------------------------

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cachebus.service.token_file import Signature
-from cachebus.service.token_memo import KNOWN_SIGNATURES, VerdictMemo
+from cachebus.service.auth.file import Signature
+from cachebus.service.auth.memo import KNOWN_SIGNATURES, VerdictMemo
 
 S1, S2, S3 = Signature(1, 100, 7), Signature(2, 100, 8), Signature(3, 101, 9)
 

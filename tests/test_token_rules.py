@@ -9,9 +9,9 @@ from typing import Any
 import bcrypt
 import pytest
 
-from cachebus.service import token_rules
-from cachebus.service.token_hash import password_hash, password_verify
-from cachebus.service.token_rules import Refusal, TokenError
+from cachebus.service.auth import rules as token_rules
+from cachebus.service.auth.hash import password_hash, password_verify
+from cachebus.service.auth.rules import Refusal, TokenError
 
 PHP_ACCESS = "rasmuslerdorf"  # the password of PHP's password_hash documentation example
 PHP_HASH = "$2y$10$.vGA1O9wmRjrwAVXD98HNOgsNpDczlqm3Jq7KnEd1rVAGv3Fykk1a"
@@ -144,5 +144,5 @@ def test_password_hash_writes_what_php_writes() -> None:
 
 def test_the_rules_need_no_bcrypt() -> None:
     # errors.py imports Refusal from here, and must not pull in the service's bcrypt.
-    code = "import sys, cachebus.service.token_rules; assert 'bcrypt' not in sys.modules"
+    code = "import sys, cachebus.service.auth.rules; assert 'bcrypt' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,20 +15,24 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import bcrypt
 import pytest
 import yaml
 
+from cachebus.service.auth import file as token_file
+from cachebus.service.auth.admin import TokenSummary, create_token, disable_token, list_tokens
+from cachebus.service.auth.file import TOKEN_ID_RE
+from cachebus.service.auth.hash import password_verify
+from cachebus.service.auth.limits import BcryptPool, FailureLog, Overloaded
+from cachebus.service.auth.rules import TokenError
+from cachebus.service.auth.store import TokenStore
 from cachebus.service.errors import REFUSAL_STATUS
-from cachebus.service.token_admin import TokenSummary, create_token, disable_token, list_tokens
-from cachebus.service.token_file import TOKEN_ID_RE
-from cachebus.service.token_limits import BcryptPool, FailureLog, Overloaded
-from cachebus.service.token_rules import TokenError
-from cachebus.service.tokens import TokenStore
 from cachebus.testing import InPlaceWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +74,52 @@ def read(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def failure(store: TokenStore, token: str, access_token: str, consume: bool = False) -> tuple[int, str]:
+async def call(store: TokenStore, token: str, access_token: str, *, client: str = "") -> None:
+    """A counted call as the clear makes it: admitted, then durable before the answer."""
+    counted = await store.admit_call(token, access_token, client=client)
+    await counted.durable()
+
+
+def count(store: TokenStore, token: str, access_token: str) -> None:
+    """One counted call, on a loop of its own."""
+    asyncio.run(call(store, token, access_token))
+
+
+def verify(store: TokenStore, token: str, access_token: str) -> None:
+    """One read endpoint's check, on a loop of its own."""
+    asyncio.run(store.verify(token, access_token))
+
+
+def failure(attempt: Coroutine[Any, Any, None]) -> tuple[int, str]:
+    """The status and reason of ``attempt``'s refusal (a verb of the store, or :func:`call`)."""
     with pytest.raises(TokenError) as info:
-        store.check(token, access_token, consume=consume)
+        asyncio.run(attempt)
     # The message is the reason code, and nothing else; the HTTP layer picks the status.
     assert str(info.value) == info.value.reason
     return REFUSAL_STATUS[info.value.reason], info.value.reason
+
+
+class ThreadsThatRan:
+    """The names of the threads that called each of some functions, seen by a profile hook on
+    this thread and on those started while it is on: where the store's work ran, with none
+    of it replaced."""
+
+    def __init__(self, **functions: Callable[..., object]) -> None:
+        self._names = {function.__code__: name for name, function in functions.items()}  # type: ignore[attr-defined]
+        self.threads: dict[str, set[str]] = {name: set() for name in functions}
+
+    def _profile(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and (name := self._names.get(frame.f_code)) is not None:
+            self.threads[name].add(threading.current_thread().name)
+
+    def __enter__(self) -> ThreadsThatRan:
+        threading.setprofile(self._profile)
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -113,7 +157,7 @@ def test_token_id_pattern() -> None:
 def test_bad_ids_are_unknown_without_touching_the_disk(tmp_path: Path, token: str) -> None:
     store = TokenStore(tmp_path / "does" / "not" / "exist")
     try:
-        assert failure(store, token, "secret", consume=True) == (401, "unknown_token")
+        assert failure(call(store, token, "secret")) == (401, "unknown_token")
     finally:
         store.close()
     assert not (tmp_path / "does").exists()
@@ -127,25 +171,25 @@ def test_bad_ids_are_refused_even_where_a_valid_token_file_would_be_found(tmp_pa
     write_token(tokens, "a" * 129)
     (tokens / "token.yaml").write_text((tmp_path / "x" / "token.yaml").read_text())  # tokens//token.yaml
     for token in ("../x", "a/b", "a" * 129, ""):
-        assert failure(store, token, "secret", consume=True) == (401, "unknown_token"), token
+        assert failure(call(store, token, "secret")) == (401, "unknown_token"), token
     assert read(tmp_path / "x" / "token.yaml")["calls"] == 0
-    assert store.bcrypt_calls == 0
+    assert store.authenticator.bcrypt_calls == 0
 
 
 def test_missing_token_file_is_unknown(tokens: Path, store: TokenStore) -> None:
-    assert failure(store, "nope", "secret") == (401, "unknown_token")
+    assert failure(store.verify("nope", "secret")) == (401, "unknown_token")
     (tokens / "empty").mkdir()
-    assert failure(store, "empty", "secret") == (401, "unknown_token")
+    assert failure(store.verify("empty", "secret")) == (401, "unknown_token")
     (tokens / "dir" / "token.yaml").mkdir(parents=True)
-    assert failure(store, "dir", "secret") == (401, "unknown_token")
+    assert failure(store.verify("dir", "secret")) == (401, "unknown_token")
     (tokens / "file").write_text("not a directory")
-    assert failure(store, "file", "secret") == (401, "unknown_token")
+    assert failure(store.verify("file", "secret")) == (401, "unknown_token")
 
 
 def test_missing_tokens_dir_is_unknown(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "missing")
     try:
-        assert failure(store, "abc", "secret") == (401, "unknown_token")
+        assert failure(store.verify("abc", "secret")) == (401, "unknown_token")
     finally:
         store.close()
 
@@ -165,7 +209,7 @@ def test_unparseable_or_non_mapping_file_is_invalid(tokens: Path, store: TokenSt
     path = tokens / "tok" / "token.yaml"
     path.parent.mkdir()
     path.write_bytes(text.encode("latin-1"))
-    assert failure(store, "tok", "secret") == (400, "invalid_token_file")
+    assert failure(store.verify("tok", "secret")) == (400, "invalid_token_file")
 
 
 @pytest.mark.parametrize("fields", [
@@ -180,19 +224,19 @@ def test_unparseable_or_non_mapping_file_is_invalid(tokens: Path, store: TokenSt
 ])
 def test_missing_or_non_int_fields_are_invalid(tokens: Path, store: TokenStore, fields: dict[str, Any]) -> None:
     write_token(tokens, "tok", **fields)
-    assert failure(store, "tok", "secret") == (400, "invalid_token_file")
+    assert failure(store.verify("tok", "secret")) == (400, "invalid_token_file")
 
 
 def test_null_field_counts_as_missing(tokens: Path, store: TokenStore) -> None:
     path = tokens / "tok" / "token.yaml"
     path.parent.mkdir()
     path.write_text(f"hashed_access_token: {fast_hash('secret')}\nstate: enabled\ncalls: ~\nlimit_calls: 0\n")
-    assert failure(store, "tok", "secret") == (400, "invalid_token_file")
+    assert failure(store.verify("tok", "secret")) == (400, "invalid_token_file")
 
 
 def test_invalid_file_is_checked_before_the_access_token(tokens: Path, store: TokenStore) -> None:
     write_token(tokens, "tok", state=None, hashed_access_token=None)
-    assert failure(store, "tok", "wrong") == (400, "invalid_token_file")
+    assert failure(store.verify("tok", "wrong")) == (400, "invalid_token_file")
 
 
 # --- step 5: state and call limit --------------------------------------------
@@ -201,31 +245,31 @@ def test_invalid_file_is_checked_before_the_access_token(tokens: Path, store: To
 def test_disabled(tokens: Path, store: TokenStore) -> None:
     write_token(tokens, "tok", state="disabled")
     # Step 5 comes before step 6: even a wrong access token gets 400.
-    assert failure(store, "tok", "wrong") == (400, "disabled")
-    assert failure(store, "tok", "secret", consume=True) == (400, "disabled")
-    assert store.bcrypt_calls == 0
+    assert failure(store.verify("tok", "wrong")) == (400, "disabled")
+    assert failure(call(store, "tok", "secret")) == (400, "disabled")
+    assert store.authenticator.bcrypt_calls == 0
 
 
 def test_limit_reached(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", calls=3, limit_calls=3)
-    assert failure(store, "tok", "wrong", consume=True) == (400, "limit_reached")
+    assert failure(call(store, "tok", "wrong")) == (400, "limit_reached")
     write_token(tokens, "tok", calls=7, limit_calls=3)
-    assert failure(store, "tok", "secret", consume=True) == (400, "limit_reached")
+    assert failure(call(store, "tok", "secret")) == (400, "limit_reached")
     assert read(path)["calls"] == 7
 
 
 def test_zero_limit_is_unlimited(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", calls=10**9, limit_calls=0)
-    store.check("tok", "secret", consume=True)
+    count(store, "tok", "secret")
     assert read(path)["calls"] == 10**9 + 1
 
 
-def test_consume_stops_at_the_limit(tokens: Path, store: TokenStore) -> None:
+def test_counted_calls_stop_at_the_limit(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", limit_calls=2)
-    store.check("tok", "secret", consume=True)
-    store.check("tok", "secret", consume=True)
-    assert failure(store, "tok", "secret", consume=True) == (400, "limit_reached")
-    store.check("tok", "secret", consume=False)  # reading the record is not a call
+    count(store, "tok", "secret")
+    count(store, "tok", "secret")
+    assert failure(call(store, "tok", "secret")) == (400, "limit_reached")
+    verify(store, "tok", "secret")  # reading the record is not a call
     assert read(path)["calls"] == 2
 
 
@@ -234,84 +278,84 @@ def test_consume_stops_at_the_limit(tokens: Path, store: TokenStore) -> None:
 
 def test_php_hash_fixture_verifies(php_token: Path, store: TokenStore) -> None:
     assert read(php_token)["hashed_access_token"] == PHP_HASH
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert failure(store, PHP_TOKEN, "rasmuslerdorF") == (401, "wrong_access_token")
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert failure(store.verify(PHP_TOKEN, "rasmuslerdorF")) == (401, "wrong_access_token")
     assert bcrypt.checkpw(PHP_ACCESS.encode(), PHP_HASH.encode())  # bcrypt itself takes $2y$
 
 
 def test_no_hash(tokens: Path, store: TokenStore) -> None:
     write_token(tokens, "tok", hashed_access_token=None)
-    assert failure(store, "tok", "secret") == (401, "no_hash")
+    assert failure(store.verify("tok", "secret")) == (401, "no_hash")
 
 
 def test_wrong_access_token(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok")
-    assert failure(store, "tok", "wrong", consume=True) == (401, "wrong_access_token")
-    assert failure(store, "tok", "") == (401, "wrong_access_token")
+    assert failure(call(store, "tok", "wrong")) == (401, "wrong_access_token")
+    assert failure(store.verify("tok", "")) == (401, "wrong_access_token")
     assert read(path)["calls"] == 0
 
 
 @pytest.mark.parametrize("hashed", ["", "not a hash", "$2y$10$short", 12345, ["$2y$"]])
 def test_malformed_hash_is_a_wrong_access_token(tokens: Path, store: TokenStore, hashed: Any) -> None:
     write_token(tokens, "tok", hashed_access_token=hashed)
-    assert failure(store, "tok", "secret") == (401, "wrong_access_token")
+    assert failure(store.verify("tok", "secret")) == (401, "wrong_access_token")
 
 
 def test_long_access_token_is_truncated_to_72_bytes_like_php(tokens: Path, store: TokenStore) -> None:
     prefix = "p" * 72
     write_token(tokens, "tok", hashed_access_token=fast_hash(prefix))
-    store.check("tok", prefix + "anything after byte 72", consume=False)
-    assert failure(store, "tok", "x" * 1000) == (401, "wrong_access_token")
+    verify(store, "tok", prefix + "anything after byte 72")
+    assert failure(store.verify("tok", "x" * 1000)) == (401, "wrong_access_token")
     # Multi-byte characters: 72 bytes, not 72 characters.
     write_token(tokens, "tok", hashed_access_token=fast_hash("é" * 36))
-    store.check("tok", "é" * 100, consume=False)
+    verify(store, "tok", "é" * 100)
 
 
 def test_unencodable_access_token_fails_cleanly(tokens: Path, store: TokenStore) -> None:
     write_token(tokens, "tok")
-    assert failure(store, "tok", "\ud800") == (401, "wrong_access_token")
+    assert failure(store.verify("tok", "\ud800")) == (401, "wrong_access_token")
 
 
 # --- step 7: counting the call -----------------------------------------------
 
 
-def test_consume_increments_once_and_preserves_the_rest(php_token: Path, store: TokenStore) -> None:
+def test_a_counted_call_increments_once_and_preserves_the_rest(php_token: Path, store: TokenStore) -> None:
     before = read(php_token)
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    count(store, PHP_TOKEN, PHP_ACCESS)
     after = read(php_token)
     assert after["calls"] == before["calls"] + 1
     assert list(after) == list(before)
     assert {k: v for k, v in after.items() if k != "calls"} == {k: v for k, v in before.items() if k != "calls"}
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+    count(store, PHP_TOKEN, PHP_ACCESS)
     assert read(php_token)["calls"] == before["calls"] + 2
     # Nothing left behind but the lock file.
     assert sorted(p.name for p in php_token.parent.iterdir()) == [".token.yaml.lock", "token.yaml"]
 
 
-def test_consume_keeps_extra_fields_and_mode(tokens: Path, store: TokenStore) -> None:
+def test_a_counted_call_keeps_extra_fields_and_mode(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", title="Test", icon="fas fa-database", created_at=1585312553,
                        calls=4, note="héllo")
     path.chmod(0o640)
     fields = list(read(path))
-    store.check("tok", "secret", consume=True)
+    count(store, "tok", "secret")
     data = read(path)
     assert list(data) == fields
     assert data["calls"] == 5 and data["created_at"] == 1585312553 and data["note"] == "héllo"
     assert path.stat().st_mode & 0o777 == 0o640
 
 
-def test_check_without_consume_does_not_write(php_token: Path, store: TokenStore) -> None:
+def test_verify_does_not_write(php_token: Path, store: TokenStore) -> None:
     before = php_token.read_bytes()
     signature = php_token.stat().st_mtime_ns, php_token.stat().st_ino
     for _ in range(3):
-        store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+        verify(store, PHP_TOKEN, PHP_ACCESS)
     assert php_token.read_bytes() == before
     assert (php_token.stat().st_mtime_ns, php_token.stat().st_ino) == signature
 
 
-def test_failed_check_does_not_consume(tokens: Path, store: TokenStore) -> None:
+def test_a_refused_call_counts_nothing(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", calls=1)
-    failure(store, "tok", "wrong", consume=True)
+    failure(call(store, "tok", "wrong"))
     assert read(path)["calls"] == 1
 
 
@@ -319,66 +363,78 @@ def test_failed_check_does_not_consume(tokens: Path, store: TokenStore) -> None:
 
 
 def test_memo_skips_bcrypt_on_repeat(php_token: Path, store: TokenStore) -> None:
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 1
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 1
+    verify(store, PHP_TOKEN, PHP_ACCESS)
     # Our own increments do not invalidate it either.
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 1
+    count(store, PHP_TOKEN, PHP_ACCESS)
+    count(store, PHP_TOKEN, PHP_ACCESS)
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 1
     assert read(php_token)["calls"] == 2
     # Failures are not remembered: each wrong guess pays bcrypt.
-    failure(store, PHP_TOKEN, "guess")
-    failure(store, PHP_TOKEN, "guess")
-    assert store.bcrypt_calls == 3
+    failure(store.verify(PHP_TOKEN, "guess"))
+    failure(store.verify(PHP_TOKEN, "guess"))
+    assert store.authenticator.bcrypt_calls == 3
 
 
 def test_memo_never_holds_the_access_token(php_token: Path, store: TokenStore) -> None:
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=True)
-    assert PHP_ACCESS not in repr(vars(store))
-    assert PHP_ACCESS.encode() not in repr(vars(store)).encode()
+    count(store, PHP_TOKEN, PHP_ACCESS)
+    # The store's parts too: the authenticator's memo and parse cache, the counter.
+    seen: set[int] = set()
+    held: list[str] = []
+    parts: list[object] = [store]
+    while parts:
+        part = parts.pop()
+        if id(part) not in seen:
+            seen.add(id(part))
+            held.append(repr(vars(part)))
+            parts += [value for value in vars(part).values()
+                      if type(value).__module__.startswith("cachebus.") and hasattr(value, "__dict__")]
+    assert len(held) > 3
+    assert PHP_ACCESS not in "".join(held)
+    assert PHP_ACCESS.encode() not in "".join(held).encode()
 
 
 def test_changed_hash_invalidates_the_memo(php_token: Path, store: TokenStore) -> None:
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 1
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 1
     data = read(php_token)
     data["hashed_access_token"] = fast_hash("rotated")
     replace_file(php_token, yaml.safe_dump(data, sort_keys=False))
-    assert failure(store, PHP_TOKEN, PHP_ACCESS) == (401, "wrong_access_token")
-    assert failure(store, PHP_TOKEN, PHP_ACCESS, consume=True) == (401, "wrong_access_token")
-    store.check(PHP_TOKEN, "rotated", consume=True)
+    assert failure(store.verify(PHP_TOKEN, PHP_ACCESS)) == (401, "wrong_access_token")
+    assert failure(call(store, PHP_TOKEN, PHP_ACCESS)) == (401, "wrong_access_token")
+    count(store, PHP_TOKEN, "rotated")
     assert read(php_token)["calls"] == 1
 
 
 def test_any_outside_change_to_the_file_invalidates_the_memo(php_token: Path, store: TokenStore) -> None:
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 1
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 1
     # Same hash, but the file changed behind the store's back: verify again.
     replace_file(php_token, php_token.read_text() + "title: edited\n")
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 2
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 2
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 2
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 2
     # Another store (another process, say) counting a call is a change too.
     other = TokenStore(php_token.parent.parent)
     try:
-        other.check(PHP_TOKEN, PHP_ACCESS, consume=True)
+        count(other, PHP_TOKEN, PHP_ACCESS)
     finally:
         other.close()
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
-    assert store.bcrypt_calls == 3
+    verify(store, PHP_TOKEN, PHP_ACCESS)
+    assert store.authenticator.bcrypt_calls == 3
 
 
 def test_memo_is_per_token_and_access_token(tokens: Path, store: TokenStore) -> None:
     write_token(tokens, "one")
     write_token(tokens, "two")
-    store.check("one", "secret", consume=False)
-    store.check("two", "secret", consume=False)
-    assert store.bcrypt_calls == 2
-    assert failure(store, "one", "secret2") == (401, "wrong_access_token")
+    verify(store, "one", "secret")
+    verify(store, "two", "secret")
+    assert store.authenticator.bcrypt_calls == 2
+    assert failure(store.verify("one", "secret2")) == (401, "wrong_access_token")
 
 
 # --- create, list, disable ---------------------------------------------------
@@ -402,7 +458,7 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
         assert bcrypt.checkpw(created.access_token.encode(), data["hashed_access_token"].encode())
         assert not any(created.access_token in p.read_text() for p in tokens.rglob("*") if p.is_file())
 
-        store.check(created.token, created.access_token, consume=True)
+        count(store, created.token, created.access_token)
         second = create_token(tokens)
         rows = list_tokens(tokens)
         assert [r.token for r in rows] == sorted([created.token, second.token])
@@ -414,9 +470,9 @@ def test_create_list_disable_round_trip(tmp_path: Path) -> None:
         disable_token(tokens, created.token)
         assert read(created.path)["state"] == "disabled"
         assert read(created.path)["calls"] == 1
-        assert failure(store, created.token, created.access_token, consume=True) == (400, "disabled")
+        assert failure(call(store, created.token, created.access_token)) == (400, "disabled")
         assert [r.state for r in list_tokens(tokens) if r.token == created.token] == ["disabled"]
-        store.check(second.token, second.access_token, consume=False)
+        verify(store, second.token, second.access_token)
     finally:
         store.close()
 
@@ -436,10 +492,10 @@ def test_disable_unknown_token_is_a_key_error(tokens: Path) -> None:
 
 def test_disable_invalidates_the_memo(tokens: Path, store: TokenStore) -> None:
     path = write_token(tokens, "tok", title="kept")
-    store.check("tok", "secret", consume=False)
+    verify(store, "tok", "secret")
     disable_token(tokens, "tok")
     assert read(path)["title"] == "kept"
-    assert failure(store, "tok", "secret") == (400, "disabled")
+    assert failure(store.verify("tok", "secret")) == (400, "disabled")
 
 
 def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, php_token: Path) -> None:
@@ -458,64 +514,49 @@ def test_list_skips_unreadable_entries(tmp_path: Path, tokens: Path, php_token: 
 # --- the executor --------------------------------------------------------------
 
 
-def test_authorize_from_asyncio_runs_off_the_loop(php_token: Path, tokens: Path) -> None:
-    threads: list[str] = []
-
-    class Recording(TokenStore):
-        def _load(self, token: str, path: Path):
-            threads.append(threading.current_thread().name)  # file reads and parses
-            return super()._load(token, path)
-
-        def _verify(self, token: str, access_token: str, hashed: str) -> None:
-            threads.append(threading.current_thread().name)  # bcrypt may run
-            super()._verify(token, access_token, hashed)
-
-        def _commit(self, token, tickets, admit=lambda: None) -> None:
-            threads.append(threading.current_thread().name)
-            super()._commit(token, tickets, admit)
-
-        def _wrote(self, token, data, signature) -> None:
-            threads.append(threading.current_thread().name)  # writes and fsyncs (the loop only stats and locks)
-            super()._wrote(token, data, signature)
-
-    store = Recording(tokens)
+def test_the_verbs_run_file_work_and_bcrypt_off_the_loop(php_token: Path, tokens: Path) -> None:
+    store = TokenStore(tokens)
 
     async def main() -> tuple[int, str]:
-        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True)
-        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=False)
-        await asyncio.gather(*(store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True) for _ in range(5)))
+        await call(store, PHP_TOKEN, PHP_ACCESS)
+        await store.verify(PHP_TOKEN, PHP_ACCESS)
+        await asyncio.gather(*(call(store, PHP_TOKEN, PHP_ACCESS) for _ in range(5)))
         with pytest.raises(TokenError) as info:
-            await store.authorize(PHP_TOKEN, "wrong", consume=True)
+            await call(store, PHP_TOKEN, "wrong")
         return REFUSAL_STATUS[info.value.reason], info.value.reason
 
-    try:
-        assert asyncio.run(main()) == (401, "wrong_access_token")
-    finally:
-        store.close()
+    # Reads and parses, bcrypt, writes and fsyncs (the loop only stats and locks).
+    with ThreadsThatRan(read=token_file.read, bcrypt=password_verify, write=token_file.write) as ran:
+        try:
+            assert asyncio.run(main()) == (401, "wrong_access_token")
+        finally:
+            store.close()
     assert read(php_token)["calls"] == 6
-    assert threads and all(name.startswith("cachebus-auth") for name in threads)
+    assert all(ran.threads.values()), ran.threads
+    assert all(name.startswith("cachebus-auth") for names in ran.threads.values() for name in names), ran.threads
 
 
 def test_a_call_is_admitted_before_its_count_is_durable_and_durable_before_answering(php_token: Path,
                                                                                     tokens: Path) -> None:
-    """The clear may go out while the count's fsync runs; the answer waits for it (issue 14)."""
+    """The clear may go out while the count's fsync runs; the answer waits for it (issue 14).
+
+    Once the token is known, the store's one file thread is kept busy, so the count's
+    write waits for it: the call is admitted all the same, and durable only once written.
+    """
     release = threading.Event()
-
-    class HeldWrite(TokenStore):
-        def _commit(self, token, tickets, admit=lambda: None) -> None:
-            def admit_then_hold() -> None:
-                admit()
-                assert release.wait(10), "the test never released the write"
-
-            super()._commit(token, tickets, admit_then_hold)
-
-    store = HeldWrite(tokens)
+    executor = ThreadPoolExecutor(1)
+    store = TokenStore(tokens, executor=executor)
 
     async def main() -> tuple[int, int]:
-        counted = await store.admit(PHP_TOKEN, PHP_ACCESS, consume=True)
+        await store.verify(PHP_TOKEN, PHP_ACCESS)  # the file parsed, the verdict remembered
+        executor.submit(release.wait, 10)
+        counted = await store.admit_call(PHP_TOKEN, PHP_ACCESS)
         while_held = read(php_token)["calls"]  # admitted, under the lock, before the write
+        durable = asyncio.ensure_future(counted.durable())
+        await asyncio.sleep(0.01)
+        assert not durable.done(), "durable before the count was written"
         release.set()
-        await counted.durable()
+        await durable
         return while_held, read(php_token)["calls"]
 
     try:
@@ -523,21 +564,22 @@ def test_a_call_is_admitted_before_its_count_is_durable_and_durable_before_answe
     finally:
         release.set()
         store.close()
+        executor.shutdown()
 
 
 def test_a_remembered_verdict_is_answered_on_the_loop(php_token: Path, tokens: Path) -> None:
     executor = ThreadPoolExecutor(1)
     store = TokenStore(tokens, executor=executor)
-    store.check(PHP_TOKEN, PHP_ACCESS, consume=False)
+    verify(store, PHP_TOKEN, PHP_ACCESS)
     executor.shutdown()  # from here on, any work sent to the executor fails
 
     async def main() -> None:
-        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=False)  # one stat, from memory
+        await store.verify(PHP_TOKEN, PHP_ACCESS)  # one stat, from memory
         with pytest.raises(RuntimeError):  # a verdict not remembered needs bcrypt: the executor
-            await store.authorize(PHP_TOKEN, "guess", consume=False)
+            await store.verify(PHP_TOKEN, "guess")
 
     asyncio.run(main())
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
 
 
 def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
@@ -545,7 +587,7 @@ def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
     store = TokenStore(tokens)
 
     async def main() -> list[object]:
-        return await asyncio.gather(*(store.authorize("tok", "secret", consume=True) for _ in range(50)),
+        return await asyncio.gather(*(call(store, "tok", "secret") for _ in range(50)),
                                     return_exceptions=True)
 
     try:
@@ -556,8 +598,8 @@ def test_concurrent_calls_are_group_committed_exactly(tokens: Path) -> None:
     refused = [r for r in results if r is not None]
     assert all(isinstance(r, TokenError) and r.reason == "limit_reached" for r in refused)
     assert read(tokens / "tok" / "token.yaml")["calls"] == 30
-    assert store.commits < 30, "calls that arrive together share one write"
-    assert store.bcrypt_calls <= 4, "only the first, concurrent, cold checks pay bcrypt"
+    assert store.counter.commits < 30, "calls that arrive together share one write"
+    assert store.authenticator.bcrypt_calls <= 4, "only the first, concurrent, cold checks pay bcrypt"
 
 
 def test_close_leaves_a_given_executor_running(php_token: Path, tokens: Path) -> None:
@@ -570,18 +612,22 @@ def test_close_leaves_a_given_executor_running(php_token: Path, tokens: Path) ->
 # --- exact counts under concurrency --------------------------------------------
 
 
-def test_exact_count_across_threads(tokens: Path, store: TokenStore) -> None:
+def test_exact_count_across_threads(tokens: Path) -> None:
+    """Stores on threads of their own, each on its own loop as a service process is, share the files."""
     path = write_token(tokens, "tok", title="kept")
     barrier = threading.Barrier(10)
     errors: list[BaseException] = []
 
     def worker() -> None:
+        store = TokenStore(tokens)
         try:
             barrier.wait()
             for _ in range(5):
-                store.check("tok", "secret", consume=True)
+                count(store, "tok", "secret")
         except BaseException as exc:  # reported below
             errors.append(exc)
+        finally:
+            store.close()
 
     threads = [threading.Thread(target=worker) for _ in range(10)]
     for t in threads:
@@ -593,22 +639,24 @@ def test_exact_count_across_threads(tokens: Path, store: TokenStore) -> None:
     assert data["calls"] == 50 and data["title"] == "kept"
 
 
-def test_limit_is_exact_across_threads(tokens: Path, store: TokenStore) -> None:
+def test_limit_is_exact_across_threads(tokens: Path) -> None:
     path = write_token(tokens, "tok", limit_calls=17)
     barrier = threading.Barrier(8)
     results: list[str] = []
     lock = threading.Lock()
 
     def worker() -> None:
+        store = TokenStore(tokens)
         barrier.wait()
         for _ in range(5):
             try:
-                store.check("tok", "secret", consume=True)
+                count(store, "tok", "secret")
                 outcome = "ok"
             except TokenError as exc:
                 outcome = exc.reason
             with lock:
                 results.append(outcome)
+        store.close()
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:
@@ -621,21 +669,29 @@ def test_limit_is_exact_across_threads(tokens: Path, store: TokenStore) -> None:
 
 
 CHILD = """
-import json, sys
-from cachebus.service.token_rules import TokenError
-from cachebus.service.tokens import TokenStore
+import asyncio, json, sys
+from cachebus.service.auth.rules import TokenError
+from cachebus.service.auth.store import TokenStore
 
 tokens_dir, token, access, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+
+async def calls(store):
+    outcomes = []
+    for _ in range(n):
+        try:
+            counted = await store.admit_call(token, access)
+            await counted.durable()
+            outcomes.append("ok")
+        except TokenError as exc:
+            outcomes.append(exc.reason)
+    return outcomes
+
+
 store = TokenStore(tokens_dir)
 print("ready", flush=True)
 sys.stdin.readline()  # start together with the other process
-outcomes = []
-for _ in range(n):
-    try:
-        store.check(token, access, consume=True)
-        outcomes.append("ok")
-    except TokenError as exc:
-        outcomes.append(exc.reason)
+outcomes = asyncio.run(calls(store))
 store.close()
 print(json.dumps(outcomes), flush=True)
 """
@@ -694,27 +750,27 @@ COST_31 = "$2y$31$" + "a" * 53
 def test_a_hash_above_the_cost_ceiling_is_refused_without_bcrypt(tokens: Path, store: TokenStore,
                                                                     hashed: str) -> None:
     path = write_token(tokens, "tok", hashed_access_token=hashed)
-    assert failure(store, "tok", "secret") == (401, "hash_too_costly")
-    assert failure(store, "tok", "secret", consume=True) == (401, "hash_too_costly")
-    assert store.bcrypt_calls == 0
+    assert failure(store.verify("tok", "secret")) == (401, "hash_too_costly")
+    assert failure(call(store, "tok", "secret")) == (401, "hash_too_costly")
+    assert store.authenticator.bcrypt_calls == 0
     assert read(path)["calls"] == 0
 
     async def main() -> None:
         with pytest.raises(TokenError) as info:
-            await store.authorize("tok", "secret", consume=True, client="127.0.0.2")
+            await call(store, "tok", "secret", client="127.0.0.2")
         assert info.value.reason == "hash_too_costly"
 
     asyncio.run(main())
-    assert store.bcrypt_calls == 0
+    assert store.authenticator.bcrypt_calls == 0
 
 
 def test_the_cost_ceiling_is_a_setting(tokens: Path) -> None:
     write_token(tokens, "tok")  # cost 4
     store = TokenStore(tokens, max_bcrypt_cost=4)
     try:
-        store.check("tok", "secret", consume=True)
+        count(store, "tok", "secret")
         write_token(tokens, "tok", hashed_access_token="$2y$05$" + fast_hash("secret")[7:])
-        assert failure(store, "tok", "secret") == (401, "hash_too_costly")
+        assert failure(store.verify("tok", "secret")) == (401, "hash_too_costly")
     finally:
         store.close()
 
@@ -728,39 +784,29 @@ def limited_store(tokens: Path, failures: int = 3, **pool: int) -> TokenStore:
 
 
 def test_bcrypt_runs_on_its_own_threads_and_files_on_theirs(php_token: Path, tokens: Path) -> None:
-    threads: dict[str, set[str]] = {"bcrypt": set(), "files": set()}
-
-    class Recording(TokenStore):
-        def _bcrypt(self, access_token: str, hashed: str) -> bool:
-            threads["bcrypt"].add(threading.current_thread().name)
-            return super()._bcrypt(access_token, hashed)
-
-        def _load(self, token: str, path: Path):
-            threads["files"].add(threading.current_thread().name)
-            return super()._load(token, path)
-
-    store = Recording(tokens)
+    store = TokenStore(tokens)
 
     async def main() -> None:
-        await store.authorize(PHP_TOKEN, PHP_ACCESS, consume=True)
+        await call(store, PHP_TOKEN, PHP_ACCESS)
         with pytest.raises(TokenError):
-            await store.authorize(PHP_TOKEN, "wrong", consume=False)
+            await store.verify(PHP_TOKEN, "wrong")
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
-    assert threads["bcrypt"] and all(n.startswith("cachebus-auth-bcrypt") for n in threads["bcrypt"])
-    assert threads["files"] and all(n.startswith("cachebus-auth-io") for n in threads["files"])
+    with ThreadsThatRan(bcrypt=password_verify, files=token_file.read) as ran:
+        try:
+            asyncio.run(main())
+        finally:
+            store.close()
+    assert ran.threads["bcrypt"] and all(n.startswith("cachebus-auth-bcrypt") for n in ran.threads["bcrypt"])
+    assert ran.threads["files"] and all(n.startswith("cachebus-auth-io") for n in ran.threads["files"])
 
 
 def test_an_address_that_keeps_failing_is_slowed_and_its_owner_is_not(tokens: Path) -> None:
     path = write_token(tokens, "tok")
     store = limited_store(tokens)
 
-    async def attempt(access_token: str, client: str, consume: bool = True) -> str:
+    async def attempt(access_token: str, client: str) -> str:
         try:
-            await store.authorize("tok", access_token, consume=consume, client=client)
+            await call(store, "tok", access_token, client=client)
             return "ok"
         except TokenError as exc:
             return exc.reason
@@ -775,12 +821,12 @@ def test_an_address_that_keeps_failing_is_slowed_and_its_owner_is_not(tokens: Pa
         # At once, the attempts under way count as failures to come: still 3 in all.
         at_once = await asyncio.gather(*(attempt(f"again-{i}", "127.0.0.3") for i in range(6)))
         assert sorted(at_once) == ["too_many_failures"] * 3 + ["wrong_access_token"] * 3
-        calls = store.bcrypt_calls
+        calls = store.authenticator.bcrypt_calls
         # Slowed: refused before the disk and bcrypt, whatever the token.
         assert await attempt("guess", "127.0.0.2") == "too_many_failures"
         with pytest.raises(Overloaded):
-            await store.authorize("no-such-token", "x", consume=False, client="127.0.0.2")
-        assert store.bcrypt_calls == calls
+            await store.verify("no-such-token", "x", client="127.0.0.2")
+        assert store.authenticator.bcrypt_calls == calls
         # The owner, from its own address, cold or warm, is not slowed.
         assert await attempt("secret", "127.0.0.1") == "ok"
         assert await attempt("wrong", "127.0.0.1") == "wrong_access_token"
@@ -803,7 +849,7 @@ def test_only_failed_authentications_count_against_an_address(tokens: Path) -> N
         outcomes = []
         for _ in range(6):
             try:
-                await store.authorize("tok", "secret", consume=True, client="127.0.0.2")
+                await call(store, "tok", "secret", client="127.0.0.2")
             except TokenError as exc:
                 outcomes.append(exc.reason)
         return outcomes
@@ -819,14 +865,14 @@ def test_concurrent_identical_verifications_share_one_bcrypt(tokens: Path) -> No
     store = limited_store(tokens, threads=1, queue=0, per_address=1, per_address_queue=0)
 
     async def main() -> list[object]:
-        return await asyncio.gather(*(store.authorize("tok", "secret", consume=False, client="127.0.0.1")
+        return await asyncio.gather(*(store.verify("tok", "secret", client="127.0.0.1")
                                       for _ in range(20)), return_exceptions=True)
 
     try:
         assert asyncio.run(main()) == [None] * 20  # no queue at all, yet nothing refused
     finally:
         store.close()
-    assert store.bcrypt_calls == 1
+    assert store.authenticator.bcrypt_calls == 1
 
 
 def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None:
@@ -834,7 +880,7 @@ def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None
     store = limited_store(tokens, failures=0, threads=1, queue=10, per_address=1, per_address_queue=10)
 
     async def main() -> list[object]:
-        calls = [asyncio.ensure_future(store.authorize("tok", f"guess-{i}", consume=True, client="127.0.0.2"))
+        calls = [asyncio.ensure_future(call(store, "tok", f"guess-{i}", client="127.0.0.2"))
                  for i in range(8)]
         while store.pool.admitted < 8:
             assert not any(call.done() for call in calls), calls
@@ -844,7 +890,7 @@ def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None
 
     outcomes = asyncio.run(main())
     assert all(isinstance(o, Overloaded) and o.why == "stopping" for o in outcomes), outcomes
-    assert store.bcrypt_calls <= 1  # at most the one already running
+    assert store.authenticator.bcrypt_calls <= 1  # at most the one already running
 
 
 # --- reading while Flextype's PHP writes in place ------------------------------------
@@ -857,12 +903,10 @@ def test_in_place_writes_never_cause_a_false_refusal_and_counts_stay_exact(token
     clears, reads = 150, 150
 
     async def main() -> list[object]:
-        async def one(consume: bool) -> None:
-            await store.authorize("tok", "secret", consume=consume, client="127.0.0.1")
-
         outcomes: list[object] = []
         for _ in range(clears // 10):
-            outcomes += await asyncio.gather(*(one(True) for _ in range(10)), *(one(False) for _ in range(10)),
+            outcomes += await asyncio.gather(*(call(store, "tok", "secret", client="127.0.0.1") for _ in range(10)),
+                                             *(store.verify("tok", "secret", client="127.0.0.1") for _ in range(10)),
                                              return_exceptions=True)
         return outcomes
 

@@ -6,11 +6,12 @@ answer: the HTTP layer maps each :class:`Refusal` to a status in one table
 (:data:`cachebus.service.errors.REFUSAL_STATUS`).
 
 The steps are Flextype's, and the caller runs them in Flextype's order:
-step 3 (the token exists) is the file's business (:mod:`.token_file`); step 4
+step 3 (the token exists) is the file's business (:mod:`.file`); step 4
 is :func:`check_fields`; step 5 is :func:`check_state` and, only for a call
-that counts, :func:`check_limit`; step 6 is :func:`stored_hash`,
+that counts, :func:`check_limit` (:func:`check_usable` and :func:`check_call`
+are the two uses); step 6 is :func:`stored_hash`,
 :func:`check_cost` (cachebus's own ceiling, not Flextype's) and then
-:func:`.token_hash.password_verify`; step 7 (counting the call) is the store's
+:func:`.hash.password_verify`; step 7 (counting the call) is the counter's
 write.
 
 This module imports nothing outside the standard library, so the HTTP layer's
@@ -21,11 +22,15 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from typing import Any
 
 #: A parsed ``token.yaml``: ``hashed_access_token``, ``state``, ``calls``,
 #: ``limit_calls``, ``uuid``, ``created_by``, and whatever else Flextype put there.
 TokenData = dict[str, Any]
+#: Steps 4 and 5 for one use of a token, raising :class:`TokenError`: :func:`check_usable`
+#: for reading, :func:`check_call` for a call that counts.
+Rules = Callable[[TokenData], None]
 
 
 class Refusal(enum.StrEnum):
@@ -98,6 +103,12 @@ def check_usable(data: TokenData) -> None:
     """Steps 4 and 5 without the call limit: what every use of a token needs."""
     check_fields(data)
     check_state(data)
+
+
+def check_call(data: TokenData) -> None:
+    """Steps 4 and 5 for a call that counts: usable, and under its call limit."""
+    check_usable(data)
+    check_limit(data)
 
 
 def may_count(data: TokenData, more: int = 1) -> bool:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, Generic, TypeVar
 
-from .token_rules import Refusal
+from .rules import Refusal
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ Flextype's own PHP rewrites it in place, with no lock at all. So:
   (``tokens_dir`` itself is the operator's choice, and may be a link.)
 
 Files that are missing, links, not regular files, too big, nested too deep or
-not a YAML mapping are refused with a :class:`~.token_rules.TokenError`, like
+not a YAML mapping are refused with a :class:`~.rules.TokenError`, like
 any other bad token.
 """
 
@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from .token_rules import Refusal, TokenData, TokenError, check_fields
+from .rules import Refusal, TokenData, TokenError, check_fields
 
 log = logging.getLogger("cachebus.tokens")
 

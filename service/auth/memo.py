@@ -20,7 +20,7 @@ import hashlib
 import threading
 from collections import OrderedDict, deque
 
-from .token_file import Signature
+from .file import Signature
 
 #: Verdicts kept at most; the least recently used go first.
 MEMO_SIZE = 10_000

@@ -2,7 +2,7 @@
 
 These back ``cachebus tokens create|list|disable`` and the demo, and run in a
 process of their own while the service may be counting calls on the same
-files. So they go through :mod:`.token_file` like the service does: reads and
+files. So they go through :mod:`.file` like the service does: reads and
 writes are whole files, and a change is a read-modify-write under the token's
 lock. A running service notices the new file by its signature and forgets
 what it remembered about the token; nothing needs to tell it.
@@ -16,9 +16,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import token_file
-from .token_hash import password_hash
-from .token_rules import Refusal, TokenError, TokenState, check_fields, is_plain_int
+from . import file
+from .hash import password_hash
+from .rules import Refusal, TokenError, TokenState, check_fields, is_plain_int
 
 #: The state :func:`list_tokens` shows for a file that fails Flextype's step 4.
 INVALID_STATE = "invalid"
@@ -64,7 +64,7 @@ def create_token(tokens_dir: str | os.PathLike[str], *, limit_calls: int = 0,
             break
         except FileExistsError:  # pragma: no cover - 128 random bits
             continue
-    token_file.fsync_dir(tokens_dir)
+    file.fsync_dir(tokens_dir)
     access_token = secrets.token_hex(16)
     data = {
         "hashed_access_token": password_hash(access_token),
@@ -74,11 +74,11 @@ def create_token(tokens_dir: str | os.PathLike[str], *, limit_calls: int = 0,
         "uuid": str(uuid.uuid4()),
         "created_by": created_by,
     }
-    path = directory / token_file.TOKEN_FILE
+    path = directory / file.TOKEN_FILE
     # Under the lock like every write: a service starting meanwhile then leaves
-    # our temporary file alone (token_file.remove_stale_temporaries).
-    with token_file.locked(directory):
-        token_file.write(path, data)
+    # our temporary file alone (file.remove_stale_temporaries).
+    with file.locked(directory):
+        file.write(path, data)
     return CreatedToken(token=token, access_token=access_token, path=path)
 
 
@@ -94,10 +94,10 @@ def list_tokens(tokens_dir: str | os.PathLike[str]) -> list[TokenSummary]:
         return []
     rows = []
     for name in names:
-        if not token_file.TOKEN_ID_RE.fullmatch(name):
+        if not file.TOKEN_ID_RE.fullmatch(name):
             continue
         try:
-            data, _ = token_file.read(tokens_dir / name / token_file.TOKEN_FILE)
+            data, _ = file.read(tokens_dir / name / file.TOKEN_FILE)
         except (TokenError, OSError):
             continue
         try:
@@ -123,12 +123,12 @@ def disable_token(tokens_dir: str | os.PathLike[str], token: str) -> None:
     overwrites the other's change.
     """
     try:
-        directory = token_file.token_dir(Path(tokens_dir), token)
-        with token_file.locked(directory):
-            path = directory / token_file.TOKEN_FILE
-            data, _ = token_file.read(path, lock=False)  # we hold the exclusive lock
+        directory = file.token_dir(Path(tokens_dir), token)
+        with file.locked(directory):
+            path = directory / file.TOKEN_FILE
+            data, _ = file.read(path, lock=False)  # we hold the exclusive lock
             data["state"] = TokenState.DISABLED.value
-            token_file.write(path, data)
+            file.write(path, data)
     except TokenError as exc:
         if exc.reason is Refusal.UNKNOWN_TOKEN:
             raise KeyError("no such token") from None

@@ -3,7 +3,7 @@
 Flextype token files hold ``hashed_access_token`` as PHP writes it, so a
 token directory copied from a Flextype project verifies here, and one made by
 ``cachebus tokens create`` verifies in Flextype. Kept apart from
-:mod:`.token_rules` because bcrypt is the service's dependency only.
+:mod:`.rules` because bcrypt is the service's dependency only.
 """
 
 from __future__ import annotations
