@@ -29,7 +29,8 @@ from cachebus.service.token_file import TOKEN_ID_RE
 from cachebus.service.token_limits import BcryptPool, FailureLog, Overloaded
 from cachebus.service.token_rules import TokenError
 from cachebus.service.tokens import TokenStore
-from cachebus.testing import InPlaceWriter
+
+from .support import InPlaceWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"
