@@ -37,7 +37,9 @@ SERVICE = [
 RUN = [*SERVICE, "honcho>=2.0"]
 BENCH = [*SERVICE, "redis>=5", "hiredis>=2", "matplotlib>=3.8"]
 # Pinned so that a new release's new rules cannot turn `make test` red on its own.
-CHECKS = ["ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122", "sortedcontainers-stubs==2.4.3"]
+# import-linter checks the layers (pyproject.toml's [tool.importlinter]).
+CHECKS = ["ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122", "sortedcontainers-stubs==2.4.3",
+          "import-linter==2.16"]
 
 setup(
     name="cachebus",

@@ -202,7 +202,7 @@ _ENUM_MEMBERS: dict[type[enum.StrEnum], dict[str, enum.StrEnum]] = {
 
 
 def _check_field(kind: bytes, name: str, type_name: str, value: Any) -> Any:
-    if type_name == "dict":
+    if type_name == "dict[str, Any]":  # the annotation's text: a heartbeat's stats
         return _check_stats(kind, name, value)
     expected = _SIMPLE_TYPES.get(type_name)
     if expected is None:
@@ -443,7 +443,7 @@ class WorkerHeartbeat(WorkerIdentity):
     """
 
     KIND: ClassVar[bytes] = b"worker_heartbeat"
-    stats: dict = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
     on_silence: OnSilence = OnSilence.BYPASS
     degraded: bool = False
 

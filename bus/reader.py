@@ -38,7 +38,7 @@ Batch = list[list[zmq.Frame]]
 Handler = Callable[[Batch], Coroutine[Any, Any, None] | None]
 
 
-def readable(sock: zmq.Socket) -> bool:
+def readable(sock: zmq.SyncSocket) -> bool:
     """Whether a message waits on ``sock`` (reading ZMQ_EVENTS also re-arms its FD's edge).
 
     ZMQ_EVENTS is an int option; pyzmq types every option ``int | bytes``.
@@ -46,7 +46,7 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
-def drain(sock: zmq.Socket, limit: int) -> Batch:
+def drain(sock: zmq.SyncSocket, limit: int) -> Batch:
     """Up to ``limit`` messages already waiting on the plain socket ``sock``, without blocking.
 
     Asks ZMQ_EVENTS before each receive rather than ending on ``zmq.Again``: an
@@ -62,7 +62,7 @@ def drain(sock: zmq.Socket, limit: int) -> Batch:
     return batch
 
 
-def recv_now(sock: zmq.Socket) -> list[zmq.Frame]:
+def recv_now(sock: zmq.SyncSocket) -> list[zmq.Frame]:
     """The frames of one waiting message; :class:`zmq.Again` when none waits.
 
     Each frame says whether more follow (``Frame.more``): ``recv_multipart``
@@ -78,7 +78,7 @@ def recv_now(sock: zmq.Socket) -> list[zmq.Frame]:
     return frames
 
 
-def send_now(sock: zmq.Socket, frames: list[bytes]) -> None:
+def send_now(sock: zmq.SyncSocket, frames: list[bytes]) -> None:
     """Send one message of ``frames`` without blocking; :class:`zmq.Again` when it cannot be queued.
 
     Frame by frame with int flags: ``send_multipart`` combined pyzmq's enum
@@ -99,7 +99,7 @@ class Reader:
     the order they came.
     """
 
-    def __init__(self, sock: zmq.Socket, handle: Handler, limit: int) -> None:
+    def __init__(self, sock: zmq.SyncSocket, handle: Handler, limit: int) -> None:
         self.sock = sock
         self.handle = handle
         self.limit = limit

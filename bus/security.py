@@ -33,8 +33,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
+import zmq.asyncio  # loaded by zmq.auth.asyncio anyway
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
@@ -329,7 +331,7 @@ class ServiceSecurity:
         return (self.allow_list is not None and key is not None
                 and self.allow_list.knows(key.encode(), RELAYED_KEY_FRESHNESS))
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def apply(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` a CURVE server that asks the authenticator about every client."""
         if self.keypair is None:
             return
@@ -340,7 +342,7 @@ class ServiceSecurity:
         # Without this, a CURVE socket whose ZAP handler is gone lets every client in.
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
-    def start(self, ctx: zmq.Context) -> None:
+    def start(self, ctx: zmq.asyncio.Context) -> None:
         """Start answering ZAP requests; call on the running event loop, before binding."""
         if self.mode is BusMode.INSECURE:
             log.warning(INSECURE_WARNING)
@@ -428,7 +430,7 @@ class ClientSecurity:
                      keypair.public_file.name, WORKERS_DIR)
         return cls(mode, keypair, server)
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def apply(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` a CURVE client of the service (before it connects)."""
         if self.keypair is None or self.server_key is None:
             return

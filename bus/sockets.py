@@ -15,7 +15,7 @@ import zmq
 from .protocol import MAX_MESSAGE_SIZE
 
 
-def configure(sock: zmq.Socket, *, send_hwm: int | None = None, recv_hwm: int | None = None,
+def configure(sock: zmq.Socket[Any], *, send_hwm: int | None = None, recv_hwm: int | None = None,
               buffer: int = 0, heartbeat: float | None = None) -> None:
     """Bound what ``sock`` may queue and let it notice a dead peer.
 
@@ -57,14 +57,14 @@ class Sockets:
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
         self.ctx = ctx
-        self._open: list[zmq.Socket[Any]] = []
+        self._open: list[zmq.SyncSocket] = []
 
     def open(self, kind: int, security: Secures | None, *, bind: str | None = None, connect: Sequence[str] = (),
              send_hwm: int | None = None, recv_hwm: int | None = None, buffer: int = 0,
-             heartbeat: float | None = None) -> zmq.Socket[Any]:
+             heartbeat: float | None = None) -> zmq.SyncSocket:
         """A socket of ``kind``, limited by :func:`configure`, secured by ``security`` (None: as it is),
         then bound to ``bind`` or connected to each of ``connect``."""
-        sock: zmq.Socket[Any] = zmq.Socket(self.ctx, kind)
+        sock: zmq.SyncSocket = zmq.Socket(self.ctx, kind)
         self._open.append(sock)
         configure(sock, send_hwm=send_hwm, recv_hwm=recv_hwm, buffer=buffer, heartbeat=heartbeat)
         if security is not None:

@@ -51,7 +51,7 @@ class Uplink:
     name, as the topmost relay is the one the service hears.
     """
 
-    def __init__(self, name: str, codec: Codec, router: zmq.Socket, down: ServiceSecurity, batch_ms: float,
+    def __init__(self, name: str, codec: Codec, router: zmq.SyncSocket, down: ServiceSecurity, batch_ms: float,
                  log: logging.Logger, *, keep_via: bool = False, hold_ms: float = 0.0) -> None:
         self.name = name
         self.codec = codec
@@ -85,12 +85,12 @@ class Uplink:
         self._hold_timer: asyncio.TimerHandle | None = None
         #: Envelopes of held acks sent because every expected worker had acked (not on the timer).
         self.full_rounds = 0
-        self._dealer: zmq.Socket | None = None
+        self._dealer: zmq.SyncSocket | None = None
         self._from_up: Reader | None = None
         self._kick_router: Callable[[], None] = lambda: None
         self._upstream: Upstream | None = None
 
-    def start(self, dealer: zmq.Socket, kick_router: Callable[[], None], upstream: Upstream | None = None) -> None:
+    def start(self, dealer: zmq.SyncSocket, kick_router: Callable[[], None], upstream: Upstream | None = None) -> None:
         """Send up ``dealer`` (connected by the caller) and hand its replies down; ``kick_router``
         re-arms the ROUTER's reader after a send on it (bus.reader).
 

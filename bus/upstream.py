@@ -92,12 +92,12 @@ class Upstream:
         return left, self.current
 
 
-def attach(sock: zmq.Socket, upstream: Upstream) -> None:
+def attach(sock: zmq.Socket[Any], upstream: Upstream) -> None:
     """Connect ``sock`` to the upstream's current endpoint (and to it alone)."""
     sock.connect(upstream.current)
 
 
-def move(sock: zmq.Socket, upstream: Upstream) -> tuple[str, str]:
+def move(sock: zmq.Socket[Any], upstream: Upstream) -> tuple[str, str]:
     """Move ``sock`` to the next endpoint: disconnect the silent one, connect the next.
 
     Messages still queued for the silent endpoint are dropped with its pipe,

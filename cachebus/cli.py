@@ -61,7 +61,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}", self.usage_status)
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         # argparse reports a subcommand's unknown flags from the top parser; give them the subcommand's status.
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
@@ -547,7 +548,8 @@ def main(argv: Sequence[str] | None = None, prog_command: str | None = None) -> 
         args_list.insert(0, prog_command)
     try:
         args = build_parser().parse_args(args_list)
-        return args.command.run(args)
+        command: Command = args.command  # set_defaults(command=…) in _add_command
+        return command.run(args)
     except UsageError as exc:
         print(f"cachebus: error: {exc}", file=sys.stderr)
         return exc.status

@@ -4,7 +4,7 @@ The service and the reference worker each keep their own registry and serve
 it with :class:`MetricsHandler`. ``metrics.auth`` decides whether a scraper
 must send ``Authorization: Bearer <metrics.token>``: ``auto`` asks for it
 only when the server listens beyond loopback. A refusal is an
-:class:`~cachebus.service.errors.ApiError`, logged and answered with a
+:class:`~cachebus.flextype_errors.ApiError`, logged and answered with a
 Flextype body like every other error of the service.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from cachebus.service.errors import ApiError, FlextypeErrors, Reason
+from cachebus.flextype_errors import ApiError, FlextypeErrors, Reason
 from cachebus.settings import MetricsSettings
 
 

@@ -15,9 +15,12 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from cachebus.bus.endpoints import DEFAULT_ACKS, DEFAULT_PUBLISH, is_endpoint, split_endpoints
 from cachebus.bus.protocol import OnSilence
@@ -318,7 +321,11 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, source: str, prefix: str, base: Any = None) -> Any:
+#: A settings section: one of the dataclasses below.
+_Section = TypeVar("_Section", bound="DataclassInstance")
+
+
+def _build(cls: type[_Section], data: Any, source: str, prefix: str, base: _Section | None = None) -> _Section:
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "top level"
         raise SettingsError(f"{source}: {where}: expected a mapping of settings, got {data!r}")
@@ -353,7 +360,7 @@ def _build(cls: type, data: Any, source: str, prefix: str, base: Any = None) -> 
     return built
 
 
-def load(path: str | os.PathLike | None = None) -> Settings:
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read settings from ``path``, ``$CACHEBUS_CONFIG`` or the default file.
 
     A missing default file means "use the built-in defaults"; a missing file

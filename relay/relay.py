@@ -164,14 +164,14 @@ class _RelayCollector(Collector):
                                 value=len(relay.workers))
 
 
-def make_pair(control: zmq.Socket, sockets: Sockets) -> zmq.Socket:
+def make_pair(control: zmq.SyncSocket, sockets: Sockets) -> zmq.SyncSocket:
     """The proxy's end of its control pair (the other end, ``control``, stops it)."""
     endpoint = f"inproc://cachebus-relay-control-{id(control)}"
     control.bind(endpoint)
     return sockets.open(zmq.PAIR, None, connect=[endpoint])
 
 
-def _proxy(xsub: zmq.Socket, xpub: zmq.Socket, steer: zmq.Socket) -> None:
+def _proxy(xsub: zmq.SyncSocket, xpub: zmq.SyncSocket, steer: zmq.SyncSocket) -> None:
     try:
         zmq.proxy_steerable(xsub, xpub, None, steer)
     except zmq.ContextTerminated:

@@ -2,38 +2,18 @@
 
 Tornado's default access log prints the request URI, query string included,
 and Flextype clients put ``token`` and ``access_token`` there. Every URI that
-reaches a log line passes through :func:`redact_uri` first.
+reaches a log line passes through :func:`~cachebus.redact.redact_uri` first.
 """
 
 from __future__ import annotations
 
 import logging
-import urllib.parse
 
 from tornado.web import RequestHandler
 
+from cachebus.redact import redact_uri
+
 access_log = logging.getLogger("tornado.access")
-
-REDACTED = "REDACTED"
-
-
-def is_secret(name: str) -> bool:
-    """Any parameter whose name mentions a token is treated as a credential."""
-    return "token" in name.lower()
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with the value of every credential parameter replaced."""
-    path, sep, query = uri.partition("?")
-    if not sep:
-        return uri
-    parts = []
-    for pair in query.split("&"):
-        name, eq, _ = pair.partition("=")
-        if eq and is_secret(urllib.parse.unquote_plus(name)):
-            pair = f"{name}={REDACTED}"
-        parts.append(pair)
-    return f"{path}?{'&'.join(parts)}"
 
 
 def log_request(handler: RequestHandler) -> None:

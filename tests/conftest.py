@@ -2,8 +2,10 @@
 
 Nothing here mocks a cachebus component. In-process fixtures run the real
 Tornado application with real ZeroMQ sockets; the ``cluster`` fixture runs the
-real ``cachebus`` processes. The helpers the tests call (processes, waits, HTTP)
-live in :mod:`cachebus.testing`, shared with the benchmark.
+real ``cachebus`` processes. The helpers the tests call live in
+:mod:`cachebus.testing` (processes, waits, HTTP, a whole Cluster: the kit shipped for
+embedders' own tests, shared with the benchmark) and in tests/support.py (this
+suite's own).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import zmq.asyncio
 from cachebus.service.app import make_app, make_server
 from cachebus.service.instance import Service
 from cachebus.settings import Settings
-from cachebus.testing import Cluster, copy_demo_content, create_token, free_ports
+from cachebus.testing import Cluster, create_token, free_ports
 
 from .played import PlayedService
+from .support import copy_demo_content
 
 ROOT = Path(__file__).resolve().parent.parent
 

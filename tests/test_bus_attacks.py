@@ -25,9 +25,11 @@ import zmq.asyncio
 from cachebus.bus.peers import PeerLog, Trouble
 from cachebus.bus.protocol import VERSION, Ack, Codec, Hello, Message, PurgeCause, WorkerHeartbeat
 from cachebus.service.instance import Service
-from cachebus.testing import DEADLINE, Cluster, bus_client, expected_names, wait_for
+from cachebus.testing import DEADLINE, Cluster, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber
+
+from .support import bus_client, expected_names
 
 #: Defect 1: one 4 KB message that raised RecursionError out of the decoder and killed the ack loop.
 NESTED = [b"ack", VERSION, b"", b"[" * 2000 + b"]" * 2000]

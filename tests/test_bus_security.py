@@ -19,9 +19,11 @@ import zmq
 from cachebus.bus.protocol import Ack, Bye, Codec, Hello, PurgeCause, WorkerHeartbeat
 from cachebus.bus.security import INSECURE_WARNING, KeyFileError, ensure_keypair
 from cachebus.service.record import Peer, Record, RecordFull, Refused
-from cachebus.testing import DEADLINE, Cluster, bus_client, expected_names, wait_for
+from cachebus.testing import DEADLINE, Cluster, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import Subscriber, ThreadedSubscriber
+
+from .support import bus_client, expected_names
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from cachebus.testing import FakeClock, run_threads
 from cachebus.workers.cache import Cache, Purgeable, cached
+
+from .support import FakeClock, run_threads
 
 STATS_KEYS = {"entries", "max_entries", "ttl", "hits", "misses", "hit_ratio", "evictions", "purges",
               "last_clear_id", "last_clear_seq", "last_purge_at", "bypass", "bypass_seconds"}

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cachebus.bus.scope import EVERYTHING, Scope
-from cachebus.testing import FakeClock, run_threads
 from cachebus.workers.cache import Cache
 from cachebus.workers.lease import LeasedMapping
 
+from .support import FakeClock, run_threads
 from .test_cache import STATS_KEYS, RacingLoader, run
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from cachebus import Cache, ThreadedSubscriber
 from cachebus.client import ClearProgress, ack_line, progress_bar, worker_table
-from cachebus.testing import DEADLINE, Cluster, FlakyCache, free_port, http_json, read_entry, wait_for
+from cachebus.testing import DEADLINE, Cluster, free_port, http_json, wait_for
+
+from .support import FlakyCache, read_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,19 +22,10 @@ import pytest
 
 from cachebus import Cache, ThreadedSubscriber
 from cachebus.bus.security import WORKERS_DIR, ensure_keypair, private_dir
-from cachebus.testing import (
-    DEADLINE,
-    Cluster,
-    FlakyCache,
-    Proc,
-    create_token,
-    free_ports,
-    http,
-    http_json,
-    wait_for,
-)
+from cachebus.testing import DEADLINE, Cluster, Proc, create_token, free_ports, http, http_json, wait_for
 
 from .browser import Browser, find_chromium
+from .support import FlakyCache
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,18 +20,11 @@ from pathlib import Path
 import pytest
 
 from cachebus.service.lead import LEAD_FILE
-from cachebus.testing import (
-    DEADLINE,
-    Cluster,
-    edit_entry,
-    expected_names,
-    http_json,
-    netns_unavailable,
-    read_entry,
-    wait_for,
-)
+from cachebus.testing import DEADLINE, Cluster, http_json, wait_for
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber
+
+from .support import edit_entry, expected_names, netns_unavailable, read_entry
 
 
 def states(cluster: Cluster) -> dict[str, str]:

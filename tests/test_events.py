@@ -24,7 +24,9 @@ from cachebus.service.events import (
 )
 from cachebus.service.metrics import ServiceMetrics
 from cachebus.service.record import Record
-from cachebus.testing import DEADLINE, Cluster, EventStream, http, wait_for
+from cachebus.testing import DEADLINE, Cluster, http, wait_for
+
+from .support import EventStream
 
 
 @pytest.fixture

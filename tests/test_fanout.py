@@ -16,17 +16,9 @@ import zmq
 
 from cachebus.bus.protocol import VERSION, Codec, Heartbeat
 from cachebus.bus.security import ensure_keypair
-from cachebus.testing import (
-    Cluster,
-    Proc,
-    bus_client,
-    edit_entry,
-    expected_names,
-    free_port,
-    http_json,
-    read_entry,
-    wait_for,
-)
+from cachebus.testing import Cluster, Proc, free_port, http_json, wait_for
+
+from .support import bus_client, edit_entry, expected_names, read_entry
 
 
 def test_edit_clear_and_every_worker_serves_the_new_value(cluster: Cluster, content_dir: Path):

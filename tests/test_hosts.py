@@ -25,18 +25,9 @@ import pytest
 import yaml
 
 from cachebus.bus.security import WORKERS_DIR, ensure_keypair, private_dir
-from cachebus.testing import (
-    ClearLoop,
-    Proc,
-    answers,
-    create_token,
-    edit_entry,
-    http,
-    http_json,
-    netns_unavailable,
-    read_entry,
-    wait_for,
-)
+from cachebus.testing import Proc, answers, create_token, http, http_json, wait_for
+
+from .support import ClearLoop, edit_entry, netns_unavailable, read_entry
 
 #: Ports on every host: instance 0's HTTP, PUB and ROUTER, instance 1's, then a relay's PUB and ROUTER.
 S0_HTTP, S0_PUB, S0_ACKS, S1_HTTP, S1_PUB, S1_ACKS, RELAY_PUB, RELAY_ACKS = range(17100, 17108)

@@ -38,7 +38,9 @@ from cachebus.service.limits import (
     max_connections,
 )
 from cachebus.settings import HttpSettings
-from cachebus.testing import DEADLINE, Cluster, EventStream, http, wait_for
+from cachebus.testing import DEADLINE, Cluster, http, wait_for
+
+from .support import EventStream
 
 MAX_CONNECTIONS = 20
 #: Long enough for a loaded machine to open 19 slow connections and make a clear

@@ -25,18 +25,9 @@ import yaml
 
 from cachebus.service.errors import Reason, error_body, reason_message
 from cachebus.service.lead import LEAD_FILE, LeadRecord
-from cachebus.testing import (
-    ClearLoop,
-    Cluster,
-    Proc,
-    answers,
-    edit_entry,
-    free_ports,
-    http,
-    http_json,
-    read_entry,
-    wait_for,
-)
+from cachebus.testing import Cluster, Proc, answers, free_ports, http, http_json, wait_for
+
+from .support import ClearLoop, edit_entry, read_entry
 
 
 class Instances(Cluster):

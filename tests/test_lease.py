@@ -13,10 +13,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from cachebus import LeasedMapping, cached
-from cachebus.testing import DEADLINE, Cluster, FakeClock, http, run_threads, wait_for
+from cachebus.testing import DEADLINE, Cluster, http, wait_for
 from cachebus.workers.cache import Cache, Purgeable
 from cachebus.workers.metrics import worker_registry
 from cachebus.workers.subscriber import Leased, ThreadedSubscriber
+
+from .support import FakeClock, run_threads
 
 
 class PlainMapping(MutableMapping[Any, Any]):

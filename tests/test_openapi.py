@@ -27,7 +27,9 @@ from cachebus.service.errors import Reason, error_body, reason_message
 from cachebus.service.events import ClearAcked, WorkerJoined, WorkerPurged
 from cachebus.service.pages import OPENAPI_FILE
 from cachebus.service.views import AckView, WorkerId, WorkerState, WorkerView
-from cachebus.testing import Cluster, EventStream, http, http_json
+from cachebus.testing import Cluster, http, http_json
+
+from .support import EventStream
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 #: Statuses whose bodies Flextype (and so cachebus) fixes word for word.

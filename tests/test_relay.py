@@ -49,7 +49,9 @@ from cachebus.bus.security import (
     private_dir,
 )
 from cachebus.bus.uplink import Uplink
-from cachebus.testing import DEADLINE, Cluster, Proc, bus_client, expected_names, free_ports, http, wait_for
+from cachebus.testing import DEADLINE, Cluster, Proc, free_ports, http, wait_for
+
+from .support import bus_client, expected_names
 
 CODEC = Codec()
 

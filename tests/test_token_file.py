@@ -13,7 +13,8 @@ import pytest
 from cachebus.service.auth import file as token_file
 from cachebus.service.auth.file import Signature
 from cachebus.service.auth.rules import Refusal, TokenError
-from cachebus.testing import InPlaceWriter
+
+from .support import InPlaceWriter
 
 DATA = {"hashed_access_token": "$2y$10$x", "state": "enabled", "calls": 3, "limit_calls": 0,
         "title": "héllo", "created_at": 1585312553}

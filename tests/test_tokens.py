@@ -33,7 +33,8 @@ from cachebus.service.auth.limits import BcryptPool, FailureLog, Overloaded
 from cachebus.service.auth.rules import TokenError
 from cachebus.service.auth.store import TokenStore
 from cachebus.service.errors import REFUSAL_STATUS
-from cachebus.testing import InPlaceWriter
+
+from .support import InPlaceWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tokens" / "flextype-php"

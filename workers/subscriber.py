@@ -201,8 +201,8 @@ class Subscriber:
         self.security = ClientSecurity(self.mode)
         self._synced = asyncio.Event()
         self._ctx: zmq.asyncio.Context | None = None
-        self._sub: zmq.Socket | None = None
-        self._dealer: zmq.Socket | None = None
+        self._sub: zmq.SyncSocket | None = None
+        self._dealer: zmq.SyncSocket | None = None
         self._commands: Reader | None = None
         self._replies: Reader | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -564,7 +564,7 @@ def _from_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, st
     return subscriber_options(embedder_settings(path, environ=environ), environ=environ, **overrides)
 
 
-def _reconnect(sock: zmq.Socket, endpoints: list[str]) -> None:
+def _reconnect(sock: zmq.Socket[Any], endpoints: list[str]) -> None:
     """A fresh connection (and handshake) to each of ``endpoints``."""
     for endpoint in endpoints:
         try:

@@ -22,8 +22,8 @@ from typing import Any
 import tornado.web
 
 from cachebus.bus.security import SERVICE_KEY, BusMode
+from cachebus.flextype_errors import CONTENT_TYPE
 from cachebus.metrics import MetricsHandler
-from cachebus.service.errors import CONTENT_TYPE
 from cachebus.settings import Settings, SettingsError
 
 from .cache import Cache
