@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from cachebus.settings import Settings
+from cachebus.settings import LogFormat, Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -96,7 +96,7 @@ CLIENT_DRIVEN_LOGGERS = ("tornado.general",)
 def setup(settings: Settings) -> None:
     """Send every log line to stderr in the format ``log.format`` names."""
     handler = logging.StreamHandler(sys.stderr)
-    if settings.log.format == "json":
+    if settings.log.format is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))

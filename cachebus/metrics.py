@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from cachebus.flextype_errors import ApiError, FlextypeErrors, Reason
-from cachebus.settings import MetricsSettings
+from cachebus.settings import MetricsAuth, MetricsSettings
 
 
 def is_loopback(host: str) -> bool:
@@ -31,9 +31,9 @@ def is_loopback(host: str) -> bool:
 
 
 def auth_required(settings: MetricsSettings, listen_host: str) -> bool:
-    if settings.auth == "auto":
+    if settings.auth is MetricsAuth.AUTO:
         return not is_loopback(listen_host)
-    return settings.auth == "required"
+    return settings.auth is MetricsAuth.REQUIRED
 
 
 class MetricsHandler(FlextypeErrors):

@@ -10,6 +10,7 @@ what was expected, so a typo never surfaces later as a traceback.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import typing
 from collections.abc import Callable
@@ -34,6 +35,23 @@ CONFIG_ENV = "CACHEBUS_CONFIG"
 
 class SettingsError(Exception):
     """A settings file or flag that cannot be used. ``str()`` is one line."""
+
+
+class MetricsAuth(enum.StrEnum):
+    """Whether ``/metrics`` asks a scraper for ``metrics.token`` (cachebus.metrics)."""
+
+    #: Only when the listener is reachable from other hosts (not loopback).
+    AUTO = "auto"
+    REQUIRED = "required"
+    OFF = "off"
+
+
+class LogFormat(enum.StrEnum):
+    """How each log line is written (``log.format``)."""
+
+    TEXT = "text"
+    #: One JSON object a line, with the fields the service attaches.
+    JSON = "json"
 
 
 def _check(predicate: Callable[[Any], bool], expected: str) -> dict[str, Any]:
@@ -177,8 +195,7 @@ class EventsSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    auth: str = field(default="auto", metadata=_check(lambda v: v in ("auto", "required", "off"),
-                                                      "one of auto, required, off"))
+    auth: MetricsAuth = MetricsAuth.AUTO
     token: str = ""
 
 
@@ -205,8 +222,7 @@ class BusSettings:
     max_workers: int = field(default=10_000, metadata=_check(_positive, "a positive count"))
     #: A worker's choice once no service is heard for a lease: bypass its caches (the bound
     #: holds) or keep serving them, degraded (see OnSilence and docs/delivery.md).
-    on_silence: str = field(default=OnSilence.BYPASS.value, metadata=_check(
-        lambda v: v in OnSilence.__members__.values(), " or ".join(OnSilence)))
+    on_silence: OnSilence = OnSilence.BYPASS
 
     def problem(self) -> tuple[str, str] | None:
         """A contradiction between fields, as (field, what is wrong), or None."""
@@ -272,7 +288,7 @@ class RelaySettings:
 class LogSettings:
     level: str = field(default="INFO", metadata=_check(
         lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "one of DEBUG, INFO, WARNING, ERROR"))
-    format: str = field(default="text", metadata=_check(lambda v: v in ("text", "json"), "text or json"))
+    format: LogFormat = LogFormat.TEXT
 
 
 @dataclass(frozen=True)
@@ -306,6 +322,11 @@ _PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
 def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        # A setting that names a choice is its enum, so a typo is caught here, not where it is used.
+        if not isinstance(value, str) or value not in hint.__members__.values():
+            raise SettingsError(f"{source}: {key}: expected {_choices(hint)}, got {value!r}")
+        return hint(value)
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -319,6 +340,11 @@ def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
     if not isinstance(value, hint):
         raise SettingsError(f"{source}: {key}: expected {_TYPE_NAMES[hint]}, got {value!r}")
     return value
+
+
+def _choices(choice: type[enum.StrEnum]) -> str:
+    names = [member.value for member in choice]
+    return " or ".join(names) if len(names) == 2 else f"one of {', '.join(names)}"
 
 
 #: A settings section: one of the dataclasses below.

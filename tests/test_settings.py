@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cachebus import settings
+from cachebus.bus.protocol import OnSilence
 from cachebus.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,10 @@ def test_missing_default_file_means_built_in_defaults(tmp_path, monkeypatch):
     ("bus:\n  keys_dir: ''\n", "bus.keys_dir: expected a directory"),
     ("worker:\n  purge_dirs: /srv/flextype/var/tmp\n", "worker.purge_dirs: expected a list of strings"),
     ("worker:\n  purge_dirs: ['']\n", "worker.purge_dirs: expected a list of directory paths, none empty"),
+    # A setting that names a choice is an enum: a typo is refused here, naming the choices.
+    ("metrics:\n  auth: requried\n", "metrics.auth: expected one of auto, required, off, got 'requried'"),
+    ("log:\n  format: yaml\n", "log.format: expected text or json, got 'yaml'"),
+    ("bus:\n  on_silence: 1\n", "bus.on_silence: expected bypass or serve, got 1"),
 ])
 def test_bad_file_names_file_key_and_expectation(tmp_path: Path, text: str, message: str):
     path = tmp_path / "settings.yaml"
@@ -70,3 +75,12 @@ def test_overrides_are_validated_like_the_file():
     assert Settings().replace({"service.port": 9000}).service.port == 9000
     with pytest.raises(SettingsError, match=r"command line --port: service\.port"):
         Settings().replace({"service.port": -1}, source="command line --port")
+
+
+def test_a_choice_is_read_as_its_enum(tmp_path: Path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("metrics:\n  auth: required\nlog:\n  format: json\nbus:\n  on_silence: serve\n")
+    loaded = settings.load(path)
+    assert loaded.metrics.auth is settings.MetricsAuth.REQUIRED
+    assert loaded.log.format is settings.LogFormat.JSON
+    assert loaded.bus.on_silence is OnSilence.SERVE
