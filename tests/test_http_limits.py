@@ -185,7 +185,10 @@ def held_connection(cluster: Cluster, sockets: list[socket.socket]) -> socket.so
 def test_connections_past_the_limit_are_closed_at_once(cluster: Cluster, sockets):
     cluster.start_service(settings=limits())
     held = [held_connection(cluster, sockets) for _ in range(MAX_CONNECTIONS)]
-    extra = [connect(cluster) for _ in range(50)]  # the kernel completes them; the service resets them
+    attempts = 50
+    # The kernel completes them and the service resets them; a reset that arrives before
+    # connect() returns (a loaded machine) is as much "closed at once" as one after it.
+    extra = [s for _ in range(attempts) if (s := connect_or_shed(cluster)) is not None]
     sockets += extra
     wait_for(lambda: all(closed_by_server(s) for s in extra), what="the connections past the limit to be closed")
     assert not any(closed_by_server(s) for s in held)
@@ -200,7 +203,7 @@ def test_connections_past_the_limit_are_closed_at_once(cluster: Cluster, sockets
         sock.close()
     refused = wait_for(lambda: _metric_or_none(cluster, "cachebus_http_connections_refused_total", reason="limit"),
                        what="the metrics once connections are free")
-    assert refused >= len(extra) + 1
+    assert refused >= attempts + 1
     # 51 refusals, one log line (at most one per 10 s).
     assert 1 <= len(log_lines(cluster, "refused connections")) <= 2
 
