@@ -376,13 +376,13 @@ def test_a_relay_sends_each_clears_acks_from_all_its_workers_in_one_envelope():
                 for name in senders:
                     send(name, ack(name, "e", round_))
                 await envelopes(hellos + round_)
-            # w3 missed round 2: it went when hold_ms ran out. Round 3 waits only for w1 and w2.
-            started = time.monotonic()
+            # w3 missed round 2: it went when hold_ms ran out.
+            assert uplink.full_rounds == 1
+            # Round 3 waits only for w1 and w2: it goes up full, when their acks are in, not on the timer.
             for name in ("w1", "w2"):
                 send(name, ack(name, "e", 3))
             await envelopes(hellos + 3)
-            assert time.monotonic() - started < 0.25, "round 3 waited for the quiet worker"
-            assert uplink.full_rounds == 2  # rounds 1 and 3; round 2 ran out
+            assert uplink.full_rounds == 2, "round 3 waited for the quiet worker"  # rounds 1 and 3
             return received[hellos:]
         finally:
             reader.close()
