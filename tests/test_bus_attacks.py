@@ -46,6 +46,7 @@ def clear_all(cluster: Cluster, timeout: float = 5) -> tuple[int, dict[str, Any]
     return status, json.loads(body)
 
 
+@pytest.mark.processes
 def test_a_deeply_nested_message_does_not_silence_the_proof(cluster: Cluster, zmq_context: zmq.Context):
     service = cluster.start_service()
     for name in ("w1", "w2"):
@@ -225,6 +226,7 @@ def frozen_worker_is_never_in_a_proof(cluster: Cluster, attack: Attack) -> None:
     assert proofs[-1][0] == 200
 
 
+@pytest.mark.processes
 def test_curve_a_frozen_worker_cannot_be_impersonated(cluster: Cluster, tmp_path: Path):
     """Without a key, with an unknown key, and with an allowed key that is not w1's."""
     service = cluster.start_service()
@@ -283,6 +285,7 @@ class CapturingProxy(threading.Thread):
         self.join()
 
 
+@pytest.mark.processes
 def test_hmac_a_frozen_worker_cannot_be_impersonated_without_the_key_or_by_replay(
         tmp_path: Path, content_dir: Path, zmq_context: zmq.Context):
     cluster = Cluster(tmp_path, tmp_path / "tokens", content_dir, bus={"key": "the-shared-secret"})
@@ -334,6 +337,7 @@ class FailsOnce(Cache):
         return super().clear(clear_id=clear_id, seq=seq)
 
 
+@pytest.mark.processes
 def test_a_purge_that_raises_does_not_stop_the_subscriber_and_nothing_stale_is_served(cluster: Cluster):
     cluster.start_service()
     cache = FailsOnce()

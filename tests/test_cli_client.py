@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cachebus import Cache, ThreadedSubscriber
 from cachebus.client import ClearProgress, ack_line, progress_bar, worker_table
 from cachebus.testing import DEADLINE, Cluster, FlakyCache, free_port, http_json, read_entry, wait_for
@@ -52,6 +54,7 @@ def start_with_workers(cluster: Cluster, *names: str, settings: dict | None = No
         cluster.start_worker(name)
 
 
+@pytest.mark.processes
 def test_clear_without_wait_and_with_no_live_workers(cluster: Cluster):
     cluster.start_service()
     result = cachebus("clear", *creds(cluster))
@@ -70,6 +73,7 @@ def test_clear_without_wait_and_with_no_live_workers(cluster: Cluster):
     assert allowed.stdout.count("\n") == 1 and "nobody was listening" in allowed.stdout
 
 
+@pytest.mark.processes
 def test_errors_are_one_line_and_exit_1(cluster: Cluster):
     cluster.start_service()
     wrong = cachebus("clear", "--url", cluster.url, "--token", cluster.token, "--access-token", "not-it")
@@ -103,6 +107,7 @@ def test_errors_are_one_line_and_exit_1(cluster: Cluster):
         assert cluster.access_token not in unreachable.stderr
 
 
+@pytest.mark.processes
 def test_credentials_from_the_environment_and_flags_win(cluster: Cluster):
     cluster.start_service()
     env = {"CACHEBUS_TOKEN": cluster.token, "CACHEBUS_ACCESS_TOKEN": cluster.access_token}
@@ -117,6 +122,7 @@ def test_credentials_from_the_environment_and_flags_win(cluster: Cluster):
                     env=env_wrong).returncode == 0
 
 
+@pytest.mark.processes
 def test_wait_until_both_workers_acked_and_the_worker_table(cluster: Cluster):
     start_with_workers(cluster, "w1", "w2")
     result = cachebus("clear", *creds(cluster), "--wait", "--timeout", str(DEADLINE))
@@ -154,6 +160,7 @@ def test_wait_until_both_workers_acked_and_the_worker_table(cluster: Cluster):
     assert sorted(w["name"] for w in json.loads(raw.stdout)["workers"]) == ["w1", "w2"]
 
 
+@pytest.mark.processes
 def test_expect_n_asks_for_at_least_n_acks(cluster: Cluster):
     start_with_workers(cluster, "w1", "w2")
     enough = cachebus("clear", *creds(cluster), "--wait", "--timeout", str(DEADLINE), "--expect", "2")
@@ -167,6 +174,7 @@ def test_expect_n_asks_for_at_least_n_acks(cluster: Cluster):
     assert lines[-1].endswith(": only 2 workers acked, --expect asked for at least 3"), lines
 
 
+@pytest.mark.processes
 def test_wait_times_out_listing_the_killed_worker(cluster: Cluster):
     # A liveness window far longer than the test, so the killed worker stays
     # live, and therefore expected, however slow this machine is.
@@ -188,6 +196,7 @@ def test_wait_times_out_listing_the_killed_worker(cluster: Cluster):
     assert result.stderr == ""
 
 
+@pytest.mark.processes
 def test_wait_defaults_to_the_settings_wait_timeout(cluster: Cluster, tmp_path: Path):
     start_with_workers(cluster, "w1", settings={"bus": {"liveness": 120}, "record": {"lost_after": 120.0}})
     cluster.workers["w1"][0].kill()
@@ -236,6 +245,7 @@ def run_in_pty(*args: str) -> tuple[int, str]:
     return status, received.decode(errors="replace")
 
 
+@pytest.mark.processes
 def test_progress_bar_on_a_terminal(cluster: Cluster):
     start_with_workers(cluster, "w1", "w2")
     status, screen = run_in_pty("clear", *creds(cluster), "--wait", "--timeout", str(DEADLINE))
@@ -309,6 +319,7 @@ def test_what_proves_a_clear():
 # --- processes grouped by name, failed purges, excluded workers ---------------------------
 
 
+@pytest.mark.processes
 def test_processes_sharing_a_name_are_each_expected_and_listed_by_group(cluster: Cluster):
     start_with_workers(cluster, "w1")
     subscribers = [ThreadedSubscriber([Cache()], name="web", **cluster.subscriber_options()) for _ in range(2)]
@@ -336,6 +347,7 @@ def test_processes_sharing_a_name_are_each_expected_and_listed_by_group(cluster:
             subscriber.stop()
 
 
+@pytest.mark.processes
 def test_a_failed_purge_is_no_proof_and_names_the_error(cluster: Cluster):
     start_with_workers(cluster, "w1")
     cache = FlakyCache()
@@ -368,6 +380,7 @@ def test_a_failed_purge_is_no_proof_and_names_the_error(cluster: Cluster):
         subscriber.stop()
 
 
+@pytest.mark.processes
 def test_workers_not_live_at_publish_time_are_named_outside_the_proof(cluster: Cluster):
     start_with_workers(cluster, "w1", "w2", settings={"record": {"lost_after": 120.0}})
     frozen = cluster.workers["w2"][0]
@@ -392,6 +405,7 @@ def table_rows(stdout: str) -> list[dict[str, str]]:
     return [dict(zip(columns, re.split(r"\s{2,}", row.strip()), strict=True)) for row in rows]
 
 
+@pytest.mark.processes
 def test_a_scoped_clear_for_a_group_waits_for_that_group_only(cluster: Cluster):
     start_with_workers(cluster, "w1", "w2")
     urls = {name: url for name, (_, url) in cluster.workers.items()}

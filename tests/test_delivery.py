@@ -33,6 +33,8 @@ from cachebus.testing import (
 from cachebus.workers.cache import Cache
 from cachebus.workers.subscriber import ThreadedSubscriber
 
+pytestmark = pytest.mark.processes
+
 
 def states(cluster: Cluster) -> dict[str, str]:
     return {w["name"]: w["state"] for w in cluster.worker_list()}
@@ -261,6 +263,7 @@ def netns_host():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.netns
 def test_cut_and_restore_the_link_to_a_worker_host(tmp_path: Path, content_dir: Path, netns_host):
     cluster = Cluster(tmp_path, tmp_path / "tokens", content_dir, bus_host=netns_host["host_ip"])
     try:

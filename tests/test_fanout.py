@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 import zmq
 
@@ -27,6 +28,8 @@ from cachebus.testing import (
     read_entry,
     wait_for,
 )
+
+pytestmark = pytest.mark.processes
 
 
 def test_edit_clear_and_every_worker_serves_the_new_value(cluster: Cluster, content_dir: Path):

@@ -32,7 +32,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cachebus.testing import Cluster, http
+
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The whole run's budget: fuzzing and stateful sequences repeat until it is spent.

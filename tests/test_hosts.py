@@ -38,6 +38,8 @@ from cachebus.testing import (
     wait_for,
 )
 
+pytestmark = [pytest.mark.processes, pytest.mark.netns]
+
 #: Ports on every host: instance 0's HTTP, PUB and ROUTER, instance 1's, then a relay's PUB and ROUTER.
 S0_HTTP, S0_PUB, S0_ACKS, S1_HTTP, S1_PUB, S1_ACKS, RELAY_PUB, RELAY_ACKS = range(17100, 17108)
 

@@ -118,6 +118,7 @@ def sockets() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
+@pytest.mark.processes
 def test_slow_clients_are_closed_after_their_timeouts_while_a_clear_gets_through(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(header_timeout=SLOW, body_timeout=SLOW))
     trickled = [connect(cluster) for _ in range(10)]
@@ -172,6 +173,7 @@ def held_connection(cluster: Cluster, sockets: list[socket.socket]) -> socket.so
     return wait_for(attempt, what="a connection the service keeps")
 
 
+@pytest.mark.processes
 def test_connections_past_the_limit_are_closed_at_once(cluster: Cluster, sockets):
     cluster.start_service(settings=limits())
     held = [held_connection(cluster, sockets) for _ in range(MAX_CONNECTIONS)]
@@ -212,6 +214,7 @@ def _clear_status(cluster: Cluster) -> int | None:
         return None
 
 
+@pytest.mark.processes
 def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(cluster: Cluster):
     cluster.start_service(settings=limits(idle_timeout=1.0))
     conn = HTTPConnection("127.0.0.1", cluster.port, timeout=DEADLINE)
@@ -229,6 +232,7 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(cluster:
     assert metric(cluster, "cachebus_http_connections_timed_out_total", phase="idle") == 1
 
 
+@pytest.mark.processes
 def test_a_silent_connection_is_closed_after_the_header_timeout(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(header_timeout=1.0))
     silent = connect(cluster)
@@ -237,6 +241,7 @@ def test_a_silent_connection_is_closed_after_the_header_timeout(cluster: Cluster
     assert metric(cluster, "cachebus_http_connections_timed_out_total", phase="header") == 1
 
 
+@pytest.mark.processes
 def test_headers_over_the_size_limit_close_the_connection(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(max_header_size=4096))
     sock = connect(cluster)
@@ -247,6 +252,7 @@ def test_headers_over_the_size_limit_close_the_connection(cluster: Cluster, sock
     assert status == 200
 
 
+@pytest.mark.processes
 def test_an_event_stream_outlives_every_timeout(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(header_timeout=1.0, body_timeout=1.0, idle_timeout=1.0))
     stream = EventStream(cluster)
@@ -286,6 +292,7 @@ def accept_queue(port: int) -> int:
     return sum(waiting)
 
 
+@pytest.mark.processes
 def test_at_the_descriptor_limit_the_service_sheds_without_spinning_and_recovers(cluster: Cluster, sockets):
     # A connection limit far above the descriptor limit, so accept() meets EMFILE.
     service = cluster.start_service(settings=limits(max_connections=10_000),
@@ -319,6 +326,7 @@ def test_at_the_descriptor_limit_the_service_sheds_without_spinning_and_recovers
 # --- the pieces ------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_a_flood_of_malformed_request_lines_writes_a_few_log_lines(cluster: Cluster):
     cluster.start_service()
     for _ in range(40):

@@ -35,6 +35,8 @@ from cachebus.testing import (
     wait_for,
 )
 
+pytestmark = pytest.mark.processes
+
 
 class Instances(Cluster):
     """A :class:`Cluster` whose service runs as ``count`` instances; its workers list all of them."""

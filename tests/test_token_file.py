@@ -303,6 +303,7 @@ def test_write_names_its_temporary_so_that_cleaning_would_find_it(directory: Pat
 
 # --- reading while someone writes in place -----------------------------------------
 
+@pytest.mark.processes
 def test_a_writer_holding_the_lock_is_never_seen_half_done(directory: Path) -> None:
     path = directory / token_file.TOKEN_FILE
     token_file.write(path, DATA)
@@ -315,6 +316,7 @@ def test_a_writer_holding_the_lock_is_never_seen_half_done(directory: Path) -> N
     assert all(data == DATA for data in results)
 
 
+@pytest.mark.processes
 def test_a_writer_without_the_lock_is_read_again_until_whole(directory: Path) -> None:
     path = directory / token_file.TOKEN_FILE
     token_file.write(path, DATA)
