@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -234,6 +235,10 @@ def test_a_late_joiner_serves_nothing_older_than_its_start(cluster: Cluster, con
     assert read_entry(url) [1]["title"] == "edited before the worker started"
 
 
+#: Prints what a GET of argv[1] answers (run inside the worker host's namespace).
+_GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+
+
 @pytest.fixture
 def netns_host():
     """A worker host of our own: a network namespace joined to this one by a veth pair."""
@@ -279,6 +284,12 @@ def test_cut_and_restore_the_link_to_a_worker_host(tmp_path: Path, content_dir: 
             status, body = clear_and_wait(cluster, timeout=1)
             assert status == 202 and [m["name"] for m in body["missing"]] == ["remote"]
             wait_for(lambda: states(cluster)["remote"] in ("suspect", "lost"), what="the cut-off worker to be suspect")
+            # Its lease runs as long as the service's suspicion takes: wait for the worker itself to stop
+            # trusting its cache, read from inside its host (which the cut leaves reachable).
+            wait_for(lambda: not json.loads(subprocess.run(
+                ["ip", "netns", "exec", netns_host["ns"], sys.executable, "-c", _GET, f"{url}/stats"],
+                check=True, capture_output=True, text=True, timeout=DEADLINE).stdout)["bus"]["trusted"],
+                what="the cut-off worker's lease to lapse")
         finally:
             netns_host["ip"]("link", "set", netns_host["link"], "up")
 
