@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check bench install clean
+.PHONY: run test test-fast check bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "cachebus needs Python 3.11+"'
@@ -33,6 +33,13 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	BIN=$(BIN) tools/check
 	$(BIN)/python -m pytest
+
+# The edit-test loop: the same checks, then every test that needs nothing beyond the pytest process:
+# none that starts processes, network namespaces or Chromium, nor the benchmark (pytest.ini's markers).
+FAST := not processes and not netns and not browser and not bench
+test-fast: $(VENV)/.installed-test
+	BIN=$(BIN) tools/check
+	$(BIN)/python -m pytest -m "$(FAST)"
 
 # Writes docs/benchmarks.md; installs redis-server and wrk through apt when missing.
 bench: $(VENV)/.installed-bench

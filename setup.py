@@ -77,6 +77,8 @@ setup(
             *CHECKS,
             "pytest>=8",
             "pytest-tornado==0.8.1",
+            # A per-test timeout (pytest.ini): a test that hangs fails alone instead of stalling the run.
+            "pytest-timeout>=2.3",
             # pytest-tornado 0.8.1 still imports pkg_resources, which setuptools 82 removed.
             "setuptools<82",
             # Property tests: the bus decoder meets arbitrary frames (tests/test_protocol.py).

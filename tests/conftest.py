@@ -10,6 +10,7 @@ suite's own).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,38 @@ def played() -> Iterator[PlayedService]:
     service = PlayedService()
     yield service
     service.close()
+
+
+# --- markers that stay true ---------------------------------------------------------------
+
+#: Process starts seen so far (Python's audit events): (marker the test must carry, command).
+_started: list[tuple[str, str]] = []
+_SPAWNS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec"})
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event not in _SPAWNS:
+        return
+    argv = [str(a) for a in args[1]] if event == "subprocess.Popen" and isinstance(args[1], list | tuple) else []
+    command = " ".join(argv) or event
+    _started.append(("processes", command))
+    if argv[:3] == ["ip", "netns", "add"]:
+        _started.append(("netns", command))
+    if argv and Path(argv[0]).name.startswith(("chromium", "chrome", "google-chrome")):
+        _started.append(("browser", command))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def _marked_as_what_it_starts(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test that starts a process (or a namespace, or Chromium) without the marker saying
+    so: `make test-fast` leaves out exactly the marked ones (pytest.ini)."""
+    before = len(_started)
+    yield
+    missing = {(marker, command) for marker, command in _started[before:]
+               if request.node.get_closest_marker(marker) is None}
+    if missing:
+        marker, command = min(missing)
+        pytest.fail(f"started {command[:120]!r} without @pytest.mark.{marker}", pytrace=False)

@@ -76,6 +76,7 @@ def post_from(source: str, port: int, connections: int, requests: int, body: Any
 # --- the bcrypt flood ------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_a_flood_from_one_address_is_slowed_and_never_locks_the_owner_out(cluster: Cluster) -> None:
     failures, connections = 5, 4
     cluster.start_service(settings={"api": {"auth": {"failures": failures, "failure_window": 600}}})
@@ -159,6 +160,7 @@ async def test_the_429_is_flextypes_shape_with_retry_after(http_client, base_url
 # --- stopping with work queued ---------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_sigterm_stops_the_service_whatever_is_queued(cluster: Cluster) -> None:
     # One thread, and a hash at the cost ceiling (about a second each): 40 queued
     # verifications would keep a service that waited for them busy past the deadline.
@@ -231,6 +233,7 @@ async def test_a_lock_file_that_is_a_directory_or_a_file_nested_500_deep_is_a_40
         assert (response.code, response.body) == (400, BAD_REQUEST), token
 
 
+@pytest.mark.processes
 def test_links_out_of_the_tokens_directory_are_not_followed_nor_written_through(cluster: Cluster,
                                                                                 tmp_path: Path) -> None:
     outside = tmp_path / "outside"
@@ -250,6 +253,7 @@ def test_links_out_of_the_tokens_directory_are_not_followed_nor_written_through(
     assert cluster.clear()[0] == 204  # the real token still works
 
 
+@pytest.mark.processes
 def test_a_killed_writers_temporary_files_are_removed_at_start(cluster: Cluster) -> None:
     directory = cluster.tokens_dir / cluster.token
     stale = directory / ".token.yaml.0123456789abcdef.tmp"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -425,11 +424,11 @@ async def test_no_credential_reaches_a_log_line(http_client, base_url, credentia
 async def test_wait_all_with_no_workers_is_no_proof_and_answers_202_at_once(http_client, base_url, credentials):
     """Nobody listening is not "all purged": a deploy script must not be told it was."""
     token, access = credentials
-    started = time.monotonic()
+    # Answered at once, not at the timeout: the reason is the publish-time one, and the test's own
+    # timeout (pytest-tornado's, a few seconds) would have ended a wait of 30 s.
     response = await fetch(http_client, base_url, CLEAR,
                            body=form(token=token, access_token=access, wait="all", timeout="30"), headers=FORM)
     assert response.code == 202
-    assert time.monotonic() - started < 30, "answered at once, not at the timeout"
     body = json.loads(response.body)
     assert body["id"] == response.headers["Cache-Clear-Id"]
     assert body["workers"] == [] and body["acks"] == [] and body["missing"] == [] and body["failed"] == []

@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.processes, pytest.mark.bench]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(400)  # the smoke run's own timeout (300 s), and the report's checks
 def test_benchmark_smoke_run_writes_a_report(tmp_path: Path):
     output = tmp_path / "benchmarks.md"
     result = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--output", str(output)],

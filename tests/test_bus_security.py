@@ -42,6 +42,7 @@ def clear_all(cluster: Cluster) -> tuple[int, dict]:
     return status, json.loads(body)
 
 
+@pytest.mark.processes
 def test_curve_is_the_default_and_needs_no_manual_step(cluster: Cluster):
     service = cluster.start_service()
     cluster.start_worker("w1")
@@ -62,6 +63,7 @@ def test_curve_is_the_default_and_needs_no_manual_step(cluster: Cluster):
     assert "insecure" not in service.output()
 
 
+@pytest.mark.processes
 def test_insecure_mode_warns_at_every_start(tmp_path: Path, content_dir: Path):
     cluster = Cluster(tmp_path, tmp_path / "tokens", content_dir, bus={"insecure": True})
     try:
@@ -81,6 +83,7 @@ def test_insecure_mode_warns_at_every_start(tmp_path: Path, content_dir: Path):
         cluster.stop()
 
 
+@pytest.mark.processes
 def test_hmac_mode_works_end_to_end(tmp_path: Path, content_dir: Path):
     cluster = Cluster(tmp_path, tmp_path / "tokens", content_dir, bus={"key": "the-shared-secret"})
     try:
@@ -100,6 +103,7 @@ def test_hmac_mode_works_end_to_end(tmp_path: Path, content_dir: Path):
         cluster.stop()
 
 
+@pytest.mark.processes
 def test_processes_without_an_allowed_key_cannot_read_the_clears(cluster: Cluster, zmq_context: zmq.Context):
     cluster.start_service()
     cluster.start_worker("w1")
@@ -119,6 +123,7 @@ def test_processes_without_an_allowed_key_cannot_read_the_clears(cluster: Cluste
     assert not readers["unknown key"].poll(0)
 
 
+@pytest.mark.processes
 def test_a_key_added_to_the_allow_list_works_without_a_restart(cluster: Cluster, tmp_path: Path):
     service = cluster.start_service()
     keypair, _ = ensure_keypair(tmp_path / "elsewhere", "late")
@@ -136,6 +141,7 @@ def test_a_key_added_to_the_allow_list_works_without_a_restart(cluster: Cluster,
         subscriber.stop()
 
 
+@pytest.mark.processes
 def test_hellos_beyond_max_workers_are_refused_with_one_log_line(cluster: Cluster, zmq_context: zmq.Context):
     service = cluster.start_service(settings={"bus": {"max_workers": 2}})
     _, headers, _ = cluster.clear()
@@ -167,6 +173,7 @@ def cachebus(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           cwd=cwd, timeout=60)
 
 
+@pytest.mark.processes
 def test_keys_create_makes_a_private_keypair_and_says_where_each_file_goes(tmp_path: Path):
     result = cachebus("keys", "create", "web-1", "--keys-dir", "keys", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

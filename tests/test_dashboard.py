@@ -156,6 +156,8 @@ def http_clear(cluster: Cluster) -> str:
         conn.close()
 
 
+@pytest.mark.processes
+@pytest.mark.browser
 def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, browser: Browser):
     cluster.start_service(settings=SETTINGS)
     cluster.start_worker("w1")
@@ -322,6 +324,8 @@ def test_the_dashboard_follows_clears_acks_and_workers_live(cluster: Cluster, br
     assert status(browser) == "idle"
 
 
+@pytest.mark.processes
+@pytest.mark.browser
 def test_clear_now_shows_flextype_s_error_message(cluster: Cluster, browser: Browser):
     cluster.start_service(settings=SETTINGS)
     token, access_token = create_token(cluster.tokens_dir, limit_calls=1)
@@ -412,6 +416,8 @@ def is_red(browser: Browser, selector: str) -> bool:
     }})()""")
 
 
+@pytest.mark.processes
+@pytest.mark.browser
 def test_processes_by_group_the_token_of_each_clear_and_failed_purges_in_red(cluster: Cluster, browser: Browser):
     cluster.start_service(settings=SETTINGS)
     cluster.start_worker("w1")
@@ -494,6 +500,8 @@ def test_processes_by_group_the_token_of_each_clear_and_failed_purges_in_red(clu
             subscriber.stop()
 
 
+@pytest.mark.processes
+@pytest.mark.browser
 def test_a_serving_worker_that_goes_silent_is_marked_degraded(cluster: Cluster, browser: Browser):
     """bus.on_silence: serve trades the bound for availability; the dashboard says where it was traded."""
     cluster.start_service(settings=SETTINGS)
@@ -526,6 +534,8 @@ def test_a_serving_worker_that_goes_silent_is_marked_degraded(cluster: Cluster, 
     browser.wait_for(f"document.querySelector({js(badge)}) === null", what="w-serve live again, not degraded")
 
 
+@pytest.mark.processes
+@pytest.mark.browser
 def test_a_worker_heard_through_a_relay_shows_the_relay(cluster: Cluster, browser: Browser, tmp_path: Path):
     cluster.start_service(settings=SETTINGS)
     relay_keys = tmp_path / "relay-keys"
@@ -593,6 +603,8 @@ def scope_text(browser: Browser, clear_id: str) -> str | None:
                             f" [data-field=scope]')?.textContent ?? null")
 
 
+@pytest.mark.processes
+@pytest.mark.browser
 def test_a_scoped_clear_from_the_dialog_reaches_only_its_group_and_drops_only_what_it_names(
         cluster: Cluster, browser: Browser):
     cluster.start_service(settings=SETTINGS)

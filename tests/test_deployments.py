@@ -29,6 +29,8 @@ import pytest
 
 from cachebus.testing import Cluster, Proc, Processes, answers, free_port, http_json, wait_for
 
+pytestmark = pytest.mark.processes
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 #: ``WARM_ENTRIES`` of both example apps: what each process caches once in sync.

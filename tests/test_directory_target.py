@@ -142,6 +142,7 @@ def test_clear_of_an_empty_or_vanished_directory(var_tmp: Path):
     assert not var_tmp.exists()
 
 
+@pytest.mark.processes
 def test_a_directory_that_cannot_be_renamed_is_emptied_in_place(unrenamable: Path):
     written = build_flextype_tmp(unrenamable)
     before = os.stat(unrenamable)
@@ -151,6 +152,7 @@ def test_a_directory_that_cannot_be_renamed_is_emptied_in_place(unrenamable: Pat
     assert siblings_left(unrenamable) == []
 
 
+@pytest.mark.processes
 def test_a_file_system_mounted_inside_is_left_alone(var_tmp: Path):
     if os.geteuid() != 0:
         pytest.skip("mounting a file system needs root")
@@ -336,6 +338,7 @@ class CacheWriter:
         self.written, self.failed = map(int, out.split())
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("fixture", ["var_tmp", "unrenamable"])
 def test_files_appearing_and_vanishing_during_a_clear_do_not_fail_it(fixture: str, request: pytest.FixtureRequest):
     top = request.getfixturevalue(fixture)  # renamed aside, or emptied in place
@@ -427,6 +430,7 @@ def test_the_subscriber_tells_it_which_clear_it_applies(var_tmp: Path):
 # --- the reference worker ---------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_worker_refuses_a_purge_dir_in_one_line_naming_flag_and_key(content_dir: Path):
     result = subprocess.run([sys.executable, "-m", "cachebus.workers", "--content-dir", str(content_dir),
                              "--purge-dir", "/"], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -448,6 +452,7 @@ def web_hosts(cluster: Cluster, tmp_path: Path) -> dict[str, Path]:
     return tops
 
 
+@pytest.mark.processes
 def test_one_clear_empties_the_flextype_cache_on_every_web_host(cluster: Cluster, tmp_path: Path):
     tops = web_hosts(cluster, tmp_path)
     hosts = {name: (top, len(list(top.iterdir()))) for name, top in tops.items()}
@@ -465,6 +470,7 @@ def test_one_clear_empties_the_flextype_cache_on_every_web_host(cluster: Cluster
         wait_for(lambda top=top: siblings_left(top) == [], what="the old files deleted in the background")
 
 
+@pytest.mark.processes
 def test_a_clear_of_some_keys_removes_just_their_files_and_a_prefix_empties_all(cluster: Cluster, tmp_path: Path):
     tops = web_hosts(cluster, tmp_path)
     before = {name: files_below(top) for name, top in tops.items()}

@@ -37,6 +37,7 @@ def streams() -> Any:
         stream.close()
 
 
+@pytest.mark.processes
 def test_stream_starts_with_a_snapshot_and_follows_a_clear_to_completion(cluster: Cluster, streams: list):
     cluster.start_service()
     cluster.start_worker("w1")
@@ -68,6 +69,7 @@ def test_stream_starts_with_a_snapshot_and_follows_a_clear_to_completion(cluster
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
 
 
+@pytest.mark.processes
 def test_a_client_that_reconnects_gets_what_it_missed(cluster: Cluster, streams: list):
     cluster.start_service()
     cluster.start_worker("w1")
@@ -97,6 +99,7 @@ def test_a_client_that_reconnects_gets_what_it_missed(cluster: Cluster, streams:
     assert kind == "snapshot" and snapshot["clears"][0]["id"] == missed_id
 
 
+@pytest.mark.processes
 def test_worker_joins_and_state_changes_are_streamed(cluster: Cluster, streams: list):
     cluster.start_service(settings={"bus": {"liveness": 2}, "record": {"lost_after": 2.0}})
     stream = EventStream(cluster)
@@ -111,6 +114,7 @@ def test_worker_joins_and_state_changes_are_streamed(cluster: Cluster, streams: 
     assert states[-2:] == ["suspect", "lost"]
 
 
+@pytest.mark.processes
 def test_a_slow_client_is_dropped_without_slowing_the_bus(cluster: Cluster, streams: list):
     cluster.start_service(settings={"events": {"client_queue": 20}})
     cluster.start_worker("w1")
@@ -135,6 +139,7 @@ def test_a_slow_client_is_dropped_without_slowing_the_bus(cluster: Cluster, stre
     assert kinds[-1] == "overflow"
 
 
+@pytest.mark.processes
 def test_a_client_that_never_reads_is_disconnected(cluster: Cluster, streams: list):
     cluster.start_service(settings={"events": {"client_queue": 20}})
     cluster.start_worker("w1")
@@ -161,6 +166,7 @@ def test_a_client_that_never_reads_is_disconnected(cluster: Cluster, streams: li
         pass  # what was in flight, then the end of the stream
 
 
+@pytest.mark.processes
 def test_a_workers_cache_counters_are_streamed_and_replayed_newest_only(cluster: Cluster, streams: list):
     cluster.start_service(settings={"events": {"stats_interval": 0}})
     worker_url = cluster.start_worker("w1")
@@ -192,6 +198,7 @@ def test_a_workers_cache_counters_are_streamed_and_replayed_newest_only(cluster:
         [event for event in seen if event[1] != "worker.stats"]
 
 
+@pytest.mark.processes
 def test_the_stream_needs_the_same_credentials_as_the_record(cluster: Cluster):
     cluster.start_service()
     status, _, body = http("GET", f"{cluster.url}/api/v1/cache/events?token={cluster.token}&access_token=wrong")

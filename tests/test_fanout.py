@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 import zmq
 
@@ -19,6 +20,8 @@ from cachebus.bus.security import ensure_keypair
 from cachebus.testing import Cluster, Proc, free_port, http_json, wait_for
 
 from .support import bus_client, edit_entry, expected_names, read_entry
+
+pytestmark = pytest.mark.processes
 
 
 def test_edit_clear_and_every_worker_serves_the_new_value(cluster: Cluster, content_dir: Path):

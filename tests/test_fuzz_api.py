@@ -32,7 +32,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cachebus.testing import Cluster, http
+
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The whole run's budget: fuzzing and stateful sequences repeat until it is spent.
@@ -59,6 +63,8 @@ def config(cluster: Cluster) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The budget, then the time the subprocess is given past it (below), and the service's start.
+@pytest.mark.timeout(BUDGET_SECONDS + 180)
 def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(cluster: Cluster, tmp_path: Path):
     cluster.start_service()
     cluster.start_worker("w1")

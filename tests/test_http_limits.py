@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import resource
 import select
 import socket
@@ -121,9 +120,9 @@ def sockets() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
+@pytest.mark.processes
 def test_slow_clients_are_closed_after_their_timeouts_while_a_clear_gets_through(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(header_timeout=SLOW, body_timeout=SLOW))
-    started = time.monotonic()
     trickled = [connect(cluster) for _ in range(10)]
     for sock in trickled:
         sock.sendall(b"POST /api/v1/cache/clear HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
@@ -137,23 +136,15 @@ def test_slow_clients_are_closed_after_their_timeouts_while_a_clear_gets_through
         # 19 slow clients hold connections; the 20th, a real client, is served.
         status, _, body = cluster.clear()
         assert status == 204, body
-        assert time.monotonic() - started < SLOW and not any(closed_by_server(s) for s in sockets), \
+        # None was closed early: all 19 still hold their connections once the clear is served.
+        assert not any(closed_by_server(s) for s in sockets), \
             "the machine was too slow: a slow client timed out before the clear"
-
-        closed_at: dict[int, float] = {}
-
-        def all_closed() -> bool:
-            for i, sock in enumerate(sockets):
-                if i not in closed_at and closed_by_server(sock):
-                    closed_at[i] = time.monotonic()
-            return len(closed_at) == len(sockets)
-
-        wait_for(all_closed, what="the service to close every slow client")
+        # Trickled bytes never extended a deadline: every one is closed while its bytes keep coming.
+        wait_for(lambda: all(closed_by_server(s) for s in sockets), what="the service to close every slow client")
     finally:
         headers_trickle.close()
         body_trickle.close()
-    # Trickled bytes never extended a deadline: none was closed before its timeout.
-    assert min(closed_at.values()) - started >= SLOW - 0.1
+    # ... and each for the timeout of the phase it was stuck in.
     assert metric(cluster, "cachebus_http_connections_timed_out_total", phase="header") == len(trickled)
     assert metric(cluster, "cachebus_http_connections_timed_out_total", phase="body") == len(withheld)
     assert len(log_lines(cluster, "closed connections: header timeout")) == 1
@@ -184,10 +175,14 @@ def held_connection(cluster: Cluster, sockets: list[socket.socket]) -> socket.so
     return wait_for(attempt, what="a connection the service keeps")
 
 
+@pytest.mark.processes
 def test_connections_past_the_limit_are_closed_at_once(cluster: Cluster, sockets):
     cluster.start_service(settings=limits())
     held = [held_connection(cluster, sockets) for _ in range(MAX_CONNECTIONS)]
-    extra = [connect(cluster) for _ in range(50)]  # the kernel completes them; the service resets them
+    attempts = 50
+    # The kernel completes them and the service resets them; a reset that arrives before
+    # connect() returns (a loaded machine) is as much "closed at once" as one after it.
+    extra = [s for _ in range(attempts) if (s := connect_or_shed(cluster)) is not None]
     sockets += extra
     wait_for(lambda: all(closed_by_server(s) for s in extra), what="the connections past the limit to be closed")
     assert not any(closed_by_server(s) for s in held)
@@ -202,7 +197,7 @@ def test_connections_past_the_limit_are_closed_at_once(cluster: Cluster, sockets
         sock.close()
     refused = wait_for(lambda: _metric_or_none(cluster, "cachebus_http_connections_refused_total", reason="limit"),
                        what="the metrics once connections are free")
-    assert refused >= len(extra) + 1
+    assert refused >= attempts + 1
     # 51 refusals, one log line (at most one per 10 s).
     assert 1 <= len(log_lines(cluster, "refused connections")) <= 2
 
@@ -221,6 +216,7 @@ def _clear_status(cluster: Cluster) -> int | None:
         return None
 
 
+@pytest.mark.processes
 def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(cluster: Cluster):
     cluster.start_service(settings=limits(idle_timeout=1.0))
     conn = HTTPConnection("127.0.0.1", cluster.port, timeout=DEADLINE)
@@ -230,15 +226,15 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(cluster:
             response = conn.getresponse()
             assert response.status == 200
             response.read()
-        answered = time.monotonic()
         assert conn.sock is not None
         wait_for(lambda: closed_by_server(conn.sock), what="the idle connection to be closed")
-        assert time.monotonic() - answered >= 1.0 - 0.1
     finally:
         conn.close()
+    # Closed by the idle timer, not at an answer: the second request went through on the same connection.
     assert metric(cluster, "cachebus_http_connections_timed_out_total", phase="idle") == 1
 
 
+@pytest.mark.processes
 def test_a_silent_connection_is_closed_after_the_header_timeout(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(header_timeout=1.0))
     silent = connect(cluster)
@@ -247,6 +243,7 @@ def test_a_silent_connection_is_closed_after_the_header_timeout(cluster: Cluster
     assert metric(cluster, "cachebus_http_connections_timed_out_total", phase="header") == 1
 
 
+@pytest.mark.processes
 def test_headers_over_the_size_limit_close_the_connection(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(max_header_size=4096))
     sock = connect(cluster)
@@ -257,6 +254,7 @@ def test_headers_over_the_size_limit_close_the_connection(cluster: Cluster, sock
     assert status == 200
 
 
+@pytest.mark.processes
 def test_an_event_stream_outlives_every_timeout(cluster: Cluster, sockets):
     cluster.start_service(settings=limits(header_timeout=1.0, body_timeout=1.0, idle_timeout=1.0))
     stream = EventStream(cluster)
@@ -283,13 +281,20 @@ def test_an_event_stream_outlives_every_timeout(cluster: Cluster, sockets):
 NOFILE = 256
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def accept_queue(port: int) -> int:
+    """Connections waiting to be accepted on the sockets listening on ``port`` (the kernel's own count)."""
+    waiting: list[int] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                    waiting.append(int(fields[4].partition(":")[2], 16))  # rx_queue: the accept queue
+    assert waiting, f"nothing listens on port {port}"
+    return sum(waiting)
 
 
+@pytest.mark.processes
 def test_at_the_descriptor_limit_the_service_sheds_without_spinning_and_recovers(cluster: Cluster, sockets):
     # A connection limit far above the descriptor limit, so accept() meets EMFILE.
     service = cluster.start_service(settings=limits(max_connections=10_000),
@@ -300,19 +305,14 @@ def test_at_the_descriptor_limit_the_service_sheds_without_spinning_and_recovers
     wait_for(lambda: attempts - sum(not closed_by_server(s) for s in sockets) >= 100,
              what="the service to shed connections")
 
-    # Still exhausted, with connections arriving: a measurement window, not a wait for a state.
-    before = cpu_seconds(service.pid)
-    window = time.monotonic()
+    # Still exhausted, with connections arriving: each one is shed, and none is left waiting. A
+    # loop that cannot accept leaves them queued, and spins: the listening socket stays readable.
     for _ in range(20):
         extra = connect_or_shed(cluster)
         if extra is not None:
             sockets.append(extra)
             wait_for(lambda: closed_by_server(extra), what="a connection at the limit to be shed")  # noqa: B023
-    threading.Event().wait(1.0)
-    used = cpu_seconds(service.pid) - before
-    elapsed = time.monotonic() - window
-    # A spinning accept loop burns the whole window; shedding costs next to nothing.
-    assert used < 0.25 * elapsed, f"the service used {used:.2f} s of CPU in {elapsed:.2f} s"
+    wait_for(lambda: accept_queue(cluster.port) == 0, what="the service to empty its accept queue")
     assert service.alive()
 
     for sock in sockets:
@@ -328,6 +328,7 @@ def test_at_the_descriptor_limit_the_service_sheds_without_spinning_and_recovers
 # --- the pieces ------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_a_flood_of_malformed_request_lines_writes_a_few_log_lines(cluster: Cluster):
     cluster.start_service()
     for _ in range(40):
@@ -380,11 +381,18 @@ async def test_an_accept_that_keeps_failing_pauses_the_loop_instead_of_spinning(
     client = socket.create_connection(listener.getsockname())  # stays in the backlog: readable for good
     try:
         started = time.monotonic()
+        while FailingSocket.attempts < 1:
+            assert time.monotonic() - started < DEADLINE, "the accept loop never tried"
+            await asyncio.sleep(0.01)
+        # The socket stays readable: a loop that did not pause would try again on each of these
+        # turns. A paused one waits for its timer (one pause, or two on a stalled machine).
+        tried = FailingSocket.attempts
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert FailingSocket.attempts - tried < 10, f"{FailingSocket.attempts - tried} attempts in 50 turns"
         while FailingSocket.attempts < 3:
             assert time.monotonic() - started < DEADLINE, "the accept loop stopped retrying"
             await asyncio.sleep(0.01)
-        # Three attempts, two pauses between them: a spinning loop would make thousands at once.
-        assert time.monotonic() - started >= 2 * PAUSE - 0.05
         lines = [r.getMessage() for r in caplog.records if r.name == "cachebus.http"]
         assert lines == [f"accept failed, accepting paused for {PAUSE} s at a time (EINVAL); more are counted, "
                          "and logged at most every 10 s"]

@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+#: Each test imports in a fresh interpreter, the only way to see what an import loads.
+pytestmark = pytest.mark.processes
+
 
 def loaded(statement: str) -> set[str]:
     """The cachebus modules, and the third-party ones that matter here, a fresh interpreter has after ``statement``."""

@@ -181,6 +181,7 @@ def test_the_wrapper_makes_a_cachetools_cache_safe_for_threads():
     assert len(leased) <= 64
 
 
+@pytest.mark.processes
 def test_a_wrapped_ttl_cache_stops_serving_while_the_service_is_gone(cluster: Cluster):
     """The bound, end to end: no service heard for a lease, no hit; back and purged, hits again."""
     cluster.start_service()
@@ -221,6 +222,7 @@ def test_a_wrapped_ttl_cache_stops_serving_while_the_service_is_gone(cluster: Cl
 # --- bus.on_silence: serve ----------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_with_on_silence_serve_the_caches_keep_serving_through_an_outage_and_are_purged_when_it_ends(
         cluster: Cluster):
     """The trade-off, end to end: no bypass while the service is gone, degraded and saying so;
@@ -264,6 +266,7 @@ def test_with_on_silence_serve_the_caches_keep_serving_through_an_outage_and_are
         subscriber.stop()
 
 
+@pytest.mark.processes
 def test_the_record_shows_a_silent_serving_worker_as_degraded_and_a_bypassing_one_not(cluster: Cluster):
     cluster.start_service()
     cluster.start_worker("w-serve", settings={"bus": {"on_silence": "serve"}})

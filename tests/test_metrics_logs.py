@@ -30,6 +30,7 @@ def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     return samples
 
 
+@pytest.mark.processes
 def test_service_metrics_count_clears_acks_states_auth_failures_and_requests(cluster: Cluster):
     cluster.start_service()
     w1 = cluster.start_worker("w1")
@@ -64,6 +65,7 @@ def test_service_metrics_count_clears_acks_states_auth_failures_and_requests(clu
             "cachebus_cache_bypass_seconds_total"} <= worker.keys()
 
 
+@pytest.mark.processes
 def test_metrics_auth_is_a_setting(cluster: Cluster):
     cluster.start_service(settings={"metrics": {"auth": "required", "token": "scrape-secret"}})
     status, headers, body = http("GET", cluster.url + "/metrics")
@@ -74,6 +76,7 @@ def test_metrics_auth_is_a_setting(cluster: Cluster):
     assert "cachebus_clears_published_total" in scrape(cluster.url, {"Authorization": "Bearer scrape-secret"})
 
 
+@pytest.mark.processes
 def test_metrics_auth_without_a_token_refuses_and_says_why(cluster: Cluster):
     service = cluster.start_service(settings={"metrics": {"auth": "required"}})
     status, _, body = http("GET", cluster.url + "/metrics")
@@ -81,6 +84,7 @@ def test_metrics_auth_without_a_token_refuses_and_says_why(cluster: Cluster):
     wait_for(lambda: "metrics.token is not set" in service.output(), what="the reason in the log")
 
 
+@pytest.mark.processes
 def test_json_logs_have_one_structured_line_per_clear_and_no_credentials(cluster: Cluster):
     service = cluster.start_service("--log-format", "json")
     cluster.start_worker("w1")

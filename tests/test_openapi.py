@@ -213,6 +213,7 @@ def validator(spec: dict[str, Any], name: str) -> OAS31Validator:
     return OAS31Validator({**spec, "$ref": f"#/components/schemas/{name}"})
 
 
+@pytest.mark.processes
 def test_real_responses_and_events_match_the_documented_schemas(cluster: Cluster, spec):
     cluster.start_service()
     worker_url = cluster.start_worker("w1")

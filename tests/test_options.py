@@ -177,6 +177,7 @@ def test_the_options_are_one_checked_value_given_whole_or_by_keyword():
         Subscriber([Cache()], acks="tcp://a:1,tcp://a:1")
 
 
+@pytest.mark.processes
 def test_embedding_needs_only_the_base_install():
     probe = ("import sys, cachebus, cachebus.workers.options, cachebus.workers.lease\n"
              "print(sorted(m for m in ('tornado', 'bcrypt', 'prometheus_client', 'cachetools') if m in sys.modules))")
@@ -184,6 +185,7 @@ def test_embedding_needs_only_the_base_install():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.processes
 def test_an_embedded_subscriber_joins_from_the_environment(cluster: Cluster, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch):
     cluster.start_service()
@@ -206,6 +208,7 @@ def test_an_embedded_subscriber_joins_from_the_environment(cluster: Cluster, tmp
         subscriber.stop()
 
 
+@pytest.mark.processes
 def test_the_reference_worker_takes_its_flags_over_the_environment(cluster: Cluster,
                                                                    monkeypatch: pytest.MonkeyPatch):
     # What an embedder's subscriber would read; the reference worker's --name and --bus-* flags must win.

@@ -60,6 +60,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.mark.processes
 def test_the_wheel_installs_one_top_level_name_and_every_packaged_file(wheel: Path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -82,6 +83,7 @@ def test_the_wheel_installs_one_top_level_name_and_every_packaged_file(wheel: Pa
     assert {"cachebus/relay/__main__.py", "cachebus/relay/relay.py"} <= shipped
 
 
+@pytest.mark.processes
 def test_the_base_install_embeds_the_subscriber_without_the_service(wheel: Path, tmp_path: Path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

@@ -110,6 +110,7 @@ def clear(cluster: Cluster, *pairs: tuple[str, str]) -> tuple[int, dict[str, Any
     return status, json.loads(answer)
 
 
+@pytest.mark.processes
 def test_keys_prefixes_and_groups_reach_exactly_the_processes_and_entries_named(cluster: Cluster):
     cluster.start_service()
     web, api = {}, {}

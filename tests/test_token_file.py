@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from cachebus.service.auth import file as token_file
 from cachebus.service.auth.file import Signature
 from cachebus.service.auth.rules import Refusal, TokenError
+from cachebus.testing import DEADLINE, wait_for
 
 from .support import InPlaceWriter
 
@@ -104,9 +104,16 @@ def test_missing_files_are_unknown(tmp_path: Path, directory: Path) -> None:
 def test_a_non_regular_file_is_refused_without_blocking(directory: Path) -> None:
     path = directory / token_file.TOKEN_FILE
     os.mkfifo(path)  # opening a FIFO for reading would wait for a writer without O_NONBLOCK
-    started = time.monotonic()
-    assert refusal(token_file.read, path) is Refusal.UNKNOWN_TOKEN
-    assert time.monotonic() - started < 5
+    refused: list[Refusal] = []
+    reader = threading.Thread(target=lambda: refused.append(refusal(token_file.read, path)), daemon=True)
+    reader.start()
+    reader.join(DEADLINE)  # no writer ever comes: a read that waits for one never returns
+    blocked = reader.is_alive()
+    if blocked:  # let it go, so that the test ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert not blocked, "reading the FIFO waited for a writer"
+    assert refused == [Refusal.UNKNOWN_TOKEN]
     path.unlink()
     path.mkdir()
     assert refusal(token_file.read, path) is Refusal.UNKNOWN_TOKEN
@@ -131,6 +138,14 @@ def test_what_is_not_a_yaml_mapping_is_invalid(directory: Path, raw: bytes) -> N
     assert refusal(token_file.read, path) is Refusal.INVALID_TOKEN_FILE
 
 
+def waiting_on_flock(path: Path) -> bool:
+    """Whether something waits for an ``flock`` on ``path``: /proc/locks lists each waiter after "->"."""
+    st = path.stat()
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return any(fields[1:3] == ["->", "FLOCK"] and file_id in fields for fields in map(str.split, f))
+
+
 def test_locked_excludes_other_threads(directory: Path) -> None:
     inside = threading.Event()
     order: list[str] = []
@@ -144,7 +159,7 @@ def test_locked_excludes_other_threads(directory: Path) -> None:
     thread.start()
     with token_file.locked(directory):
         inside.set()
-        time.sleep(0.2)  # time enough for the other thread to reach flock
+        wait_for(lambda: waiting_on_flock(directory / token_file.LOCK_FILE), what="the other thread to wait in flock")
         order.append("first")
     thread.join(5)
     assert order == ["first", "other"]
@@ -290,6 +305,7 @@ def test_write_names_its_temporary_so_that_cleaning_would_find_it(directory: Pat
 
 # --- reading while someone writes in place -----------------------------------------
 
+@pytest.mark.processes
 def test_a_writer_holding_the_lock_is_never_seen_half_done(directory: Path) -> None:
     path = directory / token_file.TOKEN_FILE
     token_file.write(path, DATA)
@@ -302,6 +318,7 @@ def test_a_writer_holding_the_lock_is_never_seen_half_done(directory: Path) -> N
     assert all(data == DATA for data in results)
 
 
+@pytest.mark.processes
 def test_a_writer_without_the_lock_is_read_again_until_whole(directory: Path) -> None:
     path = directory / token_file.TOKEN_FILE
     token_file.write(path, DATA)

@@ -142,6 +142,7 @@ def test_password_hash_writes_what_php_writes() -> None:
     assert password_hash("s3cret") != hashed  # salted
 
 
+@pytest.mark.processes
 def test_the_rules_need_no_bcrypt() -> None:
     # errors.py imports Refusal from here, and must not pull in the service's bcrypt.
     code = "import sys, cachebus.service.auth.rules; assert 'bcrypt' not in sys.modules"

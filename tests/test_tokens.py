@@ -725,6 +725,7 @@ def run_processes(tokens: Path, token: str, access: str, count: int, per_process
     return outcomes
 
 
+@pytest.mark.processes
 def test_exact_count_across_processes(tokens: Path) -> None:
     path = write_token(tokens, "tok", title="kept")
     outcomes = run_processes(tokens, "tok", "secret", count=2, per_process=25)
@@ -733,6 +734,7 @@ def test_exact_count_across_processes(tokens: Path) -> None:
     assert data["calls"] == 50 and data["title"] == "kept"
 
 
+@pytest.mark.processes
 def test_limit_is_exact_across_processes(tokens: Path) -> None:
     path = write_token(tokens, "tok", limit_calls=30)
     outcomes = run_processes(tokens, "tok", "secret", count=2, per_process=25)
@@ -897,6 +899,7 @@ def test_close_answers_waiting_verifications_with_stopping(tokens: Path) -> None
 # --- reading while Flextype's PHP writes in place ------------------------------------
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("lock", [True, False], ids=["writer-holds-the-lock", "writer-without-lock"])
 def test_in_place_writes_never_cause_a_false_refusal_and_counts_stay_exact(tokens: Path, lock: bool) -> None:
     path = write_token(tokens, "tok", title="kept")
