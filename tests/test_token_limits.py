@@ -9,6 +9,8 @@ without waiting for it.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -203,3 +205,42 @@ def test_close_answers_running_queued_and_waiting_calls_at_once() -> None:
         stuck.release.set()
 
     asyncio.run(main())
+
+
+#: A process that exits while its pool's thread is inside bcrypt, the hash ending during the
+#: interpreter's finalization (the ballast makes module teardown last past it).
+_EXIT_DURING_A_HASH = """
+import asyncio, threading
+import bcrypt
+from cachebus.service.auth.limits import BcryptPool
+
+hashed = bcrypt.hashpw(b"x", bcrypt.gensalt(12))
+started = threading.Event()
+ballast = [{"n": [i]} for i in range(3_000_000)]
+
+
+def verify():
+    started.set()
+    return bcrypt.checkpw(b"x", hashed)
+
+
+async def main():
+    pool = BcryptPool(threads=1)
+    asyncio.ensure_future(pool.run("client", verify))
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+
+asyncio.run(main())
+print("exiting during the hash", flush=True)
+"""
+
+
+@pytest.mark.processes
+def test_a_process_that_exits_during_a_hash_exits_cleanly():
+    """A daemon thread still in bcrypt at finalization was ended by pthread_exit, whose unwinding
+    crosses bcrypt's Rust frames: the process aborted ("FATAL: exception not rethrown", 134), as a
+    test run once did at its very end. The exit now waits for hashes under way."""
+    result = subprocess.run([sys.executable, "-c", _EXIT_DURING_A_HASH], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exiting during the hash" in result.stdout

@@ -27,11 +27,13 @@ Nothing here sees a credential either; addresses are all it keys on.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import enum
 import ipaddress
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,6 +174,28 @@ class _Share:
     waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
+#: Every pool made in this process, so the exit can wait for their hashes.
+_POOLS: weakref.WeakSet[BcryptPool] = weakref.WeakSet()
+#: Seconds the exit waits, in all, for hashes under way: more than one at api.max_bcrypt_cost takes.
+_EXIT_WAIT = 10.0
+
+
+@atexit.register
+def _let_hashes_finish() -> None:
+    """Wait for the hashes under way before the interpreter finalizes.
+
+    A daemon thread still inside bcrypt then is ended by ``pthread_exit``,
+    whose forced unwinding crosses bcrypt's Rust frames, and the process
+    aborts ("FATAL: exception not rethrown", exit status 134): seen at the end
+    of a test run, and possible at any service's exit during a verification.
+    ``atexit`` runs while daemon threads still run normally.
+    """
+    deadline = time.monotonic() + _EXIT_WAIT
+    threads = [thread for pool in list(_POOLS) for thread in pool._end_threads()]
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class BcryptPool:
     """Threads of bcrypt's own, a bounded queue, and a share per client address.
 
@@ -181,9 +205,10 @@ class BcryptPool:
     pool's queue, and at most ``per_address_queue`` more wait for their turn.
     Whatever does not fit is refused with :class:`Overloaded` at once.
 
-    The threads are daemon threads, started on first use: a thread in the
-    middle of a hash never holds up the process's exit, and :meth:`close`
-    answers everything admitted without waiting for bcrypt.
+    The threads are daemon threads, started on first use, and :meth:`close`
+    answers everything admitted without waiting for bcrypt. At the
+    interpreter's exit a thread in the middle of a hash is waited for (see
+    :func:`_let_hashes_finish`); queued work never starts then.
     """
 
     def __init__(self, threads: int = 4, queue: int = 64, per_address: int = 1, per_address_queue: int = 8,
@@ -201,6 +226,9 @@ class BcryptPool:
         self._pending: set[_Job[Any]] = set()
         self._started: list[threading.Thread] = []
         self._closed = False
+        #: Set at the interpreter's exit: the threads take no more work and end.
+        self._exiting = False
+        _POOLS.add(self)
 
     async def run(self, address: str, fn: Callable[[], T]) -> T:
         """``fn()`` on a pool thread, within ``address``'s share; raises :class:`Overloaded` if it cannot be."""
@@ -277,7 +305,7 @@ class BcryptPool:
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
+            if job is None or self._exiting:
                 return
             if job.future.done():  # answered by close() while queued
                 continue
@@ -291,6 +319,13 @@ class BcryptPool:
                 job.loop.call_soon_threadsafe(job.settle, result, error)
             except RuntimeError:  # the loop is closed: no one waits any more
                 return
+
+    def _end_threads(self) -> list[threading.Thread]:
+        """Tell every thread to end once its current hash (if any) is done; the threads."""
+        self._exiting = True
+        for _ in self._started:
+            self._jobs.put(None)
+        return self._started
 
     def close(self) -> None:
         """Refuse new work, answer everything admitted with ``STOPPING``, and let the threads go.
